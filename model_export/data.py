@@ -1,0 +1,442 @@
+"""Click-sequence data sets, the leave-one-out split and training samples.
+
+Every loader returns the same `Dataset`: one chronological item sequence per user in *internal*
+ids (contiguous, 1..M, 0 reserved for padding; ordered by descending training popularity, ties by
+external id, so a log-uniform proposal over ids is a popularity proposal), plus the external-id
+maps and optional item metadata (titles, genres or categories).
+
+Split (paper §4.1, following SASRec): per user the last item is the test target, the
+second-to-last the validation target, the rest is training. Every training position t >= 1
+predicts item t from the (up to) `seq_len` items before it.
+
+Encoder input convention, shared with the exported model and the service: a window is
+`[B, seq_len]` int64, **most recent item first**, padding (0) at the end. Slot 0 is always the
+latest click whatever the history length, so positional embeddings encode recency, and a Redis
+list kept with LPUSH + LTRIM reads out in exactly this order.
+
+No torch here: the service's bulk history loader reuses these loaders.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic")
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file, the line and what to do."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    sequences: list[np.ndarray]            # per user, internal ids, oldest first
+    user_ids: list[str]                    # external user id per sequence
+    item_ids: list[str]                    # external id of internal id i at [i]; [0] = "<pad>"
+    titles: dict[int, str] = field(default_factory=dict)     # internal id -> title
+    labels: dict[int, str] = field(default_factory=dict)     # internal id -> genre / category
+    label_kind: str = ""                                     # "genre", "category", "planted"
+
+    @property
+    def n_items(self) -> int:
+        """M: real items, excluding padding."""
+        return len(self.item_ids) - 1
+
+    @property
+    def n_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def vocab_sha256(self) -> str:
+        """Hash of the internal->external item map: artifacts built on another vocabulary differ."""
+        h = hashlib.sha256()
+        for x in self.item_ids:
+            h.update(x.encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def summary(self) -> str:
+        lens = np.array([len(s) for s in self.sequences])
+        return (f"{self.name}: {self.n_users:,} users, {self.n_items:,} items, "
+                f"{self.n_interactions:,} interactions, length min {lens.min()} "
+                f"median {int(np.median(lens))} max {lens.max()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# building a Dataset from external-id sequences
+
+def _from_external(name: str, users: list[str], seqs: list[list[str]], origin: dict[str, str],
+                   min_len: int, drop_short: bool) -> Dataset:
+    """Remap external ids to internal ones; `origin` maps a user to 'file:line' for errors."""
+    if not seqs:
+        raise DataError(f"{name}: the data set is empty (no user has any interaction). "
+                        "Check the path and the file format.")
+    keep_u, keep_s = [], []
+    for u, s in zip(users, seqs):
+        if len(s) < min_len:
+            if drop_short:
+                continue
+            raise DataError(
+                f"{origin.get(u, name)}: user {u!r} has {len(s)} interaction(s); the leave-one-out "
+                f"split needs at least {min_len} (training, validation and test items). "
+                "Pass --drop-short-users to skip such users.")
+        keep_u.append(u)
+        keep_s.append(s)
+    if not keep_s:
+        raise DataError(f"{name}: no user has {min_len} or more interactions; nothing to train on.")
+    # popularity over the training part only (the last two items are held out)
+    counts: dict[str, int] = {}
+    for s in keep_s:
+        for x in s[:-2]:
+            counts[x] = counts.get(x, 0) + 1
+        for x in s[-2:]:
+            counts.setdefault(x, 0)
+
+    def _key(x: str) -> tuple:
+        return (-counts[x], int(x) if x.isdigit() else float("inf"), x)
+
+    vocab = ["<pad>"] + sorted(counts, key=_key)
+    index = {x: i for i, x in enumerate(vocab)}
+    seq_arr = [np.fromiter((index[x] for x in s), dtype=np.int64, count=len(s)) for s in keep_s]
+    return Dataset(name=name, sequences=seq_arr, user_ids=keep_u, item_ids=vocab)
+
+
+def _open_text(path: Path, encoding: str = "utf-8"):
+    if not path.exists():
+        raise DataError(f"{path}: file not found. Set --data-dir (or SINE_DATA_DIR) to the folder "
+                        "holding the data sets.")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding=encoding)
+    return open(path, "r", encoding=encoding, newline="")
+
+
+def _read_user_lines(path: Path) -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """`user item item ...` per line, chronological (ML-1M and Beauty ship this)."""
+    users, seqs, origin = [], [], {}
+    seen: set[str] = set()
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if not all(p.isdigit() for p in parts):
+                raise DataError(f"{path}:{lineno}: expected integer ids `user item item ...`, "
+                                f"got {line.strip()[:80]!r}")
+            u, items = parts[0], parts[1:]
+            if u in seen:
+                raise DataError(f"{path}:{lineno}: user {u} appears on a second line; "
+                                "each user must be on exactly one line.")
+            seen.add(u)
+            users.append(u)
+            seqs.append(items)
+            origin[u] = f"{path}:{lineno}"
+    return users, seqs, origin
+
+
+def load_ml1m(data_dir: Path, drop_short: bool = False) -> Dataset:
+    root = data_dir / "ml-1m"
+    users, seqs, origin = _read_user_lines(root / "sequences_original_ids.txt.gz")
+    ds = _from_external("ml-1m", users, seqs, origin, 3, drop_short)
+    movies = root / "movies.dat"
+    if movies.exists():
+        index = {x: i for i, x in enumerate(ds.item_ids)}
+        with open(movies, encoding="latin-1") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.rstrip("\n").split("::")
+                if len(parts) != 3:
+                    raise DataError(f"{movies}:{lineno}: expected `MovieID::Title::Genres`")
+                i = index.get(parts[0])
+                if i is not None:
+                    ds.titles[i] = parts[1]
+                    ds.labels[i] = parts[2].split("|")[0]  # first listed genre: NMI needs one label
+        ds.label_kind = "genre"
+    return ds
+
+
+def load_beauty(data_dir: Path, drop_short: bool = False) -> Dataset:
+    root = data_dir / "amazon-beauty"
+    users, seqs, origin = _read_user_lines(root / "Beauty.txt.gz")
+    ds = _from_external("amazon-beauty", users, seqs, origin, 3, drop_short)
+    meta = root / "item_meta.tsv"
+    if meta.exists():
+        index = {x: i for i, x in enumerate(ds.item_ids)}
+        with open(meta, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            missing = {"item_id", "top_category", "category_path"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{meta}:1: missing column(s) {sorted(missing)}")
+            for row in reader:
+                i = index.get(row["item_id"])
+                if i is not None:
+                    path = row["category_path"]
+                    ds.titles[i] = f"{row.get('brand') or '-'} | {path}"
+                    ds.labels[i] = row["top_category"]
+        ds.label_kind = "category"
+    return ds
+
+
+def _sequences_from_events(name: str, events: Iterable[tuple[str, str, float, str]],
+                           min_len: int, drop_short: bool) -> Dataset:
+    """(user, item, timestamp, origin) rows in any order -> per-user sequences.
+
+    Stable sort by timestamp: ties keep file order.
+    """
+    by_user: dict[str, list[tuple[float, int, str]]] = {}
+    origin: dict[str, str] = {}
+    for n, (u, i, ts, where) in enumerate(events):
+        by_user.setdefault(u, []).append((ts, n, i))
+        origin.setdefault(u, where)
+    users = list(by_user)
+    seqs = [[i for _, _, i in sorted(by_user[u])] for u in users]
+    return _from_external(name, users, seqs, origin, min_len, drop_short)
+
+
+def load_ml100k(data_dir: Path, drop_short: bool = False) -> Dataset:
+    root = data_dir / "ml-100k"
+    path = root / "u.data"
+
+    def rows():
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split("\t")
+                if len(parts) != 4:
+                    raise DataError(f"{path}:{lineno}: expected 4 tab-separated columns "
+                                    f"`user item rating timestamp`, got {len(parts)}")
+                try:
+                    ts = float(parts[3])
+                except ValueError:
+                    raise DataError(f"{path}:{lineno}: timestamp {parts[3].strip()!r} is not a number")
+                yield parts[0], parts[1], ts, f"{path}:{lineno}"
+
+    ds = _sequences_from_events("ml-100k", rows(), 3, drop_short)
+    item = root / "u.item"
+    genre = root / "u.genre"
+    if item.exists() and genre.exists():
+        names = [ln.split("|")[0] for ln in open(genre, encoding="latin-1") if "|" in ln]
+        index = {x: i for i, x in enumerate(ds.item_ids)}
+        with open(item, encoding="latin-1") as f:
+            for line in f:
+                parts = line.rstrip("\n").split("|")
+                i = index.get(parts[0])
+                if i is None or len(parts) < 5 + len(names):
+                    continue
+                ds.titles[i] = parts[1]
+                flags = parts[5:5 + len(names)]
+                ds.labels[i] = next((g for g, fl in zip(names, flags) if fl == "1"), "unknown")
+        ds.label_kind = "genre"
+    return ds
+
+
+def load_click_log(path: Path, drop_short: bool = False) -> Dataset:
+    """A user's own CSV or Parquet log with columns `user_id,item_id,timestamp`."""
+    path = Path(path)
+    need = ("user_id", "item_id", "timestamp")
+    if not path.exists():
+        raise DataError(f"{path}: file not found.")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow).") from e
+        table = pq.read_table(path)
+        missing = [c for c in need if c not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names}. "
+                            "A click log needs user_id,item_id,timestamp.")
+        cols = {c: table.column(c).to_pylist() for c in need}
+
+        def rows():
+            for n, (u, i, ts) in enumerate(zip(cols["user_id"], cols["item_id"], cols["timestamp"])):
+                if u is None or i is None or ts is None:
+                    raise DataError(f"{path}: row {n + 1}: empty user_id, item_id or timestamp")
+                yield str(u), str(i), _parse_ts(ts, f"{path}: row {n + 1}"), f"{path}: row {n + 1}"
+    else:
+        def rows():
+            with _open_text(path) as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: the file is empty; expected a header "
+                                    "user_id,item_id,timestamp and one row per click.")
+                header = [h.strip() for h in header]
+                missing = [c for c in need if c not in header]
+                if missing:
+                    raise DataError(f"{path}:1: missing column(s) {missing}; the header is "
+                                    f"{header}. A click log needs user_id,item_id,timestamp.")
+                cu, ci, ct = (header.index(c) for c in need)
+                for lineno, row in enumerate(reader, 2):
+                    if not row:
+                        continue
+                    if len(row) != len(header):
+                        raise DataError(f"{path}:{lineno}: {len(row)} fields, the header has "
+                                        f"{len(header)}")
+                    u, i = row[cu].strip(), row[ci].strip()
+                    if not u or not i:
+                        raise DataError(f"{path}:{lineno}: empty user_id or item_id")
+                    where = f"{path}:{lineno}"
+                    yield u, i, _parse_ts(row[ct], where), where
+    return _sequences_from_events(path.stem, rows(), 3, drop_short)
+
+
+def _parse_ts(v, where: str) -> float:
+    if isinstance(v, (int, float)):
+        return float(v)
+    if hasattr(v, "timestamp"):
+        return float(v.timestamp())
+    s = str(v).strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(s).timestamp()
+    except ValueError:
+        raise DataError(f"{where}: timestamp {s!r} is neither a number nor an ISO-8601 date")
+
+
+def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
+              interests_per_user: tuple[int, int] = (2, 4), length: tuple[int, int] = (8, 40),
+              stay: float = 0.8, seed: int = 0) -> Dataset:
+    """Users mixing a few of many planted categories.
+
+    Each item belongs to one category and has a Zipf-like popularity within it. A user picks
+    2-4 categories and walks: with probability `stay` the next click stays in the current
+    category, else it jumps to another of the user's categories. A sequential multi-interest
+    model can learn both the categories and which one is active; popularity cannot.
+    """
+    rng = np.random.default_rng(seed)
+    cat_of = rng.integers(0, n_categories, size=n_items)
+    members = [np.flatnonzero(cat_of == c) for c in range(n_categories)]
+    members = [m if len(m) else np.array([rng.integers(n_items)]) for m in members]
+    weights = []
+    for m in members:
+        w = 1.0 / np.arange(1, len(m) + 1) ** 0.8
+        weights.append(w / w.sum())
+    users, seqs = [], []
+    for u in range(n_users):
+        k = int(rng.integers(interests_per_user[0], interests_per_user[1] + 1))
+        cats = rng.choice(n_categories, size=k, replace=False)
+        n = int(rng.integers(length[0], length[1] + 1))
+        c = int(rng.choice(cats))
+        s: list[str] = []
+        seen: set[int] = set()
+        tries = 0
+        while len(s) < n and tries < 20 * n:
+            tries += 1
+            if rng.random() > stay:
+                c = int(rng.choice(cats))
+            i = int(rng.choice(members[c], p=weights[c]))
+            if i in seen:
+                continue
+            seen.add(i)
+            s.append(str(i))
+        if len(s) >= 3:
+            users.append(str(u))
+            seqs.append(s)
+    ds = _from_external("synthetic", users, seqs, {}, 3, False)
+    for idx, x in enumerate(ds.item_ids[1:], 1):
+        ds.labels[idx] = f"c{cat_of[int(x)]}"
+        ds.titles[idx] = f"item {x} (c{cat_of[int(x)]})"
+    ds.label_kind = "planted"
+    return ds
+
+
+def default_data_dir() -> Path:
+    """`../shared/data` seen from the working directory, else from the project root."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        p = (base / ".." / "shared" / "data").resolve()
+        if p.exists():
+            return p
+    return (Path.cwd() / ".." / "shared" / "data").resolve()
+
+
+def load(name: str, data_dir: Path | str | None = None, drop_short: bool = False,
+         seed: int = 0) -> Dataset:
+    """Load a data set by name, or a click log when `name` is a path to a .csv / .parquet file."""
+    if name not in DATASETS and (os.sep in name or name.endswith((".csv", ".parquet", ".pq", ".gz"))):
+        return load_click_log(Path(name), drop_short)
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if name == "ml-1m":
+        return load_ml1m(data_dir, drop_short)
+    if name == "amazon-beauty":
+        return load_beauty(data_dir, drop_short)
+    if name == "ml-100k":
+        return load_ml100k(data_dir, drop_short)
+    if name == "synthetic":
+        return synthetic(seed=seed)
+    raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)} "
+                    "or give the path of a .csv/.parquet click log")
+
+
+# ---------------------------------------------------------------------------------------------
+# split and windows
+
+def window(history: np.ndarray, seq_len: int) -> np.ndarray:
+    """The last `seq_len` items of an oldest-first history as a most-recent-first padded row."""
+    out = np.zeros(seq_len, dtype=np.int64)
+    recent = history[-seq_len:][::-1]
+    out[: len(recent)] = recent
+    return out
+
+
+@dataclass
+class Split:
+    """Arrays for training and for leave-one-out evaluation."""
+    train_inputs: np.ndarray      # [N, n] int32, most recent first
+    train_targets: np.ndarray     # [N] int64
+    valid_inputs: np.ndarray      # [U, n]
+    valid_targets: np.ndarray     # [U]
+    test_inputs: np.ndarray       # [U, n]
+    test_targets: np.ndarray      # [U]
+    train_histories: list[np.ndarray]   # per user: items seen before the validation target
+    train_counts: np.ndarray      # [M + 1] popularity over training parts
+
+
+def split(ds: Dataset, seq_len: int = 20) -> Split:
+    n_train = sum(max(len(s) - 3, 0) for s in ds.sequences)
+    tin = np.zeros((n_train, seq_len), dtype=np.int32)
+    tgt = np.zeros(n_train, dtype=np.int64)
+    U = ds.n_users
+    vin = np.zeros((U, seq_len), dtype=np.int64)
+    tein = np.zeros((U, seq_len), dtype=np.int64)
+    vt = np.zeros(U, dtype=np.int64)
+    tt = np.zeros(U, dtype=np.int64)
+    counts = np.zeros(ds.n_items + 1, dtype=np.int64)
+    hist = []
+    r = 0
+    for u, s in enumerate(ds.sequences):
+        train = s[:-2]
+        hist.append(train)
+        np.add.at(counts, train, 1)
+        for t in range(1, len(train)):
+            tin[r] = window(train[:t], seq_len)
+            tgt[r] = train[t]
+            r += 1
+        vin[u] = window(train, seq_len)
+        vt[u] = s[-2]
+        tein[u] = window(s[:-1], seq_len)
+        tt[u] = s[-1]
+    assert r == n_train, "sample count mismatch: this is a bug"
+    return Split(tin, tgt, vin, vt, tein, tt, hist, counts)
+
+
+def dataset_info(ds: Dataset) -> dict:
+    return {"name": ds.name, "users": ds.n_users, "items": ds.n_items,
+            "interactions": ds.n_interactions, "vocab_sha256": ds.vocab_sha256()}
+
+
+def save_vocab(ds: Dataset, path: Path) -> None:
+    path.write_text(json.dumps({"item_ids": ds.item_ids}))

@@ -1,0 +1,238 @@
+"""SINE: Sparse-Interest Network for sequential recommendation (Tan et al., WSDM 2021).
+
+The user encoder of §3.2-3.3 (Eq. 1-8) and the training losses of §3.4 (Eq. 9-11), written so
+that `torch.onnx.export` traces `SINE.forward` into a static graph: pure tensor code, a constant K
+in `torch.topk`, no data-dependent Python branching, every softmax over the sequence masked.
+
+Input: `item_ids` [B, n] int64, most recent click first, 0 = padding at the end (see
+`model_export.data`). Output: the K interest embeddings phi [B, K, D], the aggregated user vector
+v [B, D] (Eq. 8) and the aggregation weights e [B, K] (Eq. 7). Items are scored by v . H_j, with H
+the item embedding table (shared with the input embeddings, as in the authors' code).
+
+Deviations from the paper, each with its reason (the ablation table in
+`benchmarks/results/accuracy-*.md` measures the ones that matter):
+
+1. Eq. 3 and Eq. 7 compare LayerNorm-ed vectors by cosine / temperature instead of the raw dot
+   product. A LayerNorm output has norm ~sqrt(D), so LN(a).LN(b) ranges over [-D, D]; at D = 128
+   (and /tau = 0.1 in Eq. 7: +-1280) the softmax saturates to one-hot from the first step and Eq. 6
+   gets no gradient. The paper itself calls Eq. 3 a cosine similarity. Temperatures:
+   `tau_assign` (Eq. 3, default 0.1) and `tau` (Eq. 7, the paper's 0.1). `literal=True` restores
+   the raw dot products.
+2. Eq. 6 reuses the symbol W3 of Eq. 3. We give Eq. 6 its own matrix (`W3_apt`), since the two
+   project different inputs (items vs. intention sequences); `share_w3=True` ties them.
+3. Positional embeddings are added to the attention input of Eq. 4 only (as the paper says), never
+   to the pooled values. Slot 0 is the most recent click, so a position encodes recency.
+4. Padding: embeddings of pad slots are zeroed and every softmax over the sequence is masked, so
+   outputs do not depend on pad contents or batch neighbours (RecBole masks nothing). An
+   all-padding row gives finite outputs; the service never sends one (cold start is served by
+   popularity outside the model).
+5. Eq. 1-2 are as written (W1 D x D, W2 D, no bias); the authors' code uses a 512-wide MLP with
+   biases and adds positions to Eq. 1 and 6. That variant is not provided.
+
+Losses: Eq. 9 as a full softmax over all M items, or a sampled softmax with a log-uniform proposal
+over popularity-ranked ids, logQ correction and accidental hits removed (TF's
+`sampled_softmax_loss` semantics, as the authors trained). Eq. 10 is the covariance of the
+prototype rows, each centred over its D coordinates (DeCov, the paper's ref. [5]).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NEG = -1e9  # finite: a fully masked row must give a uniform softmax, not NaN
+
+
+@dataclass
+class SINEConfig:
+    n_items: int               # M, real items; embedding rows are M + 1 (row 0 = padding)
+    D: int = 128               # embedding size
+    n: int = 20                # sequence length (most recent n clicks)
+    K: int = 4                 # activated intentions per user (Table 3)
+    L: int = 50                # prototype pool size (Table 3)
+    tau: float = 0.1           # Eq. 7 temperature (paper: 0.1)
+    tau_assign: float = 0.1    # Eq. 3 temperature on the cosine (deviation 1)
+    literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
+    share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
+    aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if not 1 <= self.K <= self.L:
+            raise ValueError(f"need 1 <= K <= L, got K={self.K}, L={self.L}")
+        if self.aggregation not in ("adaptive", "mean"):
+            raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.softmax(logits.masked_fill(~mask, NEG), dim=dim)
+
+
+class SINE(nn.Module):
+
+    def __init__(self, config: SINEConfig):
+        super().__init__()
+        self.config = c = config
+        D, K, L, n = c.D, c.K, c.L, c.n
+        self.H = nn.Embedding(c.n_items + 1, D, padding_idx=0)   # items (input and output)
+        self.P = nn.Parameter(torch.empty(n, D))                 # positions, Eq. 4
+        self.C = nn.Parameter(torch.empty(L, D))                 # conceptual prototypes
+        self.W1 = nn.Parameter(torch.empty(D, D))                # Eq. 1
+        self.W2 = nn.Parameter(torch.empty(D))
+        self.W3 = nn.Parameter(torch.empty(D, D))                # Eq. 3
+        self.Wk1 = nn.Parameter(torch.empty(K, D, D))            # Eq. 4, W_{k,1}
+        self.Wk2 = nn.Parameter(torch.empty(K, D))               # Eq. 4, W_{k,2}
+        self.W3_apt = None if c.share_w3 else nn.Parameter(torch.empty(D, D))  # Eq. 6
+        self.W4 = nn.Parameter(torch.empty(D))                   # Eq. 6
+        self.ln1 = nn.LayerNorm(D, eps=c.ln_eps)
+        self.ln2 = nn.LayerNorm(D, eps=c.ln_eps)
+        self.ln3 = nn.LayerNorm(D, eps=c.ln_eps)
+        self.ln4 = nn.LayerNorm(D, eps=c.ln_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        D = self.config.D
+        std = D ** -0.5
+        nn.init.normal_(self.H.weight, std=std)
+        with torch.no_grad():
+            self.H.weight[0].zero_()
+        for p in (self.P, self.C):
+            nn.init.normal_(p, std=std)
+        for p in (self.W1, self.W3, self.W3_apt):
+            if p is not None:
+                nn.init.xavier_uniform_(p)
+        for k in range(self.config.K):
+            nn.init.xavier_uniform_(self.Wk1.data[k])
+        bound = math.sqrt(3.0 / D)
+        for p in (self.W2, self.Wk2, self.W4):
+            nn.init.uniform_(p, -bound, bound)
+
+    def embed(self, item_ids: torch.Tensor):
+        mask = item_ids > 0                                            # [B, n]
+        X = self.H(item_ids) * mask.unsqueeze(-1)                      # [B, n, D], pads exactly 0
+        return X, mask
+
+    # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
+    def activate(self, X: torch.Tensor, mask: torch.Tensor):
+        a = masked_softmax(torch.tanh(X @ self.W1) @ self.W2, mask, dim=1)   # [B, n]
+        z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
+        s = z @ self.C.t()                                             # [B, L]
+        return torch.topk(s, self.config.K, dim=1)                     # values, indices: [B, K]
+
+    def forward(self, item_ids: torch.Tensor):
+        """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
+        c = self.config
+        X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
+        s_top, idx = self.activate(X, mask)                            # [B, K], [B, K]
+        C_u = self.C[idx] * torch.sigmoid(s_top).unsqueeze(-1)         # [B, K, D]
+
+        # §3.2.2 intention assignment (Eq. 3)
+        q = self.ln1(X @ self.W3)                                      # [B, n, D]
+        p = self.ln2(C_u)                                              # [B, K, D]
+        if c.literal:
+            logits = q @ p.transpose(1, 2)                             # [B, n, K]
+        else:
+            logits = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).transpose(1, 2) / c.tau_assign
+        P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
+
+        # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
+        B, n, D, K = X.shape[0], c.n, c.D, c.K
+        Xp = X + self.P.unsqueeze(0)                                   # [B, n, D]
+        Wk1 = self.Wk1.permute(1, 0, 2).reshape(D, K * D)              # [D, K*D]: one GEMM for all k
+        Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(K, device=X.device).unsqueeze(1)).reshape(K * D, K)  # block-diagonal [K*D, K]
+        e_tk = (torch.tanh(Xp @ Wk1) @ Wk2)                            # [B, n, K]
+        P_tk = masked_softmax(e_tk, mask.unsqueeze(-1), dim=1)         # [B, n, K]
+
+        # §3.2.4 interest embedding generation (Eq. 5)
+        w = (P_kt * P_tk).transpose(1, 2)                              # [B, K, n]
+        phi = self.ln3(w @ X)                                          # [B, K, D]
+
+        # §3.3 interest aggregation (Eq. 6-8)
+        if c.aggregation == "mean":
+            e = torch.full_like(phi[..., 0], 1.0 / c.K)                # [B, K]
+        else:
+            X_hat = P_kt @ C_u                                         # [B, n, D]
+            W3_apt = self.W3 if self.W3_apt is None else self.W3_apt
+            b = masked_softmax(torch.tanh(X_hat @ W3_apt) @ self.W4, mask, dim=1)  # [B, n]
+            C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(1))         # [B, D]
+            if c.literal:
+                logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau          # [B, K]
+            else:
+                logits_e = (F.normalize(phi, dim=-1) @ F.normalize(C_apt, dim=-1).unsqueeze(-1)
+                            ).squeeze(-1) / c.tau                      # [B, K]
+            e = torch.softmax(logits_e, dim=-1)                        # [B, K]
+        v = (e.unsqueeze(-1) * phi).sum(1)                             # [B, D]
+        return phi, v, e
+
+    # -- §3.4 model optimization (Eq. 9-11) ---------------------------------------------------
+
+    def item_table(self) -> torch.Tensor:
+        """H without the padding row: row j is item j + 1."""
+        return self.H.weight[1:]                                       # [M, D]
+
+    def full_softmax_loss(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Eq. 9 exactly: softmax over all M items."""
+        logits = v @ self.item_table().t()                             # [B, M]
+        return F.cross_entropy(logits, target - 1)
+
+    def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: "LogUniformSampler",
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed."""
+        neg, log_q_neg = sampler.sample(generator)                     # [S], [S]
+        neg, log_q_neg = neg.to(v.device), log_q_neg.to(v.device)
+        H_pos = self.H(target)                                         # [B, D]
+        H_neg = self.H(neg)                                            # [S, D]
+        pos = (v * H_pos).sum(-1, keepdim=True) - sampler.log_q(target.cpu()).to(v.device).unsqueeze(-1)  # [B, 1]
+        negs = v @ H_neg.t() - log_q_neg.unsqueeze(0)                  # [B, S]
+        negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), NEG)
+        logits = torch.cat([pos, negs], dim=1)                         # [B, 1 + S]
+        return F.cross_entropy(logits, torch.zeros_like(target))
+
+    def covariance_loss(self) -> torch.Tensor:
+        """Eq. 10: 1/2 (||M||_F^2 - ||diag M||^2), M = (C - mean)(C - mean)^T / D, L x L."""
+        D = self.config.D
+        Cc = self.C - self.C.mean(dim=1, keepdim=True)                 # [L, D]
+        # ||Cc Cc^T||_F = ||Cc^T Cc||_F: a D x D product instead of L x L
+        fro2 = (Cc.t() @ Cc).pow(2).sum() / D ** 2
+        diag2 = (Cc.pow(2).sum(1) / D).pow(2).sum()
+        return 0.5 * (fro2 - diag2)
+
+    def model_args(self) -> dict:
+        return asdict(self.config)
+
+
+class LogUniformSampler:
+    """Log-uniform (Zipf) proposal over ids 1..M, which are sorted by decreasing popularity.
+
+    Draws `num_sampled` unique ids shared by the batch; `log_q` is the log of the expected count
+    of an id in the draw (TF semantics: -expm1(tries * log1p(-p))), subtracted from the logits.
+    """
+
+    def __init__(self, n_items: int, num_sampled: int):
+        self.M, self.S = n_items, min(num_sampled, n_items)
+        r = torch.arange(1, n_items + 1, dtype=torch.float64)
+        self.p = (torch.log(r + 1) - torch.log(r)) / math.log(n_items + 1)   # [M], sums to 1
+        self._p_full = torch.cat([torch.zeros(1, dtype=torch.float64), self.p])   # [M + 1]
+        self._tries = self._expected_tries()
+
+    def sample(self, generator: torch.Generator | None = None):
+        # Gumbel-top-S: S distinct ids drawn without replacement with probabilities p
+        g = -torch.log(-torch.log(torch.rand(self.M, generator=generator, dtype=torch.float64)))
+        ids = torch.topk(torch.log(self.p) + g, self.S).indices + 1   # [S]
+        return ids, self.log_q(ids)
+
+    def _expected_tries(self) -> float:
+        # number of with-replacement draws that yields S distinct ids on average
+        lo, hi = float(self.S), float(self.S) * 1e4
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            distinct = float((-torch.expm1(mid * torch.log1p(-self.p))).sum())
+            lo, hi = (mid, hi) if distinct < self.S else (lo, mid)
+        return (lo + hi) / 2
+
+    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self._p_full[ids]
+        return torch.log(-torch.expm1(self._tries * torch.log1p(-p))).float()

@@ -1,0 +1,261 @@
+"""Training (§3.4, Eq. 9-11) with validation-based early stopping and resumable checkpoints.
+
+A checkpoint carries everything needed to rebuild the model and check it against data: the model
+config (`model_args`), the training config, the item vocabulary and its hash, the optimizer and RNG
+states and the per-epoch history. Checkpoints are written to a temporary file and renamed, so a
+crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Dataset, Split, dataset_info, split
+from .evaluate import evaluate_model, evaluate_popularity
+from .sine import SINE, LogUniformSampler, SINEConfig
+
+CHECKPOINT_FORMAT = 1
+FULL_SOFTMAX_MAX_ITEMS = 50_000
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used with this data or code; the message says why and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 1e-3
+    lam: float = 0.5                 # Eq. 11 lambda, weight of the covariance regularizer
+    loss: str = "auto"               # "full", "sampled", or "auto" (full up to 50k items)
+    num_negatives: int = 1280        # shared sampled negatives per batch (sampled loss)
+    max_epochs: int = 30
+    patience: int = 3                # epochs without a validation gain before stopping
+    select_metric: str = "NDCG@10"   # validation metric for early stopping
+    max_minutes: float | None = None  # wall-clock budget for the whole run
+    seed: int = 42
+    threads: int | None = None
+    eval_batch_size: int = 1024
+    device: str = "cpu"
+
+    def resolved_loss(self, n_items: int) -> str:
+        if self.loss == "auto":
+            return "full" if n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be auto, full or sampled, not {self.loss!r}")
+        return self.loss
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_valid: dict
+    epochs_run: int
+    seconds: float
+    history: list = field(default_factory=list)
+    stopped_because: str = ""
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, ds: Dataset | None = None) -> dict:
+    """Load and check a checkpoint; with `ds`, refuse one trained on another item vocabulary."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found.")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}). "
+                              "Retrain or point to another file.") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {ck.get('format') if isinstance(ck, dict) else '?'}"
+                              f" is not {CHECKPOINT_FORMAT}; retrain with this version.")
+    if ds is not None:
+        info = ck["dataset"]
+        if info["vocab_sha256"] != ds.vocab_sha256() or info["items"] != ds.n_items:
+            raise CheckpointError(
+                f"{path}: trained on {info['name']} with {info['items']} items (vocabulary "
+                f"{info['vocab_sha256'][:12]}), but the data given has {ds.n_items} items "
+                f"(vocabulary {ds.vocab_sha256()[:12]}). Use the data set it was trained on, "
+                "or train a new model.")
+    return ck
+
+
+def model_from_checkpoint(ck: dict) -> SINE:
+    try:
+        model = SINE(SINEConfig(**ck["model_args"]))
+        model.load_state_dict(ck["model"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint does not match this model code: {e}") from e
+    model.eval()
+    return model
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator):
+    perm = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):   # last partial batch dropped, as the authors
+        yield perm[i:i + batch_size]
+
+
+def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
+          resume: Path | None = None, progress: bool = True, log=print) -> TrainResult:
+    """Train, keep `best.pt` (best validation) and `last.pt` (resume point) in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    sp = split(ds, model_cfg.n)
+    if len(sp.train_targets) < cfg.batch_size:
+        raise ValueError(f"{ds.name}: {len(sp.train_targets)} training samples, fewer than one batch "
+                         f"of {cfg.batch_size}; lower --batch-size or use more data.")
+    dev = torch.device(cfg.device)
+    model = SINE(model_cfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_kind = cfg.resolved_loss(ds.n_items)
+    sampler = LogUniformSampler(ds.n_items, cfg.num_negatives) if loss_kind == "sampled" else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict] = []
+    start_epoch, best_epoch, best_score, best_valid = 0, -1, -math.inf, {}
+    elapsed_before = 0.0
+    if resume is not None:
+        ck = load_checkpoint(resume, ds)
+        if ck["model_args"] != asdict(model_cfg):
+            raise CheckpointError(f"{resume}: model config {ck['model_args']} differs from the one "
+                                  f"asked for {asdict(model_cfg)}; resume with the same settings.")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])  # moved to the parameters' device by torch
+        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["sampler_rng"])
+        history = ck["history"]
+        start_epoch = ck["epoch"] + 1
+        best_epoch, best_score, best_valid = ck["best_epoch"], ck["best_score"], ck["best_valid"]
+        elapsed_before = ck.get("seconds", 0.0)
+        log(f"resumed from {resume} at epoch {start_epoch}")
+
+    def checkpoint(epoch: int, seconds: float) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "model_args": asdict(model_cfg),
+                "train_args": asdict(cfg), "dataset": dataset_info(ds), "item_ids": ds.item_ids,
+                "model": {k: t.cpu() for k, t in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(), "sampler_rng": gen.get_state(),
+                "epoch": epoch, "history": history, "best_epoch": best_epoch,
+                "best_score": best_score, "best_valid": best_valid, "seconds": seconds,
+                "loss_kind": loss_kind}
+
+    t0 = time.perf_counter() - elapsed_before
+    N = len(sp.train_targets)
+    steps = N // cfg.batch_size
+    stopped = "max_epochs"
+    log(f"{ds.summary()}; {N:,} training samples, {steps:,} steps/epoch, loss={loss_kind}, "
+        f"K={model_cfg.K} L={model_cfg.L} D={model_cfg.D} lambda={cfg.lam}")
+    bar_cls = _tqdm() if progress else None
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.max_epochs):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        bar = bar_cls(total=steps, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", unit="batch",
+                      leave=False, mininterval=1.0) if bar_cls else None
+        ep_loss, ep_reg, n_b, t_ep = 0.0, 0.0, 0, time.perf_counter()
+        for b in _batches(N, cfg.batch_size, rng):
+            x = torch.from_numpy(sp.train_inputs[b]).long().to(dev)  # [B, n]
+            y = torch.from_numpy(sp.train_targets[b]).to(dev)         # [B]
+            _, v, _ = model(x)                                         # [B, D]
+            if sampler is None:
+                like = model.full_softmax_loss(v, y)
+            else:
+                like = model.sampled_softmax_loss(v, y, sampler, gen)
+            reg = model.covariance_loss()
+            loss = like + cfg.lam * reg                                # Eq. 11
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ep_loss += like.item()
+            ep_reg += reg.item()
+            n_b += 1
+            if bar is not None:
+                bar.update(1)
+                if n_b % 50 == 0:
+                    rate = n_b * cfg.batch_size / (time.perf_counter() - t_ep)
+                    bar.set_postfix(loss=f"{ep_loss / n_b:.4f}", samples_s=f"{rate:,.0f}")
+            if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60:
+                stopped = "time_budget"
+                break
+        if bar is not None:
+            bar.close()
+        train_s = time.perf_counter() - t_ep
+        valid = evaluate_model(model, ds, sp, "valid", batch_size=cfg.eval_batch_size)
+        score = valid[cfg.select_metric]
+        row = {"epoch": epoch + 1, "loss": ep_loss / max(n_b, 1), "reg": ep_reg / max(n_b, 1),
+               "train_seconds": train_s, "samples_per_s": n_b * cfg.batch_size / max(train_s, 1e-9),
+               "elapsed_s": time.perf_counter() - t0,
+               **{f"valid_{k}": v for k, v in valid.items()}}
+        history.append(row)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, best_valid = score, epoch + 1, valid
+        log(f"epoch {epoch + 1}: loss {row['loss']:.4f} reg {row['reg']:.5f} "
+            f"{row['samples_per_s']:,.0f} samples/s | valid HR@10 {valid['HR@10']:.4f} "
+            f"NDCG@10 {valid['NDCG@10']:.4f} HR@50 {valid['HR@50']:.4f}"
+            f"{'  *best*' if improved else ''}")
+        ck = checkpoint(epoch, time.perf_counter() - t0)
+        if improved:
+            atomic_save(ck, out_dir / "best.pt")
+        atomic_save(ck, out_dir / "last.pt")
+        atomic_write_text(json.dumps(history, indent=1), out_dir / "history.json")
+        if stopped == "time_budget":
+            break
+        if epoch + 1 - best_epoch >= cfg.patience:
+            stopped = "early_stopping"
+            break
+    return TrainResult(best_epoch=best_epoch, best_valid=best_valid, epochs_run=len(history),
+                       seconds=time.perf_counter() - t0, history=history, stopped_because=stopped)
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+        return tqdm
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def popularity_metrics(ds: Dataset, seq_len: int = 20) -> dict:
+    sp = split(ds, seq_len)
+    return {"valid": evaluate_popularity(ds, sp, "valid"), "test": evaluate_popularity(ds, sp, "test")}

@@ -1,0 +1,147 @@
+"""`sine`: the project's command line. Subcommands import their heavy modules lazily."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DATA_DIR_ENV = "SINE_DATA_DIR"
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="ml-1m",
+                   help="ml-1m, amazon-beauty, ml-100k, synthetic, or the path of a click log "
+                        "(.csv/.parquet with user_id,item_id,timestamp). Default: ml-1m")
+    p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
+                   help=f"folder holding the data sets (env {DATA_DIR_ENV}; default ../shared/data)")
+    p.add_argument("--drop-short-users", action="store_true",
+                   help="skip users with fewer than 3 interactions instead of failing")
+    p.add_argument("--seed", type=int, default=42, help="random seed (data generator and training)")
+
+
+def _need_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit("error: this command needs the training extra: pip install -e '.[train]'")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    _need_torch()
+    from model_export import data
+    from model_export.train import TrainConfig, train
+    from model_export.workflow import evaluate_checkpoint, model_config
+
+    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    print(ds.summary())
+    mcfg = model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau, tau_assign=a.tau_assign,
+                        literal=a.literal or None, aggregation=a.aggregation)
+    tcfg = TrainConfig(batch_size=a.batch_size, lr=a.lr, lam=a.lam, loss=a.loss,
+                       num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
+                       max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device)
+    out = Path(a.out or f"runs/{ds.name}")
+    res = train(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress)
+    print(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
+          f"best epoch {res.best_epoch}")
+    result = evaluate_checkpoint(out / "best.pt", ds, out)
+    _print_metrics(result)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    _need_torch()
+    from model_export import data
+    from model_export.workflow import evaluate_checkpoint
+
+    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    out = Path(a.report_dir) if a.report_dir else Path(a.checkpoint).parent
+    result = evaluate_checkpoint(Path(a.checkpoint), ds, out, exclude_history=not a.keep_history)
+    _print_metrics(result)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _print_metrics(result: dict) -> None:
+    from model_export.report import metrics_table
+    for which, rows in result["metrics"].items():
+        print(f"\n{which} (percent)\n{metrics_table(rows)}")
+    c = result.get("concepts") or {}
+    if "nmi" in c:
+        print(f"\nNMI(nearest prototype, {c['label_kind']}) = {c['nmi']:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sine", description="SINE candidate retrieval: train, "
+                                "evaluate, export and serve a sparse-interest recommender.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train SINE with early stopping, then evaluate and report",
+                       description="Train SINE on a data set (leave-one-out split), keep the best "
+                       "validation checkpoint, then evaluate it on the test split and write "
+                       "report.md, curves.png and metrics.json next to the checkpoints.")
+    _data_args(t)
+    t.add_argument("--out", help="output folder (default runs/<dataset>)")
+    g = t.add_argument_group("model (paper symbols)")
+    g.add_argument("--K", type=int, help="activated intentions per user (Table 3: 4)")
+    g.add_argument("--L", type=int, help="prototype pool size (Table 3: ML-1M 50, Amazon 500)")
+    g.add_argument("--D", type=int, default=128, help="embedding size (default 128)")
+    g.add_argument("--seq-len", type=int, default=20, help="clicks per input window, n (default 20)")
+    g.add_argument("--tau", type=float, default=0.1, help="Eq. 7 temperature (default 0.1)")
+    g.add_argument("--tau-assign", type=float, default=0.1, help="Eq. 3 cosine temperature (default 0.1)")
+    g.add_argument("--literal", action="store_true",
+                   help="Eq. 3 and 7 as raw LayerNorm dot products, as printed in the paper")
+    g.add_argument("--aggregation", choices=["adaptive", "mean"], default="adaptive",
+                   help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation)")
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    g.add_argument("--patience", type=int, default=3,
+                   help="stop after this many epochs without a validation NDCG@10 gain (default 3)")
+    g.add_argument("--batch-size", type=int, default=128, help="default 128")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lam", type=float, default=0.5, help="Eq. 11 lambda (default 0.5)")
+    g.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
+                   help="full softmax, sampled softmax with logQ correction, or auto: full up to "
+                        "50,000 items (default)")
+    g.add_argument("--num-negatives", type=int, default=1280,
+                   help="shared negatives per batch for the sampled loss (default 1280)")
+    g.add_argument("--max-minutes", type=float, help="wall-clock budget; stops after the epoch")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint with the paper's protocol",
+                       description="Full-ranking leave-one-out evaluation (HR/NDCG@10/50/100) of a "
+                       "checkpoint on valid and test, beside popularity, plus the concept analyses; "
+                       "writes report.md, curves.png and metrics.json.")
+    _data_args(e)
+    e.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `sine train`")
+    e.add_argument("--report-dir", help="where to write the report (default: the checkpoint's folder)")
+    e.add_argument("--keep-history", action="store_true",
+                   help="do not exclude the user's past items from the ranking")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from model_export.data import DataError
+        from model_export.train import CheckpointError
+    except ImportError:  # pragma: no cover
+        DataError = CheckpointError = ValueError  # type: ignore[misc,assignment]
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch is in last.pt (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
