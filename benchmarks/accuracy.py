@@ -70,7 +70,7 @@ def git_commit() -> str:
         return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("GIT_COMMIT", "unknown")  # a copy of the tree without .git
 
 
 def run_variant(name: str, ds, args, command: str) -> dict:
