@@ -327,7 +327,7 @@ def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
         weights.append(w / w.sum())
     users, seqs = [], []
     for u in range(n_users):
-        k = int(rng.integers(interests_per_user[0], interests_per_user[1] + 1))
+        k = min(int(rng.integers(interests_per_user[0], interests_per_user[1] + 1)), n_categories)
         cats = rng.choice(n_categories, size=k, replace=False)
         n = int(rng.integers(length[0], length[1] + 1))
         c = int(rng.choice(cats))

@@ -15,7 +15,7 @@ def metrics_table(rows: dict[str, dict[str, float]], ks=KS) -> str:
     return "\n".join(out)
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "") -> Path | None:
+def plot_curves(history: list[dict], path: Path, title: str = "", best_epoch: int | None = None) -> Path | None:
     if not history:
         return None
     try:
@@ -33,6 +33,8 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> Path | None
     a1.legend()
     for key in ("valid_HR@10", "valid_NDCG@10", "valid_HR@50"):
         a2.plot(ep, [100 * h[key] for h in history], "o-", label=key.replace("valid_", "valid "))
+    if best_epoch:
+        a2.axvline(best_epoch, color="grey", ls="--", lw=1, label="kept (best valid)")
     a2.set_xlabel("epoch")
     a2.set_ylabel("percent")
     a2.grid(alpha=0.3)

@@ -38,14 +38,21 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
         metrics[which] = rows
     with torch.no_grad():
         concepts = concept_analysis(model, ds, sp)
+    # best.pt holds the history up to its own epoch; the run's full history sits beside it
+    history = ck["history"]
+    hist_file = Path(ck_path).parent / "history.json"
+    if hist_file.exists():
+        full = json.loads(hist_file.read_text())
+        if len(full) > len(history) and full[:len(history)] == history:
+            history = full
     result = {"metrics": metrics, "concepts": concepts, "best_epoch": ck["best_epoch"],
-              "epochs_run": len(ck["history"]), "seconds": ck.get("seconds"),
+              "epochs_run": len(history), "seconds": ck.get("seconds"),
               "model_args": ck["model_args"], "train_args": ck["train_args"],
-              "loss_kind": ck.get("loss_kind"), "history": ck["history"]}
+              "loss_kind": ck.get("loss_kind"), "history": history}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        curves = plot_curves(ck["history"], out_dir / "curves.png", f"SINE on {ds.name}")
-        text = render(ds.name, metrics, concepts, {**ck, "best_epoch": ck["best_epoch"]},
+        curves = plot_curves(history, out_dir / "curves.png", f"SINE on {ds.name}", ck["best_epoch"])
+        text = render(ds.name, metrics, concepts, {**ck, "history": history},
                       curves.name if curves else None)
         atomic_write_text(text, out_dir / "report.md")
         atomic_write_text(json.dumps(result, indent=1), out_dir / "metrics.json")

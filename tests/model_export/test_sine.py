@@ -1,0 +1,156 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_export.sine import SINE, LogUniformSampler, SINEConfig
+
+
+def small(**kw) -> SINE:
+    torch.manual_seed(0)
+    return SINE(SINEConfig(n_items=50, D=16, n=6, K=3, L=8, **kw)).eval()
+
+
+def batch(B=5, n=6, M=50, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, M + 1, (B, n), generator=g)
+    lengths = torch.tensor([1, 2, n, 3, n][:B] + [n] * max(0, B - 5))
+    return x.masked_fill(torch.arange(n)[None] >= lengths[:, None], 0)   # pads at the end
+
+
+def test_shapes_and_weights_sum_to_one():
+    m = small()
+    phi, v, e = m(batch())
+    assert phi.shape == (5, 3, 16) and v.shape == (5, 16) and e.shape == (5, 3)
+    assert torch.allclose(e.sum(1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(v, (e.unsqueeze(-1) * phi).sum(1), atol=1e-6)   # Eq. 8
+
+
+@pytest.mark.parametrize("kw", [{}, {"literal": True}, {"aggregation": "mean"}, {"share_w3": True}])
+def test_what_pad_slots_hold_does_not_change_any_output(kw):
+    """Pad slots carry the padding row of H and their positional embeddings: neither may leak."""
+    m = small(**kw)
+    x = batch(B=4, seed=1)
+    x[:, 3:] = 0                                   # every row has at most 3 real items
+    before = [t.clone() for t in m(x)]
+    with torch.no_grad():
+        m.H.weight[0].normal_(std=3.0)
+        m.P[3:].normal_(std=3.0)
+    for a, b in zip(before, m(x)):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():                          # a real slot's position does matter
+        m.P[0].normal_(std=3.0)
+    assert not torch.allclose(before[1], m(x)[1], atol=1e-4)
+
+
+def test_padding_embedding_row_is_ignored_even_if_nonzero():
+    m = small()
+    x = batch()
+    before = [t.clone() for t in m(x)]
+    with torch.no_grad():
+        m.H.weight[0].normal_()
+    for a, b in zip(before, m(x)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_outputs_do_not_depend_on_batch_neighbours():
+    m = small()
+    x = batch(B=8, seed=3)
+    full = m(x)
+    for i in range(len(x)):
+        alone = m(x[i:i + 1])
+        for a, b in zip(full, alone):
+            assert torch.allclose(a[i:i + 1], b, atol=1e-5)
+
+
+def test_all_padding_row_is_finite_and_length_one_row_works():
+    m = small()
+    x = torch.zeros(2, 6, dtype=torch.long)
+    x[1, 0] = 7
+    for t in m(x):
+        assert torch.isfinite(t).all()
+
+
+def test_k_must_not_exceed_l_and_aggregation_is_checked():
+    with pytest.raises(ValueError, match="K <= L"):
+        SINEConfig(n_items=10, K=9, L=4)
+    with pytest.raises(ValueError, match="aggregation"):
+        SINEConfig(n_items=10, aggregation="max")
+
+
+@pytest.mark.parametrize("kw", [{"tau": 1.0}, {"tau_assign": 1.0}, {"literal": True},
+                                {"aggregation": "mean"}, {"share_w3": True}])
+def test_every_knob_changes_the_user_vector(kw):
+    x = batch()
+    base = small()(x)[1]
+    other = small(**kw)(x)[1]
+    assert not torch.allclose(base, other, atol=1e-4), kw
+
+
+def test_topk_selects_the_best_prototypes_and_gates_them():
+    m = small()
+    x = batch()
+    X, mask = m.embed(x)
+    s_top, idx = m.activate(X, mask)
+    a = torch.softmax((torch.tanh(X @ m.W1) @ m.W2).masked_fill(~mask, -1e9), 1)
+    s = (a.unsqueeze(-1) * X).sum(1) @ m.C.t()                          # Eq. 1-2 by hand
+    ref_v, ref_i = s.sort(1, descending=True)
+    assert torch.equal(idx, ref_i[:, :3]) and torch.allclose(s_top, ref_v[:, :3], atol=1e-6)
+
+
+def test_covariance_loss_matches_the_definition():
+    m = small()
+    C = m.C.detach().double()
+    Cc = C - C.mean(1, keepdim=True)
+    M = Cc @ Cc.t() / C.shape[1]                                       # L x L, Eq. 10
+    ref = 0.5 * ((M ** 2).sum() - (M.diagonal() ** 2).sum())
+    assert math.isclose(m.covariance_loss().item(), float(ref), rel_tol=1e-4)
+    with torch.no_grad():                                             # orthogonal, centred rows: 0
+        m.C.zero_()
+        for i in range(8):
+            m.C[i, 2 * i], m.C[i, 2 * i + 1] = 1.0, -1.0
+    assert abs(m.covariance_loss().item()) < 1e-7
+
+
+def test_full_softmax_is_cross_entropy_over_all_items():
+    m = small()
+    v = torch.randn(4, 16)
+    y = torch.tensor([1, 5, 50, 7])
+    ref = F.cross_entropy(v @ m.H.weight[1:].t(), y - 1)
+    assert torch.allclose(m.full_softmax_loss(v, y), ref)
+
+
+def test_log_uniform_sampler_unique_ids_and_expected_counts():
+    s = LogUniformSampler(1000, 100)
+    ids, log_q = s.sample(torch.Generator().manual_seed(0))
+    assert len(set(ids.tolist())) == 100 and ids.min() >= 1 and ids.max() <= 1000
+    # expected counts of all ids sum to the number of distinct draws
+    q_all = s.log_q(torch.arange(1, 1001)).double().exp()
+    assert abs(float(q_all.sum()) - 100) < 0.5
+    assert (q_all[:-1] >= q_all[1:]).all(), "popular (low) ids are proposed more often"
+    # empirical inclusion frequency follows the expected count
+    g = torch.Generator().manual_seed(1)
+    hits = torch.zeros(1001)
+    for _ in range(300):
+        hits[s.sample(g)[0]] += 1
+    assert abs(float(hits[1]) / 300 - float(q_all[0])) < 0.1
+    assert abs(float(hits[1:501].sum() / 300) - float(q_all[:500].sum())) < 2
+
+
+def test_sampled_softmax_approaches_full_softmax_with_all_items():
+    m = small()
+    v = torch.randn(8, 16)
+    y = torch.randint(1, 51, (8,))
+    s = LogUniformSampler(50, 50)            # every item sampled: q = 1, log q = 0
+    sampled = m.sampled_softmax_loss(v, y, s, torch.Generator().manual_seed(0))
+    assert torch.allclose(sampled, m.full_softmax_loss(v, y), atol=1e-4)
+
+
+def test_gradients_reach_every_parameter():
+    m = small().train()
+    _, v, _ = m(batch())
+    (m.full_softmax_loss(v, torch.tensor([1, 2, 3, 4, 5])) + 0.5 * m.covariance_loss()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+from sine_cli import build_parser, main
+
+
+def test_every_subcommand_has_help(capsys):
+    for cmd in ("train", "evaluate"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "--dataset" in out and "--data-dir" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "sine_cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_bad_data_is_a_clean_error_not_a_traceback(tmp_path, capsys):
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item\n1,2\n")
+    assert main(["train", "--dataset", str(log), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "clicks.csv:1: missing column(s)" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "nothing written for a failed run"
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
+    rc = main(["evaluate", "--dataset", "synthetic", "--checkpoint", str(tmp_path / "nope.pt")])
+    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--D", "16",
+               "--L", "10", "--K", "2", "--no-progress", "--threads", "2"])
+    assert rc == 0
+    assert {"best.pt", "last.pt", "report.md", "metrics.json", "curves.png"} <= {p.name for p in out.iterdir()}
+    rc = main(["evaluate", "--dataset", "synthetic", "--checkpoint", str(out / "best.pt"),
+               "--report-dir", str(tmp_path / "rep")])
+    assert rc == 0 and (tmp_path / "rep" / "report.md").exists()
+    assert "| SINE |" in capsys.readouterr().out
+    # the same checkpoint against another data set is refused with a reason
+    assert main(["evaluate", "--dataset", "synthetic", "--seed", "5", "--checkpoint",
+                 str(out / "best.pt")]) == 2
