@@ -59,6 +59,10 @@ class Dataset:
     def n_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    def item_index(self) -> dict[str, int]:
+        """External item id -> internal id."""
+        return {x: i for i, x in enumerate(self.item_ids)}
+
     def vocab_sha256(self) -> str:
         """Hash of the internal->external item map: artifacts built on another vocabulary differ."""
         h = hashlib.sha256()
@@ -151,7 +155,7 @@ def load_ml1m(data_dir: Path, drop_short: bool = False) -> Dataset:
     ds = _from_external("ml-1m", users, seqs, origin, 3, drop_short)
     movies = root / "movies.dat"
     if movies.exists():
-        index = {x: i for i, x in enumerate(ds.item_ids)}
+        index = ds.item_index()
         with open(movies, encoding="latin-1") as f:
             for lineno, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("::")
@@ -171,7 +175,7 @@ def load_beauty(data_dir: Path, drop_short: bool = False) -> Dataset:
     ds = _from_external("amazon-beauty", users, seqs, origin, 3, drop_short)
     meta = root / "item_meta.tsv"
     if meta.exists():
-        index = {x: i for i, x in enumerate(ds.item_ids)}
+        index = ds.item_index()
         with open(meta, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
             missing = {"item_id", "top_category", "category_path"} - set(reader.fieldnames or [])
@@ -225,7 +229,7 @@ def load_ml100k(data_dir: Path, drop_short: bool = False) -> Dataset:
     genre = root / "u.genre"
     if item.exists() and genre.exists():
         names = [ln.split("|")[0] for ln in open(genre, encoding="latin-1") if "|" in ln]
-        index = {x: i for i, x in enumerate(ds.item_ids)}
+        index = ds.item_index()
         with open(item, encoding="latin-1") as f:
             for line in f:
                 parts = line.rstrip("\n").split("|")
