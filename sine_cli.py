@@ -63,6 +63,50 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    _need_torch()
+    from model_export import data
+    from model_export.export import export
+
+    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    export(Path(a.checkpoint), ds, Path(a.out), opset=a.opset, n_queries=a.queries)
+    return 0
+
+
+def cmd_build_index(a: argparse.Namespace) -> int:
+    from index_builder.make import make_bundle
+
+    params = {}
+    for kv in a.search_param or []:
+        k, _, v = kv.partition("=")
+        if not v:
+            sys.exit(f"error: --search-param takes NAME=VALUE, got {kv!r}")
+        params[k] = int(v)
+    bar = _progress_bar("adding items")
+    b = make_bundle(Path(a.export), Path(a.bundle_root), a.factory, a.recall_k, a.recall_floor,
+                    params or None, a.gpu, a.version, not a.no_current, progress=bar)
+    print(f"bundle {b.version}: {b.manifest['index']['factory']} "
+          f"{b.manifest['index']['search_params']} recall@{b.manifest['index']['recall']['k']} "
+          f"{b.manifest['index']['recall']['value']:.4f}")
+    return 0
+
+
+def _progress_bar(desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="item", leave=False)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+    return update
+
+
 def _print_metrics(result: dict) -> None:
     from model_export.report import metrics_table
     for which, rows in result["metrics"].items():
@@ -123,6 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep-history", action="store_true",
                    help="do not exclude the user's past items from the ranking")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a checkpoint: ONNX encoder, item table, ids, popularity",
+                       description="Write the user encoder to ONNX (checked against PyTorch), the item "
+                       "table, the id map, training popularity and a sample of real user vectors "
+                       "(validation histories) to an export folder for `sine build-index`.")
+    _data_args(x)
+    x.add_argument("--checkpoint", required=True, help="a best.pt written by `sine train`")
+    x.add_argument("--out", required=True, help="export folder to write")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    x.add_argument("--queries", type=int, default=2000,
+                   help="user vectors kept for the recall check (default 2000)")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build-index", help="build the faiss index, gate it on recall, publish a bundle",
+                       description="Build an inner-product faiss index over an export's item table, "
+                       "measure recall@k against exact search on real user vectors, tune the search "
+                       "knob up to the floor (or refuse), and publish <bundle-root>/<version> "
+                       "atomically, pointing <bundle-root>/current at it.")
+    b.add_argument("--export", required=True, help="folder written by `sine export`")
+    b.add_argument("--bundle-root", required=True, help="folder holding bundle versions")
+    b.add_argument("--factory", default="auto",
+                   help="faiss factory string (Flat, HNSW32,Flat, IVF4096,Flat, IVF4096,PQ32, ...) "
+                        "or auto: Flat up to 100,000 items, HNSW32,Flat above (default auto)")
+    b.add_argument("--recall-k", type=int, default=100, help="k of the recall check (default 100)")
+    b.add_argument("--recall-floor", type=float, default=0.95,
+                   help="refuse to write an index below this recall@k (default 0.95)")
+    b.add_argument("--search-param", action="append", metavar="NAME=VALUE",
+                   help="fix a search knob (efSearch=128, nprobe=64) instead of tuning it")
+    b.add_argument("--gpu", action="store_true", help="build on a GPU with faiss-gpu")
+    b.add_argument("--version", help="version name (default: UTC time + vocabulary hash)")
+    b.add_argument("--no-current", action="store_true", help="publish without moving `current`")
+    b.set_defaults(func=cmd_build_index)
     return p
 
 
@@ -131,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from model_export.data import DataError
         from model_export.train import CheckpointError
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - service-only installs have no torch
         DataError = CheckpointError = ValueError  # type: ignore[misc,assignment]
+    from index_builder.build import IndexBuildError
+    from index_builder.bundle import BundleError
     try:
         return args.func(args)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, BundleError, IndexBuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

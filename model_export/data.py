@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from index_builder.bundle import vocab_sha256
 
 DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic")
 
@@ -65,11 +66,7 @@ class Dataset:
 
     def vocab_sha256(self) -> str:
         """Hash of the internal->external item map: artifacts built on another vocabulary differ."""
-        h = hashlib.sha256()
-        for x in self.item_ids:
-            h.update(x.encode("utf-8"))
-            h.update(b"\n")
-        return h.hexdigest()
+        return vocab_sha256(self.item_ids)
 
     def summary(self) -> str:
         lens = np.array([len(s) for s in self.sequences])

@@ -1,0 +1,164 @@
+"""faiss index over the item table: build, measure recall against exact search, tune, gate.
+
+Inner-product metric throughout (the model scores items by v . H_j). Items keep their internal ids
+(1..M) inside the index, through `add_with_ids` for IVF and an `IndexIDMap2` wrapper otherwise, so
+a search returns ids the bundle's id map turns into external ids.
+
+Recall@k is measured on real user vectors (the export's validation queries), against
+`IndexFlatIP` on the same items. For ANN indexes the search knob (`efSearch` for HNSW, `nprobe`
+for IVF) is raised step by step until recall reaches the floor; the smallest such value is
+recorded, and an index that cannot reach the floor is refused.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+# Exact search below this many items. Above, a 1-core exact query gets slower than the
+# service's budget (see benchmarks/results/index-*.md for the measured crossover).
+AUTO_EXACT_MAX_ITEMS = 100_000
+AUTO_ANN_FACTORY = "HNSW32,Flat"
+KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
+               "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
+
+
+class IndexBuildError(RuntimeError):
+    """The index cannot be built or does not meet the recall floor; the message says why."""
+
+
+@dataclass
+class BuiltIndex:
+    index: faiss.Index
+    factory: str
+    search_params: dict = field(default_factory=dict)
+    recall: float = 1.0
+    recall_k: int = 100
+    n_queries: int = 0
+    build_seconds: float = 0.0
+    recall_curve: list = field(default_factory=list)   # (param value, recall) tried
+    gpu: bool = False
+
+
+def resolve_factory(factory: str, n_items: int) -> str:
+    if factory == "auto":
+        return "Flat" if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_ANN_FACTORY
+    return factory
+
+
+def knob_name(index: faiss.Index) -> str | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    try:
+        faiss.extract_index_ivf(inner)
+        return "nprobe"
+    except RuntimeError:
+        pass
+    if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    ps = faiss.ParameterSpace()
+    for k, v in params.items():
+        ps.set_index_parameter(index, k, v)
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = False,
+          train_size: int = 200_000, seed: int = 0, progress=None) -> faiss.Index:
+    """An inner-product index over `xb` [N, d] float32 keeping `ids` [N] int64."""
+    if gpu and faiss_gpu_count() == 0:
+        raise IndexBuildError("--gpu asked for, but faiss sees no GPU (faiss.get_num_gpus() == 0; "
+                              "is faiss-gpu installed and a CUDA device visible?). Build without --gpu.")
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n, d = xb.shape
+    factory = resolve_factory(factory, n)
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise IndexBuildError(f"faiss cannot build factory string {factory!r}: {e}") from e
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    is_ivf = ivf is not None
+    if is_ivf and ivf.nlist > n:
+        raise IndexBuildError(f"{factory!r} asks for {ivf.nlist} lists but there are only {n} "
+                              "items; use fewer lists or 'Flat'.")
+    if gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = xb[rng.choice(n, size=min(train_size, n), replace=False)]
+        index.train(sample)
+    if not is_ivf:
+        index = faiss.IndexIDMap2(index)
+    step = max(1, n // 20)
+    for i in range(0, n, step):                           # chunks, so a bar can move on 1M items
+        index.add_with_ids(xb[i:i + step], ids[i:i + step])
+        if progress is not None:
+            progress(min(i + step, n), n)
+    if gpu:
+        index = faiss.index_gpu_to_cpu(index)              # the bundle stores a CPU index
+    return index
+
+
+def faiss_gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def exact_topk(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(np.ascontiguousarray(xb, dtype=np.float32))
+    _, I = flat.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+    return ids[I]
+
+
+def recall_at_k(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """Mean |ANN top-k ∩ exact top-k| / k over the queries."""
+    _, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+    return float(np.mean([len(np.intersect1d(a[a >= 0], b)) / k for a, b in zip(I, gt)]))
+
+
+def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, factory: str = "auto",
+                   k: int = 100, floor: float = 0.95, params: dict | None = None,
+                   gpu: bool = False, progress=None, log=print) -> BuiltIndex:
+    """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""
+    resolved = resolve_factory(factory, len(xb))
+    k = min(k, len(xb))
+    t0 = time.perf_counter()
+    index = build(xb, ids, resolved, gpu=gpu, progress=progress)
+    secs = time.perf_counter() - t0
+    gt = exact_topk(xb, ids, xq, k)
+    knob = knob_name(index)
+    curve = []
+    if params:
+        set_search_params(index, params)
+        chosen, rec = dict(params), recall_at_k(index, xq, gt, k)
+        curve.append((params, rec))
+    elif knob is None:
+        chosen, rec = {}, recall_at_k(index, xq, gt, k)
+        curve.append(({}, rec))
+    else:
+        chosen, rec = {}, 0.0
+        for v in KNOB_LADDER[knob]:
+            set_search_params(index, {knob: v})
+            rec = recall_at_k(index, xq, gt, k)
+            curve.append(({knob: v}, rec))
+            chosen = {knob: v}
+            if rec >= floor:
+                break
+    log(f"index {resolved!r}: {index.ntotal:,} items, built in {secs:.1f} s, recall@{k} "
+        f"{rec:.4f} on {len(xq)} real user vectors with {chosen or 'no search knob'}")
+    if rec < floor:
+        tried = ", ".join(f"{p or 'default'} -> {r:.3f}" for p, r in curve)
+        raise IndexBuildError(f"recall@{k} {rec:.4f} of {resolved!r} is below the floor {floor} "
+                              f"(tried {tried}); the index was not written. Use a larger "
+                              "search knob, a finer index (more lists / links) or 'Flat'.")
+    return BuiltIndex(index=index, factory=resolved, search_params=chosen, recall=rec,
+                      recall_k=k, n_queries=len(xq), build_seconds=secs,
+                      recall_curve=[(p, r) for p, r in curve], gpu=gpu)

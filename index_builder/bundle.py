@@ -1,0 +1,221 @@
+"""The artifact bundle: one versioned, self-describing folder the service loads, and nothing else.
+
+    <root>/<version>/encoder.onnx     user encoder (item_ids [B, n] -> interests, user_vector, weights)
+    <root>/<version>/index.faiss      item index, ids = internal item ids 1..M
+    <root>/<version>/item_ids.json    external id of each internal id ([0] = "<pad>")
+    <root>/<version>/popularity.npy   training click counts per internal id (cold-start fallback)
+    <root>/<version>/manifest.json    dims, K, L, n, opset, vocabulary hash, faiss factory and search
+                                      parameters, measured recall, offline metrics, library versions,
+                                      sha256 of every file
+    <root>/current                    the live version's name
+
+Publishing writes the version under a temporary name, fsyncs it, renames it into place, then
+replaces `current` by rename: a crash at any point leaves `current` naming a complete version.
+`load` is shared by the offline tools and the service: it refuses a bundle with a missing file, a
+hash mismatch, an unknown schema version or dimensions that disagree, with a message that says
+which. No torch here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FILES = {"encoder": "encoder.onnx", "index": "index.faiss", "item_ids": "item_ids.json",
+         "popularity": "popularity.npy"}
+MANIFEST = "manifest.json"
+CURRENT = "current"
+
+
+class BundleError(RuntimeError):
+    """A bundle cannot be used; the message names the bundle, the file and the problem."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def vocab_sha256(item_ids: list[str]) -> str:
+    """Same hash as `model_export.data.Dataset.vocab_sha256`."""
+    h = hashlib.sha256()
+    for x in item_ids:
+        h.update(x.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                    # mkstemp makes 0600; a service user must read it
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def publish(staging: Path, root: Path, version: str, make_current: bool = True) -> Path:
+    """Move a complete staging folder to `<root>/<version>` and point `current` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise BundleError(f"{final}: version {version!r} already exists; versions are immutable, "
+                          "choose another --version.")
+    for p in staging.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(staging)
+    os.rename(staging, final)
+    _fsync_dir(root)
+    if make_current:
+        set_current(root, version)
+    return final
+
+
+def set_current(root: Path, version: str) -> None:
+    if not (root / version / MANIFEST).exists():
+        raise BundleError(f"{root / version}: no such bundle version (no {MANIFEST}).")
+    write_atomic(root / CURRENT, (version + "\n").encode())
+    _fsync_dir(root)
+
+
+def current_version(root: Path) -> str:
+    p = root / CURRENT
+    if not p.exists():
+        raise BundleError(f"{root}: no `{CURRENT}` pointer; publish a bundle with `sine build-index` "
+                          "or name a version folder directly.")
+    return p.read_text().strip()
+
+
+def staging_dir(root: Path, version: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{version}-"))
+    d.chmod(0o755)                              # mkdtemp makes 0700
+    return d
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def file(self, key: str) -> Path:
+        return self.path / FILES[key]
+
+    def item_ids(self) -> list[str]:
+        return json.loads(self.file("item_ids").read_text())
+
+    def popularity(self) -> np.ndarray:
+        return np.load(self.file("popularity"))
+
+    def read_index(self):
+        import faiss
+        return faiss.read_index(str(self.file("index")))
+
+
+def resolve(path: Path | str) -> Path:
+    """A bundle folder, or a root with a `current` pointer."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    if (path / CURRENT).exists():
+        return path / current_version(path)
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle or bundle root.")
+    raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a bundle root (no {CURRENT}).")
+
+
+def load(path: Path | str, verify_hashes: bool = True, deep: bool = True) -> Bundle:
+    """Open and validate a bundle. `deep` opens the index and the encoder to check dimensions."""
+    d = resolve(path)
+    mpath = d / MANIFEST
+    if not mpath.exists():
+        raise BundleError(f"{d}: {MANIFEST} is missing; this is not a complete bundle.")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e}).") from e
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"{mpath}: schema version {m.get('schema_version')!r} is not supported "
+                          f"(this code reads {SCHEMA_VERSION}); rebuild the bundle with this version.")
+    for key in ("version", "files", "model", "items", "index", "onnx"):
+        if key not in m:
+            raise BundleError(f"{mpath}: field {key!r} is missing.")
+    for name in FILES.values():
+        p = d / name
+        if not p.exists():
+            raise BundleError(f"{d}: file {name} is missing.")
+        want = m["files"].get(name)
+        if want is None:
+            raise BundleError(f"{mpath}: no sha256 recorded for {name}.")
+        if verify_hashes:
+            got = sha256_file(p)
+            if got != want:
+                raise BundleError(f"{p}: sha256 {got[:12]}... does not match the manifest's "
+                                  f"{want[:12]}...: the file is corrupt or was replaced.")
+    b = Bundle(d, m)
+    ids = b.item_ids()
+    if len(ids) - 1 != m["items"]["count"] or vocab_sha256(ids) != m["items"]["vocab_sha256"]:
+        raise BundleError(f"{b.file('item_ids')}: {len(ids) - 1} items / vocabulary hash differ from "
+                          f"the manifest ({m['items']['count']} items).")
+    pop = b.popularity()
+    if pop.shape != (len(ids),):
+        raise BundleError(f"{b.file('popularity')}: shape {pop.shape}, expected ({len(ids)},).")
+    if deep:
+        check_dimensions(b)
+    return b
+
+
+def check_dimensions(b: Bundle) -> None:
+    """Encoder output dim == index dim == manifest D; index holds every item; seq len agrees."""
+    import onnxruntime as ort
+
+    D, n, K = b.manifest["model"]["D"], b.manifest["model"]["n"], b.manifest["model"]["K"]
+    index = b.read_index()
+    if index.d != D:
+        raise BundleError(f"{b.path}: the index has dimension {index.d} but the encoder's user "
+                          f"vector has {D}.")
+    if index.ntotal != b.manifest["items"]["count"]:
+        raise BundleError(f"{b.path}: the index holds {index.ntotal} items, the manifest "
+                          f"{b.manifest['items']['count']}.")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(b.file("encoder")), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    outs = {o.name: o.shape for o in sess.get_outputs()}
+    if inp.shape[1] != n:
+        raise BundleError(f"{b.file('encoder')}: input length {inp.shape[1]}, manifest n = {n}.")
+    if outs.get("user_vector", [None, None])[-1] != D or outs.get("interests", [None] * 3)[1:] != [K, D]:
+        raise BundleError(f"{b.file('encoder')}: outputs {outs} do not match D = {D}, K = {K}.")

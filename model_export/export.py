@@ -1,0 +1,136 @@
+"""Export a trained SINE checkpoint: the user encoder to ONNX, the item table, ids and popularity.
+
+The ONNX graph takes `item_ids` int64 [B, n] (most recent click first, 0 = padding at the end;
+the service builds windows with `model_export.data.window`'s convention) and returns
+`interests` [B, K, D], `user_vector` [B, D] and `weights` [B, K]. Only the batch axis is dynamic;
+all weights live inside the one file.
+
+The export folder also gets the item table (float32 [M, D], row j = internal id j + 1), the
+external id of each internal id, the training popularity (the service's cold-start fallback),
+and a sample of real user vectors from validation histories: the queries `sine build-index`
+measures recall with.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Split
+from .sine import SINE
+
+OPSET = 18
+INPUT = "item_ids"
+OUTPUTS = ("interests", "user_vector", "weights")
+
+
+def export_onnx(model: SINE, path: Path, opset: int = OPSET) -> Path:
+    """Trace the encoder into one self-contained ONNX file with a dynamic batch axis."""
+    model = model.eval()
+    n = model.config.n
+    example = torch.zeros(2, n, dtype=torch.long)
+    example[:, 0] = 1
+    batch = torch.export.Dim("batch", min=1, max=1_000_000)
+    # the exporter logs that torchvision ops are skipped and warns about pytree internals
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT],
+                                 output_names=list(OUTPUTS), opset_version=opset,
+                                 dynamic_shapes={"item_ids": {0: batch}}, verbose=False)
+    prog.save(str(path), external_data=False)
+    return path
+
+
+def item_table(model: SINE) -> np.ndarray:
+    return model.item_table().detach().cpu().numpy().astype(np.float32)   # [M, D]
+
+
+@torch.no_grad()
+def validation_queries(model: SINE, sp: Split, max_users: int = 2000, seed: int = 0) -> np.ndarray:
+    """User vectors [q, D] from the validation histories of up to `max_users` random users."""
+    U = len(sp.valid_targets)
+    rows = np.sort(np.random.default_rng(seed).choice(U, size=min(max_users, U), replace=False))
+    _, v, _ = model.eval()(torch.from_numpy(sp.valid_inputs[rows]))
+    return v.numpy().astype(np.float32)
+
+
+def write_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def check_parity(model: SINE, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:
+    """Max |ORT - torch| per output on random padded batches (with a length-1 row)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    n, M = model.config.n, model.config.n_items
+    worst = {k: 0.0 for k in OUTPUTS}
+    for B in batch_sizes:
+        x = torch.randint(1, M + 1, (B, n), generator=g)
+        lengths = torch.randint(1, n + 1, (B,), generator=g)
+        lengths[0] = 1
+        x = x.masked_fill(torch.arange(n)[None] >= lengths[:, None], 0)
+        with torch.no_grad():
+            ref = model(x)
+        got = sess.run(list(OUTPUTS), {INPUT: x.numpy()})
+        for k, r, o in zip(OUTPUTS, ref, got):
+            worst[k] = max(worst[k], float(np.abs(r.numpy() - o).max()))
+    return worst
+
+
+PARITY_TOL = {"interests": 1e-5, "user_vector": 1e-3, "weights": 1e-4}
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "faiss-cpu",
+                "faiss-gpu", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int = 2000,
+           log=print) -> dict:
+    """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, export.json."""
+    from .train import atomic_write_text, load_checkpoint, model_from_checkpoint
+    from .data import split
+    from .evaluate import evaluate_model
+
+    ck = load_checkpoint(ck_path, ds)
+    model = model_from_checkpoint(ck)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(model, out_dir / "encoder.onnx", opset)
+    parity = check_parity(model, onnx_path)
+    bad = {k: v for k, v in parity.items() if v > PARITY_TOL[k]}
+    if bad:
+        raise RuntimeError(f"ONNX and PyTorch disagree beyond tolerance {PARITY_TOL}: {bad}; "
+                           "the export was not kept.")
+    sp = split(ds, model.config.n)
+    np.save(out_dir / "items.npy", item_table(model))
+    np.save(out_dir / "popularity.npy", sp.train_counts)
+    np.save(out_dir / "queries.npy", validation_queries(model, sp, n_queries))
+    write_json(ds.item_ids, out_dir / "item_ids.json")
+    metrics = {w: evaluate_model(model, ds, sp, w) for w in ("valid", "test")}
+    info = {"model": ck["model_args"], "dataset": ck["dataset"],
+            "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),
+                     "input_layout": "[B, n] int64, most recent click first, 0 = padding at the end",
+                     "parity_max_abs_diff": parity},
+            "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
+            "offline_metrics": metrics, "checkpoint": {"best_epoch": ck["best_epoch"],
+                                                       "train_args": ck["train_args"]},
+            "libraries": library_versions()}
+    atomic_write_text(json.dumps(info, indent=1), out_dir / "export.json")
+    log(f"exported to {out_dir}: opset {opset}, parity {parity}")
+    return info

@@ -1,0 +1,86 @@
+import faiss
+import numpy as np
+import pytest
+
+from index_builder.build import (AUTO_ANN_FACTORY, IndexBuildError, build, build_and_gate,
+                                 exact_topk, faiss_gpu_count, recall_at_k, resolve_factory)
+
+
+def clustered(n, d=32, centres=50, seed=0):
+    """Items and queries drawn around shared centres, like trained embeddings (faiss's habit)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, d)).astype(np.float32)
+    xb = c[rng.integers(0, centres, n)] + 0.3 * rng.normal(size=(n, d)).astype(np.float32)
+    xq = c[rng.integers(0, centres, 200)] + 0.3 * rng.normal(size=(200, d)).astype(np.float32)
+    return xb, xq
+
+
+def brute_force(xb, ids, xq, k):
+    scores = xq @ xb.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(scores, order, 1)
+
+
+def test_flat_index_equals_brute_force_and_keeps_ids():
+    xb, xq = clustered(2000)
+    ids = np.arange(1, 2001) * 7                                   # ids unrelated to row numbers
+    index = build(xb, ids, "Flat")
+    D, I = index.search(xq, 20)
+    ref_I, ref_D = brute_force(xb, ids, xq, 20)
+    assert np.allclose(D, ref_D, atol=1e-4)
+    # near-equal scores may swap places: compare ids only where both neighbours are apart
+    gap = np.abs(np.diff(ref_D, axis=1)) > 1e-4                      # [q, k-1]
+    clear = np.concatenate([gap[:, :1], gap[:, 1:] & gap[:, :-1], gap[:, -1:]], axis=1)
+    assert clear.mean() > 0.9
+    assert np.array_equal(I[clear], ref_I[clear])
+
+
+@pytest.mark.parametrize("factory, knob", [("HNSW32,Flat", "efSearch"), ("IVF32,Flat", "nprobe")])
+def test_ann_is_tuned_to_the_smallest_knob_that_meets_the_floor(factory, knob):
+    xb, xq = clustered(3000)
+    ids = np.arange(1, 3001)
+    b = build_and_gate(xb, ids, xq, factory, k=50, floor=0.9, log=lambda *a: None)
+    assert knob in b.search_params and b.recall >= 0.9
+    values = [p[knob] for p, _ in b.recall_curve]
+    assert values[-1] == b.search_params[knob]
+    assert all(r < 0.9 for _, r in b.recall_curve[:-1]), "stopped at the first value meeting the floor"
+    gt = exact_topk(xb, ids, xq, 50)
+    assert recall_at_k(b.index, xq, gt, 50) == pytest.approx(b.recall)
+
+
+def test_recall_gate_refuses_a_bad_index():
+    xb, xq = clustered(3000)
+    with pytest.raises(IndexBuildError, match=r"recall@100 0\.\d+ of 'IVF64,PQ4' is below the floor 0.95"):
+        build_and_gate(xb, np.arange(1, 3001), xq, "IVF64,PQ4", params={"nprobe": 1},
+                       log=lambda *a: None)
+
+
+def test_auto_is_exact_for_small_catalogs():
+    assert resolve_factory("auto", 3416) == "Flat"
+    assert resolve_factory("auto", 5_000_000) == AUTO_ANN_FACTORY
+    assert resolve_factory("IVF4096,Flat", 10) == "IVF4096,Flat"
+
+
+def test_bad_factory_and_too_many_lists_are_clear_errors():
+    xb, _ = clustered(100)
+    with pytest.raises(IndexBuildError, match="cannot build factory string 'Bogus12'"):
+        build(xb, np.arange(100), "Bogus12")
+    with pytest.raises(IndexBuildError, match="asks for 4096 lists but there are only 100 items"):
+        build(xb, np.arange(100), "IVF4096,Flat")
+
+
+@pytest.mark.skipif(faiss_gpu_count() > 0, reason="a GPU is present")
+def test_gpu_without_a_gpu_is_a_clear_error():
+    xb, _ = clustered(100)
+    with pytest.raises(IndexBuildError, match="no GPU"):
+        build(xb, np.arange(100), "Flat", gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss_gpu_count() == 0, reason="needs faiss-gpu and a CUDA device")
+def test_gpu_build_matches_cpu():
+    xb, xq = clustered(5000)
+    ids = np.arange(1, 5001)
+    cpu = build(xb, ids, "Flat")
+    gpu = build(xb, ids, "Flat", gpu=True)
+    assert np.array_equal(cpu.search(xq, 10)[1], gpu.search(xq, 10)[1])

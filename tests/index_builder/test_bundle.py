@@ -1,0 +1,151 @@
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from index_builder import bundle
+from index_builder.bundle import BundleError
+from index_builder.make import make_bundle
+
+QUIET = {"log": lambda *a: None}
+
+
+def copy_bundle(small_world, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(small_world["bundle"].path, dst)
+    return dst
+
+
+def rewrite_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_published_bundle_is_complete_and_current(small_world):
+    root = small_world["root"]
+    assert bundle.current_version(root) == "v1"
+    b = bundle.load(root)
+    m = b.manifest
+    assert m["schema_version"] == 1 and m["version"] == "v1"
+    assert m["model"]["D"] == 32 and m["model"]["K"] == 3 and m["model"]["n"] == 20
+    assert m["onnx"]["opset"] >= 17 and m["index"]["metric"] == "inner_product"
+    assert m["index"]["factory"] == "Flat" and m["index"]["recall"]["value"] == pytest.approx(1.0)
+    assert m["items"]["vocab_sha256"] == small_world["ds"].vocab_sha256()
+    assert set(m["files"]) == set(bundle.FILES.values())
+    assert {"faiss", "onnxruntime", "numpy", "torch"} <= set(m["libraries"])
+    assert "HR@10" in m["offline_metrics"]["test"]
+
+
+def test_id_mapping_round_trip(small_world):
+    b = bundle.load(small_world["root"])
+    index, ids = b.read_index(), b.item_ids()
+    xb = np.load(small_world["export"] / "items.npy")
+    for internal in (1, 17, len(ids) - 1):
+        _, I = index.search(xb[internal - 1:internal], 1)
+        assert I[0, 0] == internal                           # an item finds itself first
+        assert ids[internal] == small_world["ds"].item_ids[internal]
+    assert index.ntotal == len(ids) - 1
+
+
+def test_missing_file(small_world, tmp_path):
+    d = copy_bundle(small_world, tmp_path)
+    (d / "popularity.npy").unlink()
+    with pytest.raises(BundleError, match="file popularity.npy is missing"):
+        bundle.load(d)
+
+
+def test_hash_mismatch(small_world, tmp_path):
+    d = copy_bundle(small_world, tmp_path)
+    with open(d / "encoder.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="encoder.onnx: sha256 .* does not match"):
+        bundle.load(d)
+
+
+def test_unknown_schema_version_and_bad_manifest(small_world, tmp_path):
+    d = copy_bundle(small_world, tmp_path)
+    rewrite_manifest(d, schema_version=99)
+    with pytest.raises(BundleError, match="schema version 99 is not supported"):
+        bundle.load(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        bundle.load(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="neither a bundle"):
+        bundle.load(d)
+
+
+def test_dimension_mismatch_between_encoder_and_index(small_world, tmp_path):
+    d = copy_bundle(small_world, tmp_path)
+    n = small_world["ds"].n_items
+    other = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    other.add_with_ids(np.random.default_rng(0).normal(size=(n, 16)).astype("float32"),
+                       np.arange(1, n + 1))
+    faiss.write_index(other, str(d / "index.faiss"))
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["index.faiss"] = bundle.sha256_file(d / "index.faiss")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="index has dimension 16 but the encoder's user vector has 32"):
+        bundle.load(d)
+
+
+def test_vocabulary_mismatch(small_world, tmp_path):
+    d = copy_bundle(small_world, tmp_path)
+    ids = json.loads((d / "item_ids.json").read_text())
+    ids[1], ids[2] = ids[2], ids[1]
+    (d / "item_ids.json").write_text(json.dumps(ids))
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["item_ids.json"] = bundle.sha256_file(d / "item_ids.json")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="vocabulary hash differ"):
+        bundle.load(d)
+
+
+def test_crash_mid_write_leaves_current_on_the_old_version(small_world, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    make_bundle(small_world["export"], root, version="old", **QUIET)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(faiss, "write_index", boom)
+    with pytest.raises(OSError, match="disk full"):
+        make_bundle(small_world["export"], root, version="new", **QUIET)
+    assert bundle.current_version(root) == "old"
+    assert sorted(p.name for p in root.iterdir()) == ["current", "old"], "no staging left behind"
+    bundle.load(root)
+
+
+def test_recall_gate_writes_nothing(small_world, tmp_path):
+    from index_builder.build import IndexBuildError
+    root = tmp_path / "root"
+    with pytest.raises(IndexBuildError, match="below the floor"):
+        make_bundle(small_world["export"], root, factory="IVF16,PQ2", params={"nprobe": 1},
+                    floor=0.99, version="bad", **QUIET)
+    assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_versions_are_immutable_and_current_can_move(small_world, tmp_path):
+    root = tmp_path / "root"
+    make_bundle(small_world["export"], root, version="a", **QUIET)
+    make_bundle(small_world["export"], root, version="b", make_current=False, **QUIET)
+    assert bundle.current_version(root) == "a"
+    with pytest.raises(BundleError, match="already exists"):
+        make_bundle(small_world["export"], root, version="a", **QUIET)
+    bundle.set_current(root, "b")
+    assert bundle.load(root).version == "b"
+    with pytest.raises(BundleError, match="no such bundle version"):
+        bundle.set_current(root, "zzz")
+
+
+def test_export_folder_problems(tmp_path, small_world):
+    with pytest.raises(BundleError, match="no export.json"):
+        make_bundle(tmp_path, tmp_path / "root", **QUIET)
+    e = tmp_path / "e"
+    shutil.copytree(small_world["export"], e)
+    (e / "queries.npy").unlink()
+    with pytest.raises(BundleError, match="queries.npy is missing"):
+        make_bundle(e, tmp_path / "root", **QUIET)

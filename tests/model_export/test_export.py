@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model_export.export import OUTPUTS, check_parity, export_onnx
+from model_export.sine import SINE, SINEConfig
+from model_export.train import load_checkpoint, model_from_checkpoint
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_onnx_graph_contract(small_world):
+    m = onnx.load(str(small_world["export"] / "encoder.onnx"))
+    onnx.checker.check_model(m)
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in m.graph.input] == ["item_ids"]
+    assert [o.name for o in m.graph.output] == list(OUTPUTS)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[1].dim_value == 20          # only the batch axis is dynamic
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    assert "TopK" in {n.op_type for n in m.graph.node}
+
+
+@pytest.mark.parametrize("B", [1, 7, 256])
+def test_onnxruntime_matches_pytorch(small_world, B):
+    model = model_from_checkpoint(load_checkpoint(small_world["checkpoint"]))
+    sess = session(small_world["export"] / "encoder.onnx")
+    g = torch.Generator().manual_seed(B)
+    x = torch.randint(1, model.config.n_items + 1, (B, 20), generator=g)
+    lengths = torch.randint(1, 21, (B,), generator=g)
+    lengths[0] = 1                                                 # a length-1 row in every batch
+    x = x.masked_fill(torch.arange(20)[None] >= lengths[:, None], 0)
+    with torch.no_grad():
+        ti, tv, tw = model(x)
+    oi, ov, ow = sess.run(list(OUTPUTS), {"item_ids": x.numpy()})
+    assert oi.shape == (B, 3, 32) and ov.shape == (B, 32) and ow.shape == (B, 3)
+    assert np.abs(oi - ti.numpy()).max() < 1e-5
+    assert np.abs(ov - tv.numpy()).max() < 1e-3
+    assert np.abs(ow - tw.numpy()).max() < 1e-4
+
+
+def test_padding_invariance_holds_in_onnxruntime(small_world):
+    sess = session(small_world["export"] / "encoder.onnx")
+    x = np.zeros((3, 20), dtype=np.int64)
+    x[:, :4] = [[5, 9, 2, 7]] * 3
+    out = sess.run(["user_vector"], {"item_ids": x})[0]
+    assert np.allclose(out[0], out[1]) and np.allclose(out[0], out[2])
+    alone = sess.run(["user_vector"], {"item_ids": x[:1]})[0]
+    assert np.allclose(out[0], alone[0], atol=1e-6)
+
+
+def test_export_folder_contents(small_world):
+    e = small_world["export"]
+    ds = small_world["ds"]
+    info = json.loads((e / "export.json").read_text())
+    assert info["items"]["count"] == ds.n_items and info["items"]["vocab_sha256"] == ds.vocab_sha256()
+    assert json.loads((e / "item_ids.json").read_text()) == ds.item_ids
+    items = np.load(e / "items.npy")
+    model = model_from_checkpoint(load_checkpoint(small_world["checkpoint"]))
+    assert items.dtype == np.float32 and np.array_equal(items, model.H.weight[1:].detach().numpy())
+    pop = np.load(e / "popularity.npy")
+    assert pop[0] == 0 and pop.sum() == sum(len(s) - 2 for s in ds.sequences)
+    assert np.load(e / "queries.npy").shape == (300, 32)
+    assert all(v < 1e-3 for v in info["onnx"]["parity_max_abs_diff"].values())
+
+
+def test_parity_check_catches_a_wrong_graph(tmp_path):
+    torch.manual_seed(0)
+    a = SINE(SINEConfig(n_items=30, D=16, K=2, L=4)).eval()
+    b = SINE(SINEConfig(n_items=30, D=16, K=2, L=4)).eval()
+    export_onnx(b, tmp_path / "other.onnx")
+    assert max(check_parity(a, tmp_path / "other.onnx", batch_sizes=(4,)).values()) > 1e-2
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_ml1m_top50_agrees_between_onnxruntime_and_pytorch(data_dir, tmp_path):
+    """A briefly trained ML-1M model: ORT and torch retrieve the same top-50 for >= 99.9% of users."""
+    from tests.conftest import require_data
+    from model_export import data
+    from model_export.data import split
+    from model_export.train import TrainConfig, train
+    from model_export.workflow import model_config
+    require_data("ml-1m", "sequences_original_ids.txt.gz")
+    ds = data.load("ml-1m", data_dir)
+    train(ds, model_config(ds), TrainConfig(max_epochs=1, max_minutes=0.4, threads=2), tmp_path,
+          progress=False)
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    export_onnx(model, tmp_path / "enc.onnx")
+    sp = split(ds)
+    H = model.H.weight[1:].detach().numpy()
+    with torch.no_grad():
+        tv = model(torch.from_numpy(sp.test_inputs))[1].numpy()
+    ov = session(tmp_path / "enc.onnx").run(["user_vector"], {"item_ids": sp.test_inputs})[0]
+    top_t = np.argsort(-(tv @ H.T), axis=1)[:, :50]
+    top_o = np.argsort(-(ov @ H.T), axis=1)[:, :50]
+    same = np.mean([set(a) == set(b) for a, b in zip(top_t, top_o)])
+    assert same >= 0.999, same
