@@ -11,16 +11,19 @@ recorded, and an index that cannot reach the floor is refused.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-# Exact search below this many items. Above, a 1-core exact query gets slower than the
-# service's budget (see benchmarks/results/index-*.md for the measured crossover).
-AUTO_EXACT_MAX_ITEMS = 100_000
-AUTO_ANN_FACTORY = "HNSW32,Flat"
+# `auto`: exact search up to this many items; above, IVF with about 4 sqrt(N) lists (a power of
+# two). Measured in benchmarks/results/index.md on 2 cores, one thread per query: exact search
+# costs 6.6 ms p99 at 100,000 items (over a 5 ms budget), and IVF1024/IVF4096 reach recall@100
+# >= 0.95 at 100,000 and 1,000,000 items within 5 ms p99, where HNSW32 needs efSearch 512 at
+# 100,000 and stays below 0.95 at 1,000,000 even with efSearch 1024.
+AUTO_EXACT_MAX_ITEMS = 50_000
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 
@@ -43,9 +46,12 @@ class BuiltIndex:
 
 
 def resolve_factory(factory: str, n_items: int) -> str:
-    if factory == "auto":
-        return "Flat" if n_items <= AUTO_EXACT_MAX_ITEMS else AUTO_ANN_FACTORY
-    return factory
+    if factory != "auto":
+        return factory
+    if n_items <= AUTO_EXACT_MAX_ITEMS:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n_items)))
+    return f"IVF{nlist},Flat"
 
 
 def knob_name(index: faiss.Index) -> str | None:

@@ -7,12 +7,12 @@ from sine_cli import build_parser, main
 
 
 def test_every_subcommand_has_help(capsys):
-    for cmd in ("train", "evaluate"):
+    for cmd, flag in (("train", "--data-dir"), ("evaluate", "--checkpoint"), ("export", "--opset"),
+                      ("build-index", "--recall-floor")):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
-        out = capsys.readouterr().out
-        assert "--dataset" in out and "--data-dir" in out
+        assert flag in capsys.readouterr().out
 
 
 def test_console_script_runs():
@@ -47,3 +47,20 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     # the same checkpoint against another data set is refused with a reason
     assert main(["evaluate", "--dataset", "synthetic", "--seed", "5", "--checkpoint",
                  str(out / "best.pt")]) == 2
+
+
+def test_export_and_build_index_from_the_command_line(small_world, tmp_path, capsys):
+    from index_builder import bundle
+    ds_args = ["--dataset", "synthetic"]
+    # the small world's checkpoint was trained on other synthetic data: refused, exit 2
+    assert main(["export", *ds_args, "--checkpoint", str(small_world["checkpoint"]),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    rc = main(["build-index", "--export", str(small_world["export"]), "--bundle-root",
+               str(tmp_path / "root"), "--version", "cli"])
+    assert rc == 0 and bundle.load(tmp_path / "root").version == "cli"
+    rc = main(["build-index", "--export", str(small_world["export"]), "--bundle-root",
+               str(tmp_path / "root"), "--factory", "IVF16,PQ2", "--search-param", "nprobe=1",
+               "--recall-floor", "0.99"])
+    assert rc == 2 and "below the floor" in capsys.readouterr().err
+    assert bundle.current_version(tmp_path / "root") == "cli"

@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index_builder.build import (AUTO_ANN_FACTORY, IndexBuildError, build, build_and_gate,
+from index_builder.build import (IndexBuildError, build, build_and_gate,
                                  exact_topk, faiss_gpu_count, recall_at_k, resolve_factory)
 
 
@@ -57,7 +57,9 @@ def test_recall_gate_refuses_a_bad_index():
 
 def test_auto_is_exact_for_small_catalogs():
     assert resolve_factory("auto", 3416) == "Flat"
-    assert resolve_factory("auto", 5_000_000) == AUTO_ANN_FACTORY
+    assert resolve_factory("auto", 50_000) == "Flat"
+    assert resolve_factory("auto", 100_000) == "IVF1024,Flat"
+    assert resolve_factory("auto", 1_000_000) == "IVF4096,Flat"
     assert resolve_factory("IVF4096,Flat", 10) == "IVF4096,Flat"
 
 

@@ -1,0 +1,159 @@
+"""Index benchmark: faiss index types side by side with exact search, on real user vectors.
+
+    python benchmarks/index.py --export runs/export-ml1m --sizes items,100000,1000000
+
+Catalogs: the trained item table itself (`items`), and synthetic catalogs of N items drawn from a
+diagonal Gaussian mixture fitted (k-means, 64 components) to the trained item vectors, so their
+geometry resembles real embeddings. Queries: the export's user vectors from validation histories.
+Per index: build seconds, serialized size, recall@100 against exact search, single-query latency
+(p50/p99, one thread) and batch-256 throughput (all threads), beside `Flat` (exact) in the same
+run. ANN knobs are raised until recall@100 >= the floor, as `sine build-index` does.
+Writes benchmarks/results/index.json and index.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from index_builder.build import (KNOB_LADDER, build, exact_topk, knob_name,  # noqa: E402
+                                 recall_at_k, set_search_params)
+
+K = 100
+
+
+def mixture_catalog(items: np.ndarray, n: int, components: int = 64, seed: int = 0) -> np.ndarray:
+    """n vectors from a diagonal Gaussian mixture fitted to `items` [M, d]."""
+    d = items.shape[1]
+    km = faiss.Kmeans(d, components, niter=25, seed=seed, verbose=False)
+    km.train(items)
+    _, assign = km.index.search(items, 1)
+    assign = assign.ravel()
+    rng = np.random.default_rng(seed)
+    weights = np.bincount(assign, minlength=components) / len(items)
+    std = np.stack([items[assign == c].std(0) if (assign == c).sum() > 1 else items.std(0)
+                    for c in range(components)])
+    comp = rng.choice(components, size=n, p=weights)
+    return (km.centroids[comp] + std[comp] * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def latency_ms(index, xq: np.ndarray, n: int = 300) -> tuple[float, float]:
+    faiss.omp_set_num_threads(1)
+    times = []
+    for i in range(n):
+        q = xq[i % len(xq)][None]
+        t = time.perf_counter()
+        index.search(q, K)
+        times.append((time.perf_counter() - t) * 1e3)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def batch_qps(index, xq: np.ndarray, reps: int = 3) -> float:
+    q = xq[:256]
+    best = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        index.search(q, K)
+        best.append(time.perf_counter() - t)
+    return len(q) / float(np.median(best))
+
+
+def bench_catalog(name: str, xb: np.ndarray, xq: np.ndarray, factories: list[str], floor: float,
+                  log=print) -> list[dict]:
+    ids = np.arange(1, len(xb) + 1, dtype=np.int64)
+    gt = exact_topk(xb, ids, xq, K)
+    rows = []
+    for f in factories:
+        lists = re.match(r"IVF(\d+)", f)
+        if lists and int(lists.group(1)) * 39 > len(xb):
+            continue                                      # too few points to train that many lists
+        t = time.perf_counter()
+        index = build(xb, ids, f)
+        secs = time.perf_counter() - t
+        knob = knob_name(index)
+        tried = []
+        params = {}
+        rec = recall_at_k(index, xq, gt, K)
+        if knob:
+            for v in KNOB_LADDER[knob]:
+                set_search_params(index, {knob: v})
+                rec = recall_at_k(index, xq, gt, K)
+                tried.append([v, round(rec, 4)])
+                params = {knob: v}
+                if rec >= floor:
+                    break
+        p50, p99 = latency_ms(index, xq)
+        row = {"catalog": name, "items": len(xb), "factory": f, "search_params": params,
+               "recall@100": round(rec, 4), "build_s": round(secs, 2),
+               "size_mib": round(faiss.serialize_index(index).nbytes / 2 ** 20, 1),
+               "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+               "batch256_qps": round(batch_qps(index, xq), 1), "knob_tried": tried}
+        rows.append(row)
+        log(json.dumps({k: v for k, v in row.items() if k != "knob_tried"}))
+        del index
+    exact = next(r for r in rows if r["factory"] == "Flat")
+    for r in rows:
+        r["speedup_p50_vs_exact"] = round(exact["p50_ms"] / r["p50_ms"], 1)
+        r["speedup_p99_vs_exact"] = round(exact["p99_ms"] / r["p99_ms"], 1)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", required=True, help="folder written by `sine export`")
+    p.add_argument("--sizes", default="items,100000,1000000")
+    p.add_argument("--factories", default="Flat;HNSW32,Flat;IVF1024,Flat;IVF4096,Flat;IVF4096,PQ32",
+                   help="faiss factory strings separated by ';'")
+    p.add_argument("--floor", type=float, default=0.95)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    factories = a.factories.split(";")
+    items = np.load(Path(a.export) / "items.npy")
+    xq = np.load(Path(a.export) / "queries.npy")[: a.queries]
+    results = []
+    for s in a.sizes.split(","):
+        xb = items if s == "items" else mixture_catalog(items, int(s))
+        name = "trained item table" if s == "items" else f"mixture fitted to items, {int(s):,}"
+        print(f"== {name}: {len(xb):,} items, {len(xq)} queries", flush=True)
+        results += bench_catalog(name, xb, xq, factories, a.floor)
+    meta = {"command": "python benchmarks/index.py " + " ".join(argv or sys.argv[1:]),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                                     if ln.startswith("model name")), "?")},
+            "faiss": faiss.__version__, "k": K, "recall_floor": a.floor,
+            "queries": f"{len(xq)} user vectors from validation histories (ML-1M model)",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    md = ["# Index benchmark", "", f"`{meta['command']}` on {meta['machine']['cpu']} "
+          f"({meta['machine']['cpus']} cores), faiss {meta['faiss']}, {meta['finished']}. "
+          f"Queries: {meta['queries']}. Latency: one query, one thread, p50/p99 over 300 queries; "
+          "throughput: one batch of 256 queries, all threads, median of 3. ANN knobs raised until "
+          f"recall@100 >= {a.floor}.", "",
+          "| catalog | index | knob | recall@100 | build s | MiB | p50 ms | p99 ms | x exact (p99) | batch-256 q/s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        md.append(f"| {r['catalog']} | {r['factory']} | {r['search_params'] or '-'} | {r['recall@100']} "
+                  f"| {r['build_s']} | {r['size_mib']} | {r['p50_ms']} | {r['p99_ms']} "
+                  f"| {r['speedup_p99_vs_exact']} | {r['batch256_qps']} |")
+    (out / "index.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
