@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle-root", required=True, help="folder holding bundle versions")
     b.add_argument("--factory", default="auto",
                    help="faiss factory string (Flat, HNSW32,Flat, IVF4096,Flat, IVF4096,PQ32, ...) "
-                        "or auto: Flat up to 50,000 items, IVF with ~4 sqrt(N) lists above "
-                        "(default auto)")
+                        "or auto: Flat up to 50,000 items, IVF with ~4 sqrt(N) lists and 8-bit "
+                        "codes above (default auto)")
     b.add_argument("--recall-k", type=int, default=100, help="k of the recall check (default 100)")
     b.add_argument("--recall-floor", type=float, default=0.95,
                    help="refuse to write an index below this recall@k (default 0.95)")

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--export", required=True, help="folder written by `sine export`")
     p.add_argument("--sizes", default="items,100000,1000000")
-    p.add_argument("--factories", default="Flat;HNSW32,Flat;IVF1024,Flat;IVF4096,Flat;IVF4096,PQ32",
+    p.add_argument("--factories", default="Flat;HNSW32,Flat;IVF1024,Flat;IVF4096,Flat;IVF1024,SQ8;IVF4096,SQ8;IVF4096,PQ32",
                    help="faiss factory strings separated by ';'")
     p.add_argument("--floor", type=float, default=0.95)
     p.add_argument("--queries", type=int, default=1000)

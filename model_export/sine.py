@@ -139,7 +139,7 @@ class SINE(nn.Module):
         P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
 
         # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
-        B, n, D, K = X.shape[0], c.n, c.D, c.K
+        D, K = c.D, c.K
         Xp = X + self.P.unsqueeze(0)                                   # [B, n, D]
         Wk1 = self.Wk1.permute(1, 0, 2).reshape(D, K * D)              # [D, K*D]: one GEMM for all k
         Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(K, device=X.device).unsqueeze(1)).reshape(K * D, K)  # block-diagonal [K*D, K]

@@ -58,8 +58,8 @@ def test_recall_gate_refuses_a_bad_index():
 def test_auto_is_exact_for_small_catalogs():
     assert resolve_factory("auto", 3416) == "Flat"
     assert resolve_factory("auto", 50_000) == "Flat"
-    assert resolve_factory("auto", 100_000) == "IVF1024,Flat"
-    assert resolve_factory("auto", 1_000_000) == "IVF4096,Flat"
+    assert resolve_factory("auto", 100_000) == "IVF1024,SQ8"
+    assert resolve_factory("auto", 1_000_000) == "IVF4096,SQ8"
     assert resolve_factory("IVF4096,Flat", 10) == "IVF4096,Flat"
 
 
