@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import git_commit, machine, now  # noqa: E402
 from model_export import data  # noqa: E402
 
 VARIANTS = {
@@ -45,32 +44,6 @@ LABELS = {
 }
 PAPER = {"ml-1m": {"HR@10": 16.34, "NDCG@10": 7.06, "HR@50": 45.79, "NDCG@50": 13.50}}
 AIM = {"ml-1m": {"HR@10": 21.5, "NDCG@10": 11.0, "HR@50": 49.0, "NDCG@50": 17.0}}
-
-
-def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "device": device}
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-        info["cpu"] = cpu
-    except (OSError, StopIteration):
-        pass
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")  # a copy of the tree without .git
 
 
 def run_variant(name: str, ds, args, command: str) -> dict:
@@ -106,7 +79,7 @@ def run_variant(name: str, ds, args, command: str) -> dict:
                                                    if k != "case_study"}}
     res.update({"variant": name, "label": LABELS[name], "command": command,
                 "git_commit": git_commit(), "machine": machine(args.device),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                "finished": now()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(res, indent=1))
     return res

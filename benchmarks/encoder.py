@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -88,17 +89,10 @@ def main(argv=None) -> int:
             row["torch_over_ort"] = row["torch_ms_p50"] / row["ort_ms_p50"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    import onnxruntime
     meta = {"command": "python benchmarks/encoder.py " + " ".join(argv or sys.argv[1:]),
             "model": {k: getattr(cfg, k) for k in ("n_items", "D", "n", "K", "L")},
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                                     if ln.startswith("model name")), "?")},
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "machine": machine(),
+            "git_commit": git_commit(), "finished": now()}
     md = ["# Encoder benchmark: onnxruntime vs torch eager", "",
           f"`{meta['command']}` on {meta['machine']['cpu']} ({meta['machine']['cpus']} cores), torch "
           f"{meta['torch']}, onnxruntime {meta['onnxruntime']}, model {meta['model']}, "
@@ -108,8 +102,7 @@ def main(argv=None) -> int:
         md.append(f"| {r['threads']} | {r['batch']} | {r['ort_ms_p50']:.3f} ({r['ort_ms_p10_p90'][0]:.3f}-"
                   f"{r['ort_ms_p10_p90'][1]:.3f}) | {r['torch_ms_p50']:.3f} ({r['torch_ms_p10_p90'][0]:.3f}-"
                   f"{r['torch_ms_p10_p90'][1]:.3f}) | {r['torch_over_ort']:.2f}x |")
-    (out / "encoder.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "encoder", {"meta": meta, "rows": rows}, md)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -26,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
 
 from index_builder.build import (KNOB_LADDER, build, exact_topk, knob_name,  # noqa: E402
                                  recall_at_k, set_search_params)
@@ -130,15 +131,10 @@ def main(argv=None) -> int:
         print(f"== {name}: {len(xb):,} items, {len(xq)} queries", flush=True)
         results += bench_catalog(name, xb, xq, factories, a.floor)
     meta = {"command": "python benchmarks/index.py " + " ".join(argv or sys.argv[1:]),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                                     if ln.startswith("model name")), "?")},
-            "faiss": faiss.__version__, "k": K, "recall_floor": a.floor,
+            "machine": machine(), "git_commit": git_commit(), "faiss": faiss.__version__, "k": K,
+            "recall_floor": a.floor,
             "queries": f"{len(xq)} user vectors from validation histories (ML-1M model)",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+            "finished": now()}
     md = ["# Index benchmark", "", f"`{meta['command']}` on {meta['machine']['cpu']} "
           f"({meta['machine']['cpus']} cores), faiss {meta['faiss']}, {meta['finished']}. "
           f"Queries: {meta['queries']}. Latency: one query, one thread, p50/p99 over 300 queries; "
@@ -150,8 +146,7 @@ def main(argv=None) -> int:
         md.append(f"| {r['catalog']} | {r['factory']} | {r['search_params'] or '-'} | {r['recall@100']} "
                   f"| {r['build_s']} | {r['size_mib']} | {r['p50_ms']} | {r['p99_ms']} "
                   f"| {r['speedup_p99_vs_exact']} | {r['batch256_qps']} |")
-    (out / "index.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "index", {"meta": meta, "rows": results}, md)
     return 0
 
 

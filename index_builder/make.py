@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -22,7 +23,7 @@ def git_commit() -> str:
                                        cwd=Path(__file__).resolve().parent,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("GIT_COMMIT", "unknown")   # a copy of the tree without .git
 
 
 def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 100,
