@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset, Split, dataset_info, split
+from index_builder.bundle import write_atomic
+
+from .data import Dataset, dataset_info, split
 from .evaluate import evaluate_model, evaluate_popularity
 from .sine import SINE, LogUniformSampler, SINEConfig
 
@@ -81,15 +83,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text.encode("utf-8"))
 
 
 def load_checkpoint(path: Path, ds: Dataset | None = None) -> dict:

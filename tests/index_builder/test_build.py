@@ -1,4 +1,3 @@
-import faiss
 import numpy as np
 import pytest
 

@@ -7,7 +7,6 @@ import torch
 from model_export import data
 from model_export.data import split
 from model_export.evaluate import evaluate_popularity
-from model_export.sine import SINEConfig
 from model_export.train import (CheckpointError, TrainConfig, atomic_save, load_checkpoint,
                                 model_from_checkpoint, train)
 from model_export.workflow import evaluate_checkpoint, model_config
