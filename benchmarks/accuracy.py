@@ -53,7 +53,7 @@ def run_variant(name: str, ds, args, command: str) -> dict:
     from model_export.train import TrainConfig, train
     from model_export.workflow import evaluate_checkpoint, model_config
 
-    out = Path(args.runs_dir) / ds.name / name
+    out = Path(args.runs_dir) / ds.name / (f"{name}-{args.tag}" if args.tag else name)
     t0 = time.perf_counter()
     if name == "popularity":
         sp = split(ds)
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", help="run folder <variant>-<tag>, so runs on another machine sit beside")
     p.add_argument("--merge-only", action="store_true")
     p.add_argument("--reevaluate", action="store_true",
                    help="add keep-history test metrics to finished runs that still have best.pt")
