@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from index_builder.make import git_commit  # noqa: F401  (re-exported for the scripts)
+from index_builder.bundle import git_commit  # noqa: F401  (re-exported for the scripts)
 
 
 def machine(device: str = "cpu") -> dict:

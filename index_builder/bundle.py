@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,16 @@ CURRENT = "current"
 
 class BundleError(RuntimeError):
     """A bundle cannot be used; the message names the bundle, the file and the problem."""
+
+
+def git_commit() -> str:
+    """The project's commit, for manifests and benchmark rows."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       cwd=Path(__file__).resolve().parent,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("GIT_COMMIT", "unknown")   # a copy of the tree without .git
 
 
 def sha256_file(path: Path) -> str:

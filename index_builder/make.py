@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,18 +10,10 @@ import faiss
 import numpy as np
 
 from . import bundle
+from .bundle import git_commit
 from .build import build_and_gate
 
 EXPORT_FILES = ("encoder.onnx", "item_ids.json", "popularity.npy")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")   # a copy of the tree without .git
 
 
 def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 100,
