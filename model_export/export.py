@@ -59,10 +59,6 @@ def validation_queries(model: SINE, sp: Split, max_users: int = 2000, seed: int 
     return v.numpy().astype(np.float32)
 
 
-def write_json(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=1))
-
-
 def check_parity(model: SINE, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:
     """Max |ORT - torch| per output on random padded batches (with a length-1 row)."""
     import onnxruntime as ort
@@ -121,7 +117,7 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     np.save(out_dir / "items.npy", item_table(model))
     np.save(out_dir / "popularity.npy", sp.train_counts)
     np.save(out_dir / "queries.npy", validation_queries(model, sp, n_queries))
-    write_json(ds.item_ids, out_dir / "item_ids.json")
+    atomic_write_text(json.dumps(ds.item_ids), out_dir / "item_ids.json")
     metrics = {w: evaluate_model(model, ds, sp, w) for w in ("valid", "test")}
     info = {"model": ck["model_args"], "dataset": ck["dataset"],
             "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),

@@ -7,10 +7,9 @@ crash never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,18 +66,11 @@ class TrainResult:
 
 
 def atomic_save(obj, path: Path) -> None:
+    """torch.save through the bundle's temp-file + fsync + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def atomic_write_text(text: str, path: Path) -> None:
