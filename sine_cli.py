@@ -9,6 +9,10 @@ from pathlib import Path
 DATA_DIR_ENV = "SINE_DATA_DIR"
 
 
+class CliError(Exception):
+    """A usage or environment problem; printed as one line, exit code 2."""
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="ml-1m",
                    help="ml-1m, amazon-beauty, ml-100k, synthetic, or the path of a click log "
@@ -88,6 +92,80 @@ def cmd_build_index(a: argparse.Namespace) -> int:
     print(f"bundle {b.version}: {b.manifest['index']['factory']} "
           f"{b.manifest['index']['search_params']} recall@{b.manifest['index']['recall']['k']} "
           f"{b.manifest['index']['recall']['value']:.4f}")
+    return 0
+
+
+def _settings(**overrides):
+    """Service Settings from SINE_* env vars, with the command line's values on top."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise CliError(f"invalid settings: {msgs}") from None
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from index_builder import bundle as bundle_mod
+    from service.app import create_app
+    from service.logs import configure
+
+    s = _settings(bundle=a.bundle, host=a.host, port=a.port, redis_url=a.redis_url)
+    bundle_mod.load(s.bundle, verify_hashes=True, deep=False)    # fail fast with the reason
+    configure(s.log_level)
+    uvicorn.run(create_app(s), host=s.host, port=s.port, log_config=None,
+                access_log=s.access_log, timeout_graceful_shutdown=int(s.shutdown_grace_s) or None)
+    return 0
+
+
+def cmd_load_histories(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from model_export import data
+    from service.history import bulk_load, redis_client
+
+    s = _settings(redis_url=a.redis_url, history_keep=a.keep)
+    if not s.redis_url:
+        raise CliError("no Redis: pass --redis-url or set SINE_REDIS_URL")
+    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    if a.holdout < 0:
+        raise CliError("--holdout must be >= 0")
+
+    def rows():
+        for u, seq in zip(ds.user_ids, ds.sequences):
+            items = seq[: len(seq) - a.holdout] if a.holdout else seq
+            yield u, [ds.item_ids[int(i)] for i in items]
+
+    bar = _progress_bar("users")
+    done = [0]
+
+    def progress(k: int) -> None:
+        done[0] += k
+        if bar:
+            bar(done[0], len(ds.sequences))
+
+    async def run() -> int:
+        client = redis_client(s, timeout_s=30.0)
+        try:
+            return await bulk_load(client, s.redis_key_template, rows(), s.history_keep,
+                                   progress=progress)
+        finally:
+            await client.aclose()
+
+    try:
+        n = asyncio.run(run())
+    except OSError as e:
+        raise CliError(f"Redis at {s.redis_url_redacted()}: {e}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("redis"):
+            raise CliError(f"Redis at {s.redis_url_redacted()}: {e}") from None
+        raise
+    print(f"loaded {n} histories (newest {s.history_keep} clicks each"
+          f"{f', last {a.holdout} held out' if a.holdout else ''}) into {s.redis_url_redacted()}")
     return 0
 
 
@@ -200,21 +278,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--version", help="version name (default: UTC time + vocabulary hash)")
     b.add_argument("--no-current", action="store_true", help="publish without moving `current`")
     b.set_defaults(func=cmd_build_index)
+
+    v = sub.add_parser("serve", help="serve POST /recommend (settings from SINE_* variables)",
+                       description="Start the retrieval service with uvicorn. Every setting is a "
+                       "SINE_* environment variable (see the README's table); these flags override "
+                       "the most common ones.")
+    v.add_argument("--bundle", help="bundle root or bundle folder (SINE_BUNDLE)")
+    v.add_argument("--host", help="bind address (SINE_HOST, default 127.0.0.1)")
+    v.add_argument("--port", type=int, help="port (SINE_PORT, default 8000)")
+    v.add_argument("--redis-url", help="history store (SINE_REDIS_URL); unset: cold start only")
+    v.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("load-histories", help="bulk-load user histories into Redis",
+                       description="Write each user's newest clicks from a data set or click log "
+                       "into Redis lists (newest first), pipelined, replacing what was there.")
+    _data_args(h)
+    h.add_argument("--redis-url", help="target Redis (SINE_REDIS_URL)")
+    h.add_argument("--keep", type=int, help="clicks kept per user (SINE_HISTORY_KEEP, default 20)")
+    h.add_argument("--holdout", type=int, default=0,
+                   help="leave out each user's last N clicks (1: everything before the test "
+                        "target, as the offline evaluation sees it; default 0)")
+    h.set_defaults(func=cmd_load_histories)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from model_export.data import DataError
     try:
-        from model_export.data import DataError
         from model_export.train import CheckpointError
     except ImportError:  # pragma: no cover - service-only installs have no torch
-        DataError = CheckpointError = ValueError  # type: ignore[misc,assignment]
+        CheckpointError = ValueError  # type: ignore[misc,assignment]
     from index_builder.build import IndexBuildError
     from index_builder.bundle import BundleError
     try:
         return args.func(args)
-    except (DataError, CheckpointError, BundleError, IndexBuildError) as e:
+    except (DataError, CheckpointError, BundleError, IndexBuildError, CliError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

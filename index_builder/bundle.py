@@ -209,24 +209,31 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True) -> Bun
     return b
 
 
-def check_dimensions(b: Bundle) -> None:
-    """Encoder output dim == index dim == manifest D; index holds every item; seq len agrees."""
-    import onnxruntime as ort
+def check_dimensions(b: Bundle, index=None, session=None) -> None:
+    """Encoder output dim == index dim == manifest D; index holds every item; seq len agrees.
 
+    `index` and `session` are the caller's already opened faiss index and ONNX Runtime session;
+    the ones missing are opened here (on CPU)."""
     D, n, K = b.manifest["model"]["D"], b.manifest["model"]["n"], b.manifest["model"]["K"]
-    index = b.read_index()
+    index = index if index is not None else b.read_index()
     if index.d != D:
         raise BundleError(f"{b.path}: the index has dimension {index.d} but the encoder's user "
                           f"vector has {D}.")
     if index.ntotal != b.manifest["items"]["count"]:
         raise BundleError(f"{b.path}: the index holds {index.ntotal} items, the manifest "
                           f"{b.manifest['items']['count']}.")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(b.file("encoder")), so, providers=["CPUExecutionProvider"])
+    sess = session if session is not None else _cpu_session(b.file("encoder"))
     inp = sess.get_inputs()[0]
     outs = {o.name: o.shape for o in sess.get_outputs()}
     if inp.shape[1] != n:
         raise BundleError(f"{b.file('encoder')}: input length {inp.shape[1]}, manifest n = {n}.")
     if outs.get("user_vector", [None, None])[-1] != D or outs.get("interests", [None] * 3)[1:] != [K, D]:
         raise BundleError(f"{b.file('encoder')}: outputs {outs} do not match D = {D}, K = {K}.")
+
+
+def _cpu_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry per app so that several apps can live in one process."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# sub-millisecond resolution where the stages live, up to a second for the tail
+STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                 5e-2, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.request = Histogram("sine_request_duration_seconds", "Request duration by endpoint.",
+                                 ["endpoint"], buckets=STAGE_BUCKETS, registry=r)
+        self.stage = Histogram("sine_stage_duration_seconds",
+                               "Duration of each request-path stage.", ["stage"],
+                               buckets=STAGE_BUCKETS, registry=r)
+        self.batch_size = Histogram("sine_batch_size", "Requests per encoder/faiss micro-batch.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.fallbacks = Counter("sine_fallbacks_total", "Answers served from popularity.",
+                                 ["reason"], registry=r)
+        self.failures = Counter("sine_failures_total", "Requests answered with an error.",
+                                ["reason"], registry=r)
+        self.unknown_items = Counter("sine_history_unknown_items_total",
+                                     "History items not in the bundle's vocabulary (dropped).",
+                                     registry=r)
+        self.redis_errors = Counter("sine_redis_errors_total", "Failed Redis calls.", ["op"],
+                                    registry=r)
+        self.reloads = Counter("sine_reloads_total", "Bundle reload attempts.", ["outcome"],
+                               registry=r)
+        self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1).",
+                            ["version", "factory", "items"], registry=r)
+        self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r)
+
+    def set_bundle(self, version: str, factory: str, items: int) -> None:
+        self.bundle.clear()
+        self.bundle.labels(version, factory, str(items)).set(1)
+
+    @contextmanager
+    def time_stage(self, stage: str, timings: dict[str, float] | None = None):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.stage.labels(stage).observe(dt)
+            if timings is not None:
+                timings[stage] = timings.get(stage, 0.0) + dt

@@ -1,0 +1,80 @@
+"""Request and response bodies. Limits come from Settings, so the models are built per app."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      StringConstraints)
+
+from .settings import Settings
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float = Field(description="Inner product with the query vector; a popularity count "
+                                     "when `fallback` is set.")
+    interest: int | None = Field(None, description="per_interest: the interest that retrieved it.")
+    interest_scores: list[float] | None = Field(
+        None, description="per_interest with include_interests: its score under each interest.")
+
+
+class Recommendation(BaseModel):
+    user_id: str
+    version: str = Field(description="The bundle version that answered.")
+    mode: Literal["aggregate", "per_interest"]
+    fallback: Literal["cold_start", "history_unavailable"] | None = Field(
+        description="null when personalized; else why popular items were served.")
+    items: list[Item]
+    interest_weights: list[float] | None = Field(
+        None, description="include_interests: the K aggregation weights (Eq. 8).")
+
+
+class BatchResponse(BaseModel):
+    results: list[Recommendation]
+
+
+class EventResponse(BaseModel):
+    user_id: str
+    history_length: int
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: StrictStr | None = Field(None, description="A version under the bundle root; "
+                                                        "omitted: whatever `current` names.")
+
+
+def request_models(s: Settings):
+    """(RecommendRequest, BatchRequest, EventRequest) with this app's limits."""
+    UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
+    ItemStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_item_id_length)]
+    UserId = Annotated[UserStr | StrictInt, Field(
+        description=f"The user's id, at most {s.max_user_id_length} characters; an int is the "
+                    f"same user as its decimal string.")]
+
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"user_id": "1", "n": 10},
+            {"user_id": 42, "n": 50, "mode": "per_interest", "include_interests": True}]})
+        user_id: UserId
+        n: StrictInt = Field(ge=1, le=s.max_n, description=f"How many items, 1 to {s.max_n}.")
+        exclude_seen: StrictBool = Field(True, description="Drop items in the user's history.")
+        mode: Literal["aggregate", "per_interest"] = Field(
+            "aggregate", description="`aggregate`: search with the Eq. 8 user vector; "
+                                     "`per_interest`: search with each interest and merge by score.")
+        include_interests: StrictBool = Field(False, description=(
+            "Return the aggregation weights; per_interest items also get their score under "
+            "each interest."))
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"requests": [{"user_id": "1", "n": 10}, {"user_id": "2", "n": 10}]}]})
+        requests: list[RecommendRequest] = Field(min_length=1, max_length=s.max_batch_users)
+
+    class EventRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"user_id": "1", "item_id": "1193"}]})
+        user_id: UserId
+        item_id: ItemStr | StrictInt = Field(description="The clicked item's external id.")
+
+    return RecommendRequest, BatchRequest, EventRequest

@@ -1,0 +1,124 @@
+"""The service's one configuration object. Built once by `create_app(settings)` and passed down.
+
+Every field is read from an environment variable `SINE_<FIELD>` (upper case). The README's
+environment table is generated from this class: `python -m service.settings` prints it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SINE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    # bundle
+    bundle: str = Field("runs/bundles", description=(
+        "A bundle root (holding a `current` pointer) or one bundle folder. With a root, the "
+        "service serves the version `current` names."))
+    watch_interval_s: float = Field(5.0, ge=0, description=(
+        "How often to look at the bundle root's `current` pointer and hot-reload when it changes; "
+        "0 turns watching off."))
+    admin_token: SecretStr | None = Field(None, description=(
+        "Bearer token for `POST /admin/reload`; unset disables the endpoint."))
+    search_params: dict[str, int] = Field(default_factory=dict, description=(
+        "Override the bundle's faiss search knobs, as JSON, e.g. `{\"nprobe\": 64}`."))
+
+    # redis
+    redis_url: str | None = Field(None, description=(
+        "`redis://`, `rediss://` (TLS) or, with `redis_cluster`, any node of a Redis Cluster. "
+        "Unset: no history store; every request is a cold start (`sine serve` only; the "
+        "one-command demo starts its own Redis)."))
+    redis_password: SecretStr | None = Field(None, description=(
+        "Redis password, when it is not inside the URL. Never logged."))
+    redis_cluster: bool = Field(False, description="Treat `redis_url` as a Redis Cluster node.")
+    redis_key_template: str = Field("sine:history:{user_id}", description=(
+        "Key of a user's history list (newest click first); must contain `{user_id}`."))
+    redis_timeout_ms: float = Field(50.0, gt=0, description=(
+        "Per-call budget for a history read or an event write, connection included."))
+    redis_pool_size: int = Field(64, ge=1, description=(
+        "Connections in the bounded pool; callers wait for a free one within the timeout."))
+    redis_retry_after_ms: float = Field(500.0, ge=0, description=(
+        "After a Redis failure, requests skip Redis for this long (served as "
+        "`history_unavailable`), then try again."))
+    on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
+        "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
+    history_keep: int = Field(20, ge=1, description=(
+        "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
+        "newest `seq_len` of them; `exclude_seen` drops all kept ones."))
+
+    # request limits
+    max_n: int = Field(100, ge=1, description="Largest `n` a request may ask for.")
+    max_batch_users: int = Field(256, ge=1, description="Most users in one `/recommend/batch` call.")
+    max_user_id_length: int = Field(128, ge=1, description="Longest accepted user id (characters).")
+    max_item_id_length: int = Field(128, ge=1, description="Longest accepted item id in `/events`.")
+    max_in_flight: int = Field(256, ge=1, description=(
+        "Requests processed at once; beyond it requests are refused at once with 429."))
+
+    # compute
+    providers: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "ONNX Runtime providers. `auto`: CUDA when onnxruntime-gpu sees a GPU, else CPU."))
+    allow_cpu_fallback: bool = Field(False, description=(
+        "With `providers=cuda`: serve on CPU instead of failing readiness when CUDA is not active."))
+    faiss_gpu: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Search on a GPU with faiss-gpu: `auto` when one is present, `on` fails start-up without."))
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = ORT's default).")
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads for faiss searches.")
+    batching: bool = Field(True, description=(
+        "Micro-batch concurrent requests into one encoder run and one faiss search."))
+    batch_max_size: int = Field(64, ge=1, description="Most requests in one micro-batch.")
+    batch_max_wait_ms: float = Field(0.0, ge=0, description=(
+        "How long the first request of a batch waits for others. 0: batch only what queued up "
+        "while the previous batch ran."))
+
+    # server
+    host: str = Field("127.0.0.1", description="Address `sine serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `sine serve` binds.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level (JSON logs on stderr).")
+    access_log: bool = Field(False, description="Log every request (costs throughput).")
+    shutdown_grace_s: float = Field(10.0, ge=0, description=(
+        "On SIGTERM, how long in-flight requests may take to finish."))
+    floor_endpoint: bool = Field(False, description=(
+        "Serve `POST /floor`, a prebuilt answer of `/recommend`'s size, for benchmarks."))
+
+    @field_validator("redis_key_template")
+    @classmethod
+    def _template_has_user(cls, v: str) -> str:
+        if "{user_id}" not in v:
+            raise ValueError("must contain {user_id}")
+        return v
+
+    def redis_url_redacted(self) -> str | None:
+        """The Redis URL with any password masked, for logs."""
+        if not self.redis_url:
+            return None
+        from urllib.parse import urlsplit, urlunsplit
+        u = urlsplit(self.redis_url)
+        if u.password is None:
+            return self.redis_url
+        host = u.hostname or ""
+        netloc = f"{u.username or ''}:***@{host}" + (f":{u.port}" if u.port else "")
+        return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
+def env_table() -> str:
+    """The README's environment table, one row per Settings field."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        if f.default_factory is not None:
+            default = repr(f.default_factory())
+        elif f.default is None:
+            default = "unset"
+        else:
+            default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
+        desc = (f.description or "").replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{default}` | {desc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(env_table())
