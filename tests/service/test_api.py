@@ -1,0 +1,219 @@
+"""POST /recommend, /recommend/batch and /events over real HTTP, checked against brute force."""
+import concurrent.futures as cf
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.settings import Settings
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def world(small_world, redis_server, serve):
+    s = Settings(bundle=str(small_world["root"]), redis_url=redis_server.url, watch_interval_s=0,
+                 max_n=50, max_batch_users=8, history_keep=30, max_user_id_length=16)
+    ds = small_world["ds"]
+    items = np.load(small_world["export"] / "items.npy")                     # [M, D]
+    sess = ort.InferenceSession(str(small_world["bundle"].file("encoder")),
+                                providers=["CPUExecutionProvider"])
+    with serve(s) as c:
+        yield {"c": c, "ds": ds, "items": items, "sess": sess, "redis": redis_server.client(),
+               "key": s.redis_key_template, "n": small_world["bundle"].manifest["model"]["n"]}
+
+
+def put_history(w, user: str, newest_first: list[str]) -> None:
+    k = w["key"].format(user_id=user)
+    w["redis"].delete(k)
+    if newest_first:
+        w["redis"].rpush(k, *newest_first)
+
+
+def brute(w, newest_first: list[str], n: int, exclude_seen=True, per_interest=False):
+    """Exact top-n by inner product, as external ids, from the encoder and the item table."""
+    ds = w["ds"]
+    index = {s: i for i, s in enumerate(ds.item_ids) if i}
+    known = [index[h] for h in newest_first if h in index]
+    win = np.zeros((1, w["n"]), dtype=np.int64)
+    win[0, : min(len(known), w["n"])] = known[: w["n"]]
+    interests, uv, weights = w["sess"].run(None, {"item_ids": win})
+    q = interests[0] if per_interest else uv                                   # [Q, D]
+    scores = (q @ w["items"].T).max(axis=0)                                    # [M]
+    order = np.argsort(-scores, kind="stable") + 1
+    if exclude_seen:
+        order = [i for i in order if i not in set(known)]
+    top = [int(i) for i in order[:n]]
+    return [ds.item_ids[i] for i in top], scores[np.array(top) - 1], weights[0], interests[0]
+
+
+def test_recommend_matches_brute_force_and_excludes_history(world):
+    ds = world["ds"]
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[0][::-1]]               # newest first
+    put_history(world, "u0", hist)
+    r = world["c"].post("/recommend", json={"user_id": "u0", "n": 25})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want, scores, _, _ = brute(world, hist, 25)
+    assert [x["item_id"] for x in body["items"]] == want
+    np.testing.assert_allclose([x["score"] for x in body["items"]], scores, rtol=1e-4, atol=1e-4)
+    assert not set(want) & set(hist)
+    assert body["fallback"] is None and body["mode"] == "aggregate"
+    assert body["version"] == "v1" and body["user_id"] == "u0"
+    assert {"history", "encode", "search", "filter"} <= {
+        p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")}
+
+
+def test_exclude_seen_false_and_int_user_id_is_its_string(world):
+    ds = world["ds"]
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[1][::-1]]
+    put_history(world, "17", hist)
+    r = world["c"].post("/recommend", json={"user_id": 17, "n": 30, "exclude_seen": False})
+    assert r.status_code == 200
+    want, _, _, _ = brute(world, hist, 30, exclude_seen=False)
+    assert [x["item_id"] for x in r.json()["items"]] == want
+    assert r.json()["user_id"] == "17"
+
+
+def test_per_interest_merge_and_interest_features(world):
+    ds = world["ds"]
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[2][::-1]]
+    put_history(world, "u2", hist)
+    r = world["c"].post("/recommend", json={"user_id": "u2", "n": 20, "mode": "per_interest",
+                                             "include_interests": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want, scores, weights, interests = brute(world, hist, 20, per_interest=True)
+    assert [x["item_id"] for x in body["items"]] == want
+    K = interests.shape[0]
+    np.testing.assert_allclose(body["interest_weights"], weights, atol=1e-5)
+    assert abs(sum(body["interest_weights"]) - 1) < 1e-4
+    for it in body["items"]:
+        assert len(it["interest_scores"]) == K and 0 <= it["interest"] < K
+        assert it["score"] == pytest.approx(max(it["interest_scores"]), abs=1e-4)
+        assert it["interest_scores"][it["interest"]] == pytest.approx(it["score"], abs=1e-4)
+
+
+def test_cold_start_and_unknown_items(world):
+    ds = world["ds"]
+    pop_order = list(np.argsort(-np.asarray(world["c"].app.state.sine.engine.popularity[1:]),
+                                kind="stable") + 1)
+    r = world["c"].post("/recommend", json={"user_id": "never-seen", "n": 5})
+    body = r.json()
+    assert body["fallback"] == "cold_start"
+    assert [x["item_id"] for x in body["items"]] == [ds.item_ids[int(i)] for i in pop_order[:5]]
+
+    put_history(world, "ghost", ["no-such-item", "nor-this"])
+    before = metric(world["c"], "sine_history_unknown_items_total")
+    r = world["c"].post("/recommend", json={"user_id": "ghost", "n": 5})
+    assert r.json()["fallback"] == "cold_start"
+    assert metric(world["c"], "sine_history_unknown_items_total") == before + 2
+
+    hist = ["no-such-item"] + [ds.item_ids[int(i)] for i in ds.sequences[3][::-1]]
+    put_history(world, "mixed", hist)
+    r = world["c"].post("/recommend", json={"user_id": "mixed", "n": 10})
+    assert r.json()["fallback"] is None
+    assert [x["item_id"] for x in r.json()["items"]] == brute(world, hist, 10)[0]
+
+
+def test_batch_equals_single_answers(world):
+    ds = world["ds"]
+    reqs = []
+    for u in range(4):
+        put_history(world, f"b{u}", [ds.item_ids[int(i)] for i in ds.sequences[10 + u][::-1]])
+        reqs.append({"user_id": f"b{u}", "n": 7})
+    reqs.append({"user_id": "nobody-here", "n": 3, "mode": "per_interest"})
+    r = world["c"].post("/recommend/batch", json={"requests": reqs})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 5
+    for q, got in zip(reqs, results):
+        single = world["c"].post("/recommend", json=q).json()
+        assert [x["item_id"] for x in got["items"]] == [x["item_id"] for x in single["items"]]
+        np.testing.assert_allclose([x["score"] for x in got["items"]],
+                                   [x["score"] for x in single["items"]], rtol=1e-5)
+        assert {k: v for k, v in got.items() if k != "items"} == \
+            {k: v for k, v in single.items() if k != "items"}
+    r = world["c"].post("/recommend/batch", json={"requests": reqs * 2})
+    assert r.status_code == 422 and "requests" in r.json()["detail"]
+
+
+def test_events_append_cap_and_no_lost_writes(world):
+    c, ds = world["c"], world["ds"]
+    world["redis"].delete(world["key"].format(user_id="ev"))
+    r = c.post("/events", json={"user_id": "ev", "item_id": ds.item_ids[5]})
+    assert r.status_code == 200 and r.json() == {"user_id": "ev", "history_length": 1}
+    with cf.ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(lambda i: c.post("/events", json={"user_id": "ev", "item_id": i})
+                            .status_code, range(100, 140)))
+    assert codes == [200] * 40
+    stored = world["redis"].lrange(world["key"].format(user_id="ev"), 0, -1)
+    assert len(stored) == 30                        # history_keep
+    assert set(stored) <= {str(i) for i in range(100, 140)}
+    # the newest click comes first and feeds the encoder
+    c.post("/events", json={"user_id": "ev", "item_id": ds.item_ids[7]})
+    assert world["redis"].lindex(world["key"].format(user_id="ev"), 0) == ds.item_ids[7]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"user_id": "a", "n": 0}, 422, "n"),
+    ({"user_id": "a", "n": 51}, 422, "n"),
+    ({"user_id": "a", "n": "5"}, 422, "n"),
+    ({"user_id": "a", "n": 5.0}, 422, "n"),
+    ({"user_id": 1.5, "n": 5}, 422, "user_id"),
+    ({"user_id": True, "n": 5}, 422, "user_id"),
+    ({"user_id": "", "n": 5}, 422, "user_id"),
+    ({"user_id": "x" * 17, "n": 5}, 422, "user_id"),
+    ({"n": 5}, 422, "user_id"),
+    ({"user_id": "a", "n": 5, "mode": "both"}, 422, "mode"),
+    ({"user_id": "a", "n": 5, "colour": "red"}, 422, "colour"),
+    ([1, 2], 422, "body"),
+])
+def test_bad_requests_are_explained(world, body, status, field):
+    r = world["c"].post("/recommend", json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == PROBLEM
+    p = r.json()
+    assert p["status"] == status and p["title"] and field in p["detail"]
+    assert "Traceback" not in r.text
+
+
+def test_malformed_json_and_unknown_routes(world):
+    c = world["c"]
+    r = c.post("/recommend", content=b'{"user_id": "a", "n": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"] == PROBLEM
+    assert "not valid JSON" in r.json()["detail"]
+    r = c.get("/recommend")
+    assert r.status_code == 405 and r.headers["content-type"] == PROBLEM
+    r = c.get("/nowhere")
+    assert r.status_code == 404 and "/nowhere" in r.json()["detail"]
+    r = c.post("/events", json={"user_id": "a", "item_id": "y" * 200})
+    assert r.status_code == 422 and "item_id" in r.json()["detail"]
+
+
+def metric(c, name: str, labels: str = "") -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(name + labels + " ") or line.startswith(name + "{" + labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_operations_endpoints(world):
+    c = world["c"]
+    c.post("/recommend", json={"user_id": "u0", "n": 5})
+    assert c.get("/livez").json() == {"status": "ok"}
+    ready = c.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["version"] == "v1"
+    assert ready["providers"] == ["CPUExecutionProvider"] and ready["redis"] == "ok"
+    text = c.get("/metrics").text
+    for stage in ("history", "encode", "search", "filter", "queue"):
+        assert f'sine_stage_duration_seconds_bucket{{le="0.0001",stage="{stage}"}}' in text
+    assert 'sine_bundle_info{factory="Flat",items="300",version="v1"} 1.0' in text
+    assert "sine_batch_size_bucket" in text
+    assert metric(c, "sine_fallbacks_total", '{reason="cold_start"}') >= 1
+    assert metric(c, "sine_failures_total", '{reason="invalid-request"}') >= 1
+    assert c.get("/bundle").json()["version"] == "v1"
+    spec = c.get("/openapi.json").json()
+    assert "/recommend" in spec["paths"] and "/recommend/batch" in spec["paths"]
+    schema = spec["components"]["schemas"]["RecommendRequest"]
+    assert schema["properties"]["n"]["maximum"] == 50 and schema.get("examples")

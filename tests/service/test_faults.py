@@ -1,0 +1,119 @@
+"""Redis down, slow and back; overload; the history store switched to strict mode."""
+import concurrent.futures as cf
+import time
+
+from service.settings import Settings
+
+
+def settings(world, redis, **kw) -> Settings:
+    base = dict(bundle=str(world["root"]), redis_url=redis.url, watch_interval_s=0,
+                redis_timeout_ms=100, redis_retry_after_ms=200)
+    return Settings(**{**base, **kw})
+
+
+def seed_history(redis, world, user="u") -> list[str]:
+    ds = world["ds"]
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[0][::-1]]
+    c = redis.client()
+    c.delete(f"sine:history:{user}")
+    c.rpush(f"sine:history:{user}", *hist)
+    return hist
+
+
+def test_redis_down_then_back(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    with serve(settings(small_world, own_redis)) as c:
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is None
+        own_redis.stop()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r = c.post("/recommend", json={"user_id": "u", "n": 5})
+            assert r.status_code == 200
+            assert r.json()["fallback"] == "history_unavailable"
+            assert len(r.json()["items"]) == 5
+            assert time.perf_counter() - t0 < 1.0
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "redis" in ready.json()["detail"]
+        ev = c.post("/events", json={"user_id": "u", "item_id": "1"})
+        assert ev.status_code == 503 and "not recorded" in ev.json()["detail"]
+        assert 'sine_fallbacks_total{reason="history_unavailable"}' in c.get("/metrics").text
+
+        own_redis.start()                  # same port, empty: the history must be loaded again
+        seed_history(own_redis, small_world)
+        t_back = time.perf_counter()
+        while True:
+            r = c.post("/recommend", json={"user_id": "u", "n": 5})
+            if r.json()["fallback"] is None:
+                break
+            assert time.perf_counter() - t_back < 2.0, "not personalized 2 s after Redis returned"
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 200
+
+
+def test_slow_redis_times_out_to_fallback(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    with serve(settings(small_world, own_redis, redis_timeout_ms=50)) as c:
+        own_redis.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        t0 = time.perf_counter()
+        r = c.post("/recommend", json={"user_id": "u", "n": 5})
+        elapsed = time.perf_counter() - t0
+        assert r.status_code == 200 and r.json()["fallback"] == "history_unavailable"
+        assert elapsed < 0.5
+        time.sleep(1.6)
+        deadline = time.monotonic() + 2
+        while c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_strict_mode_answers_503(small_world, own_redis, serve):
+    with serve(settings(small_world, own_redis, on_history_unavailable="error")) as c:
+        own_redis.stop()
+        r = c.post("/recommend", json={"user_id": "u", "n": 5})
+        assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+        assert "history store is unavailable" in r.json()["detail"]
+        assert r.headers["retry-after"] == "1"
+
+
+def test_overload_is_refused_fast(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    s = settings(small_world, own_redis, max_in_flight=2, redis_timeout_ms=800)
+    with serve(s) as c:
+        own_redis.client().execute_command("CLIENT", "PAUSE", 1000, "ALL")
+
+        def call(_):
+            t0 = time.perf_counter()
+            r = c.post("/recommend", json={"user_id": "u", "n": 5})
+            return r.status_code, time.perf_counter() - t0, r
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            out = list(ex.map(call, range(8)))
+        refused = [o for o in out if o[0] == 429]
+        admitted = [o for o in out if o[0] == 200]
+        assert len(admitted) >= 2 and len(refused) >= 1
+        assert all(o[1] < 0.3 for o in refused)            # refused at once, not queued
+        assert refused[0][2].headers["retry-after"] == "1"
+        assert "in flight" in refused[0][2].json()["detail"]
+        time.sleep(1.1)
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).status_code == 200
+
+
+def test_without_redis_every_user_is_cold(small_world, serve):
+    s = Settings(bundle=str(small_world["root"]), watch_interval_s=0)
+    with serve(s) as c:
+        r = c.post("/recommend", json={"user_id": "u", "n": 4})
+        assert r.status_code == 200 and r.json()["fallback"] == "cold_start"
+        assert c.get("/readyz").json()["redis"] == "not configured"
+        assert c.post("/events", json={"user_id": "u", "item_id": "1"}).status_code == 503
+
+
+def test_exhausted_catalog_returns_what_is_left(small_world, own_redis, serve):
+    ds = small_world["ds"]
+    n_items = ds.n_items
+    c_r = own_redis.client()
+    c_r.rpush("sine:history:all", *[ds.item_ids[i] for i in range(1, n_items - 4)])   # 5 unseen
+    s = settings(small_world, own_redis, history_keep=1000, max_n=100, redis_timeout_ms=1000)
+    with serve(s) as c:
+        r = c.post("/recommend", json={"user_id": "all", "n": 20})
+        items = [x["item_id"] for x in r.json()["items"]]
+        assert sorted(items) == sorted(ds.item_ids[i] for i in range(n_items - 4, n_items + 1))

@@ -1,0 +1,155 @@
+"""Start-up with a broken bundle, hot reload (admin and `current` watching), and providers."""
+import concurrent.futures as cf
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from index_builder import bundle as bundle_mod
+from service.settings import Settings
+
+
+@pytest.fixture
+def root(small_world, tmp_path):
+    """A private bundle root holding v1 and v2 (same model, other version names), current = v1."""
+    r = tmp_path / "bundles"
+    shutil.copytree(small_world["root"] / "v1", r / "v1")
+    shutil.copytree(r / "v1", r / "v2")
+    m = json.loads((r / "v2" / "manifest.json").read_text())
+    m["version"] = "v2"
+    (r / "v2" / "manifest.json").write_text(json.dumps(m))
+    bundle_mod.set_current(r, "v1")
+    return r
+
+
+def broken(root, name: str, how: str):
+    shutil.copytree(root / "v1", root / name)
+    m = json.loads((root / name / "manifest.json").read_text())
+    m["version"] = name
+    if how == "corrupt":
+        with open(root / name / "index.faiss", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00garbage\x00")
+    elif how == "missing":
+        (root / name / "popularity.npy").unlink()
+    elif how == "schema":
+        m["schema_version"] = 99
+    elif how == "dims":
+        m["model"]["D"] = m["model"]["D"] + 1
+    (root / name / "manifest.json").write_text(json.dumps(m))
+
+
+def auth(token="s3cret"):
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("how, says", [("corrupt", "sha256"), ("missing", "popularity.npy"),
+                                       ("schema", "schema version"), ("dims", "dimension")])
+def test_broken_bundle_at_start_is_not_ready_with_the_reason(root, serve, how, says):
+    broken(root, "bad", how)
+    with serve(Settings(bundle=str(root / "bad"), watch_interval_s=0), ready=False) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and says in r.json()["detail"]
+        assert c.get("/livez").status_code == 200
+        r = c.post("/recommend", json={"user_id": "u", "n": 3})
+        assert r.status_code == 503 and says in r.json()["detail"]
+
+
+def test_admin_reload_swaps_and_refuses_broken(root, serve):
+    broken(root, "v3", "corrupt")
+    with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
+        assert c.post("/admin/reload", json={"version": "v2"}).status_code == 401
+        assert c.post("/admin/reload", json={"version": "v2"},
+                      headers=auth("wrong")).status_code == 401
+        r = c.post("/admin/reload", json={"version": "v2"}, headers=auth())
+        assert r.status_code == 200 and r.json() == {"previous": "v1", "version": "v2"}
+        assert c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] == "v2"
+        r = c.post("/admin/reload", json={"version": "v3"}, headers=auth())
+        assert r.status_code == 409 and "sha256" in r.json()["detail"]
+        assert "unchanged (v2)" in r.json()["detail"]
+        assert c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] == "v2"
+        r = c.post("/admin/reload", json={"version": "../v1"}, headers=auth())
+        assert r.status_code == 422
+        r = c.post("/admin/reload", headers=auth())          # no body: whatever current names
+        assert r.json()["version"] == "v1"
+        text = c.get("/metrics").text
+        assert 'sine_reloads_total{outcome="refused"} 1.0' in text
+        assert 'sine_bundle_info{factory="Flat",items="300",version="v1"} 1.0' in text
+
+
+def test_reload_disabled_without_token(root, serve):
+    with serve(Settings(bundle=str(root), watch_interval_s=0)) as c:
+        r = c.post("/admin/reload", json={}, headers=auth())
+        assert r.status_code == 404 and "SINE_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_reload_under_concurrent_requests_fails_none(root, serve):
+    with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
+        stop = threading.Event()
+        seen_versions, statuses = set(), []
+
+        def hammer():
+            while not stop.is_set():
+                r = c.post("/recommend", json={"user_id": "u", "n": 10})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    seen_versions.add(r.json()["version"])
+
+        with cf.ThreadPoolExecutor(6) as ex:
+            futs = [ex.submit(hammer) for _ in range(6)]
+            for v in ("v2", "v1", "v2"):
+                assert c.post("/admin/reload", json={"version": v}, headers=auth()).status_code == 200
+                time.sleep(0.2)
+            stop.set()
+            for f in futs:
+                f.result()
+        assert statuses and set(statuses) == {200}
+        assert seen_versions == {"v1", "v2"}
+
+
+def test_watching_current_reloads_and_skips_a_broken_version(root, serve):
+    broken(root, "v3", "missing")
+    with serve(Settings(bundle=str(root), watch_interval_s=0.1)) as c:
+        bundle_mod.set_current(root, "v3")
+        time.sleep(0.6)
+        assert c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] == "v1"
+        bundle_mod.set_current(root, "v2")
+        deadline = time.monotonic() + 5
+        while c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] != "v2":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_cuda_asked_without_a_gpu_fails_readiness_or_falls_back(root, serve):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine's onnxruntime has CUDA")
+    with serve(Settings(bundle=str(root), watch_interval_s=0, providers="cuda"), ready=False) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "providers=cuda" in r.json()["detail"]
+        assert "SINE_ALLOW_CPU_FALLBACK" in r.json()["detail"]
+    with serve(Settings(bundle=str(root), watch_interval_s=0, providers="cuda",
+                        allow_cpu_fallback=True)) as c:
+        assert c.get("/readyz").json()["providers"] == ["CPUExecutionProvider"]
+
+
+def test_wrong_search_param_is_a_clear_error(root, serve):
+    with serve(Settings(bundle=str(root), watch_interval_s=0, search_params={"nprobe": 8}),
+               ready=False) as c:
+        assert "do not apply" in c.get("/readyz").json()["detail"]
+
+
+@pytest.mark.gpu
+def test_gpu_paths(root, serve):
+    import faiss
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or \
+            not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        pytest.skip("needs onnxruntime-gpu and faiss-gpu on a GPU")
+    with serve(Settings(bundle=str(root), watch_interval_s=0, providers="cuda",
+                        faiss_gpu="on")) as c:
+        ready = c.get("/readyz").json()
+        assert ready["providers"][0] == "CUDAExecutionProvider" and ready["faiss"] == "gpu"
+        assert len(c.post("/recommend", json={"user_id": "u", "n": 10}).json()["items"]) == 10

@@ -1,0 +1,47 @@
+"""Settings: env vars, validation, and the README's table generated from the class."""
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, env_table
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_env_vars_are_read_with_the_prefix(monkeypatch):
+    monkeypatch.setenv("SINE_MAX_N", "7")
+    monkeypatch.setenv("SINE_SEARCH_PARAMS", '{"nprobe": 32}')
+    monkeypatch.setenv("SINE_BATCHING", "false")
+    s = Settings()
+    assert s.max_n == 7 and s.search_params == {"nprobe": 32} and s.batching is False
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValidationError, match="user_id"):
+        Settings(redis_key_template="history:{user}")
+    with pytest.raises(ValidationError):
+        Settings(max_n=0)
+    with pytest.raises(ValidationError):
+        Settings(providers="tpu")
+    with pytest.raises(ValidationError):
+        Settings(no_such_option=1)
+
+
+def test_secrets_stay_out_of_repr_and_logged_url():
+    s = Settings(redis_url="rediss://default:hunter2@redis.example:6380/0",
+                 admin_token="tok", redis_password="pw")
+    assert "hunter2" not in s.redis_url_redacted() and "***" in s.redis_url_redacted()
+    assert "redis.example:6380" in s.redis_url_redacted()
+    assert "tok" not in repr(s.admin_token) and "pw" not in repr(s.redis_password)
+
+
+def test_readme_env_table_is_generated_from_settings():
+    text = README.read_text()
+    m = re.search(r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->", text, re.S)
+    assert m, "README lacks the env-table markers"
+    assert m.group(1).strip() == env_table().strip(), \
+        "README env table is stale: regenerate it with `python -m service.settings`"
+    for name in Settings.model_fields:
+        assert f"`SINE_{name.upper()}`" in m.group(1)
