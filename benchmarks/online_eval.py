@@ -1,0 +1,138 @@
+"""Online equals offline: every ML-1M user's history into Redis, every user asked over HTTP.
+
+Loads each user's clicks before the test target (`sine load-histories --holdout 1`) into an
+embedded redis-server, starts `sine serve` on the bundle, asks `/recommend` (n = 50) for every
+user, and scores the answers against the test targets. The offline figures are the bundle's own
+(`manifest.json`, from `sine evaluate`: full ranking, all past items excluded). With
+`history_keep` large enough to hold every history, `exclude_seen` removes the same items as the
+offline protocol, so the two must agree; the default `history_keep = 20` excludes only the 20
+newest clicks and is reported beside it.
+
+    python benchmarks/online_eval.py --bundle runs/bundles
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
+from index_builder import bundle as bundle_mod  # noqa: E402
+from model_export import data  # noqa: E402
+from service.local import EmbeddedRedis, Server  # noqa: E402
+from sine_cli import main as sine  # noqa: E402
+
+KS = (10, 50)
+
+
+async def ask_all(url: str, users: list[str], n: int, concurrency: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    sem = asyncio.Semaphore(concurrency)
+    fallbacks = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async def one(u: str):
+            nonlocal fallbacks
+            async with sem:
+                r = await c.post("/recommend", json={"user_id": u, "n": n})
+                r.raise_for_status()
+                body = r.json()
+                fallbacks += body["fallback"] is not None
+                out[u] = [x["item_id"] for x in body["items"]]
+        await asyncio.gather(*(one(u) for u in users))
+    if fallbacks:
+        raise SystemExit(f"{fallbacks} users were answered from a fallback: histories missing")
+    return out
+
+
+def score(answers: dict[str, list[str]], targets: dict[str, str]) -> dict[str, float]:
+    m = {f"{k}@{c}": 0.0 for c in KS for k in ("HR", "NDCG")}
+    for u, t in targets.items():
+        got = answers[u]
+        if t in got:
+            r = got.index(t)
+            for c in KS:
+                if r < c:
+                    m[f"HR@{c}"] += 1
+                    m[f"NDCG@{c}"] += 1 / math.log2(r + 2)
+    return {k: v / len(targets) for k, v in m.items()}
+
+
+def run(bundle: str, keep: int, ds, targets, data_dir, log_path: Path) -> tuple[dict, float]:
+    redis = EmbeddedRedis().start()
+    try:
+        rc = sine(["load-histories", "--dataset", "ml-1m", "--redis-url", redis.url,
+                   "--holdout", "1", "--keep", str(keep)] + (["--data-dir", data_dir] if data_dir else []))
+        if rc:
+            raise SystemExit("load-histories failed")
+        srv = Server({"SINE_BUNDLE": bundle, "SINE_REDIS_URL": redis.url, "SINE_MAX_N": "50",
+                      "SINE_HISTORY_KEEP": str(keep), "SINE_REDIS_TIMEOUT_MS": "2000",
+                      "SINE_WATCH_INTERVAL_S": "0"}, log_path=log_path).start()
+        try:
+            t0 = time.perf_counter()
+            answers = asyncio.run(ask_all(srv.url, list(targets), 50, 16))
+            secs = time.perf_counter() - t0
+        finally:
+            srv.stop()
+    finally:
+        redis.cleanup()
+    return score(answers, targets), secs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default="runs/bundles", help="bundle root or folder")
+    p.add_argument("--data-dir", help="data folder (default ../shared/data)")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args()
+
+    b = bundle_mod.load(a.bundle, deep=False)
+    ds = data.load("ml-1m", a.data_dir)
+    if ds.vocab_sha256() != b.manifest["items"]["vocab_sha256"]:
+        raise SystemExit("the bundle was not trained on this ML-1M vocabulary")
+    targets = {u: ds.item_ids[int(s[-1])] for u, s in zip(ds.user_ids, ds.sequences)}
+    offline = {k: b.manifest["offline_metrics"]["test"][k] for k in
+               (f"{m}@{c}" for c in KS for m in ("HR", "NDCG"))}
+    longest = max(len(s) for s in ds.sequences)
+    rows = {}
+    for keep in (longest, 20):
+        metrics, secs = run(str(b.path), keep, ds, targets, a.data_dir, Path(a.out) / ".server.log")
+        rows[keep] = {"metrics": metrics, "seconds": secs}
+        print(keep, metrics, f"{secs:.1f} s")
+    full = rows[longest]["metrics"]
+    diff = {k: 100 * (full[k] - offline[k]) for k in offline}
+    ok = all(abs(v) <= 0.2 for v in diff.values())
+    cmd = "python benchmarks/online_eval.py --bundle " + a.bundle
+    md = [f"# Online equals offline (ML-1M, {len(targets):,} users over HTTP)", "",
+          f"Bundle `{b.version}` ({b.manifest['index']['factory']}); {now()}; commit "
+          f"{git_commit()[:10]}; `{cmd}`", "",
+          "| evaluation (test, percent) | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---|---|---|---|",
+          "| offline (`sine evaluate`, all past items excluded) | "
+          + " | ".join(f"{100 * offline[k]:.2f}" for k in offline) + " |",
+          f"| online, history_keep = {longest} (whole history excluded) | "
+          + " | ".join(f"{100 * full[k]:.2f}" for k in offline) + " |",
+          "| online minus offline | " + " | ".join(f"{diff[k]:+.2f}" for k in offline) + " |",
+          "| online, history_keep = 20 (default: 20 newest excluded) | "
+          + " | ".join(f"{100 * rows[20]['metrics'][k]:.2f}" for k in offline) + " |", "",
+          f"Within 0.2 points: **{'yes' if ok else 'NO'}**. 6,040 requests took "
+          f"{rows[longest]['seconds']:.1f} s (whole history) and {rows[20]['seconds']:.1f} s "
+          f"(20 newest), 16 concurrent httpx clients on the same machine."]
+    write_results(a.out, "online-offline", {
+        "bundle": b.version, "offline": offline, "online": {str(k): v for k, v in rows.items()},
+        "diff_points": diff, "within_0.2": ok, "command": cmd, "machine": machine(),
+        "commit": git_commit(), "when": now()}, md)
+    (Path(a.out) / ".server.log").unlink(missing_ok=True)
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
