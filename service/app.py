@@ -78,7 +78,8 @@ def _load(st: State, path: str | Path) -> Engine:
     s = st.settings
     return load_engine(path, providers=s.providers, allow_cpu_fallback=s.allow_cpu_fallback,
                        intra_op_threads=s.intra_op_threads, faiss_gpu=s.faiss_gpu,
-                       search_params=s.search_params, warm_batch=s.batch_max_size)
+                       search_params=s.search_params, warm_batch=s.batch_max_size,
+                       faiss_threads=s.faiss_threads)
 
 
 async def reload(st: State, version: str | None = None) -> Engine:

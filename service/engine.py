@@ -34,6 +34,7 @@ class Engine:
     popularity: np.ndarray             # [M + 1] click counts
     providers: list[str]
     faiss_device: str
+    faiss_threads: int = 1             # idle OpenMP workers spin and starve the event loop
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -72,6 +73,10 @@ class Engine:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
+        import faiss
+
+        # omp_set_num_threads is per calling thread: set it in whichever thread searches
+        faiss.omp_set_num_threads(self.faiss_threads)
         k = max(1, min(k, self.n_items))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
@@ -149,7 +154,7 @@ def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict):
 
 def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: bool = False,
                 intra_op_threads: int = 1, faiss_gpu: str = "auto", search_params: dict | None = None,
-                warm_batch: int = 64) -> Engine:
+                warm_batch: int = 64, faiss_threads: int = 1) -> Engine:
     """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm up."""
     t0 = time.perf_counter()
     try:
@@ -164,7 +169,8 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
     order = np.argsort(-pop[1:], kind="stable") + 1
     e = Engine(bundle=b, session=sess, index=index, cpu_index=cpu_index, item_ids=ids,
                item_index={s: i for i, s in enumerate(ids) if i > 0}, popular=order,
-               popularity=pop, providers=active, faiss_device=device)
+               popularity=pop, providers=active, faiss_device=device,
+               faiss_threads=faiss_threads)
     e.warm_up(warm_batch)
     log.info("bundle loaded", extra={"version": b.version, "path": str(b.path), "items": e.n_items,
                                      "providers": active, "faiss": device,
