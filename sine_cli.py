@@ -169,7 +169,15 @@ def cmd_load_histories(a: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(desc: str):
+def cmd_fetch_bundle(a: argparse.Namespace) -> int:
+    from index_builder.fetch import fetch
+
+    b = fetch(a.url, a.version, Path(a.bundle_root), progress=_progress_bar("downloading", "B"))
+    print(f"bundle {b.version} ready in {b.path}; {Path(a.bundle_root) / 'current'} names it")
+    return 0
+
+
+def _progress_bar(desc: str, unit: str = "item"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -178,7 +186,8 @@ def _progress_bar(desc: str):
 
     def update(done: int, total: int) -> None:
         if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc=desc, unit="item", leave=False)
+            state["bar"] = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
+                                leave=False)
         state["bar"].update(done - state["bar"].n)
         if done >= total:
             state["bar"].close()
@@ -299,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out each user's last N clicks (1: everything before the test "
                         "target, as the offline evaluation sees it; default 0)")
     h.set_defaults(func=cmd_load_histories)
+
+    f = sub.add_parser("fetch-bundle", help="download a bundle version into a bundle root",
+                       description="Download <url>/<version>.tar.gz (or a URL with {version} in it), "
+                       "validate it and publish it atomically under <bundle-root>/<version>, "
+                       "pointing `current` at it. A version already present is only re-pointed.")
+    f.add_argument("--url", required=True, help="HTTP(S) base URL of the published bundles")
+    f.add_argument("--version", required=True, help="bundle version to fetch")
+    f.add_argument("--bundle-root", required=True, help="local bundle root")
+    f.set_defaults(func=cmd_fetch_bundle)
     return p
 
 

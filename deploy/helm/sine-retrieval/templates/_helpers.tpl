@@ -1,0 +1,62 @@
+{{- define "sine.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "sine.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sine.labels" -}}
+app.kubernetes.io/name: {{ include "sine.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "sine.selector" -}}
+app.kubernetes.io/name: {{ include "sine.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{- define "sine.secretName" -}}
+{{- default (include "sine.fullname" .) .Values.existingSecret -}}
+{{- end -}}
+
+{{- define "sine.image" -}}
+{{- $img := ternary .Values.gpu.image .Values.image .Values.gpu.enabled -}}
+{{- printf "%s:%s" $img.repository $img.tag -}}
+{{- end -}}
+
+{{- define "sine.redisUrl" -}}
+{{- if .Values.redis.internal.enabled -}}
+{{- printf "redis://%s-redis:6379/0" (include "sine.fullname" .) -}}
+{{- else -}}
+{{- required "redis.url is required (or set redis.internal.enabled)" .Values.redis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sine.bundlePath" -}}
+{{- if .Values.bundle.version -}}
+{{- printf "%s/%s" .Values.bundle.mountPath .Values.bundle.version -}}
+{{- else -}}
+{{- .Values.bundle.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sine.securityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

@@ -1,0 +1,210 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk), linted, and every manifest
+validated against the Kubernetes schemas (kubernetes-validate --strict) and yamllint."""
+import shutil
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate as kv
+import pytest
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+from service.settings import Settings
+from sine_cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
+CI_VALUES = ROOT / "deploy" / "helm" / "ci"
+K8S_VERSION = "1.33.0"          # the Kubernetes version the manifests are validated against
+CRDS = {"ServiceMonitor"}       # not in the core schemas: checked by hand below
+YAMLLINT = YamlLintConfig("extends: default\nrules:\n  line-length: {max: 120}\n"
+                          "  document-start: disable\n  comments: {min-spaces-from-content: 1}\n"
+                          "  braces: {max-spaces-inside: 1}\n  brackets: {max-spaces-inside: 1}\n")
+VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autoscaling-values.yaml"]}
+
+
+def render(chart: Path = CHART, files=(), overrides: dict | None = None) -> dict[str, list[dict]]:
+    """{template: [documents]} as `helm template` would print them."""
+    values: dict = {}
+    for f in files:
+        values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
+    values = _merge(values, overrides or {})
+    with helm.Chart.load(str(chart)) as c:
+        out = c.render(c.merge_values(values), name="sine", namespace="recsys")
+    return {k: [d for d in yaml.safe_load_all(v) if d] for k, v in out.items()
+            if not k.endswith(".txt")}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def docs(rendered) -> list[dict]:
+    return [d for ds in rendered.values() for d in ds]
+
+
+def kind(rendered, k: str) -> list[dict]:
+    return [d for d in docs(rendered) if d["kind"] == k]
+
+
+def test_helm_lint_is_clean():
+    for name, files in VALUE_SETS.items():
+        values = {}
+        for f in files:
+            values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
+        r = helm.lint(str(CHART), values, strict=True, kube_version=K8S_VERSION)
+        assert r["errors"] == [], (name, r)
+        assert not [m for m in r["messages"] if m["severity"] > 1], (name, r["messages"])
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_manifest_is_valid_kubernetes(name):
+    rendered = render(files=VALUE_SETS[name])
+    kinds = set()
+    for d in docs(rendered):
+        kinds.add(d["kind"])
+        if d["kind"] in CRDS:
+            continue
+        kv.validate(d, K8S_VERSION, strict=True)      # raises on an unknown or mistyped field
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    if name == "autoscaling":
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy", "Secret"} <= kinds
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_yamllint_on_rendered_manifests_and_values(name):
+    with helm.Chart.load(str(CHART)) as c:
+        values = {}
+        for f in VALUE_SETS[name]:
+            values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
+        out = c.render(c.merge_values(values), name="sine", namespace="recsys")
+    texts = {k: v for k, v in out.items() if not k.endswith(".txt") and v.strip()}
+    texts["values.yaml"] = (CHART / "values.yaml").read_text()
+    texts["Chart.yaml"] = (CHART / "Chart.yaml").read_text()
+    for f in CI_VALUES.glob("*.yaml"):
+        texts[f.name] = f.read_text()
+    problems = [f"{k}:{p.line}: {p.message}" for k, v in texts.items()
+                for p in linter.run(v, YAMLLINT) if p.level == "error"]
+    assert problems == []
+
+
+def test_a_broken_chart_fails_the_checks(tmp_path):
+    bad = tmp_path / "chart"
+    shutil.copytree(CHART, bad)
+    dep = bad / "templates" / "deployment.yaml"
+    text = dep.read_text()
+    # an unknown field: renders fine, refused by the strict schema check
+    dep.write_text(text.replace("  revisionHistoryLimit: 5", "  revisionHistoryLimit: 5\n  replicaz: 3"))
+    d = kind(render(bad), "Deployment")[0]
+    with pytest.raises(kv.ValidationError):
+        kv.validate(d, K8S_VERSION, strict=True)
+    # a mistyped value
+    dep.write_text(text.replace("revisionHistoryLimit: 5", "revisionHistoryLimit: five"))
+    with pytest.raises(kv.ValidationError):
+        kv.validate(kind(render(bad), "Deployment")[0], K8S_VERSION, strict=True)
+    # a template error: rendering itself fails
+    dep.write_text(text.replace("{{ include \"sine.fullname\" . }}", "{{ include \"sine.fullname\" . ", 1))
+    with pytest.raises(helm.HelmError):
+        render(bad)
+    # and values that make no sense are refused with a message
+    with pytest.raises(helm.HelmError, match="needs bundle.version"):
+        render(overrides={"bundle": {"source": "download"}})
+
+
+def env_names(rendered) -> set[str]:
+    names = set()
+    for cm in kind(rendered, "ConfigMap"):
+        names |= set(cm["data"])
+    for s in kind(rendered, "Secret"):
+        names |= set(s.get("stringData") or {})
+    return names
+
+
+def test_chart_env_names_are_exactly_the_settings_fields():
+    fields = {f"SINE_{n.upper()}" for n in Settings.model_fields}
+    default = env_names(render())
+    assert default <= fields, default - fields
+    full = env_names(render(files=["autoscaling-values.yaml"]))
+    assert full == fields, (fields - full, full - fields)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    managed = {"host", "port", "bundle", "redis_url", "redis_password", "admin_token"}
+    assert set(values["settings"]) == set(Settings.model_fields) - managed
+    for k, v in values["settings"].items():          # values.yaml documents the real defaults
+        f = Settings.model_fields[k]
+        assert v == (f.default_factory() if f.default_factory else f.default), k
+
+
+def test_settings_from_the_configmap_are_accepted_by_the_service(monkeypatch):
+    cm = kind(render(files=["autoscaling-values.yaml"]), "ConfigMap")[0]
+    for k, v in cm["data"].items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert s.host == "0.0.0.0" and s.port == 8000 and s.search_params == {"nprobe": 64}
+    assert s.redis_url == "redis://sine-sine-retrieval-redis:6379/0"
+
+
+def test_deployment_probes_rollout_and_security():
+    dep = kind(render(), "Deployment")[0]
+    spec = dep["spec"]
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 120
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc["allowPrivilegeEscalation"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert {v["name"] for v in pod["volumes"]} == {"bundles", "tmp"}
+    assert [m for m in c["volumeMounts"] if m["name"] == "bundles"][0]["readOnly"]
+    assert pod["topologySpreadConstraints"]
+    assert build_parser().parse_args(c["args"]).command == "serve"
+    # the probes' paths are real routes of the app
+    from service.app import create_app
+    paths = {r.path for r in create_app(Settings(bundle="/nonexistent")).routes}
+    assert {"/livez", "/readyz", "/metrics"} <= paths
+
+
+def test_gpu_values():
+    rendered = render(files=["gpu-values.yaml"])
+    pod = kind(rendered, "Deployment")[0]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith("-gpu")
+    assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    init = pod["initContainers"][0]
+    args = build_parser().parse_args(init["args"])     # the init container runs a real command
+    assert args.command == "fetch-bundle" and args.version == "20261126T195553Z-c11cea28"
+    cm = kind(rendered, "ConfigMap")[0]["data"]
+    assert cm["SINE_BUNDLE"] == "/bundles/20261126T195553Z-c11cea28"
+    assert cm["SINE_PROVIDERS"] == "cuda"
+
+
+def test_version_bump_rolls_the_pods():
+    a = kind(render(overrides={"bundle": {"version": "v1"}}), "Deployment")[0]
+    b = kind(render(overrides={"bundle": {"version": "v2"}}), "Deployment")[0]
+    ann = lambda d: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
+    assert ann(a) != ann(b)
+
+
+def test_service_monitor_points_at_the_metrics_port():
+    rendered = render(files=["autoscaling-values.yaml"])
+    sm = kind(rendered, "ServiceMonitor")[0]
+    svc = kind(rendered, "Service")
+    ours = [s for s in svc if s["metadata"]["name"] == "sine-sine-retrieval"][0]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in ours["spec"]["ports"]}
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    labels = ours["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    hpa = kind(rendered, "HorizontalPodAutoscaler")[0]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
