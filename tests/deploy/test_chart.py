@@ -208,3 +208,10 @@ def test_service_monitor_points_at_the_metrics_port():
     hpa = kind(rendered, "HorizontalPodAutoscaler")[0]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+
+
+def test_deploy_readme_lists_every_value():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    table = (ROOT / "deploy" / "README.md").read_text().split("### Values", 1)[1]
+    for key in values:
+        assert f"`{key}" in table, f"deploy/README.md's values table lacks {key}"
