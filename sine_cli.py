@@ -169,6 +169,18 @@ def cmd_load_histories(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    _need_torch()
+    from service.demo import run_demo
+    from service.local import LocalError
+
+    try:
+        return run_demo(a.dataset, a.data_dir, Path(a.workdir), a.train_minutes, a.rebuild,
+                        a.redis_url, a.port, serve_forever=not a.no_wait)
+    except LocalError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_fetch_bundle(a: argparse.Namespace) -> int:
     from index_builder.fetch import fetch
 
@@ -308,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out each user's last N clicks (1: everything before the test "
                         "target, as the offline evaluation sees it; default 0)")
     h.set_defaults(func=cmd_load_histories)
+
+    d = sub.add_parser("demo", help="the whole system in one command: bundle, Redis, service",
+                       description="Build a bundle (a short SINE run on ML-1M when the data folder "
+                       "has it, else on synthetic data; reused on later runs), start an embedded "
+                       "redis-server unless --redis-url is given, load the histories, start the "
+                       "service, print a sample answer, and serve until Ctrl-C.")
+    d.add_argument("--dataset", default="auto",
+                   help="auto (ml-1m when present, else synthetic), or any `sine train` data set")
+    d.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
+                   help=f"folder holding the data sets (env {DATA_DIR_ENV}; default ../shared/data)")
+    d.add_argument("--workdir", default="runs/demo", help="where the bundle and logs go")
+    d.add_argument("--train-minutes", type=float, default=3.0,
+                   help="training budget when a bundle is built (default 3)")
+    d.add_argument("--rebuild", action="store_true", help="train a new bundle even if one exists")
+    d.add_argument("--redis-url", help="use this Redis instead of starting one")
+    d.add_argument("--port", type=int, default=8000, help="service port (default 8000)")
+    d.add_argument("--no-wait", action="store_true",
+                   help="stop after the sample answer instead of serving until Ctrl-C")
+    d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fetch-bundle", help="download a bundle version into a bundle root",
                        description="Download <url>/<version>.tar.gz (or a URL with {version} in it), "
