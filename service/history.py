@@ -1,8 +1,9 @@
 """User histories in Redis: one list per user, newest click first, capped at `history_keep`.
 
 Reads are one LRANGE; an event is LPUSH + LTRIM in one MULTI/EXEC, so a reader never sees a list
-longer than the cap and two writers never lose a click. After a failure the store stays "open" for
-`redis_retry_after_ms`: requests skip Redis (and its timeout) until the next probe.
+longer than the cap and two writers never lose a click. After a connection failure, or three
+timeouts in a row, requests skip Redis (and its timeout) for `redis_retry_after_ms`, then try
+again.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Iterable
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import Settings
 
@@ -39,10 +41,12 @@ class HistoryStore:
         self.s = settings
         self.keep = settings.history_keep
         self.timeout = settings.redis_timeout_ms / 1000
+        self.write_timeout = settings.redis_write_timeout_ms / 1000
         self.retry_after = settings.redis_retry_after_ms / 1000
         self._down_until = 0.0
+        self._failures = 0                  # consecutive
         self._on_error = on_error or (lambda op: None)
-        self.client = redis_client(settings, self.timeout)
+        self.client = redis_client(settings, max(self.timeout, self.write_timeout))
 
     def key(self, user_id: str) -> str:
         return self.s.redis_key_template.format(user_id=user_id)
@@ -51,16 +55,23 @@ class HistoryStore:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def _call(self, op: str, coro):
+    async def _call(self, op: str, coro, timeout: float | None = None):
         if not self.available:
             coro.close()
             raise HistoryError("Redis failed recently; retrying after a pause")
         try:
-            return await asyncio.wait_for(coro, self.timeout)
+            out = await asyncio.wait_for(coro, timeout or self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._down_until = time.monotonic() + self.retry_after
+            self._failures += 1
+            # a refused connection opens the pause at once; timeouts only when they repeat, so a
+            # single stall of this process (a bundle loading beside it) does not turn it off
+            if not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)) \
+                    or self._failures >= 3:
+                self._down_until = time.monotonic() + self.retry_after
             self._on_error(op)
             raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
+        self._failures = 0
+        return out
 
     async def get(self, user_id: str) -> list[str] | None:
         """Newest first; None when the user has no history key."""
@@ -85,7 +96,7 @@ class HistoryStore:
             pipe.ltrim(k, 0, self.keep - 1)
             pipe.llen(k)
             return (await pipe.execute())[-1]
-        return await self._call("write", run())
+        return await self._call("write", run(), self.write_timeout)
 
     async def ping(self) -> None:
         self._down_until = 0.0          # a readiness probe always tries Redis itself

@@ -70,6 +70,13 @@ class EmbeddedRedis:
                 self.proc.kill()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; `start()` again reloads the last SAVE from the folder."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     redis_key_template: str = Field("sine:history:{user_id}", description=(
         "Key of a user's history list (newest click first); must contain `{user_id}`."))
     redis_timeout_ms: float = Field(50.0, gt=0, description=(
-        "Per-call budget for a history read or an event write, connection included."))
+        "Budget for a history read, connection included; past it the answer falls back."))
+    redis_write_timeout_ms: float = Field(250.0, gt=0, description=(
+        "Budget for recording an event: longer than reads, since a refused write is a lost "
+        "click unless the caller retries."))
     redis_pool_size: int = Field(64, ge=1, description=(
         "Connections in the bounded pool; callers wait for a free one within the timeout."))
     redis_retry_after_ms: float = Field(500.0, ge=0, description=(

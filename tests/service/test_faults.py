@@ -117,3 +117,20 @@ def test_exhausted_catalog_returns_what_is_left(small_world, own_redis, serve):
         r = c.post("/recommend", json={"user_id": "all", "n": 20})
         items = [x["item_id"] for x in r.json()["items"]]
         assert sorted(items) == sorted(ds.item_ids[i] for i in range(n_items - 4, n_items + 1))
+
+
+def test_one_timeout_does_not_pause_redis_but_repeated_ones_do(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    s = settings(small_world, own_redis, redis_timeout_ms=50, redis_retry_after_ms=5000)
+    with serve(s) as c:
+        own_redis.client().execute_command("CLIENT", "PAUSE", 150, "ALL")
+        r = c.post("/recommend", json={"user_id": "u", "n": 5})
+        assert r.json()["fallback"] == "history_unavailable"
+        time.sleep(0.2)
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is None
+        own_redis.client().execute_command("CLIENT", "PAUSE", 600, "ALL")
+        for _ in range(3):
+            c.post("/recommend", json={"user_id": "u", "n": 5})
+        time.sleep(0.7)             # Redis answers again, but three timeouts opened the pause
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] == \
+            "history_unavailable"

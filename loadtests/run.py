@@ -1,0 +1,442 @@
+"""Load, soak and fault scenarios against a live service, headless, with pass rules.
+
+    python loadtests/run.py SCENARIO [SCENARIO ...] [--bundle runs/bundles] [--out DIR]
+
+Scenarios (each writes <out>/<name>_stats.csv, _stats_history.csv, _failures.csv, .html,
+a .png of latency percentiles and throughput over time, and a row of <out>/summary.json):
+
+  load          a fixed load (--users clients at --rate req/s each) for --duration s;
+                fails on any error or a p99 above --p99-ms
+  max           a step ramp of closed-loop clients; the highest error-free throughput and
+                p50/p99 at each step
+  soak          --soak-minutes at half the measured maximum (from max, or --soak-rate);
+                0 errors and server RSS growth under 5 %
+  redis-fault   Redis killed mid-run and restarted 10 s later: no 5xx from /recommend,
+                answers flagged history_unavailable during the outage, personalized again
+                within 2 s of Redis returning
+  reload        a new bundle published mid-run (hot reload: no failed request), then a broken
+                one (refused: the new one keeps serving)
+  overload      a server with a small in-flight limit driven far beyond it: fast 429s,
+                admitted latency bounded, no 429 once the load drops
+  ci            load and redis-fault, shortened (about 40 s), as CI runs them
+
+The runner starts an embedded redis-server (loaded with every user's history) and `sine serve`
+on 127.0.0.1, on a private copy of the bundle root. Exit status 1 when a pass rule fails.
+"""
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+from locust import constant, constant_throughput  # noqa: E402
+from locust.env import Environment  # noqa: E402
+from locust.html import get_html_report  # noqa: E402
+from locust.stats import (CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT,  # noqa: E402
+                          StatsCSVFileWriter, stats_history)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtests"))
+
+from index_builder import bundle as bundle_mod  # noqa: E402
+from locustfile import SineUser, Traffic  # noqa: E402
+from service.local import EmbeddedRedis, Server  # noqa: E402
+
+
+# -- the system under test ------------------------------------------------------------------
+
+class System:
+    """Embedded Redis with every history, and `sine serve` over a private bundle root."""
+
+    def __init__(self, bundle: str, data_dir: str | None, work: Path, **server_env):
+        from model_export import data
+        b = bundle_mod.load(bundle, deep=False)
+        self.work = work
+        self.root = work / "bundles"
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(b.path, self.root / b.version)
+        bundle_mod.set_current(self.root, b.version)
+        self.version = b.version
+        self.ds = data.load(b.manifest["dataset"]["name"], data_dir)
+        self.redis = EmbeddedRedis().start()
+        from sine_cli import main as sine
+        args = ["load-histories", "--dataset", self.ds.name, "--redis-url", self.redis.url]
+        if sine(args + (["--data-dir", data_dir] if data_dir else [])):
+            raise SystemExit("loading histories failed")
+        self._redis_cmd("SAVE")                 # a restarted Redis reloads this snapshot
+        self.env = {"SINE_BUNDLE": str(self.root), "SINE_REDIS_URL": self.redis.url,
+                    "SINE_WATCH_INTERVAL_S": "1", "SINE_REDIS_RETRY_AFTER_MS": "250",
+                    **{f"SINE_{k.upper()}": str(v) for k, v in server_env.items()}}
+        self.server = Server(self.env, log_path=work / "server.log").start()
+        Traffic.configure(self.ds.user_ids, self.ds.item_ids[1:])
+
+    def _redis_cmd(self, *words: str) -> bytes:
+        import socket
+        with socket.create_connection(("127.0.0.1", self.redis.port), 5) as s:
+            s.sendall((" ".join(words) + "\r\n").encode())
+            return s.recv(64)
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(self.server.url + "/metrics", timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def publish_copy(self, version: str, corrupt: bool = False) -> None:
+        """A new version (the live one under another name), optionally corrupt; moves current."""
+        staging = bundle_mod.staging_dir(self.root, version)
+        src = self.root / self.version
+        for p in src.iterdir():
+            shutil.copy2(p, staging / p.name)
+        m = json.loads((staging / "manifest.json").read_text())
+        m["version"] = version
+        (staging / "manifest.json").write_text(json.dumps(m))
+        if corrupt:
+            with open(staging / "index.faiss", "r+b") as f:
+                f.seek(64)
+                f.write(b"\xff" * 16)
+        bundle_mod.publish(staging, self.root, version)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.redis.cleanup()
+
+
+# -- one locust run ---------------------------------------------------------------------------
+
+def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, float | None]],
+               events_at: dict[float, callable] | None = None, system: System | None = None,
+               keep_log: bool = False) -> dict:
+    """phases: (seconds, users, req/s per user or None for no wait). Returns the run's record."""
+    Traffic.log = []
+    Traffic.stages = {}
+    Traffic.keep_log = keep_log
+    env = Environment(user_classes=[SineUser], host=url)
+    runner = env.create_local_runner()
+    base = str(out / name)
+    csvw = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, base, full_history=False)
+    g_csv = gevent.spawn(csvw.stats_writer)
+    g_hist = gevent.spawn(stats_history, runner)
+    series: list[dict] = []
+    t0 = time.time()
+
+    def sample():
+        while True:
+            s = runner.stats.total
+            row = {"t": time.time() - t0, "rps": s.current_rps, "fail_rps": s.current_fail_per_sec,
+                   "p50": s.get_current_response_time_percentile(0.5) or 0,
+                   "p99": s.get_current_response_time_percentile(0.99) or 0,
+                   "users": runner.user_count}
+            if system is not None:
+                try:
+                    row["rss_mb"] = system.server.rss_bytes() / 2**20
+                except OSError:
+                    pass
+            series.append(row)
+            gevent.sleep(1)
+
+    g_sample = gevent.spawn(sample)
+    pending = sorted((events_at or {}).items())
+    elapsed, before = 0.0, 0
+    for secs, users, rate in phases:
+        SineUser.wait_time = constant(0) if rate is None else constant_throughput(rate)
+        runner.start(users, spawn_rate=max(users, before, 1))    # a step, not a ramp
+        before = users
+        end = elapsed + secs
+        while time.time() - t0 < end:
+            now = time.time() - t0
+            while pending and pending[0][0] <= now:
+                at, fn = pending.pop(0)
+                print(f"  [{name}] t={now:.1f}s: {fn.__doc__ or fn.__name__}", flush=True)
+                fn()
+            gevent.sleep(0.1)
+        elapsed = end
+    runner.quit()
+    gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.5)      # one more pass of the CSV writer
+    g_sample.kill()
+    g_hist.kill()
+    g_csv.kill()
+    for flush in (csvw.requests_flush, csvw.stats_history_flush, csvw.failures_flush,
+                  csvw.exceptions_flush):
+        flush()
+    csvw.close_files()
+    (out / f"{name}.html").write_text(get_html_report(env))
+    stages = {k: {"count": len(v), "p50_ms": pct(v, 0.5), "p90_ms": pct(v, 0.9),
+                  "p99_ms": pct(v, 0.99)} for k, v in Traffic.stages.items()}
+    with open(out / f"{name}_stages.csv", "w") as f:
+        f.write("stage,count,p50_ms,p90_ms,p99_ms\n")
+        for k, v in stages.items():
+            f.write(f"{k},{v['count']},{v['p50_ms']:.3f},{v['p90_ms']:.3f},{v['p99_ms']:.3f}\n")
+    plot(series, out / f"{name}.png", name)
+    total = runner.stats.total
+    rows = {f"{e.method} {e.name}": {"requests": e.num_requests, "failures": e.num_failures,
+                                     "p50_ms": e.get_response_time_percentile(0.5),
+                                     "p99_ms": e.get_response_time_percentile(0.99),
+                                     "rps": e.total_rps}
+            for e in runner.stats.entries.values()}
+    return {"requests": total.num_requests, "failures": total.num_failures,
+            "rps": total.total_rps, "p50_ms": total.get_response_time_percentile(0.5),
+            "p99_ms": total.get_response_time_percentile(0.99), "endpoints": rows,
+            "errors": {f"{e.method} {e.name}: {e.error}": e.occurrences
+                       for e in runner.stats.errors.values()},
+            "stages": stages, "series": series,
+            "log": list(Traffic.log) if keep_log else None}
+
+
+def pct(v: list[float], q: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def plot(series: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not series:
+        return
+    t = [r["t"] for r in series]
+    fig, axes = plt.subplots(3 if "rss_mb" in series[0] else 2, 1, figsize=(9, 7), sharex=True)
+    axes[0].plot(t, [r["p50"] for r in series], label="p50")
+    axes[0].plot(t, [r["p99"] for r in series], label="p99")
+    axes[0].set_ylabel("latency ms (10 s window)")
+    axes[0].legend()
+    axes[1].plot(t, [r["rps"] for r in series], label="requests/s")
+    axes[1].plot(t, [r["fail_rps"] for r in series], label="failures/s")
+    axes[1].set_ylabel("per second")
+    axes[1].legend()
+    if len(axes) == 3:
+        axes[2].plot(t, [r.get("rss_mb", float("nan")) for r in series])
+        axes[2].set_ylabel("server RSS MiB")
+    axes[-1].set_xlabel("seconds")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+def failed(rec: dict, endpoints=("POST /recommend", "POST /recommend/batch")) -> int:
+    """Failed answers (a 5xx, a 4xx, a wrong item count, a broken connection) of `endpoints`."""
+    return sum(n for k, n in rec["errors"].items() if any(k.startswith(e + ": ") for e in endpoints))
+
+
+def scenario_load(sys_: System, a, out: Path, seconds: float | None = None) -> dict:
+    rec = run_locust("load", sys_.server.url, out, [(seconds or a.duration, a.users, a.rate)],
+                     system=sys_)
+    rules = {"no errors": rec["failures"] == 0,
+             f"p99 <= {a.p99_ms} ms": (rec["p99_ms"] or 0) <= a.p99_ms}
+    return {"record": rec, "rules": rules}
+
+
+def scenario_max(sys_: System, a, out: Path) -> dict:
+    steps = [int(x) for x in a.max_steps.split(",")]
+    results = []
+    for u in steps:
+        rec = run_locust(f"max-{u}", sys_.server.url, out, [(a.step_seconds, u, None)])
+        results.append({"users": u, "rps": rec["rps"], "p50_ms": rec["p50_ms"],
+                        "p99_ms": rec["p99_ms"], "failures": rec["failures"]})
+        print(f"  max: {u} users -> {rec['rps']:.0f} req/s, p50 {rec['p50_ms']} p99 "
+              f"{rec['p99_ms']} ms, {rec['failures']} failures", flush=True)
+    ok = [r for r in results if r["failures"] == 0]
+    best = max(ok, key=lambda r: r["rps"]) if ok else None
+    return {"record": {"steps": results, "max_rps": best["rps"] if best else 0},
+            "rules": {"an error-free step exists": best is not None}}
+
+
+def scenario_soak(sys_: System, a, out: Path, max_rps: float | None) -> dict:
+    target = a.soak_rate or (max_rps or 0) / 2
+    if not target:
+        raise SystemExit("soak needs --soak-rate or a max run first")
+    users = 16
+    rec = run_locust("soak", sys_.server.url, out, [(a.soak_minutes * 60, users, target / users)],
+                     system=sys_)
+    rss = [r["rss_mb"] for r in rec["series"] if "rss_mb" in r]
+    warm = max(1, int(len(rss) * 0.1))          # growth measured after the first tenth
+    first = statistics.median(rss[warm: warm + 30]) if len(rss) > warm else float("nan")
+    last = statistics.median(rss[-30:]) if rss else float("nan")
+    growth = (last - first) / first if first else float("nan")
+    rec["rss"] = {"first_mb": first, "last_mb": last, "growth": growth, "target_rps": target}
+    return {"record": rec, "rules": {"no errors": rec["failures"] == 0,
+                                     "RSS growth < 5%": growth < 0.05}}
+
+
+def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s: float = 10,
+                         total: float = 40) -> dict:
+    marks = {}
+
+    def kill():
+        """kill -9 redis-server"""
+        marks["down"] = time.time()
+        sys_.redis.kill()
+
+    def back():
+        """restart redis-server (it reloads its snapshot)"""
+        sys_.redis.start()
+        marks["up"] = time.time()
+
+    rec = run_locust("redis-fault", sys_.server.url, out, [(total, a.users, a.rate)],
+                     events_at={kill_at: kill, kill_at + down_s: back}, system=sys_,
+                     keep_log=True)
+    known = set(Traffic.users)
+    log = [x for x in rec["log"] if x[1] in known]
+    during = [x for x in log if marks["down"] + 0.5 <= x[0] < marks["up"]]
+    flagged = sum(1 for x in during if x[2] == "history_unavailable")
+    after = [x for x in log if x[0] >= marks["up"]]
+    first_ok = next((x[0] for x in after if x[2] is None), None)
+    late = [x for x in log if x[0] >= marks["up"] + 2.0]
+    rec["fault"] = {"answers_during_outage": len(during), "flagged": flagged,
+                    "personalized_after_s": (first_ok - marks["up"]) if first_ok else None,
+                    "unpersonalized_2s_after": sum(1 for x in late if x[2] is not None),
+                    "events_refused_503": sum(n for k, n in rec["errors"].items()
+                                              if k.startswith("POST /events:"))}
+    rec.pop("log")
+    f = rec["fault"]
+    return {"record": rec, "rules": {
+        "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
+        "outage answers flagged history_unavailable": bool(during) and flagged == len(during),
+        "personalized within 2 s of Redis returning": first_ok is not None
+        and f["personalized_after_s"] <= 2.0 and f["unpersonalized_2s_after"] == 0}}
+
+
+def scenario_reload(sys_: System, a, out: Path, total: float = 40) -> dict:
+    new, bad = sys_.version + "-r1", sys_.version + "-broken"
+
+    def good():
+        """publish a new version; the service hot-reloads it"""
+        sys_.publish_copy(new)
+
+    def broken():
+        """publish a corrupt version; it must be refused"""
+        sys_.publish_copy(bad, corrupt=True)
+
+    rec = run_locust("reload", sys_.server.url, out, [(total, a.users, a.rate)],
+                     events_at={total * 0.3: good, total * 0.6: broken}, system=sys_,
+                     keep_log=True)
+    versions = [x[4] for x in rec["log"] if x[4]]
+    tail = versions[int(len(versions) * 0.8):]
+    refused = sys_.metric('sine_reloads_total{outcome="refused"}')
+    rec["reload"] = {"versions_seen": sorted(set(versions)), "refused": refused}
+    rec.pop("log")
+    return {"record": rec, "rules": {
+        "no failed request": rec["failures"] == 0,
+        "new version served": new in versions and bad not in versions,
+        "after the broken one, the new one still serves": bool(tail) and set(tail) == {new},
+        "broken bundle refused": refused >= 1}}
+
+
+def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
+    sys_ = System(bundle, a.data_dir, work / "overload", max_in_flight=a.overload_limit)
+    try:
+        rec = run_locust("overload", sys_.server.url, out,
+                         [(20, a.overload_users, None), (15, 4, 5.0)], system=sys_, keep_log=True)
+    finally:
+        sys_.stop()
+    log = rec.pop("log")
+    t0 = log[0][0] if log else 0
+    over = [x for x in log if x[0] - t0 < 20]
+    calm = [x for x in log if x[0] - t0 >= 22]          # after the step down
+    refused = [x[5] for x in over if x[3] == 429]
+    admitted = [x[5] for x in over if x[3] == 200]
+    rec["overload"] = {"answers": len(over), "refused_429": len(refused),
+                       "refused_p50_ms": pct(refused, 0.5), "refused_p99_ms": pct(refused, 0.99),
+                       "admitted": len(admitted), "admitted_p50_ms": pct(admitted, 0.5),
+                       "admitted_p99_ms": pct(admitted, 0.99),
+                       "calm_answers": len(calm), "calm_429": sum(1 for x in calm if x[3] == 429),
+                       "calm_p99_ms": pct([x[5] for x in calm], 0.99),
+                       "other_errors": sum(1 for x in over + calm if x[3] not in (200, 429))}
+    o = rec["overload"]
+    return {"record": rec, "rules": {
+        "429s under overload": len(refused) > 0,
+        "nothing but 200 or 429": o["other_errors"] == 0,
+        "429s answered faster than admitted requests (p50)": o["refused_p50_ms"]
+        < o["admitted_p50_ms"],
+        f"admitted p99 <= {a.overload_p99_ms} ms": o["admitted_p99_ms"] <= a.overload_p99_ms,
+        "no 429 once the load drops": bool(calm) and o["calm_429"] == 0}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("scenarios", nargs="+",
+                   choices=["load", "max", "soak", "redis-fault", "reload", "overload", "ci"])
+    p.add_argument("--bundle", default="runs/bundles", help="bundle root or folder to serve")
+    p.add_argument("--data-dir", help="data folder (default ../shared/data)")
+    p.add_argument("--out", default="loadtests/results", help="where reports go")
+    p.add_argument("--users", type=int, default=16, help="clients of the fixed load (default 16)")
+    p.add_argument("--rate", type=float, default=10.0, help="req/s per client (default 10)")
+    p.add_argument("--duration", type=float, default=60, help="load seconds (default 60)")
+    p.add_argument("--p99-ms", type=float, default=250, help="load p99 bound (default 250)")
+    p.add_argument("--max-steps", default="2,4,8,16,32,64", help="closed-loop clients per step")
+    p.add_argument("--step-seconds", type=float, default=15)
+    p.add_argument("--soak-minutes", type=float, default=10)
+    p.add_argument("--soak-rate", type=float, help="total req/s of the soak (default: max / 2)")
+    p.add_argument("--overload-limit", type=int, default=8, help="server in-flight limit")
+    p.add_argument("--overload-users", type=int, default=128)
+    p.add_argument("--overload-p99-ms", type=float, default=500)
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sine-load-"))
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    failed = []
+    sys_ = None
+    try:
+        needs_system = [s for s in a.scenarios if s != "overload"]
+        if needs_system:
+            sys_ = System(a.bundle, a.data_dir, work / "main")
+        for s in a.scenarios:
+            print(f"== {s}", flush=True)
+            if s == "load":
+                res = {"load": scenario_load(sys_, a, out)}
+            elif s == "max":
+                res = {"max": scenario_max(sys_, a, out)}
+            elif s == "soak":
+                mx = summary.get("max", {}).get("record", {}).get("max_rps")
+                res = {"soak": scenario_soak(sys_, a, out, mx)}
+            elif s == "redis-fault":
+                res = {"redis-fault": scenario_redis_fault(sys_, a, out)}
+            elif s == "reload":
+                res = {"reload": scenario_reload(sys_, a, out)}
+            elif s == "overload":
+                res = {"overload": scenario_overload(a.bundle, a, out, work)}
+            else:   # ci: shortened load and Redis fault
+                res = {"ci-load": scenario_load(sys_, a, out, seconds=15),
+                       "ci-redis-fault": scenario_redis_fault(sys_, a, out, kill_at=5, down_s=5,
+                                                              total=16)}
+            for name, r in res.items():
+                r["record"].pop("series", None) if name not in ("soak",) else None
+                r["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                summary[name] = r
+                for rule, ok in r["rules"].items():
+                    print(f"  [{'pass' if ok else 'FAIL'}] {name}: {rule}", flush=True)
+                    if not ok:
+                        failed.append(f"{name}: {rule}")
+            summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    finally:
+        if sys_ is not None:
+            sys_.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print("all pass rules held" if not failed else f"FAILED: {failed}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
