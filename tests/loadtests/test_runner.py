@@ -1,0 +1,49 @@
+"""The load-test runner as CI runs it: a short load with thresholds and a shortened Redis fault
+against a real server, and a threshold that fails the run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    """A bundle trained briefly on the default synthetic data (what the runner loads)."""
+    from model_export import data
+    from service.demo import build_bundle
+
+    root = tmp_path_factory.mktemp("load") / "bundles"
+    build_bundle(data.load("synthetic"), root, minutes=0.1, log=lambda *a: None)
+    return root
+
+
+def run(args, out, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "loadtests" / "run.py"), *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_ci_scenarios_pass_and_write_reports(demo_bundle, tmp_path):
+    r = run(["ci", "--bundle", str(demo_bundle), "--users", "8", "--rate", "5"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert all(s["ci-load"]["rules"].values()) and all(s["ci-redis-fault"]["rules"].values())
+    fault = s["ci-redis-fault"]["record"]["fault"]
+    assert fault["answers_during_outage"] > 0 and fault["personalized_after_s"] <= 2
+    for name in ("load", "redis-fault"):
+        for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_stages.csv",
+                       ".html", ".png"):
+            assert (tmp_path / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    stages = (tmp_path / "load_stages.csv").read_text()
+    assert "encode," in stages and "history," in stages
+
+
+def test_a_failed_threshold_fails_the_run(demo_bundle, tmp_path):
+    r = run(["load", "--bundle", str(demo_bundle), "--duration", "4", "--users", "2",
+             "--p99-ms", "0.001"], tmp_path)
+    assert r.returncode == 1
+    assert "[FAIL] load: p99 <= 0.001 ms" in r.stdout
