@@ -31,6 +31,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -120,7 +121,7 @@ class System:
 
 def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, float | None]],
                events_at: dict[float, callable] | None = None, system: System | None = None,
-               keep_log: bool = False) -> dict:
+               keep_log: bool = False, reports: bool = True) -> dict:
     """phases: (seconds, users, req/s per user or None for no wait). Returns the run's record."""
     Traffic.log = []
     Traffic.stages = {}
@@ -174,14 +175,15 @@ def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, fl
                   csvw.exceptions_flush):
         flush()
     csvw.close_files()
-    (out / f"{name}.html").write_text(get_html_report(env))
+    if reports:
+        (out / f"{name}.html").write_text(get_html_report(env))
+        plot(series, out / f"{name}.png", name)
     stages = {k: {"count": len(v), "p50_ms": pct(v, 0.5), "p90_ms": pct(v, 0.9),
                   "p99_ms": pct(v, 0.99)} for k, v in Traffic.stages.items()}
     with open(out / f"{name}_stages.csv", "w") as f:
         f.write("stage,count,p50_ms,p90_ms,p99_ms\n")
         for k, v in stages.items():
             f.write(f"{k},{v['count']},{v['p50_ms']:.3f},{v['p90_ms']:.3f},{v['p99_ms']:.3f}\n")
-    plot(series, out / f"{name}.png", name)
     total = runner.stats.total
     rows = {f"{e.method} {e.name}": {"requests": e.num_requests, "failures": e.num_failures,
                                      "p50_ms": e.get_response_time_percentile(0.5),
@@ -248,7 +250,8 @@ def scenario_max(sys_: System, a, out: Path) -> dict:
     steps = [int(x) for x in a.max_steps.split(",")]
     results = []
     for u in steps:
-        rec = run_locust(f"max-{u}", sys_.server.url, out, [(a.step_seconds, u, None)])
+        rec = run_locust(f"max-{u}", sys_.server.url, out, [(a.step_seconds, u, None)],
+                         reports=False)
         results.append({"users": u, "rps": rec["rps"], "p50_ms": rec["p50_ms"],
                         "p99_ms": rec["p99_ms"], "failures": rec["failures"]})
         print(f"  max: {u} users -> {rec['rps']:.0f} req/s, p50 {rec['p50_ms']} p99 "
@@ -370,6 +373,43 @@ def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
         "no 429 once the load drops": bool(calm) and o["calm_429"] == 0}}
 
 
+def write_markdown(summary: dict, path: Path, cmd: str) -> None:
+    import platform
+    lines = ["# Load, soak and fault runs", "",
+             f"`{cmd}` on {platform.node() or 'this machine'} ({os.cpu_count()} cores); the "
+             "server, redis-server and locust share the machine.", "",
+             "| scenario | rule | result |", "|---|---|---|"]
+    for name, r in summary.items():
+        for rule, ok in r["rules"].items():
+            lines.append(f"| {name} | {rule} | {'pass' if ok else '**FAIL**'} |")
+    lines += ["", "| scenario | requests | failures | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for name, r in summary.items():
+        rec = r["record"]
+        if "requests" in rec:
+            lines.append(f"| {name} | {rec['requests']} | {rec['failures']} | {rec['rps']:.0f} | "
+                         f"{rec['p50_ms']} | {rec['p99_ms']} |")
+    if "max" in summary:
+        lines += ["", "Closed-loop step ramp (`max`):", "",
+                  "| clients | req/s | p50 ms | p99 ms | failures |", "|---|---|---|---|---|"]
+        for st in summary["max"]["record"]["steps"]:
+            lines.append(f"| {st['users']} | {st['rps']:.0f} | {st['p50_ms']} | {st['p99_ms']} | "
+                         f"{st['failures']} |")
+    for name, key in (("soak", "rss"), ("redis-fault", "fault"), ("reload", "reload"),
+                      ("overload", "overload"), ("ci-redis-fault", "fault")):
+        if name in summary and key in summary[name]["record"]:
+            lines += ["", f"`{name}`: " + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in summary[name]["record"][key].items())]
+    stages = {n: r["record"].get("stages") for n, r in summary.items() if r["record"].get("stages")}
+    if stages:
+        lines += ["", "Server-side stage timings (ms, from `Server-Timing`):", "",
+                  "| scenario | stage | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+        for n, st in stages.items():
+            for k, v in st.items():
+                lines.append(f"| {n} | {k} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} | {v['p99_ms']:.3f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -430,6 +470,7 @@ def main() -> int:
                     if not ok:
                         failed.append(f"{name}: {rule}")
             summary_path.write_text(json.dumps(summary, indent=1, default=str))
+            write_markdown(summary, out / "summary.md", "python loadtests/run.py " + " ".join(sys.argv[1:]))
     finally:
         if sys_ is not None:
             sys_.stop()
