@@ -1,9 +1,9 @@
 """User histories in Redis: one list per user, newest click first, capped at `history_keep`.
 
 Reads are one LRANGE; an event is LPUSH + LTRIM in one MULTI/EXEC, so a reader never sees a list
-longer than the cap and two writers never lose a click. After a connection failure, or three
-timeouts in a row, requests skip Redis (and its timeout) for `redis_retry_after_ms`, then try
-again.
+longer than the cap and two writers never lose a click. After a refused or broken connection,
+requests skip Redis for `redis_retry_after_ms`, then try again; a pooled connection that a
+restarted Redis closed is reconnected once, at once, instead of failing the call.
 """
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ from .settings import Settings
 def redis_client(settings: Settings, timeout_s: float):
     """An asyncio client for `redis_url`: a bounded blocking pool, or a cluster client."""
     pw = settings.redis_password.get_secret_value() if settings.redis_password else None
-    kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True)
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True,
+              retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
     if pw is not None:
         kw["password"] = pw
     if settings.redis_cluster:
@@ -44,7 +49,6 @@ class HistoryStore:
         self.write_timeout = settings.redis_write_timeout_ms / 1000
         self.retry_after = settings.redis_retry_after_ms / 1000
         self._down_until = 0.0
-        self._failures = 0                  # consecutive
         self._on_error = on_error or (lambda op: None)
         self.client = redis_client(settings, max(self.timeout, self.write_timeout))
 
@@ -60,18 +64,15 @@ class HistoryStore:
             coro.close()
             raise HistoryError("Redis failed recently; retrying after a pause")
         try:
-            out = await asyncio.wait_for(coro, timeout or self.timeout)
+            return await asyncio.wait_for(coro, timeout or self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._failures += 1
-            # a refused connection opens the pause at once; timeouts only when they repeat, so a
-            # single stall of this process (a bundle loading beside it) does not turn it off
-            if not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)) \
-                    or self._failures >= 3:
+            # a refused or broken connection pauses Redis; a timeout does not: it is already
+            # bounded, and a stall of this process (a bundle loading beside it) would otherwise
+            # switch personalization off for everyone
+            if not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
                 self._down_until = time.monotonic() + self.retry_after
             self._on_error(op)
             raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
-        self._failures = 0
-        return out
 
     async def get(self, user_id: str) -> list[str] | None:
         """Newest first; None when the user has no history key."""

@@ -119,18 +119,38 @@ def test_exhausted_catalog_returns_what_is_left(small_world, own_redis, serve):
         assert sorted(items) == sorted(ds.item_ids[i] for i in range(n_items - 4, n_items + 1))
 
 
-def test_one_timeout_does_not_pause_redis_but_repeated_ones_do(small_world, own_redis, serve):
+def test_timeouts_do_not_pause_redis_but_a_refused_connection_does(small_world, own_redis, serve):
     seed_history(own_redis, small_world)
-    s = settings(small_world, own_redis, redis_timeout_ms=50, redis_retry_after_ms=5000)
+    s = settings(small_world, own_redis, redis_timeout_ms=50, redis_retry_after_ms=1500)
     with serve(s) as c:
-        own_redis.client().execute_command("CLIENT", "PAUSE", 150, "ALL")
-        r = c.post("/recommend", json={"user_id": "u", "n": 5})
-        assert r.json()["fallback"] == "history_unavailable"
-        time.sleep(0.2)
-        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is None
-        own_redis.client().execute_command("CLIENT", "PAUSE", 600, "ALL")
+        own_redis.client().execute_command("CLIENT", "PAUSE", 300, "ALL")
         for _ in range(3):
-            c.post("/recommend", json={"user_id": "u", "n": 5})
-        time.sleep(0.7)             # Redis answers again, but three timeouts opened the pause
+            r = c.post("/recommend", json={"user_id": "u", "n": 5})
+            assert r.json()["fallback"] == "history_unavailable"
+        time.sleep(0.35)
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is None
+        own_redis.stop()
         assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] == \
             "history_unavailable"
+        own_redis.start()
+        seed_history(own_redis, small_world)
+        # back, but the pause (1.5 s) after the refused connection still holds
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] == \
+            "history_unavailable"
+        time.sleep(1.6)
+        assert c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"] is None
+
+
+def test_stale_pooled_connections_reconnect_after_a_redis_restart(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    s = settings(small_world, own_redis, redis_retry_after_ms=5000)
+    with serve(s) as c:
+        with cf.ThreadPoolExecutor(8) as ex:       # fill the pool with several connections
+            list(ex.map(lambda _: c.post("/recommend", json={"user_id": "u", "n": 5}), range(32)))
+        own_redis.stop()
+        own_redis.start()                          # no request saw it down: nothing paused
+        seed_history(own_redis, small_world)
+        with cf.ThreadPoolExecutor(8) as ex:
+            flags = list(ex.map(lambda _: c.post("/recommend", json={"user_id": "u", "n": 5})
+                                .json()["fallback"], range(32)))
+        assert flags == [None] * 32
