@@ -354,6 +354,7 @@ def histogram(text: str, name: str, label: str) -> list[tuple[float, float]]:
 
 def quantile(before, after, q: float) -> float:
     """Upper bucket bound holding the q-quantile of what was observed between two scrapes."""
+    before = before or [(le, 0.0) for le, _ in after]     # no series yet: nothing observed
     diff = [(le, a - b) for (le, a), (_, b) in zip(after, before)]
     total = diff[-1][1] if diff else 0
     for le, n in diff:

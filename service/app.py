@@ -4,7 +4,7 @@ import asyncio
 import hmac
 import logging
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,18 +51,36 @@ class State:
                                   {"Retry-After": "5"})
         return self.engine
 
-    @contextmanager
-    def admit(self):
-        """Bounded concurrency: refuse at once beyond `max_in_flight`."""
-        if self.in_flight >= self.settings.max_in_flight:
-            raise errors.Overloaded(f"{self.in_flight} requests are in flight (limit "
-                                    f"{self.settings.max_in_flight}); retry shortly.",
-                                    {"Retry-After": "1"})
-        self.in_flight += 1
+
+class Admission:
+    """Bounded concurrency, checked before the body is read or parsed, so that refusing costs
+    next to nothing and refusals cannot starve the requests already admitted."""
+
+    GUARDED = ("/recommend", "/recommend/batch", "/events", "/floor")
+
+    def __init__(self, app, st: State):
+        self.app, self.st = app, st
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.GUARDED:
+            return await self.app(scope, receive, send)
+        st = self.st
+        limit = st.settings.max_in_flight
+        if st.in_flight >= limit:
+            st.metrics.failures.labels("overloaded").inc()
+            body = orjson.dumps({"type": "/problems/overloaded", "title": "Too many requests in flight",
+                                 "status": 429, "detail": f"{st.in_flight} requests are in flight "
+                                 f"(limit {limit}); retry shortly.", "instance": scope["path"]})
+            await send({"type": "http.response.start", "status": 429, "headers": [
+                (b"content-type", errors.PROBLEM.encode()), (b"retry-after", b"1"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        st.in_flight += 1
         try:
-            yield
+            await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            st.in_flight -= 1
 
 
 def _json(body, headers: dict[str, str] | None = None, status: int = 200) -> Response:
@@ -176,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "top-n items by inner product with their interest vectors out.",
                   lifespan=lifespan)
     app.state.sine = st
+    app.add_middleware(Admission, st=st)
     errors.install(app, on_error=lambda reason: metrics.failures.labels(reason).inc())
     RecommendRequest, BatchRequest, EventRequest = request_models(s)
 
@@ -188,12 +207,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def recommend(req: RecommendRequest):
         """Top-n candidates for one user from their newest clicks in Redis."""
         t0 = time.perf_counter()
-        with st.admit():
-            eng = st.serving()
-            q = query(req)
-            timings: dict[str, float] = {}
-            (hist,), unavailable = await st.recommender.histories([q.user_id], timings)
-            body = await st.recommender.recommend(eng, q, hist, unavailable, timings)
+        eng = st.serving()
+        q = query(req)
+        timings: dict[str, float] = {}
+        (hist,), unavailable = await st.recommender.histories([q.user_id], timings)
+        body = await st.recommender.recommend(eng, q, hist, unavailable, timings)
         metrics.request.labels("recommend").observe(time.perf_counter() - t0)
         return _json(body, _server_timing(timings))
 
@@ -201,13 +219,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def recommend_batch(req: BatchRequest):
         """Many users in one call; their encodes and searches share micro-batches."""
         t0 = time.perf_counter()
-        with st.admit():
-            eng = st.serving()
-            qs = [query(r) for r in req.requests]
-            timings: dict[str, float] = {}
-            hists, unavailable = await st.recommender.histories([q.user_id for q in qs], timings)
-            bodies = await asyncio.gather(*(st.recommender.recommend(eng, q, h, unavailable, {})
-                                            for q, h in zip(qs, hists)))
+        eng = st.serving()
+        qs = [query(r) for r in req.requests]
+        timings: dict[str, float] = {}
+        hists, unavailable = await st.recommender.histories([q.user_id for q in qs], timings)
+        bodies = await asyncio.gather(*(st.recommender.recommend(eng, q, h, unavailable, {})
+                                        for q, h in zip(qs, hists)))
         metrics.request.labels("recommend_batch").observe(time.perf_counter() - t0)
         return _json({"results": bodies}, _server_timing(timings))
 
@@ -216,15 +233,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def events(req: EventRequest):
         """Record a click: it becomes the newest entry of the user's history (capped)."""
         t0 = time.perf_counter()
-        with st.admit():
-            if store is None:
-                raise errors.HistoryUnavailable("No history store is configured (SINE_REDIS_URL).")
-            user = str(req.user_id)
-            try:
-                length = await store.append(user, str(req.item_id))
-            except HistoryError as e:
-                raise errors.HistoryUnavailable(f"The click was not recorded: {e}.",
-                                                {"Retry-After": "1"}) from e
+        if store is None:
+            raise errors.HistoryUnavailable("No history store is configured (SINE_REDIS_URL).")
+        user = str(req.user_id)
+        try:
+            length = await store.append(user, str(req.item_id))
+        except HistoryError as e:
+            raise errors.HistoryUnavailable(f"The click was not recorded: {e}.",
+                                            {"Retry-After": "1"}) from e
         metrics.request.labels("events").observe(time.perf_counter() - t0)
         return _json({"user_id": user, "history_length": length})
 
@@ -280,8 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if s.floor_endpoint:
         @app.post("/floor", include_in_schema=False)
         async def floor(req: RecommendRequest):
-            with st.admit():
-                return Response(st.floor_body, media_type="application/json")
+            return Response(st.floor_body, media_type="application/json")
 
     return app
 

@@ -27,10 +27,6 @@ class BadRequest(ServiceError):
     status, title, slug = 422, "Invalid request", "invalid-request"
 
 
-class Overloaded(ServiceError):
-    status, title, slug = 429, "Too many requests in flight", "overloaded"
-
-
 class NotReady(ServiceError):
     status, title, slug = 503, "Not ready", "not-ready"
 
