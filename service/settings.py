@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     redis_pool_size: int = Field(64, ge=1, description=(
         "Connections in the bounded pool; callers wait for a free one within the timeout."))
     redis_retry_after_ms: float = Field(500.0, ge=0, description=(
-        "After a Redis failure, requests skip Redis for this long (served as "
-        "`history_unavailable`), then try again."))
+        "After a refused or broken Redis connection, requests skip Redis for this long (served "
+        "as `history_unavailable`), then try again. Timeouts do not pause Redis."))
     on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
         "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
     history_keep: int = Field(20, ge=1, description=(
