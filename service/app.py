@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -68,14 +68,11 @@ class Admission:
         limit = st.settings.max_in_flight
         if st.in_flight >= limit:
             st.metrics.failures.labels("overloaded").inc()
-            body = orjson.dumps({"type": "/problems/overloaded", "title": "Too many requests in flight",
-                                 "status": 429, "detail": f"{st.in_flight} requests are in flight "
-                                 f"(limit {limit}); retry shortly.", "instance": scope["path"]})
-            await send({"type": "http.response.start", "status": 429, "headers": [
-                (b"content-type", errors.PROBLEM.encode()), (b"retry-after", b"1"),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            refusal = errors.problem(429, "Too many requests in flight",
+                                     f"{st.in_flight} requests are in flight (limit {limit}); "
+                                     f"retry shortly.", "overloaded", scope["path"],
+                                     {"Retry-After": "1"})
+            return await refusal(scope, receive, send)
         st.in_flight += 1
         try:
             await self.app(scope, receive, send)
@@ -83,9 +80,8 @@ class Admission:
             st.in_flight -= 1
 
 
-def _json(body, headers: dict[str, str] | None = None, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
-                    headers=headers)
+def _json(body, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 def _server_timing(t: dict[str, float]) -> dict[str, str]:
@@ -121,18 +117,18 @@ async def reload(st: State, version: str | None = None) -> Engine:
             raise errors.ReloadRefused(f"{e} The served version is unchanged "
                                        f"({st.engine.version if st.engine else 'none'}).") from e
         old = st.engine
-        st.engine, st.not_ready = eng, None      # in-flight requests keep their reference to `old`
-        _after_swap(st, eng)
+        _serve(st, eng)                          # in-flight requests keep their reference to `old`
         st.metrics.reloads.labels("ok").inc()
         log.info("bundle swapped", extra={"old": old.version if old else None, "new": eng.version})
         return eng
 
 
-def _after_swap(st: State, eng: Engine) -> None:
+def _serve(st: State, eng: Engine) -> None:
+    """Make `eng` the served bundle."""
+    st.engine, st.not_ready = eng, None
     m = eng.bundle.manifest
     st.metrics.set_bundle(eng.version, m["index"]["factory"], eng.n_items)
-    items = [{"item_id": eng.item_ids[i], "score": float(eng.popularity[i])}
-             for i in eng.popular[: st.settings.max_n].tolist()]
+    items = st.recommender.popular(eng, st.settings.max_n, set())
     st.floor_body = orjson.dumps({"user_id": "0", "version": eng.version, "mode": "aggregate",
                                   "fallback": None, "items": items, "interest_weights": None})
 
@@ -173,9 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("starting", extra={"bundle": s.bundle, "redis": s.redis_url_redacted(),
                                     "providers": s.providers, "batching": s.batching})
         try:
-            eng = await asyncio.to_thread(_load, st, s.bundle)
-            st.engine, st.not_ready = eng, None
-            _after_swap(st, eng)
+            _serve(st, await asyncio.to_thread(_load, st, s.bundle))
         except (EngineError, bundle_mod.BundleError) as e:
             st.not_ready = str(e)
             log.error("bundle not loaded; not ready", extra={"reason": str(e)})
@@ -184,7 +178,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if st.watcher:
             st.watcher.cancel()
-        st.recommender.close()
         if store:
             await store.close()
         log.info("stopped")

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from index_builder import bundle as bundle_mod
@@ -73,12 +74,20 @@ class Engine:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
-        import faiss
-
         # omp_set_num_threads is per calling thread: set it in whichever thread searches
         faiss.omp_set_num_threads(self.faiss_threads)
         k = max(1, min(k, self.n_items))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def popular_ids(self, n: int, exclude: set[int]) -> list[int]:
+        """The n most popular internal ids outside `exclude`."""
+        out: list[int] = []
+        for i in self.popular.tolist():
+            if i not in exclude:
+                out.append(i)
+                if len(out) == n:
+                    break
+        return out
 
     def vectors(self, ids: list[int]) -> np.ndarray:
         """Item vectors as the index stores them, [len(ids), D]."""
@@ -125,8 +134,6 @@ def _session(path: Path, providers: str, allow_cpu_fallback: bool, intra_op_thre
 
 
 def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict):
-    import faiss
-
     from index_builder.build import set_search_params
 
     cpu = b.read_index()

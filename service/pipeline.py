@@ -1,8 +1,8 @@
 """The request path: history -> encode -> search -> filter, each a small timed stage.
 
-Encode and search run per micro-batch: concurrent requests queue up while a batch computes on the
-worker thread, and the next batch takes everything that queued (up to `batch_max_size`), so one
-ONNX Runtime run and one faiss search serve them all. Without batching a request computes alone.
+Encode and search run per micro-batch: the requests that reach the encoder in the same turn of
+the event loop (up to `batch_max_size`) share one ONNX Runtime run and one faiss search. Without
+batching a request computes alone.
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ class Encoded:
     scores: np.ndarray                 # [Q, k]  Q = 1 (aggregate) or K (per interest)
     ids: np.ndarray                    # [Q, k]
     timings: dict[str, float] = field(default_factory=dict)
-    batch: int = 1
 
 
 def compute(jobs: list[Job]) -> list[Encoded]:
@@ -73,8 +72,7 @@ def compute(jobs: list[Job]) -> list[Encoded]:
         timing = {"encode": t1 - t0, "search": t2 - t1}
         for b, i in enumerate(idx):
             s, e = spans[b]
-            out[i] = Encoded(interests[b], uv[b], weights[b], scores[s:e], ids[s:e],
-                             timing, len(idx))
+            out[i] = Encoded(interests[b], uv[b], weights[b], scores[s:e], ids[s:e], timing)
     return out  # type: ignore[return-value]
 
 
@@ -118,9 +116,6 @@ class MicroBatcher:
                 if not f.done():
                     f.set_result((r, start - t_in))
 
-    def close(self) -> None:
-        pass
-
 
 class Recommender:
     def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
@@ -154,7 +149,7 @@ class Recommender:
         if fallback:
             self.m.fallbacks.labels(fallback).inc()
             with self.m.time_stage("popularity", timings):
-                items = self._popular(engine, q.n, exclude)
+                items = self.popular(engine, q.n, exclude)
             return self._answer(engine, q, fallback, items, None)
         per_interest = q.mode == "per_interest"
         job = Job(engine, window, q.n + len(exclude), per_interest)
@@ -190,8 +185,7 @@ class Recommender:
         interest = [v[1] for _, v in ranked]
         need = min(q.n, engine.n_items - len(exclude)) - len(ids)
         if need > 0:           # an ANN index returned fewer than asked: exact scores for the rest
-            taken = set(ids) | exclude
-            extra = [int(i) for i in engine.popular if int(i) not in taken][:need]
+            extra = engine.popular_ids(need, set(ids) | exclude)
             vecs = engine.vectors(extra)                                      # [e, D]
             per = vecs @ (enc.interests.T if q.mode == "per_interest"
                           else enc.user_vector[:, None])                      # [e, Q]
@@ -209,15 +203,11 @@ class Recommender:
                 it["interest"] = r
         return items
 
-    def _popular(self, engine: Engine, n: int, exclude: set[int]) -> list[dict]:
-        out = []
-        for i in engine.popular.tolist():
-            if i in exclude:
-                continue
-            out.append({"item_id": engine.item_ids[i], "score": float(engine.popularity[i])})
-            if len(out) == n:
-                break
-        return out
+    @staticmethod
+    def popular(engine: Engine, n: int, exclude: set[int]) -> list[dict]:
+        """Answer items from training popularity; the score is the click count."""
+        return [{"item_id": engine.item_ids[i], "score": float(engine.popularity[i])}
+                for i in engine.popular_ids(n, exclude)]
 
     @staticmethod
     def _answer(engine: Engine, q: Query, fallback: str | None, items: list[dict],
@@ -225,7 +215,3 @@ class Recommender:
         return {"user_id": q.user_id, "version": engine.version, "mode": q.mode,
                 "fallback": fallback, "items": items,
                 "interest_weights": weights.tolist() if weights is not None else None}
-
-    def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
