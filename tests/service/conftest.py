@@ -1,7 +1,4 @@
 """A real redis-server on a free port and a real uvicorn server on another, per test need."""
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -10,67 +7,29 @@ import httpx
 import pytest
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.local import EmbeddedRedis, free_port
 
 
-class RedisServer:
-    def __init__(self, tmp):
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server); "
-                        ".ci/run installs it")
-        self.exe, self.dir, self.port = exe, tmp, free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+class RedisServer(EmbeddedRedis):
+    """The service's embedded redis-server, plus a client for the tests' own reads and writes."""
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True)
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    r = RedisServer(tmp_path_factory.mktemp("redis"))
-    r.start()
+def redis_server():
+    r = RedisServer().start()
     yield r
-    r.stop()
+    r.cleanup()
 
 
 @pytest.fixture
-def own_redis(tmp_path):
+def own_redis():
     """A Redis of this test's own, free to be killed and restarted."""
-    r = RedisServer(tmp_path)
-    r.start()
+    r = RedisServer().start()
     yield r
-    r.stop()
+    r.cleanup()
 
 
 @contextmanager

@@ -1,20 +1,14 @@
 """`sine serve` and `sine load-histories` as a user runs them."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from service.local import free_port
 from sine_cli import main
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_log(path, rows):
@@ -42,7 +36,7 @@ def test_load_histories_errors(tmp_path, capsys, monkeypatch):
     assert main(["load-histories", "--dataset", str(log)]) == 2
     assert "no Redis" in capsys.readouterr().err
     rc = main(["load-histories", "--dataset", str(log), "--redis-url",
-               f"redis://:pw@127.0.0.1:{_port()}/0"])
+               f"redis://:pw@127.0.0.1:{free_port()}/0"])
     err = capsys.readouterr().err
     assert rc == 2 and "Redis at redis://:***@127.0.0.1" in err and "pw@" not in err
 
@@ -56,7 +50,7 @@ def test_serve_refuses_a_broken_bundle_or_bad_setting(tmp_path, capsys, monkeypa
 
 
 def test_serve_answers_and_drains_on_sigterm(small_world, redis_server):
-    port = _port()
+    port = free_port()
     env = {**os.environ, "SINE_BUNDLE": str(small_world["root"]), "SINE_WATCH_INTERVAL_S": "0",
            "SINE_REDIS_URL": redis_server.url, "SINE_REDIS_PASSWORD": "not-logged"}
     p = subprocess.Popen([sys.executable, "-m", "sine_cli", "serve", "--port", str(port)],

@@ -1,19 +1,13 @@
 """`sine demo` end to end on synthetic data: build, serve, answer, stop; then reuse the bundle."""
-import socket
 
+from service.local import free_port
 from sine_cli import main
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_demo_builds_serves_and_reuses(tmp_path, capsys):
     args = ["demo", "--dataset", "synthetic", "--workdir", str(tmp_path), "--train-minutes",
             "0.1", "--no-wait"]
-    assert main(args + ["--port", str(_port())]) == 0
+    assert main(args + ["--port", str(free_port())]) == 0
     out = capsys.readouterr().out
     assert "training SINE on synthetic" in out and "started redis-server" in out
     assert 'POST /recommend {"user_id": "0", "n": 10}' in out and "fallback None" in out
@@ -21,7 +15,7 @@ def test_demo_builds_serves_and_reuses(tmp_path, capsys):
     assert "/docs" in out and "/metrics" in out
     assert (tmp_path / "bundles" / "current").exists()
 
-    assert main(args + ["--port", str(_port())]) == 0
+    assert main(args + ["--port", str(free_port())]) == 0
     out = capsys.readouterr().out
     assert "reusing bundle" in out and "training SINE" not in out
 
@@ -29,6 +23,6 @@ def test_demo_builds_serves_and_reuses(tmp_path, capsys):
 def test_demo_with_an_unreachable_redis_is_a_clean_error(tmp_path, capsys):
     from index_builder import bundle
     rc = main(["demo", "--dataset", "synthetic", "--workdir", str(tmp_path), "--train-minutes",
-               "0.1", "--no-wait", "--redis-url", f"redis://127.0.0.1:{_port()}/0"])
+               "0.1", "--no-wait", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
     assert rc == 2 and "Redis at redis://127.0.0.1" in capsys.readouterr().err
     assert bundle.current_version(tmp_path / "bundles")      # the bundle was still kept
