@@ -5,6 +5,11 @@ the service builds windows with `model_export.data.window`'s convention) and ret
 `interests` [B, K, D], `user_vector` [B, D] and `weights` [B, K]. Only the batch axis is dynamic;
 all weights live inside the one file.
 
+The graph is `FoldedSINE` (per-item tables of the item-side products, gathered per user) where
+its tables fit `fold_budget_mb`, else the plain `SINE`; `graph` forces one. Either way it is
+checked against the trained PyTorch model, and the manifest records which graph it is and what its
+tables cost per item.
+
 The export folder also gets the item table (float32 [M, D], row j = internal id j + 1), the
 external id of each internal id, the training popularity (the service's cold-start fallback),
 and a sample of real user vectors from validation histories: the queries `sine build-index`
@@ -21,11 +26,29 @@ import numpy as np
 import torch
 
 from .data import Split
-from .sine import SINE
+from .sine import SINE, FoldedSINE
 
 OPSET = 18
 INPUT = "item_ids"
 OUTPUTS = ("interests", "user_vector", "weights")
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce the trained model; nothing is kept."""
+
+
+GRAPHS = ("auto", "folded", "plain")
+FOLD_BUDGET_MB = 1024.0
+
+
+def choose_graph(model: SINE, graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB) -> str:
+    """`folded` where the tables fit the budget (or when asked for), else `plain`."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    if graph != "auto":
+        return graph
+    table = (model.config.n_items + 1) * FoldedSINE.table_bytes_per_item(model.config)
+    return "folded" if table <= fold_budget_mb * 2**20 else "plain"
 
 
 def export_onnx(model: SINE, path: Path, opset: int = OPSET) -> Path:
@@ -60,14 +83,15 @@ def validation_queries(model: SINE, sp: Split, max_users: int = 2000, seed: int 
 
 
 def check_parity(model: SINE, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:
-    """Max |ORT - torch| per output on random padded batches (with a length-1 row)."""
+    """Max |ORT - torch| per output on random padded batches (with a length-1 row); `model` is
+    the trained (unfolded) reference."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
     n, M = model.config.n, model.config.n_items
-    worst = {k: 0.0 for k in OUTPUTS}
+    worst = dict.fromkeys(OUTPUTS, 0.0)
     for B in batch_sizes:
         x = torch.randint(1, M + 1, (B, n), generator=g)
         lengths = torch.randint(1, n + 1, (B,), generator=g)
@@ -97,22 +121,25 @@ def library_versions() -> dict:
 
 
 def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int = 2000,
-           log=print) -> dict:
+           graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB, log=print) -> dict:
     """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, export.json."""
-    from .train import atomic_write_text, load_checkpoint, model_from_checkpoint
     from .data import split
     from .evaluate import evaluate_model
+    from .train import atomic_write_text, load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(ck_path, ds)
     model = model_from_checkpoint(ck)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_onnx(model, out_dir / "encoder.onnx", opset)
+    chosen = choose_graph(model, graph, fold_budget_mb)
+    encoder = FoldedSINE(model) if chosen == "folded" else model
+    onnx_path = export_onnx(encoder, out_dir / "encoder.onnx", opset)
     parity = check_parity(model, onnx_path)
     bad = {k: v for k, v in parity.items() if v > PARITY_TOL[k]}
     if bad:
-        raise RuntimeError(f"ONNX and PyTorch disagree beyond tolerance {PARITY_TOL}: {bad}; "
-                           "the export was not kept.")
+        onnx_path.unlink()
+        raise ExportError(f"ONNX and PyTorch disagree beyond tolerance {PARITY_TOL}: {bad}; "
+                          "the export was not kept.")
     sp = split(ds, model.config.n)
     np.save(out_dir / "items.npy", item_table(model))
     np.save(out_dir / "popularity.npy", sp.train_counts)
@@ -122,11 +149,14 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     info = {"model": ck["model_args"], "dataset": ck["dataset"],
             "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),
                      "input_layout": "[B, n] int64, most recent click first, 0 = padding at the end",
-                     "parity_max_abs_diff": parity},
+                     "parity_max_abs_diff": parity, "graph": chosen,
+                     "table_bytes_per_item": FoldedSINE.table_bytes_per_item(model.config)
+                     if chosen == "folded" else 0,
+                     "fold_budget_mb": fold_budget_mb},
             "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
             "offline_metrics": metrics, "checkpoint": {"best_epoch": ck["best_epoch"],
                                                        "train_args": ck["train_args"]},
             "libraries": library_versions()}
     atomic_write_text(json.dumps(info, indent=1), out_dir / "export.json")
-    log(f"exported to {out_dir}: opset {opset}, parity {parity}")
+    log(f"exported to {out_dir}: {chosen} graph, opset {opset}, parity {parity}")
     return info

@@ -29,6 +29,11 @@ Deviations from the paper, each with its reason (the ablation table in
 5. Eq. 1-2 are as written (W1 D x D, W2 D, no bias); the authors' code uses a 512-wide MLP with
    biases and adds positions to Eq. 1 and 6. That variant is not provided.
 
+Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
+attention heads as one [D, K D] product, and Eq. 6's X_hat W3' as P_kt (C_u W3'), a [K, D] x
+[D, D] product instead of [n, D] x [D, D]. `FoldedSINE` (the serving export) goes further and
+gathers the item-side products from precomputed tables.
+
 Losses: Eq. 9 as a full softmax over all M items, or a sampled softmax with a log-uniform proposal
 over popularity-ranked ids, logQ correction and accidental hits removed (TF's
 `sampled_softmax_loss` semantics, as the authors trained). Eq. 10 is the covariance of the
@@ -37,7 +42,7 @@ prototype rows, each centred over its D coordinates (DeCov, the paper's ref. [5]
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -115,9 +120,23 @@ class SINE(nn.Module):
         X = self.H(item_ids) * mask.unsqueeze(-1)                      # [B, n, D], pads exactly 0
         return X, mask
 
+    # The linear maps applied to item embeddings before any nonlinearity (Eq. 1, 3, 4) and to the
+    # activated prototypes (Eq. 6). Plain products here; `FoldedSINE` gathers them from tables.
+    def item_maps(self, X: torch.Tensor, item_ids: torch.Tensor):
+        """X W1 (Eq. 1), X W3 (Eq. 3) and (X + P) W_{k,1} for every k (Eq. 4)."""
+        D, K = self.config.D, self.config.K
+        Wk1 = self.Wk1.permute(1, 0, 2).reshape(D, K * D)              # [D, K*D]: one GEMM for all k
+        return X @ self.W1, X @ self.W3, (X + self.P) @ Wk1            # [B, n, D], [B, n, D], [B, n, K*D]
+
+    def prototype_map(self, idx: torch.Tensor) -> torch.Tensor:
+        """C W3' for the activated prototypes: Eq. 6's X_hat W3' = P_kt (C_u W3')."""
+        W3_apt = self.W3 if self.W3_apt is None else self.W3_apt
+        return self.C[idx] @ W3_apt                                    # [B, K, D]
+
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
-    def activate(self, X: torch.Tensor, mask: torch.Tensor):
-        a = masked_softmax(torch.tanh(X @ self.W1) @ self.W2, mask, dim=1)   # [B, n]
+    def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None):
+        XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
+        a = masked_softmax(torch.tanh(XW1) @ self.W2, mask, dim=1)     # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
         s = z @ self.C.t()                                             # [B, L]
         return torch.topk(s, self.config.K, dim=1)                     # values, indices: [B, K]
@@ -126,11 +145,13 @@ class SINE(nn.Module):
         """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
         c = self.config
         X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
-        s_top, idx = self.activate(X, mask)                            # [B, K], [B, K]
-        C_u = self.C[idx] * torch.sigmoid(s_top).unsqueeze(-1)         # [B, K, D]
+        XW1, XW3, XpWk1 = self.item_maps(X, item_ids)                  # [B, n, D], [B, n, D], [B, n, K*D]
+        s_top, idx = self.activate(X, mask, XW1)                       # [B, K], [B, K]
+        gate = torch.sigmoid(s_top).unsqueeze(-1)                      # [B, K, 1]
+        C_u = self.C[idx] * gate                                       # [B, K, D]
 
         # §3.2.2 intention assignment (Eq. 3)
-        q = self.ln1(X @ self.W3)                                      # [B, n, D]
+        q = self.ln1(XW3)                                              # [B, n, D]
         p = self.ln2(C_u)                                              # [B, K, D]
         if c.literal:
             logits = q @ p.transpose(1, 2)                             # [B, n, K]
@@ -139,11 +160,7 @@ class SINE(nn.Module):
         P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
 
         # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
-        D, K = c.D, c.K
-        Xp = X + self.P.unsqueeze(0)                                   # [B, n, D]
-        Wk1 = self.Wk1.permute(1, 0, 2).reshape(D, K * D)              # [D, K*D]: one GEMM for all k
-        Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(K, device=X.device).unsqueeze(1)).reshape(K * D, K)  # block-diagonal [K*D, K]
-        e_tk = (torch.tanh(Xp @ Wk1) @ Wk2)                            # [B, n, K]
+        e_tk = (torch.tanh(XpWk1).unflatten(-1, (c.K, c.D)) * self.Wk2).sum(-1)   # [B, n, K]
         P_tk = masked_softmax(e_tk, mask.unsqueeze(-1), dim=1)         # [B, n, K]
 
         # §3.2.4 interest embedding generation (Eq. 5)
@@ -155,8 +172,8 @@ class SINE(nn.Module):
             e = torch.full_like(phi[..., 0], 1.0 / c.K)                # [B, K]
         else:
             X_hat = P_kt @ C_u                                         # [B, n, D]
-            W3_apt = self.W3 if self.W3_apt is None else self.W3_apt
-            b = masked_softmax(torch.tanh(X_hat @ W3_apt) @ self.W4, mask, dim=1)  # [B, n]
+            X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)         # [B, n, D] = X_hat W3'
+            b = masked_softmax(torch.tanh(X_hat_W3) @ self.W4, mask, dim=1)   # [B, n]
             C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(1))         # [B, D]
             if c.literal:
                 logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau          # [B, K]
@@ -178,7 +195,7 @@ class SINE(nn.Module):
         logits = v @ self.item_table().t()                             # [B, M]
         return F.cross_entropy(logits, target - 1)
 
-    def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: "LogUniformSampler",
+    def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: LogUniformSampler,
                              generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed."""
         neg, log_q_neg = sampler.sample(generator)                     # [S], [S]
@@ -200,8 +217,42 @@ class SINE(nn.Module):
         diag2 = (Cc.pow(2).sum(1) / D).pow(2).sum()
         return 0.5 * (fro2 - diag2)
 
-    def model_args(self) -> dict:
-        return asdict(self.config)
+
+class FoldedSINE(SINE):
+    """SINE's encoder with the linear maps of the item embeddings folded into per-item tables.
+
+    Eq. 1, 3 and 4 apply W1, W3 and W_{k,1} to item embeddings before any nonlinearity, and
+    H[ids] W = (H W)[ids]: the tables [M + 1, (2 + K) D] hold H W1 | H W3 | H W_{k,1}, so a user
+    costs gathers instead of [n, D] x [D, (2 + K) D] products. P W_{k,1} and C W3' are folded the
+    same way. Outputs equal SINE's up to float rounding. Made from a trained model for export;
+    the tables cost `table_bytes_per_item` of memory per item.
+    """
+
+    def __init__(self, model: SINE):
+        super().__init__(model.config)
+        self.load_state_dict(model.state_dict())
+        c = self.config
+        with torch.no_grad():
+            Wk1 = self.Wk1.permute(1, 0, 2).reshape(c.D, c.K * c.D)   # [D, K*D]
+            H = self.H.weight                                          # [M + 1, D]
+            tables = torch.cat([H @ self.W1, H @ self.W3, H @ Wk1], dim=1)   # [M + 1, (2 + K) D]
+            tables[0] = 0.0                                            # padding maps to 0, as X does
+            self.register_buffer("tables", tables)
+            self.register_buffer("PWk1", self.P @ Wk1)                 # [n, K*D]
+            self.register_buffer("CW3", SINE.prototype_map(self, torch.arange(c.L)))  # [L, D]
+        self.eval()
+
+    @staticmethod
+    def table_bytes_per_item(config: SINEConfig) -> int:
+        return (2 + config.K) * config.D * 4                           # float32
+
+    def item_maps(self, X: torch.Tensor, item_ids: torch.Tensor):
+        c = self.config
+        XW1, XW3, XWk1 = self.tables[item_ids].split([c.D, c.D, c.K * c.D], dim=-1)
+        return XW1, XW3, XWk1 + self.PWk1                              # [B, n, D], [B, n, D], [B, n, K*D]
+
+    def prototype_map(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.CW3[idx]                                           # [B, K, D]
 
 
 class LogUniformSampler:
