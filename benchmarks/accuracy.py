@@ -1,6 +1,6 @@
 """Accuracy benchmark: SINE and its ablations under the paper's protocol.
 
-    python benchmarks/accuracy.py --dataset ml-1m --variants sine --max-minutes 30
+    python -m benchmarks.accuracy --dataset ml-1m --variants sine --max-minutes 30
 
 Each variant trains with early stopping on validation NDCG@10, is evaluated on test (full
 ranking, history excluded) and leaves `<runs-dir>/<dataset>/<variant>/result.json`. The merge step
@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import git_commit, machine, now
+from model_export import data
 
-from benchmarks.common import git_commit, machine, now  # noqa: E402
-from model_export import data  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "popularity": {},
@@ -47,7 +46,6 @@ AIM = {"ml-1m": {"HR@10": 21.5, "NDCG@10": 11.0, "HR@50": 49.0, "NDCG@50": 17.0}
 
 
 def run_variant(name: str, ds, args, command: str) -> dict:
-    import torch  # noqa: F401  (the popularity row needs no model, but split() is shared)
     from model_export.data import split
     from model_export.evaluate import evaluate_popularity
     from model_export.train import TrainConfig, train
@@ -138,7 +136,7 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
             f"{PAPER[dataset].get(c, '-')}" for c in cols) + " | | | |")
         md.append("| aim (above single-vector SASRec) | " + " | ".join(
             f"{AIM[dataset].get(c, '-')}" for c in cols) + " | | | |")
-    for name, r in rows.items():
+    for r in rows.values():
         m = r["test_percent"]
         mach = r["machine"].get("gpu") or f"{r['machine'].get('cpus')} CPU cores"
         md.append(f"| {r['label']} | " + " | ".join(f"{m[c]:.2f}" for c in cols)
@@ -148,7 +146,7 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
         md += ["", "The same checkpoints **without** excluding the user's past items (the protocol "
                "of the authors' code and of RecBole's full-sort evaluation):", "",
                "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for name, r in kept.items():
+        for r in kept.values():
             m = r["test_keep_history_percent"]
             md.append(f"| {r['label']} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |")
     md += ["", "Commands, commits and machines of each row:", ""]
@@ -187,7 +185,7 @@ def main(argv=None) -> int:
                    help="add keep-history test metrics to finished runs that still have best.pt")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = "python -m benchmarks.accuracy " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     ds = None
     if not args.merge_only:
         ds = data.load(args.dataset, args.data_dir, seed=args.seed)

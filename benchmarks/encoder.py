@@ -1,6 +1,6 @@
 """Encoder benchmark: onnxruntime vs torch eager on the same SINE encoder, in one process.
 
-    python benchmarks/encoder.py --checkpoint runs/bench/ml-1m/sine/best.pt
+    python -m benchmarks.encoder --checkpoint runs/bench/ml-1m/sine/best.pt
 
 Batch sizes 1, 32 and 256 of full 20-click histories; both runtimes on one thread (the service's
 per-request setting) and on all threads; runs interleaved in rounds so that machine noise hits
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import git_commit, machine, now, write_results
 
-from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -84,12 +83,14 @@ def main(argv=None) -> int:
                 o += timed(run_ort, reps)
                 t += timed(run_torch, reps)
             row = {"threads": threads, "batch": B,
-                   "ort_ms_p50": float(np.median(o)), "ort_ms_p10_p90": [float(np.percentile(o, 10)), float(np.percentile(o, 90))],
-                   "torch_ms_p50": float(np.median(t)), "torch_ms_p10_p90": [float(np.percentile(t, 10)), float(np.percentile(t, 90))]}
+                   "ort_ms_p50": float(np.median(o)),
+                   "ort_ms_p10_p90": [float(np.percentile(o, 10)), float(np.percentile(o, 90))],
+                   "torch_ms_p50": float(np.median(t)),
+                   "torch_ms_p10_p90": [float(np.percentile(t, 10)), float(np.percentile(t, 90))]}
             row["torch_over_ort"] = row["torch_ms_p50"] / row["ort_ms_p50"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"command": "python benchmarks/encoder.py " + " ".join(argv or sys.argv[1:]),
+    meta = {"command": "python -m benchmarks.encoder " + " ".join(argv or sys.argv[1:]),
             "model": {k: getattr(cfg, k) for k in ("n_items", "D", "n", "K", "L")},
             "torch": torch.__version__, "onnxruntime": ort.__version__, "machine": machine(),
             "git_commit": git_commit(), "finished": now()}

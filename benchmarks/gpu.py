@@ -1,6 +1,6 @@
 """GPU checks in one short run: ORT's CUDA provider and GPU retrieval at 1M and 10M items.
 
-    python benchmarks/gpu.py --bundle runs/bundles --out benchmarks/results
+    python -m benchmarks.gpu --bundle runs/bundles --out benchmarks/results
 
 1. onnxruntime: which providers the package offers, whether a session asked for CUDA really runs
    on it (`session.get_providers()`, not `get_available_providers()`), CUDA vs CPU latency at
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import git_commit, machine, now, write_results
 
-from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 K = 100
 
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
           else np.random.default_rng(1).normal(size=(1024, b.manifest["model"]["D"])).astype(np.float32))
     ort_rows = check_ort(b.file("encoder"))
     ret_rows = check_retrieval([int(s) for s in a.sizes.split(",")], items, xq)
-    meta = {"command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:]),
+    meta = {"command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:]),
             "machine": machine("cuda"), "git_commit": git_commit(), "finished": now(),
             "bundle": b.version}
     md = ["# GPU checks", "", f"`{meta['command']}` on {meta['machine'].get('gpu', 'no GPU')} "

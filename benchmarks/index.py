@@ -1,6 +1,6 @@
 """Index benchmark: faiss index types side by side with exact search, on real user vectors.
 
-    python benchmarks/index.py --export runs/export-ml1m --sizes items,100000,1000000
+    python -m benchmarks.index --export runs/export-ml1m --sizes items,100000,1000000
 
 Catalogs: the trained item table itself (`items`), and synthetic catalogs of N items drawn from a
 diagonal Gaussian mixture fitted (k-means, 64 components) to the trained item vectors, so their
@@ -23,13 +23,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from benchmarks.common import git_commit, machine, now, write_results
+from index_builder.build import KNOB_LADDER, build, exact_topk, knob_name, recall_at_k
+from index_builder.bundle import set_search_params
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
-
-from index_builder.build import (KNOB_LADDER, build, exact_topk, knob_name,  # noqa: E402
-                                 recall_at_k, set_search_params)
 
 K = 100
 
@@ -115,7 +113,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--export", required=True, help="folder written by `sine export`")
     p.add_argument("--sizes", default="items,100000,1000000")
-    p.add_argument("--factories", default="Flat;HNSW32,Flat;IVF1024,Flat;IVF4096,Flat;IVF1024,SQ8;IVF4096,SQ8;IVF4096,PQ32",
+    p.add_argument("--factories",
+                   default="Flat;HNSW32,Flat;IVF1024,Flat;IVF4096,Flat;IVF1024,SQ8;IVF4096,SQ8;IVF4096,PQ32",
                    help="faiss factory strings separated by ';'")
     p.add_argument("--floor", type=float, default=0.95)
     p.add_argument("--queries", type=int, default=1000)
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         name = "trained item table" if s == "items" else f"mixture fitted to items, {int(s):,}"
         print(f"== {name}: {len(xb):,} items, {len(xq)} queries", flush=True)
         results += bench_catalog(name, xb, xq, factories, a.floor)
-    meta = {"command": "python benchmarks/index.py " + " ".join(argv or sys.argv[1:]),
+    meta = {"command": "python -m benchmarks.index " + " ".join(argv or sys.argv[1:]),
             "machine": machine(), "git_commit": git_commit(), "faiss": faiss.__version__, "k": K,
             "recall_floor": a.floor,
             "queries": f"{len(xq)} user vectors from validation histories (ML-1M model)",

@@ -8,27 +8,22 @@ user, and scores the answers against the test targets. The offline figures are t
 offline protocol, so the two must agree; the default `history_keep = 20` excludes only the 20
 newest clicks and is reported beside it.
 
-    python benchmarks/online_eval.py --bundle runs/bundles
+    python -m benchmarks.online_eval --bundle runs/bundles
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import git_commit, machine, now, write_results  # noqa: E402
-from index_builder import bundle as bundle_mod  # noqa: E402
-from model_export import data  # noqa: E402
-from service.local import EmbeddedRedis, Server  # noqa: E402
-from sine_cli import main as sine  # noqa: E402
+from benchmarks.common import git_commit, machine, now, write_results
+from devtools.local import Stack
+from index_builder import bundle as bundle_mod
+from model_export import data
 
 KS = (10, 50)
 
@@ -66,24 +61,13 @@ def score(answers: dict[str, list[str]], targets: dict[str, str]) -> dict[str, f
     return {k: v / len(targets) for k, v in m.items()}
 
 
-def run(bundle: str, keep: int, ds, targets, data_dir, log_path: Path) -> tuple[dict, float]:
-    redis = EmbeddedRedis().start()
-    try:
-        rc = sine(["load-histories", "--dataset", "ml-1m", "--redis-url", redis.url,
-                   "--holdout", "1", "--keep", str(keep)] + (["--data-dir", data_dir] if data_dir else []))
-        if rc:
-            raise SystemExit("load-histories failed")
-        srv = Server({"SINE_BUNDLE": bundle, "SINE_REDIS_URL": redis.url, "SINE_MAX_N": "50",
-                      "SINE_HISTORY_KEEP": str(keep), "SINE_REDIS_TIMEOUT_MS": "2000",
-                      "SINE_WATCH_INTERVAL_S": "0"}, log_path=log_path).start()
-        try:
-            t0 = time.perf_counter()
-            answers = asyncio.run(ask_all(srv.url, list(targets), 50, 16))
-            secs = time.perf_counter() - t0
-        finally:
-            srv.stop()
-    finally:
-        redis.cleanup()
+def run(bundle: str, keep: int, ds, targets, log_path: Path) -> tuple[dict, float]:
+    with Stack(data.histories(ds, holdout=1), keep=keep) as stack:
+        srv = stack.serve(bundle, log_path=log_path, max_n=50, history_keep=keep,
+                          redis_timeout_ms=2000, watch_interval_s=0)
+        t0 = time.perf_counter()
+        answers = asyncio.run(ask_all(srv.url, list(targets), 50, 16))
+        secs = time.perf_counter() - t0
     return score(answers, targets), secs
 
 
@@ -104,13 +88,13 @@ def main() -> None:
     longest = max(len(s) for s in ds.sequences)
     rows = {}
     for keep in (longest, 20):
-        metrics, secs = run(str(b.path), keep, ds, targets, a.data_dir, Path(a.out) / ".server.log")
+        metrics, secs = run(str(b.path), keep, ds, targets, Path(a.out) / ".server.log")
         rows[keep] = {"metrics": metrics, "seconds": secs}
         print(keep, metrics, f"{secs:.1f} s")
     full = rows[longest]["metrics"]
     diff = {k: 100 * (full[k] - offline[k]) for k in offline}
     ok = all(abs(v) <= 0.2 for v in diff.values())
-    cmd = "python benchmarks/online_eval.py --bundle " + a.bundle
+    cmd = "python -m benchmarks.online_eval --bundle " + a.bundle
     md = [f"# Online equals offline (ML-1M, {len(targets):,} users over HTTP)", "",
           f"Bundle `{b.version}` ({b.manifest['index']['factory']}); {now()}; commit "
           f"{git_commit()[:10]}; `{cmd}`", "",

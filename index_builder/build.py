@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from .bundle import set_search_params
+
 # `auto`: exact search up to this many items; above, IVF with about 4 sqrt(N) lists (a power of
 # two) over 8-bit scalar-quantized vectors. Measured side by side in benchmarks/results/index.md
 # (2 cores, one thread per query): exact search costs 6.6 ms p99 at 100,000 items, over a 5 ms
@@ -66,12 +68,6 @@ def knob_name(index: faiss.Index) -> str | None:
     if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
         return "efSearch"
     return None
-
-
-def set_search_params(index: faiss.Index, params: dict) -> None:
-    ps = faiss.ParameterSpace()
-    for k, v in params.items():
-        ps.set_index_parameter(index, k, v)
 
 
 def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = False,

@@ -8,12 +8,17 @@
                                       parameters, measured recall, offline metrics, library versions,
                                       sha256 of every file
     <root>/current                    the live version's name
+    <base url>/<version>.tar.gz       a published version on an object store (`fetch`)
 
 Publishing writes the version under a temporary name, fsyncs it, renames it into place, then
 replaces `current` by rename: a crash at any point leaves `current` naming a complete version.
 `load` is shared by the offline tools and the service: it refuses a bundle with a missing file, a
 hash mismatch, an unknown schema version or dimensions that disagree, with a message that says
-which. No torch here.
+which. `fetch` downloads a published archive into a root the same way, and
+`set_search_params` applies the manifest's faiss knobs to an opened index.
+
+This module is the contract between the builders and the service: both import it, it imports
+neither (no torch, faiss only when an index is opened).
 """
 from __future__ import annotations
 
@@ -22,9 +27,14 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +47,9 @@ CURRENT = "current"
 
 class BundleError(RuntimeError):
     """A bundle cannot be used; the message names the bundle, the file and the problem."""
+
+
+Progress = Callable[[int, int], None]        # (done, total)
 
 
 def git_commit() -> str:
@@ -136,22 +149,24 @@ def discard(staging: Path) -> None:
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: dict[str, Any]
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return str(self.manifest["version"])
 
     def file(self, key: str) -> Path:
         return self.path / FILES[key]
 
     def item_ids(self) -> list[str]:
-        return json.loads(self.file("item_ids").read_text())
+        ids: list[str] = json.loads(self.file("item_ids").read_text())
+        return ids
 
     def popularity(self) -> np.ndarray:
-        return np.load(self.file("popularity"))
+        pop: np.ndarray = np.load(self.file("popularity"))
+        return pop
 
-    def read_index(self):
+    def read_index(self) -> Any:
         import faiss
         return faiss.read_index(str(self.file("index")))
 
@@ -209,7 +224,7 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True) -> Bun
     return b
 
 
-def check_dimensions(b: Bundle, index=None, session=None) -> None:
+def check_dimensions(b: Bundle, index: Any = None, session: Any = None) -> None:
     """Encoder output dim == index dim == manifest D; index holds every item; seq len agrees.
 
     `index` and `session` are the caller's already opened faiss index and ONNX Runtime session;
@@ -231,9 +246,78 @@ def check_dimensions(b: Bundle, index=None, session=None) -> None:
         raise BundleError(f"{b.file('encoder')}: outputs {outs} do not match D = {D}, K = {K}.")
 
 
-def _cpu_session(path: Path):
+def _cpu_session(path: Path) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def set_search_params(index: Any, params: dict[str, int]) -> None:
+    """Apply faiss search knobs (`nprobe`, `efSearch`, ...) as the manifest records them.
+
+    faiss raises RuntimeError with its own text for a knob the index does not have."""
+    import faiss
+
+    ps = faiss.ParameterSpace()
+    for k, v in params.items():
+        ps.set_index_parameter(index, k, v)
+
+
+# -- fetching a published version -------------------------------------------------------------
+
+def archive_url(base: str, version: str) -> str:
+    """`<base>/<version>.tar.gz`, or `base` with `{version}` filled in."""
+    if "{version}" in base:
+        return base.format(version=version)
+    return base.rstrip("/") + f"/{version}.tar.gz"
+
+
+def fetch(base_url: str, version: str, root: Path, timeout_s: float = 60.0,
+          progress: Progress | None = None) -> Bundle:
+    """Download `<version>.tar.gz` (its files at the top level or under `<version>/`), unpack it
+    beside the root, validate it, and only then publish it and point `current` at it.
+
+    `tar -C <root> -czf <version>.tar.gz <version>` makes such an archive. A version already
+    present is only re-pointed. Used by the Helm chart's init container."""
+    root = Path(root)
+    if (root / version / MANIFEST).exists():
+        b = load(root / version, deep=False)
+        set_current(root, version)
+        return b
+    url = archive_url(base_url, version)
+    staging = staging_dir(root, version)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                    total = int(r.headers.get("Content-Length") or 0)
+                    done = 0
+                    while chunk := r.read(1 << 20):
+                        tmp.write(chunk)
+                        done += len(chunk)
+                        if progress and total:
+                            progress(done, total)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise BundleError(f"{url}: download failed ({e}).") from e
+            tmp.seek(0)
+            try:
+                with tarfile.open(fileobj=tmp, mode="r:gz") as tar:
+                    tar.extractall(staging, filter="data")   # no absolute paths, links or devices
+            except (tarfile.TarError, OSError) as e:
+                raise BundleError(f"{url}: not a readable .tar.gz ({e}).") from e
+        entries = list(staging.iterdir())
+        if len(entries) == 1 and entries[0].is_dir() and not (staging / MANIFEST).exists():
+            inner = entries[0]                  # the archive holds one <version>/ folder
+            for p in inner.iterdir():
+                p.rename(staging / p.name)
+            inner.rmdir()
+        b = load(staging, verify_hashes=True, deep=False)
+        if b.version != version:
+            raise BundleError(f"{url}: the archive holds version {b.version!r}, not {version!r}.")
+        publish(staging, root, version, make_current=True)
+    except BaseException:
+        discard(staging)
+        raise
+    return load(root / version, deep=False)

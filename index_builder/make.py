@@ -10,8 +10,8 @@ import faiss
 import numpy as np
 
 from . import bundle
-from .bundle import git_commit
 from .build import build_and_gate
+from .bundle import git_commit
 
 EXPORT_FILES = ("encoder.onnx", "item_ids.json", "popularity.npy")
 

@@ -1,6 +1,6 @@
 """Load, soak and fault scenarios against a live service, headless, with pass rules.
 
-    python loadtests/run.py SCENARIO [SCENARIO ...] [--bundle runs/bundles] [--out DIR]
+    python -m loadtests.run SCENARIO [SCENARIO ...] [--bundle runs/demo/bundles] [--out DIR]
 
 Scenarios (each writes <out>/<name>_stats.csv, _stats_history.csv, _failures.csv, .html,
 a .png of latency percentiles and throughput over time, and a row of <out>/summary.json):
@@ -46,24 +46,19 @@ import gevent  # noqa: E402
 from locust import constant, constant_throughput  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.html import get_html_report  # noqa: E402
-from locust.stats import (CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT,  # noqa: E402
-                          StatsCSVFileWriter, stats_history)
+from locust.stats import CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "loadtests"))
-
+from devtools.local import Stack  # noqa: E402
 from index_builder import bundle as bundle_mod  # noqa: E402
-from locustfile import SineUser, Traffic  # noqa: E402
-from service.local import EmbeddedRedis, Server  # noqa: E402
-
+from loadtests.locustfile import SineUser, Traffic  # noqa: E402
 
 # -- the system under test ------------------------------------------------------------------
 
 class System:
     """Embedded Redis with every history, and `sine serve` over a private bundle root."""
 
-    def __init__(self, bundle: str, data_dir: str | None, work: Path, **server_env):
+    def __init__(self, bundle: str, data_dir: str | None, work: Path, **settings):
         from model_export import data
         b = bundle_mod.load(bundle, deep=False)
         self.work = work
@@ -73,16 +68,16 @@ class System:
         bundle_mod.set_current(self.root, b.version)
         self.version = b.version
         self.ds = data.load(b.manifest["dataset"]["name"], data_dir)
-        self.redis = EmbeddedRedis().start()
-        from sine_cli import main as sine
-        args = ["load-histories", "--dataset", self.ds.name, "--redis-url", self.redis.url]
-        if sine(args + (["--data-dir", data_dir] if data_dir else [])):
-            raise SystemExit("loading histories failed")
-        self._redis_cmd("SAVE")                 # a restarted Redis reloads this snapshot
-        self.env = {"SINE_BUNDLE": str(self.root), "SINE_REDIS_URL": self.redis.url,
-                    "SINE_WATCH_INTERVAL_S": "1", "SINE_REDIS_RETRY_AFTER_MS": "250",
-                    **{f"SINE_{k.upper()}": str(v) for k, v in server_env.items()}}
-        self.server = Server(self.env, log_path=work / "server.log").start()
+        self.stack = Stack(data.histories(self.ds))
+        self.redis = self.stack.redis
+        try:
+            self._redis_cmd("SAVE")                 # a restarted Redis reloads this snapshot
+            self.server = self.stack.serve(self.root, log_path=work / "server.log",
+                                           watch_interval_s=1, redis_retry_after_ms=250,
+                                           **settings)
+        except BaseException:
+            self.stack.close()
+            raise
         Traffic.configure(self.ds.user_ids, self.ds.item_ids[1:])
 
     def _redis_cmd(self, *words: str) -> bytes:
@@ -91,13 +86,12 @@ class System:
             s.sendall((" ".join(words) + "\r\n").encode())
             return s.recv(64)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels`."""
         text = urllib.request.urlopen(self.server.url + "/metrics", timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return sum(smp.value for fam in text_string_to_metric_families(text)
+                   for smp in fam.samples
+                   if smp.name == name and labels.items() <= smp.labels.items())
 
     def publish_copy(self, version: str, corrupt: bool = False) -> None:
         """A new version (the live one under another name), optionally corrupt; moves current."""
@@ -115,8 +109,7 @@ class System:
         bundle_mod.publish(staging, self.root, version)
 
     def stop(self) -> None:
-        self.server.stop()
-        self.redis.cleanup()
+        self.stack.close()
 
 
 # -- one locust run ---------------------------------------------------------------------------
@@ -335,7 +328,7 @@ def scenario_reload(sys_: System, a, out: Path, total: float = 40) -> dict:
                      keep_log=True)
     versions = [x[4] for x in rec["log"] if x[4]]
     tail = versions[int(len(versions) * 0.8):]
-    refused = sys_.metric('sine_reloads_total{outcome="refused"}')
+    refused = sys_.metric("sine_reloads_total", outcome="refused")
     rec["reload"] = {"versions_seen": sorted(set(versions)), "refused": refused}
     rec.pop("log")
     return {"record": rec, "rules": {
@@ -345,11 +338,11 @@ def scenario_reload(sys_: System, a, out: Path, total: float = 40) -> dict:
         "broken bundle refused": refused >= 1}}
 
 
-def histogram(text: str, name: str, label: str) -> list[tuple[float, float]]:
-    """[(le, cumulative count)] of one Prometheus histogram series."""
-    import re
-    rows = re.findall(rf'^{name}_bucket\{{{label},le="([^"]+)"\}} (\S+)', text, re.M)
-    return [(float("inf") if le == "+Inf" else float(le), float(n)) for le, n in rows]
+def histogram(text: str, name: str, **labels: str) -> list[tuple[float, float]]:
+    """[(le, cumulative count)] of one Prometheus histogram series, in bucket order."""
+    return [(float(smp.labels["le"]), smp.value) for fam in text_string_to_metric_families(text)
+            for smp in fam.samples if smp.name == name + "_bucket"
+            and labels.items() <= smp.labels.items()]
 
 
 def quantile(before, after, q: float) -> float:
@@ -365,7 +358,6 @@ def quantile(before, after, q: float) -> float:
 
 def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
     sys_ = System(bundle, a.data_dir, work / "overload", max_in_flight=a.overload_limit)
-    label = 'endpoint="recommend"'
     scrape = {}
 
     def calm():
@@ -379,8 +371,8 @@ def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
                          events_at={20: calm})
     finally:
         sys_.stop()
-    h0 = histogram(scrape["start"], "sine_request_duration_seconds", label)
-    h1 = histogram(scrape["over"], "sine_request_duration_seconds", label)
+    h0 = histogram(scrape["start"], "sine_request_duration_seconds", endpoint="recommend")
+    h1 = histogram(scrape["over"], "sine_request_duration_seconds", endpoint="recommend")
     server_p50, server_p99 = quantile(h0, h1, 0.5) * 1000, quantile(h0, h1, 0.99) * 1000
     log = rec.pop("log")
     t0 = log[0][0] if log else 0
@@ -450,7 +442,7 @@ def main() -> int:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("scenarios", nargs="+",
                    choices=["load", "max", "soak", "redis-fault", "reload", "overload", "ci"])
-    p.add_argument("--bundle", default="runs/bundles", help="bundle root or folder to serve")
+    p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder to serve")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="loadtests/results", help="where reports go")
     p.add_argument("--users", type=int, default=16, help="clients of the fixed load (default 16)")
@@ -505,7 +497,8 @@ def main() -> int:
                     if not ok:
                         failed.append(f"{name}: {rule}")
             summary_path.write_text(json.dumps(summary, indent=1, default=str))
-            write_markdown(summary, out / "summary.md", "python loadtests/run.py " + " ".join(sys.argv[1:]))
+            write_markdown(summary, out / "summary.md",
+                           "python -m loadtests.run " + " ".join(sys.argv[1:]))
     finally:
         if sys_ is not None:
             sys_.stop()

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -120,7 +119,7 @@ def _open_text(path: Path, encoding: str = "utf-8"):
                         "holding the data sets.")
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding=encoding)
-    return open(path, "r", encoding=encoding, newline="")
+    return open(path, encoding=encoding, newline="")
 
 
 def _read_user_lines(path: Path) -> tuple[list[str], list[list[str]], dict[str, str]]:
@@ -218,7 +217,8 @@ def load_ml100k(data_dir: Path, drop_short: bool = False) -> Dataset:
                 try:
                     ts = float(parts[3])
                 except ValueError:
-                    raise DataError(f"{path}:{lineno}: timestamp {parts[3].strip()!r} is not a number")
+                    raise DataError(f"{path}:{lineno}: timestamp {parts[3].strip()!r} is not a "
+                                    "number") from None
                 yield parts[0], parts[1], ts, f"{path}:{lineno}"
 
     ds = _sequences_from_events("ml-100k", rows(), 3, drop_short)
@@ -305,7 +305,7 @@ def _parse_ts(v, where: str) -> float:
     try:
         return datetime.fromisoformat(s).timestamp()
     except ValueError:
-        raise DataError(f"{where}: timestamp {s!r} is neither a number nor an ISO-8601 date")
+        raise DataError(f"{where}: timestamp {s!r} is neither a number nor an ISO-8601 date") from None
 
 
 def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
@@ -439,5 +439,11 @@ def dataset_info(ds: Dataset) -> dict:
             "interactions": ds.n_interactions, "vocab_sha256": ds.vocab_sha256()}
 
 
-def save_vocab(ds: Dataset, path: Path) -> None:
-    path.write_text(json.dumps({"item_ids": ds.item_ids}))
+def histories(ds: Dataset, holdout: int = 0) -> Iterator[tuple[str, list[str]]]:
+    """(user id, external item ids oldest first) per user, each without its last `holdout`
+    clicks (1: what the offline evaluation sees before the test target)."""
+    if holdout < 0:
+        raise DataError(f"holdout must be >= 0, got {holdout}")
+    for u, seq in zip(ds.user_ids, ds.sequences):
+        items = seq[: len(seq) - holdout] if holdout else seq
+        yield u, [ds.item_ids[int(i)] for i in items]

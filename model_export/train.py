@@ -19,8 +19,8 @@ import torch
 
 from index_builder.bundle import write_atomic
 
-from .data import Dataset, dataset_info, split
-from .evaluate import evaluate_model, evaluate_popularity
+from .data import DataError, Dataset, dataset_info, split
+from .evaluate import evaluate_model
 from .sine import SINE, LogUniformSampler, SINEConfig
 
 CHECKPOINT_FORMAT = 1
@@ -128,7 +128,7 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
     torch.manual_seed(cfg.seed)
     sp = split(ds, model_cfg.n)
     if len(sp.train_targets) < cfg.batch_size:
-        raise ValueError(f"{ds.name}: {len(sp.train_targets)} training samples, fewer than one batch "
+        raise DataError(f"{ds.name}: {len(sp.train_targets)} training samples, fewer than one batch "
                          f"of {cfg.batch_size}; lower --batch-size or use more data.")
     dev = torch.device(cfg.device)
     model = SINE(model_cfg).to(dev)
@@ -240,8 +240,3 @@ def _tqdm():
         return tqdm
     except ImportError:  # pragma: no cover
         return None
-
-
-def popularity_metrics(ds: Dataset, seq_len: int = 20) -> dict:
-    sp = split(ds, seq_len)
-    return {"valid": evaluate_popularity(ds, sp, "valid"), "test": evaluate_popularity(ds, sp, "test")}

@@ -10,7 +10,7 @@ from .data import Dataset, split
 from .evaluate import concept_analysis, evaluate_model, evaluate_popularity
 from .report import plot_curves, render
 from .sine import SINEConfig
-from .train import atomic_write_text, load_checkpoint, model_from_checkpoint
+from .train import TrainConfig, TrainResult, atomic_write_text, load_checkpoint, model_from_checkpoint, train
 
 # Table 3 of the paper; other data sets take the MovieLens setting
 PRESETS = {"ml-1m": {"K": 4, "L": 50}, "amazon-beauty": {"K": 4, "L": 500}}
@@ -57,3 +57,13 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
         atomic_write_text(text, out_dir / "report.md")
         atomic_write_text(json.dumps(result, indent=1), out_dir / "metrics.json")
     return result
+
+
+def train_and_report(ds: Dataset, mcfg: SINEConfig, tcfg: TrainConfig, out_dir: Path,
+                     resume: Path | None = None, progress: bool = True,
+                     log=print) -> tuple[TrainResult, dict]:
+    """`sine train`: train with early stopping, then evaluate `best.pt` and write the report."""
+    res = train(ds, mcfg, tcfg, out_dir, resume=resume, progress=progress, log=log)
+    log(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
+        f"best epoch {res.best_epoch}")
+    return res, evaluate_checkpoint(Path(out_dir) / "best.pt", ds, out_dir)

@@ -1,17 +1,27 @@
-"""The FastAPI app: `create_app(settings)` builds everything once and passes it down."""
+"""The FastAPI app: `create_app(settings)` builds everything once and passes it down.
+
+No `from __future__ import annotations` here: FastAPI reads the request models of the routes
+from their annotations at run time, and they are local to `create_app`.
+"""
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Header
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index_builder import bundle as bundle_mod
 
@@ -19,12 +29,12 @@ from . import errors
 from .engine import Engine, EngineError, load_engine
 from .history import HistoryError, HistoryStore
 from .metrics import Metrics
-from .pipeline import Query, Recommender
-from .schemas import (BatchResponse, EventResponse, Recommendation, ReloadRequest,
-                      request_models)
+from .pipeline import Query, Recommender, render
+from .schemas import BatchResponse, EventResponse, Recommendation, ReloadRequest, request_models
 from .settings import Settings
 
 log = logging.getLogger("sine.service")
+JSON = "application/json"
 
 
 @dataclass
@@ -37,7 +47,7 @@ class State:
     not_ready: str | None = "the bundle is still loading"
     in_flight: int = 0
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    watcher: asyncio.Task | None = None
+    watcher: asyncio.Task[None] | None = None
     floor_body: bytes = b""
 
     @property
@@ -52,26 +62,60 @@ class State:
         return self.engine
 
 
-class Admission:
-    """Bounded concurrency, checked before the body is read or parsed, so that refusing costs
-    next to nothing and refusals cannot starve the requests already admitted."""
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/")
+                                             and media.endswith(b"+json"))
 
-    GUARDED = ("/recommend", "/recommend/batch", "/events", "/floor")
 
-    def __init__(self, app, st: State):
+class Guard:
+    """ASGI middleware in front of the routes. From the headers alone, before any of the body is
+    read: a POST body over its route's limit is refused (413), one not sent as JSON too (415), and
+    beyond `max_in_flight` requests the guarded routes answer 429. A body without Content-Length
+    is counted as it streams and refused once past the limit. Refusing costs next to nothing, so
+    refusals cannot starve the requests already admitted."""
+
+    GUARDED = frozenset(("/recommend", "/recommend/batch", "/events", "/floor"))
+
+    def __init__(self, app: ASGIApp, st: State):
         self.app, self.st = app, st
+        s = st.settings
+        self.limits = {"/recommend/batch": s.max_batch_body_bytes}
+        self.default_limit = s.max_body_bytes
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.GUARDED:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"]
         st = self.st
-        limit = st.settings.max_in_flight
-        if st.in_flight >= limit:
+        if scope["method"] == "POST":
+            length = ctype = chunked = None
+            for k, v in scope["headers"]:
+                if k == b"content-length":
+                    length = v
+                elif k == b"content-type":
+                    ctype = v
+                elif k == b"transfer-encoding":
+                    chunked = v
+            limit = self.limits.get(path, self.default_limit)
+            size = int(length) if length is not None and length.isdigit() else None
+            if size is not None and size > limit:
+                return await self._refuse(413, f"The request body has {size} bytes; this route "
+                                          f"takes at most {limit}.", scope, receive, send)
+            if (size or chunked) and (ctype is None or not _is_json(ctype)):
+                got = ctype.decode("latin-1") if ctype else "no Content-Type"
+                return await self._refuse(415, f"The body must be sent as application/json, "
+                                          f"not {got}.", scope, receive, send)
+            if size is None and chunked:
+                receive = _counting(receive, limit)
+        if path not in self.GUARDED:
+            return await self.app(scope, receive, send)
+        limit_n = st.settings.max_in_flight
+        if st.in_flight >= limit_n:
             st.metrics.failures.labels("overloaded").inc()
             refusal = errors.problem(429, "Too many requests in flight",
-                                     f"{st.in_flight} requests are in flight (limit {limit}); "
-                                     f"retry shortly.", "overloaded", scope["path"],
-                                     {"Retry-After": "1"})
+                                     f"{st.in_flight} requests are in flight (limit {limit_n}); "
+                                     f"retry shortly.", "overloaded", path, {"Retry-After": "1"})
             return await refusal(scope, receive, send)
         st.in_flight += 1
         try:
@@ -79,13 +123,27 @@ class Admission:
         finally:
             st.in_flight -= 1
 
+    async def _refuse(self, status: int, detail: str, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        slug = {413: "payload-too-large", 415: "unsupported-media-type"}[status]
+        self.st.metrics.failures.labels(slug).inc()
+        await errors.problem(status, errors.TITLES[status], detail, slug,
+                             scope["path"])(scope, receive, send)
 
-def _json(body, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
+def _counting(receive: Receive, limit: int) -> Receive:
+    """`receive`, refusing (413) once more than `limit` body bytes have come in."""
+    got = 0
 
-def _server_timing(t: dict[str, float]) -> dict[str, str]:
-    return {"Server-Timing": ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in t.items())}
+    async def counted() -> Message:
+        nonlocal got
+        msg = await receive()
+        if msg["type"] == "http.request":
+            got += len(msg.get("body", b""))
+            if got > limit:
+                raise errors.BodyTooLarge(limit)
+        return msg
+    return counted
 
 
 def _load(st: State, path: str | Path) -> Engine:
@@ -128,9 +186,11 @@ def _serve(st: State, eng: Engine) -> None:
     st.engine, st.not_ready = eng, None
     m = eng.bundle.manifest
     st.metrics.set_bundle(eng.version, m["index"]["factory"], eng.n_items)
-    items = st.recommender.popular(eng, st.settings.max_n, set())
-    st.floor_body = orjson.dumps({"user_id": "0", "version": eng.version, "mode": "aggregate",
-                                  "fallback": None, "items": items, "interest_weights": None})
+    st.floor_body = render(eng, Query("0", st.settings.max_n), eng.popular[: st.settings.max_n],
+                           eng.popularity[eng.popular[: st.settings.max_n]], None)
+    # what is loaded now lives as long as the bundle: keep it out of the collector's scans
+    gc.collect()
+    gc.freeze()
 
 
 async def _watch(st: State) -> None:
@@ -138,7 +198,7 @@ async def _watch(st: State) -> None:
     if root is None:
         return
     try:
-        last = bundle_mod.current_version(root)
+        last: str | None = bundle_mod.current_version(root)
     except bundle_mod.BundleError:
         last = None
     while True:
@@ -157,6 +217,27 @@ async def _watch(st: State) -> None:
             pass        # logged and counted in reload(); keep serving the old version
 
 
+def _docs(app: FastAPI) -> None:
+    """Swagger UI from the swagger-ui-bundle-v2 package, not a CDN: /docs works offline."""
+    import swagger_ui_bundle
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+              name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+                                   title=f"{app.title} - docs",
+                                   oauth2_redirect_url="/docs/oauth2-redirect",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or Settings()
     metrics = Metrics()
@@ -165,7 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st = State(s, metrics, store, Recommender(s, metrics, store))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("starting", extra={"bundle": s.bundle, "redis": s.redis_url_redacted(),
                                     "providers": s.providers, "batching": s.batching})
         try:
@@ -182,68 +263,74 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.close()
         log.info("stopped")
 
-    app = FastAPI(title="sine-retrieval", version="1",
+    app = FastAPI(title="sine-retrieval", version="1", docs_url=None, redoc_url=None,
                   description="Candidate retrieval with SINE: a user's recent clicks in, the "
-                              "top-n items by inner product with their interest vectors out.",
+                              "top-n items by inner product with their interest vectors out. "
+                              "Every error is an RFC 9457 `application/problem+json`.",
                   lifespan=lifespan)
     app.state.sine = st
-    app.add_middleware(Admission, st=st)
+    app.add_middleware(Guard, st=st)
     errors.install(app, on_error=lambda reason: metrics.failures.labels(reason).inc())
+    _docs(app)
     RecommendRequest, BatchRequest, EventRequest = request_models(s)
+    t_recommend = metrics.child(metrics.request, "recommend")
+    t_batch = metrics.child(metrics.request, "recommend_batch")
+    t_events = metrics.child(metrics.request, "events")
+    recommender = st.recommender
 
-    def query(r) -> Query:
+    def query(r: Any) -> Query:
         return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests)
 
     @app.post("/recommend", response_model=Recommendation, tags=["retrieval"],
-              responses={422: {"description": "Invalid request (problem+json)"},
-                         429: {"description": "Overloaded"}, 503: {"description": "Not ready"}})
-    async def recommend(req: RecommendRequest):
+              responses=errors.responses(400, 413, 415, 422, 429, 503))
+    async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
         """Top-n candidates for one user from their newest clicks in Redis."""
         t0 = time.perf_counter()
-        eng = st.serving()
-        q = query(req)
-        timings: dict[str, float] = {}
-        (hist,), unavailable = await st.recommender.histories([q.user_id], timings)
-        body = await st.recommender.recommend(eng, q, hist, unavailable, timings)
-        metrics.request.labels("recommend").observe(time.perf_counter() - t0)
-        return _json(body, _server_timing(timings))
+        (answer,) = await recommender.recommend(st.serving(), [query(req)])
+        t_recommend.observe(time.perf_counter() - t0)
+        return Response(answer.body, media_type=JSON,
+                        headers={"Server-Timing": answer.server_timing()})
 
-    @app.post("/recommend/batch", response_model=BatchResponse, tags=["retrieval"])
-    async def recommend_batch(req: BatchRequest):
-        """Many users in one call; their encodes and searches share micro-batches."""
+    @app.post("/recommend/batch", response_model=BatchResponse, tags=["retrieval"],
+              responses=errors.responses(400, 413, 415, 422, 429, 503))
+    async def recommend_batch(req: BatchRequest) -> Response:  # type: ignore[valid-type]
+        """Many users in one call; they share one micro-batch (Redis read, encoder, search)."""
         t0 = time.perf_counter()
-        eng = st.serving()
-        qs = [query(r) for r in req.requests]
-        timings: dict[str, float] = {}
-        hists, unavailable = await st.recommender.histories([q.user_id for q in qs], timings)
-        bodies = await asyncio.gather(*(st.recommender.recommend(eng, q, h, unavailable, {})
-                                        for q, h in zip(qs, hists)))
-        metrics.request.labels("recommend_batch").observe(time.perf_counter() - t0)
-        return _json({"results": bodies}, _server_timing(timings))
+        answers = await recommender.recommend(st.serving(),
+                                              [query(r) for r in req.requests])  # type: ignore[attr-defined]
+        worst: dict[str, float] = {}
+        for a in answers:
+            for k, v in a.timings.items():
+                worst[k] = max(worst.get(k, 0.0), v)
+        t_batch.observe(time.perf_counter() - t0)
+        return Response(b'{"results":[' + b",".join(a.body for a in answers) + b"]}",
+                        media_type=JSON, headers={"Server-Timing": ", ".join(
+                            f"{k};dur={v * 1000:.3f}" for k, v in worst.items())})
 
     @app.post("/events", response_model=EventResponse, tags=["history"],
-              responses={503: {"description": "History store unavailable"}})
-    async def events(req: EventRequest):
+              responses=errors.responses(400, 413, 415, 422, 429, 503))
+    async def events(req: EventRequest) -> Response:  # type: ignore[valid-type]
         """Record a click: it becomes the newest entry of the user's history (capped)."""
         t0 = time.perf_counter()
         if store is None:
             raise errors.HistoryUnavailable("No history store is configured (SINE_REDIS_URL).")
-        user = str(req.user_id)
+        user = str(req.user_id)  # type: ignore[attr-defined]
         try:
-            length = await store.append(user, str(req.item_id))
+            length = await store.append(user, str(req.item_id))  # type: ignore[attr-defined]
         except HistoryError as e:
             raise errors.HistoryUnavailable(f"The click was not recorded: {e}.",
                                             {"Retry-After": "1"}) from e
-        metrics.request.labels("events").observe(time.perf_counter() - t0)
-        return _json({"user_id": user, "history_length": length})
+        t_events.observe(time.perf_counter() - t0)
+        return Response(orjson.dumps({"user_id": user, "history_length": length}),
+                        media_type=JSON)
 
     @app.get("/livez", tags=["operations"])
-    async def livez():
+    async def livez() -> dict[str, str]:
         """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
-    async def readyz():
+    @app.get("/readyz", tags=["operations"], responses=errors.responses(503))
+    async def readyz() -> Any:
         """Ready when a warmed bundle is served and Redis answers a ping."""
         reasons = []
         if st.engine is None:
@@ -255,26 +342,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 reasons.append(f"redis: {e}")
         if reasons:
             return errors.problem(503, "Not ready", "; ".join(reasons), "not-ready", "/readyz")
-        eng = st.engine
+        eng = st.serving()
         return {"status": "ready", "version": eng.version, "providers": eng.providers,
                 "faiss": eng.faiss_device, "items": eng.n_items,
+                "graph": eng.bundle.manifest["onnx"].get("graph", "plain"),
                 "redis": "ok" if store is not None else "not configured"}
 
     @app.get("/metrics", tags=["operations"])
-    async def prometheus():
+    async def prometheus() -> Response:
         metrics.in_flight.set(st.in_flight)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/bundle", tags=["operations"])
-    async def bundle_info():
+    @app.get("/bundle", tags=["operations"], responses=errors.responses(503))
+    async def bundle_info() -> dict[str, Any]:
         """The served bundle's manifest."""
         return st.serving().bundle.manifest
 
     @app.post("/admin/reload", tags=["operations"],
-              responses={401: {"description": "Missing or wrong token"},
-                         409: {"description": "Bundle refused; the old one keeps serving"}})
+              responses=errors.responses(400, 401, 404, 409, 413, 415, 422))
     async def admin_reload(body: ReloadRequest | None = None,
-                           authorization: str | None = Header(None)):
+                           authorization: str | None = Header(None)) -> dict[str, str | None]:
         """Load, validate and warm a bundle version beside the live one, then swap."""
         if s.admin_token is None:
             raise errors.Disabled("Reload is disabled: set SINE_ADMIN_TOKEN to enable it.")
@@ -288,15 +375,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     if s.floor_endpoint:
         @app.post("/floor", include_in_schema=False)
-        async def floor(req: RecommendRequest):
-            return Response(st.floor_body, media_type="application/json")
+        async def floor(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
+            return Response(st.floor_body, media_type=JSON)
 
     return app
 
 
-def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory service.app:app_from_env`."""
+def serve(settings: Settings) -> None:
+    """`sine serve`: refuse a broken bundle at once (with the reason), then run uvicorn."""
+    import uvicorn
+
     from .logs import configure
-    s = Settings()
-    configure(s.log_level)
-    return create_app(s)
+
+    bundle_mod.load(settings.bundle, verify_hashes=True, deep=False)
+    configure(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=settings.access_log,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)

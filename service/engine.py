@@ -1,17 +1,21 @@
 """One loaded bundle: the ONNX Runtime encoder, the faiss index and the id maps, warmed up.
 
 The encoder's input layout is the bundle's (`[B, n]` int64, most recent click first, 0 = padding
-at the end); `window()` builds it from a history list read newest first.
+at the end); `windows()` builds it for a batch of history lists read newest first. Everything
+here works on whole batches of arrays: the request path has no per-item Python loop.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import chain, repeat
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
+import orjson
 
 from index_builder import bundle as bundle_mod
 
@@ -23,20 +27,28 @@ class EngineError(RuntimeError):
     """A bundle that cannot be served here: invalid, or not on the device it was asked to use."""
 
 
+@dataclass(slots=True)
+class Windows:
+    """A batch of histories in the encoder's layout, and what else the request path needs."""
+    window: np.ndarray                 # [B, n] int64, most recent first, 0 = padding
+    seen: np.ndarray                   # [B, H] int64 known history ids, newest first, 0-padded
+    known: np.ndarray                  # [B] int64 count of known ids per row
+    unknown: int                       # history entries outside the vocabulary (dropped)
+
+
 @dataclass
 class Engine:
     bundle: bundle_mod.Bundle
-    session: object
-    index: object                      # what searches run on (a GPU copy when on GPU)
-    cpu_index: object                  # for reconstructing item vectors
-    item_ids: list[str]                # internal id -> external id; [0] is padding
+    session: Any                       # onnxruntime.InferenceSession
+    index: Any                         # what searches run on (a GPU copy when on GPU)
+    cpu_index: Any                     # for reconstructing item vectors
     item_index: dict[str, int]         # external id -> internal id
-    popular: np.ndarray                # internal ids by training popularity, most popular first
-    popularity: np.ndarray             # [M + 1] click counts
+    item_json: np.ndarray              # [M + 1] bytes: '{"item_id":<id as JSON>,"score":'
+    popular: np.ndarray                # [M] internal ids by training popularity, most popular first
+    popularity: np.ndarray             # [M + 1] training click counts
     providers: list[str]
     faiss_device: str
     faiss_threads: int = 1             # idle OpenMP workers spin and starve the event loop
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def version(self) -> str:
@@ -44,67 +56,76 @@ class Engine:
 
     @property
     def n(self) -> int:
-        return self.bundle.manifest["model"]["n"]
-
-    @property
-    def K(self) -> int:
-        return self.bundle.manifest["model"]["K"]
+        return int(self.bundle.manifest["model"]["n"])
 
     @property
     def D(self) -> int:
-        return self.bundle.manifest["model"]["D"]
+        return int(self.bundle.manifest["model"]["D"])
 
     @property
     def n_items(self) -> int:
-        return len(self.item_ids) - 1
+        return len(self.popular)
 
-    def window(self, history: list[str]) -> tuple[np.ndarray, list[int], int]:
-        """History (newest first, external ids) -> ([n] int64 window, known internal ids, unknown)."""
-        known = [self.item_index[h] for h in history if h in self.item_index]
-        w = np.zeros(self.n, dtype=np.int64)
-        head = known[: self.n]
-        w[: len(head)] = head
-        return w, known, len(history) - len(known)
+    # stage 2: window
+    def windows(self, histories: list[list[str]]) -> Windows:
+        """Histories (newest first, external ids) -> the encoder's windows and the seen ids.
 
+        Unknown ids are dropped; the rest keep their order, so slot 0 is the newest known click.
+        """
+        B = len(histories)
+        lens = np.fromiter(map(len, histories), dtype=np.int64, count=B)
+        flat = np.fromiter(map(self.item_index.get, chain.from_iterable(histories), repeat(0)),
+                           dtype=np.int64, count=int(lens.sum()))            # [sum lens], 0 = unknown
+        rows = np.repeat(np.arange(B), lens)[flat > 0]                       # [known]
+        ids = flat[flat > 0]
+        known = np.bincount(rows, minlength=B)                               # [B]
+        pos = np.arange(len(ids)) - (np.cumsum(known) - known)[rows]         # place within its row
+        seen = np.zeros((B, max(self.n, int(known.max(initial=0)))), dtype=np.int64)
+        seen[rows, pos] = ids                                                # [B, H]
+        return Windows(np.ascontiguousarray(seen[:, : self.n]), seen, known,
+                       int(lens.sum()) - len(ids))
+
+    # stage 3: encode
     def encode(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[B, n] int64 -> interests [B, K, D], user_vector [B, D], weights [B, K]."""
         interests, user_vector, weights = self.session.run(
             ["interests", "user_vector", "weights"], {"item_ids": windows})
         return interests, user_vector, weights
 
+    # stage 4: search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
         # omp_set_num_threads is per calling thread: set it in whichever thread searches
         faiss.omp_set_num_threads(self.faiss_threads)
         k = max(1, min(k, self.n_items))
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, ids
 
-    def popular_ids(self, n: int, exclude: set[int]) -> list[int]:
-        """The n most popular internal ids outside `exclude`."""
-        out: list[int] = []
-        for i in self.popular.tolist():
-            if i not in exclude:
-                out.append(i)
-                if len(out) == n:
-                    break
-        return out
+    def popular_ids(self, n: int, exclude: np.ndarray) -> np.ndarray:
+        """The n most popular internal ids outside `exclude` (any shape; 0s ignored).
 
-    def vectors(self, ids: list[int]) -> np.ndarray:
-        """Item vectors as the index stores them, [len(ids), D]."""
-        out = np.empty((len(ids), self.D), dtype=np.float32)
-        for j, i in enumerate(ids):
-            out[j] = self.cpu_index.reconstruct(int(i))
+        Looks at the first n + |exclude| by popularity only: at most |exclude| of them can be
+        excluded, so the answer is among them, whatever the catalog's size."""
+        head = self.popular[: n + exclude.size]
+        return head[~np.isin(head, exclude)][:n]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Item vectors as the index stores them, [len(ids), D] float32."""
+        if len(ids) == 0:
+            return np.zeros((0, self.D), dtype=np.float32)
+        out: np.ndarray = self.cpu_index.reconstruct_batch(np.ascontiguousarray(ids, np.int64))
         return out
 
     def warm_up(self, max_batch: int) -> None:
         for b in sorted({1, max(1, max_batch)}):
             w = np.zeros((b, self.n), dtype=np.int64)
-            w[:, 0] = self.popular[: 1].repeat(b) if len(self.popular) else 0
+            w[:, 0] = self.popular[0]
             _, uv, _ = self.encode(w)
             self.search(uv, 100)
 
 
-def _session(path: Path, providers: str, allow_cpu_fallback: bool, intra_op_threads: int):
+def _session(path: Path, providers: str, allow_cpu_fallback: bool,
+             intra_op_threads: int) -> tuple[Any, list[str]]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -126,26 +147,24 @@ def _session(path: Path, providers: str, allow_cpu_fallback: bool, intra_op_thre
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=want)
-    active = sess.get_providers()     # what the session really runs on, not what was offered
+    active: list[str] = sess.get_providers()   # what the session really runs on, not what was offered
     if providers == "cuda" and active[0] != CUDA and not allow_cpu_fallback:
         raise EngineError(f"providers=cuda but the session runs on {active} (no usable GPU or "
                           f"CUDA libraries); set SINE_ALLOW_CPU_FALLBACK=true to serve on CPU.")
     return sess, active
 
 
-def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict):
-    from index_builder.build import set_search_params
-
+def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict[str, int]) -> tuple[Any, Any, str]:
     cpu = b.read_index()
     params = {**b.manifest["index"].get("search_params", {}), **search_params}
     try:
-        set_search_params(cpu, params)
+        bundle_mod.set_search_params(cpu, params)
     except Exception as e:      # faiss raises RuntimeError with its own text for a wrong knob
         raise EngineError(f"search params {params} do not apply to the index "
                           f"{b.manifest['index']['factory']!r}: {e}") from e
     try:
         ivf = faiss.extract_index_ivf(cpu)
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)   # ids are 1..M, not 0..M-1
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # ids 1..M
     except RuntimeError:
         pass
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -154,14 +173,20 @@ def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict):
     if mode != "off" and gpus > 0:
         res = faiss.StandardGpuResources()
         gpu = faiss.index_cpu_to_gpu(res, 0, cpu)
-        gpu.referenced_resources = res       # keep the resources alive with the index
+        gpu.referenced_resources = res  # type: ignore[attr-defined]  # alive as long as the index
         return gpu, cpu, "gpu"
     return cpu, cpu, "cpu"
 
 
+def item_json_prefixes(item_ids: list[str]) -> np.ndarray:
+    """[M + 1] fixed-width bytes: each item's answer up to its score, JSON-escaped once."""
+    return np.array([b'{"item_id":' + orjson.dumps(x) + b',"score":' for x in item_ids])
+
+
 def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: bool = False,
-                intra_op_threads: int = 1, faiss_gpu: str = "auto", search_params: dict | None = None,
-                warm_batch: int = 64, faiss_threads: int = 1) -> Engine:
+                intra_op_threads: int = 1, faiss_gpu: str = "auto",
+                search_params: dict[str, int] | None = None, warm_batch: int = 64,
+                faiss_threads: int = 1) -> Engine:
     """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm up."""
     t0 = time.perf_counter()
     try:
@@ -173,14 +198,15 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
         raise EngineError(str(e)) from e
     ids = b.item_ids()
     pop = b.popularity()
-    order = np.argsort(-pop[1:], kind="stable") + 1
-    e = Engine(bundle=b, session=sess, index=index, cpu_index=cpu_index, item_ids=ids,
-               item_index={s: i for i, s in enumerate(ids) if i > 0}, popular=order,
-               popularity=pop, providers=active, faiss_device=device,
-               faiss_threads=faiss_threads)
-    e.warm_up(warm_batch)
-    log.info("bundle loaded", extra={"version": b.version, "path": str(b.path), "items": e.n_items,
+    eng = Engine(bundle=b, session=sess, index=index, cpu_index=cpu_index,
+                 item_index={s: i for i, s in enumerate(ids) if i > 0},
+                 item_json=item_json_prefixes(ids),
+                 popular=np.argsort(-pop[1:], kind="stable") + 1, popularity=pop,
+                 providers=active, faiss_device=device, faiss_threads=faiss_threads)
+    eng.warm_up(warm_batch)
+    log.info("bundle loaded", extra={"version": b.version, "path": str(b.path), "items": eng.n_items,
                                      "providers": active, "faiss": device,
+                                     "graph": b.manifest["onnx"].get("graph", "plain"),
                                      "factory": b.manifest["index"]["factory"],
                                      "seconds": round(time.perf_counter() - t0, 3)})
-    return e
+    return eng

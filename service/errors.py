@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("sine.service")
@@ -17,7 +20,7 @@ class ServiceError(Exception):
     title = "Internal error"
     slug = "internal"
 
-    def __init__(self, detail: str, headers: dict[str, str] | None = None):
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}
@@ -47,16 +50,55 @@ class Disabled(ServiceError):
     status, title, slug = 404, "Not enabled", "disabled"
 
 
+class BodyTooLarge(HTTPException):
+    """Raised while a body without Content-Length streams past its limit. An HTTPException, so
+    that FastAPI's body reader passes it on instead of calling it a parse error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
+TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed",
+          413: "Payload too large", 415: "Unsupported media type", 429: "Too many requests"}
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error answer has this body."""
+    type: str = Field(examples=["/problems/invalid-request"])
+    title: str = Field(examples=["Invalid request"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["n: Input should be less than or equal to 100"])
+    instance: str | None = Field(None, examples=["/recommend"])
+    errors: list[dict[str, str]] | None = Field(
+        None, description="422 only: one entry a field, `{field, message}`.")
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, each a problem+json."""
+    what = {400: "The body is not valid JSON", 401: "Missing or wrong token",
+            404: "Not enabled", 409: "Bundle refused; the old one keeps serving",
+            413: "The body is larger than the route's limit (SINE_MAX_BODY_BYTES, "
+                 "SINE_MAX_BATCH_BODY_BYTES)",
+            415: "The body is not sent as application/json",
+            422: "A field is missing or invalid; `detail` and `errors` name it",
+            429: "Too many requests in flight (SINE_MAX_IN_FLIGHT); retry after `Retry-After`",
+            503: "Not ready (no bundle), or the history store is unavailable in strict mode"}
+    return {s: {"description": what[s], "model": Problem,
+                "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            for s in statuses}
+
+
 def problem(status: int, title: str, detail: str, slug: str, instance: str | None = None,
-            headers: dict[str, str] | None = None, **extra) -> JSONResponse:
-    body = {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail}
+            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"type": f"/problems/{slug}", "title": title, "status": status,
+                            "detail": detail}
     if instance:
         body["instance"] = instance
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
-def _loc(loc: tuple) -> str:
+def _loc(loc: tuple[Any, ...]) -> str:
     # pydantic names union branches in the location ("constrained-str", "int"): not fields
     parts = [str(p) for p in loc if p != "body" and not (
         isinstance(p, str) and (p in _BRANCHES or "-" in p or "[" in p))]
@@ -66,7 +108,7 @@ def _loc(loc: tuple) -> str:
 _BRANCHES = {"str", "int", "bool", "float", "list", "dict", "none"}
 
 
-def _field_errors(errs: list[dict]) -> list[dict]:
+def _field_errors(errs: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One entry a field; the branches of a union joined with 'or'."""
     merged: dict[str, list[str]] = {}
     for x in errs:
@@ -76,41 +118,41 @@ def _field_errors(errs: list[dict]) -> list[dict]:
     return [{"field": f, "message": " or ".join(m)} for f, m in merged.items()]
 
 
-def install(app: FastAPI, on_error=None) -> None:
+def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
     """Register the handlers. `on_error(reason)` counts each mapped failure."""
     count = on_error or (lambda reason: None)
 
     @app.exception_handler(ServiceError)
-    async def _service(request: Request, e: ServiceError):
+    async def _service(request: Request, e: ServiceError) -> JSONResponse:
         count(e.slug)
         return problem(e.status, e.title, e.detail, e.slug, request.url.path, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
         if any(x.get("type") == "json_invalid" for x in errs):
             count("bad-json")
             return problem(400, "Malformed JSON", "The request body is not valid JSON: "
                            + "; ".join(str(x.get("ctx", {}).get("error", x.get("msg"))) for x in errs),
                            "bad-json", request.url.path)
-        fields = _field_errors(errs)
+        fields = _field_errors(list(errs))
         detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         count("invalid-request")
         return problem(422, "Invalid request", detail, "invalid-request", request.url.path,
                        errors=fields)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         detail = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404 and detail == "Not Found":
             detail = f"No endpoint {request.method} {request.url.path}; see /docs."
-        return problem(e.status_code, titles.get(e.status_code, "HTTP error"), detail,
+        count(f"http-{e.status_code}")
+        return problem(e.status_code, TITLES.get(e.status_code, "HTTP error"), detail,
                        f"http-{e.status_code}", request.url.path,
                        getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         count("internal")
         log.exception("unhandled error", extra={"path": request.url.path})
         return problem(500, "Internal error", "The server failed to answer; the error is logged.",

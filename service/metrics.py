@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -13,14 +15,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.request = Histogram("sine_request_duration_seconds", "Request duration by endpoint.",
                                  ["endpoint"], buckets=STAGE_BUCKETS, registry=r)
         self.stage = Histogram("sine_stage_duration_seconds",
-                               "Duration of each request-path stage.", ["stage"],
+                               "Duration of each request-path stage, per request.", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)
-        self.batch_size = Histogram("sine_batch_size", "Requests per encoder/faiss micro-batch.",
+        self.batch_size = Histogram("sine_batch_size", "Requests per micro-batch.",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.fallbacks = Counter("sine_fallbacks_total", "Answers served from popularity.",
                                  ["reason"], registry=r)
@@ -36,18 +38,27 @@ class Metrics:
         self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1).",
                             ["version", "factory", "items"], registry=r)
         self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r)
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def child(self, metric: Any, label: str) -> Any:
+        """`metric.labels(label)`, looked up once: the hot path observes per request."""
+        key = (id(metric), label)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(label)
+        return c
+
+    def stage_child(self, stage: str) -> Any:
+        return self.child(self.stage, stage)
 
     def set_bundle(self, version: str, factory: str, items: int) -> None:
         self.bundle.clear()
         self.bundle.labels(version, factory, str(items)).set(1)
 
     @contextmanager
-    def time_stage(self, stage: str, timings: dict[str, float] | None = None):
+    def time_request(self, endpoint: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            self.stage.labels(stage).observe(dt)
-            if timings is not None:
-                timings[stage] = timings.get(stage, 0.0) + dt
+            self.child(self.request, endpoint).observe(time.perf_counter() - t0)

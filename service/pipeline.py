@@ -1,217 +1,361 @@
-"""The request path: history -> encode -> search -> filter, each a small timed stage.
+"""The request path as typed stages over whole batches: history -> window -> encode -> search ->
+filter -> answer.
 
-Encode and search run per micro-batch: the requests that reach the encoder in the same turn of
-the event loop (up to `batch_max_size`) share one ONNX Runtime run and one faiss search. Without
-batching a request computes alone.
+The requests that arrive in one turn of the event loop form a micro-batch (`Batcher`, at most
+`batch_max_size`): one pipelined Redis round trip for all their histories, one encoder run, one
+faiss search, and a filter that works on `[B, k]` arrays (the seen-id mask, -1, the top n). Each
+answer's JSON is built straight from those arrays. Without batching every request is a batch
+of one through the same code.
+
+Every stage is a function of arrays, testable without HTTP: `Engine.windows`, `compute`,
+`top_n`, `top_up` and `render`; `Recommender.run` strings them together.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
+import orjson
 
-from .engine import Engine
-from .errors import HistoryUnavailable
+from .engine import Engine, Windows
+from .errors import HistoryUnavailable, ServiceError
 from .history import HistoryError, HistoryStore
 from .metrics import Metrics
 from .settings import Settings
 
+Mode = Literal["aggregate", "per_interest"]
 COLD_START, HISTORY_UNAVAILABLE = "cold_start", "history_unavailable"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Query:
     user_id: str
     n: int
     exclude_seen: bool = True
-    mode: str = "aggregate"            # or "per_interest"
+    mode: Mode = "aggregate"
     include_interests: bool = False
 
 
-@dataclass
-class Job:
-    engine: Engine
-    window: np.ndarray                 # [n] int64
-    k: int                             # how many to fetch per search vector
-    per_interest: bool
+@dataclass(slots=True)
+class Answer:
+    body: bytes                                    # the JSON answer
+    timings: dict[str, float]                      # stage -> seconds, for Server-Timing
+
+    def server_timing(self) -> str:
+        return ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in self.timings.items())
 
 
-@dataclass
-class Encoded:
-    interests: np.ndarray              # [K, D]
-    user_vector: np.ndarray            # [D]
-    weights: np.ndarray                # [K]
-    scores: np.ndarray                 # [Q, k]  Q = 1 (aggregate) or K (per interest)
-    ids: np.ndarray                    # [Q, k]
+# -- the batch policy --------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Waiting(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    since: float
+
+
+class Batcher(Generic[T, R]):
+    """Runs `run(items, waited)` over the items submitted while the event loop turns.
+
+    The first submission to an idle batcher schedules a drain for the next turn of the loop, so
+    every request whose handler runs in this turn joins it; while a batch runs (its Redis read
+    awaits), the next one gathers. At most `max_size` items a batch, first come first served;
+    `max_wait_s` > 0 holds a batch smaller than `max_size` that long for company. `run` returns
+    one result per item, or the exception for that item; an exception of `run` itself goes to
+    every item of the batch. Items whose caller has gone (cancelled) are skipped.
+    """
+
+    def __init__(self, run: Callable[[list[T], list[float]], Awaitable[list[R | BaseException]]],
+                 max_size: int, max_wait_s: float = 0.0,
+                 on_batch: Callable[[int], None] | None = None):
+        self.run, self.max_size, self.max_wait = run, max_size, max_wait_s
+        self.on_batch = on_batch or (lambda size: None)
+        self.queue: deque[_Waiting[T, R]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, items: list[T]) -> list[R]:
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures = [loop.create_future() for _ in items]
+        self.queue.extend(_Waiting(x, f, now) for x, f in zip(items, futures))
+        if self._task is None:
+            self._task = loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                if self.max_wait and len(self.queue) < self.max_size:
+                    await asyncio.sleep(self.max_wait)
+                take = min(len(self.queue), self.max_size)
+                batch = [w for w in (self.queue.popleft() for _ in range(take))
+                         if not w.future.done()]
+                if not batch:
+                    continue
+                start = time.perf_counter()
+                self.on_batch(len(batch))
+                try:
+                    results = await self.run([w.item for w in batch],
+                                             [start - w.since for w in batch])
+                except Exception as e:
+                    results = [e] * len(batch)
+                for w, r in zip(batch, results):
+                    if w.future.done():
+                        continue
+                    if isinstance(r, BaseException):
+                        w.future.set_exception(r)
+                    else:
+                        w.future.set_result(r)
+        finally:
+            self._task = None
+
+
+# -- stages 3-4: encode and search -------------------------------------------------------------
+
+@dataclass(slots=True)
+class Computed:
+    interests: np.ndarray              # [P, K, D]
+    user_vector: np.ndarray            # [P, D]
+    weights: np.ndarray                # [P, K]
+    aggregate: np.ndarray              # [A] rows searched with their user vector
+    per_interest: np.ndarray           # [I] rows searched with each of their K interests
+    scores: tuple[np.ndarray, np.ndarray]   # [A, 1, k], [I, K, k], best first
+    ids: tuple[np.ndarray, np.ndarray]      # the same shapes: internal ids, -1 where short
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def compute(jobs: list[Job]) -> list[Encoded]:
-    """One encoder run and one faiss search for jobs that share an engine."""
-    out: list[Encoded | None] = [None] * len(jobs)
-    groups: dict[int, list[int]] = {}
-    for i, j in enumerate(jobs):
-        groups.setdefault(id(j.engine), []).append(i)
-    for idx in groups.values():
-        eng = jobs[idx[0]].engine
-        t0 = time.perf_counter()
-        windows = np.stack([jobs[i].window for i in idx])                     # [B, n]
-        interests, uv, weights = eng.encode(windows)                          # [B, K, D], [B, D], [B, K]
-        t1 = time.perf_counter()
-        rows, spans = [], []
-        for b, i in enumerate(idx):
-            q = interests[b] if jobs[i].per_interest else uv[b: b + 1]        # [Q, D]
-            spans.append((len(rows), len(rows) + len(q)))
-            rows.extend(q)
-        k = max(jobs[i].k for i in idx)
-        scores, ids = eng.search(np.stack(rows), k)                           # [sum Q, k]
-        t2 = time.perf_counter()
-        timing = {"encode": t1 - t0, "search": t2 - t1}
-        for b, i in enumerate(idx):
-            s, e = spans[b]
-            out[i] = Encoded(interests[b], uv[b], weights[b], scores[s:e], ids[s:e], timing)
-    return out  # type: ignore[return-value]
+def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: int) -> Computed:
+    """One encoder run over `windows` [P, n] and one faiss search for the top `k` of every query
+    vector: the user vector of each row, or each of its K interests where `per_interest` [P]."""
+    t0 = time.perf_counter()
+    interests, uv, weights = engine.encode(windows)                   # [P, K, D], [P, D], [P, K]
+    t1 = time.perf_counter()
+    P, K, D = interests.shape
+    agg, per = np.flatnonzero(~per_interest), np.flatnonzero(per_interest)
+    queries = uv if not len(per) else np.concatenate([uv[agg], interests[per].reshape(-1, D)])
+    scores, ids = engine.search(queries, k)                           # [A + I K, k]
+    t2 = time.perf_counter()
+    A, k = len(agg), scores.shape[1]
+    return Computed(interests, uv, weights, agg, per,
+                    (scores[:A, None], scores[A:].reshape(len(per), K, k)),
+                    (ids[:A, None], ids[A:].reshape(len(per), K, k)),
+                    {"encode": t1 - t0, "search": t2 - t1})
 
 
-class MicroBatcher:
-    """Collects the jobs submitted while the event loop turns, and computes them as one batch.
+# -- stage 5: filter ---------------------------------------------------------------------------
 
-    The batch runs on the event loop's own thread: handing it to a worker thread costs a GIL
-    hand-over per batch (up to the 5 ms switch interval while the loop is busy), which measured
-    slower than computing in place (benchmarks/results/service.md).
-    """
+@dataclass(slots=True)
+class Top:
+    ids: np.ndarray                    # [P, n] internal ids, best first; valid where < count
+    scores: np.ndarray                 # [P, n] float32
+    source: np.ndarray                 # [P, n] which query vector (interest) found each one
+    count: np.ndarray                  # [P] valid entries per row
 
-    def __init__(self, max_size: int, max_wait_s: float, metrics: Metrics):
-        self.max_size, self.max_wait = max_size, max_wait_s
-        self.metrics = metrics
-        self.queue: deque[tuple[Job, asyncio.Future, float]] = deque()
-        self._task: asyncio.Task | None = None
 
-    async def submit(self, job: Job) -> tuple[Encoded, float]:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.queue.append((job, fut, time.perf_counter()))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run())
-        return await fut
+def top_n(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, n: int) -> Top:
+    """Per row: drop -1 and the ids in `exclude`, merge the Q lists by best score (an id found by
+    several query vectors keeps its best), and keep the first n.
 
-    async def _run(self) -> None:
-        while self.queue:
-            # let every request that is ready in this turn of the loop join the batch
-            await asyncio.sleep(self.max_wait if len(self.queue) < self.max_size else 0)
-            batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_size))]
-            start = time.perf_counter()
-            self.metrics.batch_size.observe(len(batch))
-            try:
-                results = compute([b[0] for b in batch])
-            except Exception as e:          # surfaced to each waiting request
-                for _, f, _ in batch:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            for (_, f, t_in), r in zip(batch, results):
-                if not f.done():
-                    f.set_result((r, start - t_in))
+    scores, ids [P, Q, k] as faiss returns them (each list sorted, best first); exclude [P, H]
+    internal ids (0 = none). All rows at once, in numpy."""
+    P, Q, k = ids.shape
+    flat_ids = ids.reshape(P, Q * k)                                  # [P, C]
+    flat_scores = scores.reshape(P, Q * k)
+    bad = flat_ids < 0
+    if exclude.size:
+        stride = int(max(flat_ids.max(initial=0), exclude.max(initial=0))) + 2
+        off = np.arange(P, dtype=np.int64)[:, None] * stride          # rows never collide
+        bad |= np.isin(flat_ids + off, exclude + off)
+    if Q == 1:
+        order = np.broadcast_to(np.arange(k), (P, k))                 # already best first
+    else:
+        order = np.argsort(np.where(bad, -np.inf, -flat_scores), axis=1, kind="stable")
+        ranked = np.take_along_axis(flat_ids, order, 1)               # [P, C] best first
+        bad = np.take_along_axis(bad, order, 1)
+        by_id = np.argsort(ranked, axis=1, kind="stable")             # equal ids side by side,
+        same = np.take_along_axis(ranked, by_id, 1)                   # the best of them first
+        dup = np.zeros_like(bad)
+        dup[:, 1:] = same[:, 1:] == same[:, :-1]
+        np.put_along_axis(bad, by_id, np.take_along_axis(bad, by_id, 1) | dup, 1)
+    pick = np.argsort(bad, axis=1, kind="stable")[:, :n]              # [P, n] good ones, in order
+    cols = np.take_along_axis(order, pick, 1)                         # [P, n] candidate columns
+    count = np.minimum((~bad).sum(1), n)
+    return Top(np.take_along_axis(flat_ids, cols, 1), np.take_along_axis(flat_scores, cols, 1),
+               cols // k, count)
 
+
+def top_up(engine: Engine, row_ids: np.ndarray, exclude: np.ndarray, need: int,
+           queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ANN index returned fewer than asked: the `need` most popular items not yet answered or
+    excluded, with their exact scores under `queries` [Q, D] (best query vector)."""
+    extra = engine.popular_ids(need, np.concatenate([row_ids, exclude.ravel()]))
+    per = engine.vectors(extra) @ queries.T                           # [e, Q]
+    return extra, per.max(axis=1).astype(np.float32), per.argmax(axis=1)
+
+
+# -- stage 6: the answer -----------------------------------------------------------------------
+
+def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
+           fallback: str | None = None, source: np.ndarray | None = None,
+           weights: np.ndarray | None = None, interests: np.ndarray | None = None) -> bytes:
+    """The JSON answer of one query from its arrays: ids [n], scores [n] float32, source [n]
+    (the interest of each item, per_interest only), weights [K], interests [K, D].
+
+    Items are joined in C (the prefixes are precomputed per item, the scores serialized by
+    orjson as one array); only `per_interest` with `include_interests` builds objects."""
+    if len(ids):
+        prefix = engine.item_json[ids].tolist()
+        score = orjson.dumps(scores.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+        parts = [prefix, score[1:-1].split(b",")]
+        if q.mode == "per_interest" and source is not None:
+            parts.append(_INTEREST[source].tolist())
+            if q.include_interests and interests is not None:
+                per_k = engine.vectors(ids) @ interests.T             # [n, K]
+                rows = orjson.dumps(per_k.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+                parts.append([b',"interest_scores":[' + r + b"]"
+                              for r in rows[2:-2].split(b"],[")])
+        items = b"},".join(map(b"".join, zip(*parts))) + b"}"
+    else:
+        items = b""
+    head = b'{"user_id":%b,"version":%b,"mode":"%b","fallback":%b,"score_kind":"%b","items":[' % (
+        orjson.dumps(q.user_id), orjson.dumps(engine.version), q.mode.encode(),
+        b'"%b"' % fallback.encode() if fallback else b"null",
+        b"popularity" if fallback else b"inner_product")
+    w = (orjson.dumps(weights.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+         if q.include_interests and weights is not None else b"null")
+    return head + items + b'],"interest_weights":' + w + b"}"
+
+
+_INTEREST = np.array([b',"interest":%d' % r for r in range(256)])
+
+
+# -- the whole path ----------------------------------------------------------------------------
 
 class Recommender:
     def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
         self.s, self.m, self.store = settings, metrics, store
-        self.batcher = (MicroBatcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                                     metrics) if settings.batching else None)
+        self.batcher: Batcher[tuple[Engine, Query], Answer] | None = (
+            Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
+                    metrics.batch_size.observe) if settings.batching else None)
+
+    async def recommend(self, engine: Engine, queries: list[Query]) -> list[Answer]:
+        """Answers in the order asked; a ServiceError (strict history mode) is raised."""
+        jobs = [(engine, q) for q in queries]
+        if self.batcher is not None:
+            return await self.batcher.submit(jobs)
+        answers = []
+        for a in await self.run(jobs, [0.0] * len(jobs)):
+            if isinstance(a, BaseException):
+                raise a
+            answers.append(a)
+        return answers
 
     # stage 1: history
-    async def histories(self, user_ids: list[str], timings: dict) -> tuple[list, str | None]:
-        """Histories newest first (None = no key), or the reason they are unavailable."""
+    async def histories(self, user_ids: list[str]) -> tuple[list[list[str]], str | None]:
+        """Histories newest first ([] = none), or why they are unavailable."""
         if self.store is None:
-            return [None] * len(user_ids), None
-        with self.m.time_stage("history", timings):
-            try:
-                if len(user_ids) == 1:
-                    return [await self.store.get(user_ids[0])], None
-                return await self.store.get_many(user_ids), None
-            except HistoryError as e:
-                if self.s.on_history_unavailable == "error":
-                    raise HistoryUnavailable(f"The history store is unavailable ({e}).",
-                                             {"Retry-After": "1"}) from e
-                return [None] * len(user_ids), HISTORY_UNAVAILABLE
+            return [[] for _ in user_ids], None
+        try:
+            return await self.store.get_many(user_ids), None
+        except HistoryError as e:
+            if self.s.on_history_unavailable == "error":
+                raise HistoryUnavailable(f"The history store is unavailable ({e}).",
+                                         {"Retry-After": "1"}) from e
+            return [[] for _ in user_ids], HISTORY_UNAVAILABLE
 
-    async def recommend(self, engine: Engine, q: Query, history: list[str] | None,
-                        unavailable: str | None, timings: dict) -> dict:
-        window, seen, unknown = engine.window(history or [])
-        if unknown:
-            self.m.unknown_items.inc(unknown)
-        fallback = unavailable or (COLD_START if not seen else None)
-        exclude = set(seen) if q.exclude_seen else set()
-        if fallback:
-            self.m.fallbacks.labels(fallback).inc()
-            with self.m.time_stage("popularity", timings):
-                items = self.popular(engine, q.n, exclude)
-            return self._answer(engine, q, fallback, items, None)
-        per_interest = q.mode == "per_interest"
-        job = Job(engine, window, q.n + len(exclude), per_interest)
-        if self.batcher is not None:
-            enc, waited = await self.batcher.submit(job)
-            timings["queue"] = waited
-            self.m.stage.labels("queue").observe(waited)
+    async def run(self, jobs: list[tuple[Engine, Query]],
+                  waited: list[float]) -> list[Answer | BaseException]:
+        """One micro-batch: one Redis round trip, then per engine (two only across a reload) one
+        window, encoder run, search and filter over all its personalized queries."""
+        t0 = time.perf_counter()
+        try:
+            hists, unavailable = await self.histories([q.user_id for _, q in jobs])
+        except ServiceError as e:
+            return [e] * len(jobs)
+        t_hist = time.perf_counter() - t0
+        out: list[Answer | BaseException] = []
+        if all(eng is jobs[0][0] for eng, _ in jobs):
+            out = self.answer(jobs[0][0], [q for _, q in jobs], hists, unavailable)
         else:
-            enc = compute([job])[0]
-        for st, dt in enc.timings.items():
-            timings[st] = dt
-            self.m.stage.labels(st).observe(dt)
-        with self.m.time_stage("filter", timings):
-            items = self._filter(engine, q, enc, exclude)
-        return self._answer(engine, q, None, items,
-                            enc.weights if q.include_interests else None)
+            out = [None] * len(jobs)  # type: ignore[list-item]
+            groups: dict[int, list[int]] = {}
+            for i, (eng, _) in enumerate(jobs):
+                groups.setdefault(id(eng), []).append(i)
+            for idx in groups.values():
+                part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
+                                   [hists[i] for i in idx], unavailable)
+                for i, a in zip(idx, part):
+                    out[i] = a
+        stage = self.m.stage_child
+        for a, w in zip(out, waited):
+            assert isinstance(a, Answer)
+            a.timings = {"queue": w, "history": t_hist, **a.timings}
+            for name, dt in a.timings.items():
+                stage(name).observe(dt)
+        return out
 
-    # stage 4: filter -- drop -1 and seen ids, merge interests, trim, top up if the index ran short
-    def _filter(self, engine: Engine, q: Query, enc: Encoded, exclude: set[int]) -> list[dict]:
-        best: dict[int, tuple[float, int]] = {}
-        single = enc.ids.shape[0] == 1       # aggregate: one sorted list, stop at n
-        for r in range(enc.ids.shape[0]):
-            for s, i in zip(enc.scores[r].tolist(), enc.ids[r].tolist()):
-                if i < 0 or i in exclude:
-                    continue
-                if i not in best or s > best[i][0]:
-                    best[i] = (s, r)
-                if single and len(best) >= q.n:
-                    break
-        ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[: q.n]
-        ids = [i for i, _ in ranked]
-        scores = [v[0] for _, v in ranked]
-        interest = [v[1] for _, v in ranked]
-        need = min(q.n, engine.n_items - len(exclude)) - len(ids)
-        if need > 0:           # an ANN index returned fewer than asked: exact scores for the rest
-            extra = engine.popular_ids(need, set(ids) | exclude)
-            vecs = engine.vectors(extra)                                      # [e, D]
-            per = vecs @ (enc.interests.T if q.mode == "per_interest"
-                          else enc.user_vector[:, None])                      # [e, Q]
-            ids += extra
-            scores += per.max(axis=1).tolist()
-            interest += per.argmax(axis=1).tolist()
-        items = [{"item_id": engine.item_ids[i], "score": s} for i, s in zip(ids, scores)]
-        if q.mode == "per_interest" and q.include_interests and ids:
-            per_k = engine.vectors(ids) @ enc.interests.T                     # [n, K]
-            for it, r, row in zip(items, interest, per_k.tolist()):
-                it["interest"] = r
-                it["interest_scores"] = row
-        elif q.mode == "per_interest":
-            for it, r in zip(items, interest):
-                it["interest"] = r
-        return items
+    def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
+               unavailable: str | None) -> list[Answer | BaseException]:
+        """Stages 2-6 for queries that share an engine."""
+        t0 = time.perf_counter()
+        win = engine.windows(hists)
+        t_win = time.perf_counter() - t0
+        if win.unknown:
+            self.m.unknown_items.inc(win.unknown)
+        out: list[Answer | BaseException] = [None] * len(queries)  # type: ignore[list-item]
+        personal = np.flatnonzero(win.known > 0) if not unavailable else np.zeros(0, np.int64)
+        if len(personal) < len(queries):
+            reason = unavailable or COLD_START
+            t1 = time.perf_counter()
+            cold = [j for j in range(len(queries)) if unavailable or win.known[j] == 0]
+            self.m.fallbacks.labels(reason).inc(len(cold))
+            for j in cold:
+                ids = engine.popular[: queries[j].n]
+                out[j] = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason),
+                                {})
+            t_pop = t_win + time.perf_counter() - t1
+            for j in cold:
+                out[j].timings["popularity"] = t_pop  # type: ignore[union-attr]
+        if len(personal):
+            self._personalized(engine, [queries[j] for j in personal], win, personal, t_win, out)
+        return out
 
-    @staticmethod
-    def popular(engine: Engine, n: int, exclude: set[int]) -> list[dict]:
-        """Answer items from training popularity; the score is the click count."""
-        return [{"item_id": engine.item_ids[i], "score": float(engine.popularity[i])}
-                for i in engine.popular_ids(n, exclude)]
-
-    @staticmethod
-    def _answer(engine: Engine, q: Query, fallback: str | None, items: list[dict],
-                weights: np.ndarray | None) -> dict:
-        return {"user_id": q.user_id, "version": engine.version, "mode": q.mode,
-                "fallback": fallback, "items": items,
-                "interest_weights": weights.tolist() if weights is not None else None}
+    def _personalized(self, engine: Engine, qs: list[Query], win: Windows, rows: np.ndarray,
+                      t_win: float, out: list[Answer | BaseException]) -> None:
+        excl = np.array([q.exclude_seen for q in qs])
+        exclude = np.where(excl[:, None], win.seen[rows], 0)          # [P, H]
+        n_excl = np.where(excl, win.known[rows], 0)                   # [P]
+        want = np.array([q.n for q in qs])
+        per_interest = np.array([q.mode == "per_interest" for q in qs])
+        c = compute(engine, win.window[rows], per_interest, int((want + n_excl).max()))
+        t0 = time.perf_counter()
+        answers: list[tuple[int, Answer]] = []
+        for part, members in enumerate((c.aggregate, c.per_interest)):
+            if not len(members):
+                continue
+            top = top_n(c.scores[part], c.ids[part], exclude[members], int(want[members].max()))
+            for p, j in enumerate(members):
+                q = qs[j]
+                have = min(int(top.count[p]), q.n)
+                ids, scores, source = top.ids[p, :have], top.scores[p, :have], top.source[p, :have]
+                need = min(q.n, engine.n_items - int(n_excl[j])) - have
+                if need > 0:       # an ANN index returned fewer than asked: top up exactly
+                    vecs = c.interests[j] if part else c.user_vector[j: j + 1]
+                    extra, s, r = top_up(engine, ids, exclude[j], need, vecs)
+                    ids, scores = np.concatenate([ids, extra]), np.concatenate([scores, s])
+                    source = np.concatenate([source, r])
+                body = render(engine, q, ids, scores, None, source,
+                              c.weights[j] if q.include_interests else None, c.interests[j])
+                answers.append((int(rows[j]), Answer(body, {})))
+        timings = {"encode": t_win + c.timings["encode"], "search": c.timings["search"],
+                   "filter": time.perf_counter() - t0}
+        for i, a in answers:
+            a.timings = timings
+            out[i] = a

@@ -1,18 +1,17 @@
 """Request and response bodies. Limits come from Settings, so the models are built per app."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
-                      StringConstraints)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
 from .settings import Settings
 
 
 class Item(BaseModel):
     item_id: str
-    score: float = Field(description="Inner product with the query vector; a popularity count "
-                                     "when `fallback` is set.")
+    score: float = Field(description="On the scale `score_kind` names: an inner product with the "
+                                     "query vector (about -10 to 10), or a training click count.")
     interest: int | None = Field(None, description="per_interest: the interest that retrieved it.")
     interest_scores: list[float] | None = Field(
         None, description="per_interest with include_interests: its score under each interest.")
@@ -24,6 +23,10 @@ class Recommendation(BaseModel):
     mode: Literal["aggregate", "per_interest"]
     fallback: Literal["cold_start", "history_unavailable"] | None = Field(
         description="null when personalized; else why popular items were served.")
+    score_kind: Literal["inner_product", "popularity"] = Field(
+        description="What `score` measures: `inner_product` (personalized answers) or "
+                    "`popularity`, the item's training click count (fallbacks). The two scales "
+                    "differ by orders of magnitude: never rank them against each other.")
     items: list[Item]
     interest_weights: list[float] | None = Field(
         None, description="include_interests: the K aggregation weights (Eq. 8).")
@@ -44,7 +47,7 @@ class ReloadRequest(BaseModel):
                                                         "omitted: whatever `current` names.")
 
 
-def request_models(s: Settings):
+def request_models(s: Settings) -> tuple[Any, Any, Any]:
     """(RecommendRequest, BatchRequest, EventRequest) with this app's limits."""
     UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
     ItemStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_item_id_length)]

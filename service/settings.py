@@ -5,9 +5,9 @@ environment table is generated from this class: `python -m service.settings` pri
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SINE_"
@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     max_item_id_length: int = Field(128, ge=1, description="Longest accepted item id in `/events`.")
     max_in_flight: int = Field(256, ge=1, description=(
         "Requests processed at once; beyond it requests are refused at once with 429."))
+    max_body_bytes: int = Field(16_384, ge=64, description=(
+        "Largest request body of `/recommend`, `/events` and the other routes; a larger one is "
+        "refused with 413 (from Content-Length, or once that many bytes have streamed in)."))
+    max_batch_body_bytes: int = Field(1_048_576, ge=64, description=(
+        "Largest request body of `/recommend/batch`."))
 
     # compute
     providers: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
@@ -81,7 +86,8 @@ class Settings(BaseSettings):
     # server
     host: str = Field("127.0.0.1", description="Address `sine serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `sine serve` binds.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level (JSON logs on stderr).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level (JSON logs on stderr).")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
     shutdown_grace_s: float = Field(10.0, ge=0, description=(
         "On SIGTERM, how long in-flight requests may take to finish."))
@@ -108,12 +114,25 @@ class Settings(BaseSettings):
         return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
 
 
+class SettingsError(ValueError):
+    """Settings that do not validate; the message names each field and what is wrong."""
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """`SINE_*` environment variables, with the non-None `overrides` on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise SettingsError(f"invalid settings: {msgs}") from None
+
+
 def env_table() -> str:
     """The README's environment table, one row per Settings field."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, f in Settings.model_fields.items():
         if f.default_factory is not None:
-            default = repr(f.default_factory())
+            default = repr(f.default_factory())  # type: ignore[call-arg]
         elif f.default is None:
             default = "unset"
         else:

@@ -13,7 +13,7 @@ def test_accuracy_benchmark_writes_rows_with_command_and_machine(tmp_path):
     assert set(out["rows"]) == {"popularity", "popularity-other"}
     row = out["rows"]["popularity"]
     assert 0 < row["test_percent"]["HR@10"] < 100
-    assert row["command"].startswith("python benchmarks/accuracy.py --dataset synthetic")
+    assert row["command"].startswith("python -m benchmarks.accuracy --dataset synthetic")
     assert row["machine"]["cpus"] >= 1 and row["git_commit"]
     md = (res / "accuracy-synthetic.md").read_text()
     assert md.count("| Popularity (training counts) |") == 2

@@ -11,7 +11,7 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from service.settings import Settings
-from sine_cli import build_parser
+from sine_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
@@ -191,7 +191,7 @@ def test_gpu_values():
 def test_version_bump_rolls_the_pods():
     a = kind(render(overrides={"bundle": {"version": "v1"}}), "Deployment")[0]
     b = kind(render(overrides={"bundle": {"version": "v2"}}), "Deployment")[0]
-    ann = lambda d: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
+    ann = lambda d: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     assert ann(a) != ann(b)
 
 

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from index_builder.build import (IndexBuildError, build, build_and_gate,
-                                 exact_topk, faiss_gpu_count, recall_at_k, resolve_factory)
+from index_builder.build import (
+    IndexBuildError,
+    build,
+    build_and_gate,
+    exact_topk,
+    faiss_gpu_count,
+    recall_at_k,
+    resolve_factory,
+)
 
 
 def clustered(n, d=32, centres=50, seed=0):

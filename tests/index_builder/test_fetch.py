@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from index_builder import bundle
-from index_builder.fetch import fetch
-from sine_cli import main
+from index_builder.bundle import fetch
+from sine_cli.main import main
 
 
 @pytest.fixture

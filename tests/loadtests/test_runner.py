@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def demo_bundle(tmp_path_factory):
     """A bundle trained briefly on the default synthetic data (what the runner loads)."""
+    from devtools.demo import build_bundle
     from model_export import data
-    from service.demo import build_bundle
 
     root = tmp_path_factory.mktemp("load") / "bundles"
     build_bundle(data.load("synthetic"), root, minutes=0.1, log=lambda *a: None)
@@ -22,9 +22,8 @@ def demo_bundle(tmp_path_factory):
 
 
 def run(args, out, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "loadtests" / "run.py"), *args,
-                           "--out", str(out)], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "loadtests.run", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_ci_scenarios_pass_and_write_reports(demo_bundle, tmp_path):

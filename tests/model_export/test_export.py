@@ -84,11 +84,11 @@ def test_parity_check_catches_a_wrong_graph(tmp_path):
 @pytest.mark.slow
 def test_ml1m_top50_agrees_between_onnxruntime_and_pytorch(data_dir, tmp_path):
     """A briefly trained ML-1M model: ORT and torch retrieve the same top-50 for >= 99.9% of users."""
-    from tests.conftest import require_data
     from model_export import data
     from model_export.data import split
     from model_export.train import TrainConfig, train
     from model_export.workflow import model_config
+    from tests.conftest import require_data
     require_data("ml-1m", "sequences_original_ids.txt.gz")
     ds = data.load("ml-1m", data_dir)
     train(ds, model_config(ds), TrainConfig(max_epochs=1, max_minutes=0.4, threads=2), tmp_path,

@@ -7,8 +7,14 @@ import torch
 from model_export import data
 from model_export.data import split
 from model_export.evaluate import evaluate_popularity
-from model_export.train import (CheckpointError, TrainConfig, atomic_save, load_checkpoint,
-                                model_from_checkpoint, train)
+from model_export.train import (
+    CheckpointError,
+    TrainConfig,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    train,
+)
 from model_export.workflow import evaluate_checkpoint, model_config
 
 SMALL = dict(D=32, K=3, L=12)

@@ -8,33 +8,12 @@ Ctrl-C; then stops what it started.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
-from .local import EmbeddedRedis, LocalError, Server
-
-
-def ensure_redis_server(log=print) -> None:
-    """Install redis-server with apt-get where it is missing and that is possible."""
-    if shutil.which("redis-server"):
-        return
-    apt = shutil.which("apt-get")
-    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-    if apt and sudo is not None:
-        log("redis-server is missing; installing it with apt-get ...")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        ok = subprocess.run(sudo + [apt, "update", "-qq"], env=env).returncode == 0 and \
-            subprocess.run(sudo + [apt, "install", "-y", "-qq", "redis-server"],
-                           env=env).returncode == 0
-        if ok and shutil.which("redis-server"):
-            return
-    raise LocalError("redis-server is not installed and could not be installed here. Install it "
-                     "(Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install "
-                     "redis), or pass --redis-url to use a running Redis.")
+from .local import LocalError, Stack, ensure_redis_server
 
 
 def build_bundle(ds, root: Path, minutes: float, log=print) -> None:
@@ -76,7 +55,8 @@ def run_demo(dataset: str, data_dir: str | None, workdir: Path, minutes: float, 
     if dataset == "auto":
         have = (Path(data_dir) if data_dir else data.default_data_dir()) / "ml-1m"
         dataset = "ml-1m" if have.exists() else "synthetic"
-        log(f"data: {'MovieLens-1M from ' + str(have) if dataset == 'ml-1m' else 'no ML-1M at ' + str(have) + '; using the synthetic generator'}")
+        log(f"data: MovieLens-1M from {have}" if dataset == "ml-1m"
+            else f"data: no ML-1M at {have}; using the synthetic generator")
     if redis_url is None:
         ensure_redis_server(log)
     ds = data.load(dataset, data_dir)
@@ -96,19 +76,13 @@ def run_demo(dataset: str, data_dir: str | None, workdir: Path, minutes: float, 
     if current is None:
         build_bundle(ds, root, minutes, log)
 
-    redis = None
-    server = None
+    stack = None
     try:
+        stack = Stack(data.histories(ds), redis_url=redis_url)
         if redis_url is None:
-            redis = EmbeddedRedis().start()
-            redis_url = redis.url
-            log(f"started redis-server on {redis_url} (temporary, no persistence)")
-        from sine_cli import main as sine
-        args = ["load-histories", "--dataset", dataset, "--redis-url", redis_url]
-        if sine(args + (["--data-dir", data_dir] if data_dir else [])) != 0:
-            raise LocalError("loading the histories failed")
-        server = Server({"SINE_BUNDLE": str(root), "SINE_REDIS_URL": redis_url},
-                        port=port, log_path=workdir / "server.log").start()
+            log(f"started redis-server on {stack.redis_url} (temporary, no persistence)")
+        log(f"loaded {stack.loaded} histories into {stack.redis_url}")
+        server = stack.serve(root, log_path=workdir / "server.log", port=port)
         titles = {ds.item_ids[i]: t for i, t in ds.titles.items()}
         log("")
         log(sample(server.url, ds.user_ids[0], titles))
@@ -120,6 +94,7 @@ def run_demo(dataset: str, data_dir: str | None, workdir: Path, minutes: float, 
             f"-d '{{\"user_id\": \"{ds.user_ids[1]}\", \"n\": 10}}'")
         if serve_forever:
             log("Ctrl-C stops the service and everything this command started.")
+            assert server.proc is not None
             while server.proc.poll() is None:
                 time.sleep(0.5)
             raise LocalError(f"the server exited (code {server.proc.returncode}); "
@@ -129,7 +104,5 @@ def run_demo(dataset: str, data_dir: str | None, workdir: Path, minutes: float, 
         log("\nstopping ...")
         return 0
     finally:
-        if server is not None:
-            server.stop()
-        if redis is not None:
-            redis.cleanup()
+        if stack is not None:
+            stack.close()

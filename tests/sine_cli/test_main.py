@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from sine_cli import build_parser, main
+from sine_cli.main import build_parser, main
 
 
 def test_every_subcommand_has_help(capsys):

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from service.local import free_port
-from sine_cli import main
+from devtools.local import free_port
+from sine_cli.main import main
 
 
 def write_log(path, rows):

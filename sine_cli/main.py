@@ -1,16 +1,37 @@
-"""`sine`: the project's command line. Subcommands import their heavy modules lazily."""
+"""The `sine` command: each subcommand parses its arguments and calls one library function.
+
+Nothing heavy is imported up front: `sine serve` loads the service and never torch.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DATA_DIR_ENV = "SINE_DATA_DIR"
 
+# The errors a command raises for bad input or a bad environment: printed as one line, exit 2.
+# An error class can only have been raised once its module is loaded, so none is imported here.
+USER_ERRORS = {"model_export.data": "DataError", "model_export.train": "CheckpointError",
+               "model_export.export": "ExportError", "index_builder.bundle": "BundleError",
+               "index_builder.build": "IndexBuildError", "service.settings": "SettingsError",
+               "service.history": "HistoryError", "devtools.local": "LocalError"}
+
+
+# what a serving-only install (the container image) leaves out
+OPTIONAL_PARTS = {"torch", "onnx", "model_export", "index_builder", "devtools", "matplotlib", "pyarrow"}
+
 
 class CliError(Exception):
     """A usage or environment problem; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules]
+    return (CliError, *loaded)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -24,20 +45,29 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42, help="random seed (data generator and training)")
 
 
+def _nonnegative(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _need_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        sys.exit("error: this command needs the training extra: pip install -e '.[train]'")
+    if importlib.util.find_spec("torch") is None:
+        raise CliError("this command needs the training extra: pip install -e '.[train]'")
+
+
+def _dataset(a: argparse.Namespace):
+    from model_export import data
+    return data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     _need_torch()
-    from model_export import data
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import evaluate_checkpoint, model_config
+    from model_export.train import TrainConfig
+    from model_export.workflow import model_config, train_and_report
 
-    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    ds = _dataset(a)
     print(ds.summary())
     mcfg = model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau, tau_assign=a.tau_assign,
                         literal=a.literal or None, aggregation=a.aggregation)
@@ -45,10 +75,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                        num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
                        max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device)
     out = Path(a.out or f"runs/{ds.name}")
-    res = train(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress)
-    print(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
-          f"best epoch {res.best_epoch}")
-    result = evaluate_checkpoint(out / "best.pt", ds, out)
+    _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress)
     _print_metrics(result)
     print(f"report: {out / 'report.md'}")
     return 0
@@ -56,145 +83,92 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     _need_torch()
-    from model_export import data
     from model_export.workflow import evaluate_checkpoint
 
-    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
+    ds = _dataset(a)
     out = Path(a.report_dir) if a.report_dir else Path(a.checkpoint).parent
-    result = evaluate_checkpoint(Path(a.checkpoint), ds, out, exclude_history=not a.keep_history)
-    _print_metrics(result)
+    _print_metrics(evaluate_checkpoint(Path(a.checkpoint), ds, out,
+                                       exclude_history=not a.keep_history))
     print(f"report: {out / 'report.md'}")
     return 0
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     _need_torch()
-    from model_export import data
     from model_export.export import export
 
-    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
-    export(Path(a.checkpoint), ds, Path(a.out), opset=a.opset, n_queries=a.queries)
+    export(Path(a.checkpoint), _dataset(a), Path(a.out), opset=a.opset, n_queries=a.queries,
+           graph=a.graph, fold_budget_mb=a.fold_budget_mb)
     return 0
+
+
+def _search_params(pairs: list[str] | None) -> dict[str, int]:
+    params = {}
+    for kv in pairs or []:
+        k, _, v = kv.partition("=")
+        try:
+            params[k] = int(v)
+        except ValueError:
+            raise CliError(f"--search-param takes NAME=INTEGER, got {kv!r}") from None
+    return params
 
 
 def cmd_build_index(a: argparse.Namespace) -> int:
     from index_builder.make import make_bundle
 
-    params = {}
-    for kv in a.search_param or []:
-        k, _, v = kv.partition("=")
-        if not v:
-            sys.exit(f"error: --search-param takes NAME=VALUE, got {kv!r}")
-        params[k] = int(v)
-    bar = _progress_bar("adding items")
     b = make_bundle(Path(a.export), Path(a.bundle_root), a.factory, a.recall_k, a.recall_floor,
-                    params or None, a.gpu, a.version, not a.no_current, progress=bar)
-    print(f"bundle {b.version}: {b.manifest['index']['factory']} "
-          f"{b.manifest['index']['search_params']} recall@{b.manifest['index']['recall']['k']} "
-          f"{b.manifest['index']['recall']['value']:.4f}")
+                    _search_params(a.search_param) or None, a.gpu, a.version, not a.no_current,
+                    progress=_progress_bar("adding items"))
+    idx = b.manifest["index"]
+    print(f"bundle {b.version}: {idx['factory']} {idx['search_params']} "
+          f"recall@{idx['recall']['k']} {idx['recall']['value']:.4f}")
     return 0
 
 
-def _settings(**overrides):
-    """Service Settings from SINE_* env vars, with the command line's values on top."""
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise CliError(f"invalid settings: {msgs}") from None
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
+    from service.app import serve
+    from service.settings import settings_from
 
-    from index_builder import bundle as bundle_mod
-    from service.app import create_app
-    from service.logs import configure
-
-    s = _settings(bundle=a.bundle, host=a.host, port=a.port, redis_url=a.redis_url)
-    bundle_mod.load(s.bundle, verify_hashes=True, deep=False)    # fail fast with the reason
-    configure(s.log_level)
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_config=None,
-                access_log=s.access_log, timeout_graceful_shutdown=int(s.shutdown_grace_s) or None)
+    serve(settings_from(bundle=a.bundle, host=a.host, port=a.port, redis_url=a.redis_url))
     return 0
 
 
 def cmd_load_histories(a: argparse.Namespace) -> int:
-    import asyncio
-
     from model_export import data
-    from service.history import bulk_load, redis_client
+    from service.history import load_histories
+    from service.settings import settings_from
 
-    s = _settings(redis_url=a.redis_url, history_keep=a.keep)
+    s = settings_from(redis_url=a.redis_url, history_keep=a.keep)
     if not s.redis_url:
         raise CliError("no Redis: pass --redis-url or set SINE_REDIS_URL")
-    ds = data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)
-    if a.holdout < 0:
-        raise CliError("--holdout must be >= 0")
-
-    def rows():
-        for u, seq in zip(ds.user_ids, ds.sequences):
-            items = seq[: len(seq) - a.holdout] if a.holdout else seq
-            yield u, [ds.item_ids[int(i)] for i in items]
-
-    bar = _progress_bar("users")
-    done = [0]
-
-    def progress(k: int) -> None:
-        done[0] += k
-        if bar:
-            bar(done[0], len(ds.sequences))
-
-    async def run() -> int:
-        client = redis_client(s, timeout_s=30.0)
-        try:
-            return await bulk_load(client, s.redis_key_template, rows(), s.history_keep,
-                                   progress=progress)
-        finally:
-            await client.aclose()
-
-    try:
-        n = asyncio.run(run())
-    except OSError as e:
-        raise CliError(f"Redis at {s.redis_url_redacted()}: {e}") from None
-    except Exception as e:
-        if type(e).__module__.startswith("redis"):
-            raise CliError(f"Redis at {s.redis_url_redacted()}: {e}") from None
-        raise
-    print(f"loaded {n} histories (newest {s.history_keep} clicks each"
-          f"{f', last {a.holdout} held out' if a.holdout else ''}) into {s.redis_url_redacted()}")
+    ds = _dataset(a)
+    n = load_histories(s, data.histories(ds, a.holdout), ds.n_users, _progress_bar("users"))
+    held = f", last {a.holdout} held out" if a.holdout else ""
+    print(f"loaded {n} histories (newest {s.history_keep} clicks each{held}) into "
+          f"{s.redis_url_redacted()}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     _need_torch()
-    from service.demo import run_demo
-    from service.local import LocalError
+    from devtools.demo import run_demo
 
-    try:
-        return run_demo(a.dataset, a.data_dir, Path(a.workdir), a.train_minutes, a.rebuild,
-                        a.redis_url, a.port, serve_forever=not a.no_wait)
-    except LocalError as e:
-        raise CliError(str(e)) from None
+    return run_demo(a.dataset, a.data_dir, Path(a.workdir), a.train_minutes, a.rebuild,
+                    a.redis_url, a.port, serve_forever=not a.no_wait)
 
 
 def cmd_fetch_bundle(a: argparse.Namespace) -> int:
-    from index_builder.fetch import fetch
+    from index_builder.bundle import fetch
 
     b = fetch(a.url, a.version, Path(a.bundle_root), progress=_progress_bar("downloading", "B"))
     print(f"bundle {b.version} ready in {b.path}; {Path(a.bundle_root) / 'current'} names it")
     return 0
 
 
-def _progress_bar(desc: str, unit: str = "item"):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    state = {}
+def _progress_bar(desc: str, unit: str = "item") -> Callable[[int, int], None]:
+    from tqdm.auto import tqdm
+
+    state: dict = {}
 
     def update(done: int, total: int) -> None:
         if "bar" not in state:
@@ -249,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "50,000 items (default)")
     g.add_argument("--num-negatives", type=int, default=1280,
                    help="shared negatives per batch for the sampled loss (default 1280)")
-    g.add_argument("--max-minutes", type=float, help="wall-clock budget; stops after the epoch")
+    g.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget; once spent, the epoch ends, is validated and checkpointed")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
@@ -277,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     x.add_argument("--queries", type=int, default=2000,
                    help="user vectors kept for the recall check (default 2000)")
+    x.add_argument("--graph", choices=["auto", "folded", "plain"], default="auto",
+                   help="folded: the item-side products of Eq. 1, 3, 4 precomputed into per-item "
+                        "tables (fast, (2 + K) D floats per item); plain: computed per request; "
+                        "auto: folded when the tables fit --fold-budget-mb (default auto)")
+    x.add_argument("--fold-budget-mb", type=float, default=1024.0,
+                   help="largest table memory auto folds (default 1024)")
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build-index", help="build the faiss index, gate it on recall, publish a bundle",
@@ -316,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(h)
     h.add_argument("--redis-url", help="target Redis (SINE_REDIS_URL)")
     h.add_argument("--keep", type=int, help="clicks kept per user (SINE_HISTORY_KEEP, default 20)")
-    h.add_argument("--holdout", type=int, default=0,
+    h.add_argument("--holdout", type=_nonnegative, default=0,
                    help="leave out each user's last N clicks (1: everything before the test "
                         "target, as the offline evaluation sees it; default 0)")
     h.set_defaults(func=cmd_load_histories)
@@ -353,21 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model_export.data import DataError
     try:
-        from model_export.train import CheckpointError
-    except ImportError:  # pragma: no cover - service-only installs have no torch
-        CheckpointError = ValueError  # type: ignore[misc,assignment]
-    from index_builder.build import IndexBuildError
-    from index_builder.bundle import BundleError
-    try:
-        return args.func(args)
-    except (DataError, CheckpointError, BundleError, IndexBuildError, CliError) as e:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        hint = "; the last completed epoch is in last.pt (use --resume)" if args.command == "train" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in OPTIONAL_PARTS:
+            raise
+        print(f"error: `sine {args.command}` needs {e.name}, which this install lacks (the serving "
+              "image holds `serve` and `fetch-bundle` only; pip install -e '.[train]' for the rest)",
+              file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last completed epoch is in last.pt (use --resume)", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

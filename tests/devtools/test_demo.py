@@ -1,7 +1,7 @@
 """`sine demo` end to end on synthetic data: build, serve, answer, stop; then reuse the bundle."""
 
-from service.local import free_port
-from sine_cli import main
+from devtools.local import free_port
+from sine_cli.main import main
 
 
 def test_demo_builds_serves_and_reuses(tmp_path, capsys):

@@ -1,0 +1,211 @@
+"""The live service on loopback, against a floor endpoint of the same app, with wrk.
+
+One server process (uvicorn, one worker, ORT and faiss on one thread each), an embedded
+redis-server holding every ML-1M user's 20 newest clicks, and wrk on one thread sending
+`{"user_id": <random ML-1M user>, "n": 100}`. In each round, at each connection count, wrk
+first hits `POST /floor` (same request parsing and middleware, a prebuilt answer of
+/recommend's size: no Redis, no model), then `POST /recommend`. Rounds interleave; the tables
+report medians and the range, the latency distribution and the stage means from the server's
+own histograms. Runs once with micro-batching and once without, each its own server;
+`--baseline-tree` adds a third server from another checkout (an older commit), measured in the
+same rounds.
+
+Needs `wrk` (apt-get install wrk).
+
+    python -m benchmarks.serving --bundle runs/demo/bundles --rounds 2 --seconds 8
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.common import git_commit, machine, now, write_results
+from devtools.local import Server, Stack
+from index_builder import bundle as bundle_mod
+from model_export import data
+
+PCTS = (50, 75, 90, 99, 99.9)
+LUA = """
+local users = {%s}
+local n = #users
+local headers = {["Content-Type"] = "application/json"}
+math.randomseed(%d)
+request = function()
+  local u = users[math.random(1, n)]
+  return wrk.format("POST", nil, headers, '{"user_id":"' .. u .. '","n":100}')
+end
+done = function(summary, latency, requests)
+  local p = {%s}
+  local out = {}
+  for i, q in ipairs(p) do out[i] = string.format("%%d", latency:percentile(q)) end
+  io.write(string.format("RESULT %%d %%d %%d %%d %%s\\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout, latency.max, table.concat(out, " ")))
+end
+"""
+
+
+def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(lua), url],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^RESULT (.*)$", out, re.M)
+    if m is None:
+        raise SystemExit(f"wrk printed no result:\n{out}")
+    req, dur, err, mx, *pcts = map(int, m.group(1).split())
+    r = {"rps": req / (dur / 1e6), "errors": err, "requests": req, "max_ms": mx / 1000}
+    r.update({f"p{q:g}_ms": v / 1000 for q, v in zip(PCTS, pcts)})
+    return r
+
+
+def server_stats(url: str) -> dict[str, float]:
+    """Mean ms per request of each stage, and the mean micro-batch size, over the whole run."""
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if fam.name == "sine_stage_duration_seconds" and smp.name.endswith("_sum"):
+                sums[smp.labels["stage"]] = smp.value
+            elif fam.name == "sine_stage_duration_seconds" and smp.name.endswith("_count"):
+                counts[smp.labels["stage"]] = smp.value
+            elif fam.name == "sine_batch_size" and smp.name.endswith(("_sum", "_count")):
+                out["batch_" + smp.name.rsplit("_", 1)[1]] = smp.value
+    stats = {k: sums[k] / counts[k] * 1000 for k in sums if counts.get(k)}
+    if out.get("batch_count"):
+        stats["mean_batch"] = out["batch_sum"] / out["batch_count"]
+    return stats
+
+
+def med(rows: list[dict], key: str) -> tuple[float, float, float]:
+    v = [r[key] for r in rows]
+    return statistics.median(v), min(v), max(v)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default="runs/demo/bundles")
+    p.add_argument("--data-dir")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", default="1,32")
+    p.add_argument("--modes", default="batching,no-batching",
+                   help="batching, no-batching and/or baseline (needs --baseline-tree)")
+    p.add_argument("--baseline-tree", type=Path,
+                   help="another checkout of the project whose server is measured beside this one")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--stem", default="service", help="result file name (default service)")
+    a = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    conns = [int(c) for c in a.connections.split(",")]
+    modes = a.modes.split(",")
+    if "baseline" in modes and a.baseline_tree is None:
+        raise SystemExit("--modes baseline needs --baseline-tree")
+    b = bundle_mod.load(a.bundle, deep=False)
+    ds = data.load("ml-1m", a.data_dir)
+    tmp = Path(tempfile.mkdtemp())
+    lua = tmp / "post.lua"
+    lua.write_text(LUA % (",".join(f'"{u}"' for u in ds.user_ids), 7,
+                          ",".join(f"{q:g}" for q in PCTS)))
+    results: dict = {}
+    with Stack(data.histories(ds, holdout=1)) as stack:
+        servers: dict[str, Server] = {}
+        for mode in modes:
+            servers[mode] = stack.serve(
+                b.path, log_path=tmp / f"{mode}.log",
+                tree=a.baseline_tree if mode == "baseline" else None,
+                floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
+                max_in_flight=1024, redis_timeout_ms=1000)
+            wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
+        runs = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
+        for _ in range(a.rounds):
+            for mode, srv in servers.items():
+                for c in conns:
+                    for ep in ("floor", "recommend"):
+                        r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
+                        runs[(mode, c, ep)].append(r)
+                        print(f"{mode} c={c} {ep}: {r['rps']:.0f} rps p50 {r['p50_ms']:.2f} "
+                              f"p99 {r['p99_ms']:.2f} ms err {r['errors']}", flush=True)
+        for mode, srv in servers.items():
+            results[mode] = {"runs": {f"{c}/{ep}": runs[(mode, c, ep)] for c in conns
+                                      for ep in ("floor", "recommend")},
+                             "stages_ms": server_stats(srv.url),
+                             "rss_mib": srv.rss_bytes() / 2**20}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    cmd = (f"python -m benchmarks.serving --bundle {a.bundle} --rounds {a.rounds} "
+           f"--seconds {a.seconds}" + (f" --modes {a.modes}" if a.modes != p.get_default("modes")
+                                      else "")
+           + (f" --baseline-tree {a.baseline_tree}" if a.baseline_tree else ""))
+    md = ["# Service on loopback: /recommend vs the floor endpoint (wrk, ML-1M bundle, n = 100)", "",
+          f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
+          f"bundle `{b.version}` ({b.manifest['onnx'].get('graph', 'plain')} encoder graph, "
+          f"{b.manifest['index']['factory']}); `{cmd}`", "",
+          f"Medians of {a.rounds} interleaved rounds of {a.seconds} s, [min, max] in brackets. "
+          "One uvicorn worker, ORT and faiss on one thread; wrk on one thread and redis-server "
+          "on the same 2 cores.", "",
+          "| server | conns | endpoint | req/s | p50 ms | p99 ms | p99 / p50 | errors |",
+          "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for mode, res in results.items():
+        for c in conns:
+            for ep in ("floor", "recommend"):
+                rows = res["runs"][f"{c}/{ep}"]
+                rps, p50, p99 = med(rows, "rps"), med(rows, "p50_ms"), med(rows, "p99_ms")
+                tail = statistics.median(r["p99_ms"] / r["p50_ms"] for r in rows)
+                md.append(f"| {mode} | {c} | {ep} | {rps[0]:.0f} [{rps[1]:.0f}, {rps[2]:.0f}] | "
+                          f"{p50[0]:.2f} [{p50[1]:.2f}, {p50[2]:.2f}] | "
+                          f"{p99[0]:.2f} [{p99[1]:.2f}, {p99[2]:.2f}] | {tail:.1f} | "
+                          f"{sum(r['errors'] for r in rows)} |")
+            fl, rc = res["runs"][f"{c}/floor"], res["runs"][f"{c}/recommend"]
+            ratio = [r["rps"] / f["rps"] for f, r in zip(fl, rc)]
+            p99r = [r["p99_ms"] / f["p99_ms"] for f, r in zip(fl, rc)]
+            tail = [r["p99_ms"] / r["p50_ms"] for r in rc]
+            summary[f"{mode}/{c}"] = {"throughput_ratio": statistics.median(ratio),
+                                      "p99_ratio": statistics.median(p99r),
+                                      "ratio_range": [min(ratio), max(ratio)],
+                                      "p99_ratio_range": [min(p99r), max(p99r)],
+                                      "recommend_p50_ms": statistics.median(r["p50_ms"] for r in rc),
+                                      "recommend_p99_over_p50": statistics.median(tail)}
+    md += ["", "Ratios per round, then the median of the rounds [min, max]:", "",
+           "| server | conns | recommend / floor req/s | recommend / floor p99 | recommend p50 ms "
+           "| recommend p99 / p50 |", "|---|---|---|---|---|---|"]
+    for k, v in summary.items():
+        mode, c = k.split("/")
+        md.append(f"| {mode} | {c} | {v['throughput_ratio']:.2f} [{v['ratio_range'][0]:.2f}, "
+                  f"{v['ratio_range'][1]:.2f}] | {v['p99_ratio']:.2f} [{v['p99_ratio_range'][0]:.2f}, "
+                  f"{v['p99_ratio_range'][1]:.2f}] | {v['recommend_p50_ms']:.2f} | "
+                  f"{v['recommend_p99_over_p50']:.2f} |")
+    md += ["", "Latency distribution of `/recommend` (ms, medians over the rounds):", "",
+           "| server | conns | " + " | ".join(f"p{q:g}" for q in PCTS) + " | max |",
+           "|---|---|" + "---|" * (len(PCTS) + 1)]
+    for mode, res in results.items():
+        for c in conns:
+            rows = res["runs"][f"{c}/recommend"]
+            md.append(f"| {mode} | {c} | " + " | ".join(
+                f"{statistics.median(r[f'p{q:g}_ms'] for r in rows):.2f}" for q in PCTS)
+                + f" | {statistics.median(r['max_ms'] for r in rows):.2f} |")
+    keys = sorted({k for res in results.values() for k in res["stages_ms"]})
+    md += ["", "Mean time per request in each stage (ms), from the server's histograms over the "
+           "whole run (`queue`: the wait for a micro-batch; `mean_batch`: requests per "
+           "micro-batch), and the server's RSS at the end:", "",
+           "| server | " + " | ".join(keys) + " | RSS MiB |", "|---|" + "---|" * (len(keys) + 1)]
+    for mode, res in results.items():
+        md.append(f"| {mode} | " + " | ".join(f"{res['stages_ms'].get(k, float('nan')):.3f}"
+                                            for k in keys) + f" | {res['rss_mib']:.0f} |")
+    write_results(a.out, a.stem, {"results": results, "summary": summary, "command": cmd,
+                                  "bundle": b.version, "machine": machine(),
+                                  "commit": git_commit(), "when": now()}, md)
+
+
+if __name__ == "__main__":
+    main()

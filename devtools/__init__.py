@@ -1,0 +1,2 @@
+"""Development and demo tooling: the embedded Redis and server processes, the stack helper the
+benchmarks and load tests share, and `sine demo`. Not part of the serving image."""

@@ -1,0 +1,215 @@
+"""Processes on this machine: an embedded redis-server, `sine serve` as a child process, and
+`Stack`, the two together with users' histories loaded.
+
+Used by the one-command demo, the benchmarks and the load tests; everything binds 127.0.0.1.
+Development tooling: the service never imports it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+class LocalError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """redis-server on a free port with a temporary directory and no persistence."""
+
+    def __init__(self, port: int | None = None):
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            raise LocalError("redis-server is not installed. On Debian/Ubuntu: "
+                             "sudo apt-get install redis-server; on macOS: brew install redis; "
+                             "or point SINE_REDIS_URL at a running Redis.")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="sine-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise LocalError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; `start()` again reloads the last SAVE from the folder."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Server:
+    """`sine serve` in a child process, configured by SINE_* variables.
+
+    `tree` runs the server of another checkout of the project (an older commit, measured side
+    by side with this one)."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, log_path: Path | None = None,
+                 tree: Path | None = None, python_args: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.env = {**os.environ, **env, "SINE_PORT": str(self.port), "SINE_HOST": "127.0.0.1"}
+        self.log_path = log_path
+        self.tree = tree
+        self.python_args = python_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> Server:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        env = self.env
+        if self.tree is not None:
+            env = {**env, "PYTHONPATH": str(self.tree)}
+        self.proc = subprocess.Popen([sys.executable, *self.python_args, "-m", "sine_cli", "serve"],
+                                     env=env, stdout=out, stderr=out, cwd=self.tree)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise LocalError(f"the server exited with code {self.proc.returncode}"
+                                 + (f"; see {self.log_path}" if self.log_path else ""))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LocalError("the server did not become ready in time")
+            time.sleep(0.2)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def ensure_redis_server(log: Callable[[str], None] = print) -> None:
+    """Install redis-server with apt-get where it is missing and that is possible."""
+    if shutil.which("redis-server"):
+        return
+    apt = shutil.which("apt-get")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if apt and sudo is not None:
+        log("redis-server is missing; installing it with apt-get ...")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        ok = subprocess.run(sudo + [apt, "update", "-qq"], env=env).returncode == 0 and \
+            subprocess.run(sudo + [apt, "install", "-y", "-qq", "redis-server"],
+                           env=env).returncode == 0
+        if ok and shutil.which("redis-server"):
+            return
+    raise LocalError("redis-server is not installed and could not be installed here. Install it "
+                     "(Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install "
+                     "redis), or pass --redis-url to use a running Redis.")
+
+
+class Stack:
+    """Redis holding users' histories, and the `sine serve` processes started on it.
+
+    With no `redis_url` an embedded redis-server is started (and removed on close). `histories`
+    are (user id, item ids oldest first) as `model_export.data.histories` yields them; each
+    user's newest `keep` clicks are loaded. Servers started by `serve()` stop on close.
+    """
+
+    def __init__(self, histories: Iterable[tuple[str, list[str]]] | None = None,
+                 keep: int | None = None, redis_url: str | None = None,
+                 total: int | None = None, progress: Callable[[int, int], None] | None = None):
+        from service.history import load_histories
+        from service.settings import settings_from
+
+        self.redis = None if redis_url else EmbeddedRedis().start()
+        self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
+        self.servers: list[Server] = []
+        self.loaded = 0
+        try:
+            if histories is not None:
+                self.loaded = load_histories(settings_from(redis_url=self.redis_url,
+                                                           history_keep=keep),
+                                             histories, total, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def serve(self, bundle: str | Path, log_path: Path | None = None, port: int | None = None,
+              tree: Path | None = None, python_args: tuple[str, ...] = (),
+              **settings: object) -> Server:
+        """`sine serve` on `bundle` and this Redis, ready; `settings` are Settings fields."""
+        env = {"SINE_BUNDLE": str(bundle), "SINE_REDIS_URL": self.redis_url,
+               **{f"SINE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+                  for k, v in settings.items()}}
+        server = Server(env, port=port, log_path=log_path, tree=tree, python_args=python_args)
+        self.servers.append(server)
+        return server.start()
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.stop()
+        self.servers.clear()
+        if self.redis is not None:
+            self.redis.cleanup()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,5 @@
+import sys
+
+from sine_cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""The request stages as units, without HTTP: the batch policy, windows, compute, the filter with
+its top-up, popularity, the answer's JSON, and whole micro-batches against brute force."""
+import asyncio
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from service.engine import Engine, item_json_prefixes, load_engine
+from service.metrics import Metrics
+from service.pipeline import Batcher, Query, Recommender, compute, render, top_n, top_up
+from service.settings import Settings
+
+
+# -- the batch policy --------------------------------------------------------------------------
+
+class Recorder:
+    """A batch runner that records its batches; `gate` holds a batch open while it is set."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, items, waited):
+        self.batches.append(list(items))
+        assert len(waited) == len(items) and all(w >= 0 for w in waited)
+        if self.gate is not None:
+            await self.gate.wait()
+        return [x * 10 if x >= 0 else ValueError(f"bad {x}") for x in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_what_arrives_in_one_turn_is_one_batch():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=64)
+        out = await asyncio.gather(*(b.submit([i]) for i in range(5)))
+        return rec.batches, out
+    batches, out = run(main())
+    assert batches == [[0, 1, 2, 3, 4]]
+    assert out == [[0], [10], [20], [30], [40]]
+
+
+def test_batches_are_capped_and_first_come_first_served():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=4)
+        out = await asyncio.gather(*(b.submit([i]) for i in range(10)))
+        return rec.batches, out
+    batches, out = run(main())
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [o[0] for o in out] == [10 * i for i in range(10)]
+
+
+def test_arrivals_during_a_running_batch_form_the_next_one():
+    async def main():
+        rec = Recorder()
+        rec.gate = asyncio.Event()
+        b = Batcher(rec, max_size=64)
+        first = asyncio.ensure_future(b.submit([1]))
+        while not rec.batches:                       # the first batch is running
+            await asyncio.sleep(0)
+        later = [asyncio.ensure_future(b.submit([i])) for i in (2, 3)]
+        await asyncio.sleep(0)
+        assert rec.batches == [[1]]                  # held open: nothing else ran
+        rec.gate.set()
+        return await first, await asyncio.gather(*later), rec.batches
+    first, later, batches = run(main())
+    assert first == [10] and later == [[20], [30]]
+    assert batches == [[1], [2, 3]]
+
+
+def test_a_multi_item_submission_keeps_its_order():
+    async def main():
+        b = Batcher(Recorder(), max_size=3)
+        return await b.submit([5, 6, 7, 8, 9])
+    assert run(main()) == [50, 60, 70, 80, 90]
+
+
+def test_an_item_error_goes_to_that_item_and_a_run_error_to_the_batch():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=8)
+        good, bad = await asyncio.gather(b.submit([1]), b.submit([-1]), return_exceptions=True)
+
+        async def broken(items, waited):
+            raise RuntimeError("encoder failed")
+        b2 = Batcher(broken, max_size=8)
+        errs = await asyncio.gather(b2.submit([1]), b2.submit([2]), return_exceptions=True)
+        b2.run = rec                                 # the batcher works on after a failure
+        return good, bad, errs, await b2.submit([3])
+    good, bad, errs, after = run(main())
+    assert good == [10] and isinstance(bad, ValueError) and "bad -1" in str(bad)
+    assert [str(e) for e in errs] == ["encoder failed"] * 2
+    assert after == [30]
+
+
+def test_a_caller_that_has_gone_is_skipped():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=8)
+        gone = asyncio.ensure_future(b.submit([1]))
+        stays = asyncio.ensure_future(b.submit([2]))
+        await asyncio.sleep(0)                       # both queued; the drain has not run
+        gone.cancel()
+        return await stays, rec.batches
+    stays, batches = run(main())
+    assert stays == [20] and batches == [[2]]
+
+
+@pytest.mark.parametrize("wait, expect", [(0.0, [[1], [2]]), (0.2, [[1, 2]])])
+def test_max_wait_holds_a_small_batch_for_company(wait, expect):
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=8, max_wait_s=wait)
+        first = asyncio.ensure_future(b.submit([1]))
+        for _ in range(3):                           # a few turns of the loop, not a time
+            await asyncio.sleep(0)
+        await asyncio.gather(first, b.submit([2]))
+        return rec.batches
+    assert run(main()) == expect
+
+
+# -- stages on the small world's engine ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(small_world) -> Engine:
+    return load_engine(small_world["root"])
+
+
+@pytest.fixture(scope="module")
+def items(small_world) -> np.ndarray:
+    return np.load(small_world["export"] / "items.npy")          # [M, D], row j = id j + 1
+
+
+def test_windows_drop_unknown_ids_and_keep_newest_first(engine):
+    ext = engine.bundle.item_ids()
+    long = [ext[i] for i in range(1, 31)]                         # 30 known, newest first
+    hists = [[ext[5], "nope", ext[7]], [], ["x", "y"], long]
+    w = engine.windows(hists)
+    n = engine.n
+    assert w.window.shape == (4, n) and w.window.dtype == np.int64
+    assert list(w.window[0, :3]) == [5, 7, 0] and not w.window[0, 2:].any()
+    assert not w.window[1].any() and not w.window[2].any()
+    assert list(w.window[3]) == list(range(1, n + 1))            # the n newest known
+    assert list(w.known) == [2, 0, 0, 30] and w.unknown == 3
+    assert list(w.seen[3, :30]) == list(range(1, 31))            # every known id, for exclusion
+    assert list(w.seen[0, :2]) == [5, 7] and not w.seen[0, 2:].any()
+
+
+class NoWalk(np.ndarray):
+    """An id array that refuses to be walked or listed whole."""
+
+    def __iter__(self):
+        raise AssertionError("walked the whole catalog")
+
+    def tolist(self):
+        if len(self) > 1000:
+            raise AssertionError("listed the whole catalog")
+        return super().tolist()
+
+
+def test_popular_ids_skip_exclusions_and_never_walk_the_catalog():
+    pop = SimpleNamespace(popular=np.arange(1, 10_000_001, dtype=np.int64).view(NoWalk))
+    got = Engine.popular_ids(pop, 5, np.array([[1, 3, 0], [4, 0, 0]]))
+    assert got.view(np.ndarray).tolist() == [2, 5, 6, 7, 8]
+    got = Engine.popular_ids(pop, 3, np.zeros(0, np.int64))
+    assert got.view(np.ndarray).tolist() == [1, 2, 3]
+    small = SimpleNamespace(popular=np.array([3, 1, 2]))
+    assert list(Engine.popular_ids(small, 5, np.array([1]))) == [3, 2]    # catalog runs out
+
+
+def test_compute_is_the_encoder_and_exact_search(engine, items):
+    win = engine.windows([[engine.bundle.item_ids()[i] for i in (3, 9, 4)],
+                          [engine.bundle.item_ids()[i] for i in (11, 2)]]).window
+    interests, uv, weights = engine.session.run(None, {"item_ids": win})
+    c = compute(engine, win, np.array([False, True]), 12)
+    np.testing.assert_allclose(c.user_vector, uv, atol=1e-6)
+    assert list(c.aggregate) == [0] and list(c.per_interest) == [1]
+    assert c.ids[0].shape == (1, 1, 12) and c.ids[1].shape == (1, interests.shape[1], 12)
+    want = np.argsort(-(uv[0] @ items.T), kind="stable")[:12] + 1
+    assert list(c.ids[0][0, 0]) == list(want)
+    for k in range(interests.shape[1]):
+        want = np.argsort(-(interests[1, k] @ items.T), kind="stable")[:12] + 1
+        assert list(c.ids[1][0, k]) == list(want)
+        np.testing.assert_allclose(c.scores[1][0, k], np.sort(interests[1, k] @ items.T)[::-1][:12],
+                                   rtol=1e-5, atol=1e-5)
+    assert set(c.timings) == {"encode", "search"}
+
+
+def brute_top(scores, ids, exclude, n):
+    """One row at a time, in plain Python: best score per id, minus -1 and exclusions."""
+    out = []
+    for s_row, i_row, ex in zip(scores, ids, exclude):
+        best: dict[int, tuple[float, int]] = {}
+        for q, (sq, iq) in enumerate(zip(s_row, i_row)):
+            for s, i in zip(sq.tolist(), iq.tolist()):
+                if i < 0 or i in set(ex.tolist()) - {0}:
+                    continue
+                if i not in best or s > best[i][0]:
+                    best[i] = (s, q)
+        out.append(sorted(best.items(), key=lambda kv: -kv[1][0])[:n])
+    return out
+
+
+@pytest.mark.parametrize("Q", [1, 4])
+def test_top_n_equals_brute_force_on_seeded_lists(Q):
+    rng = np.random.default_rng(Q)
+    P, k, M = 16, 30, 60
+    scores = -np.sort(-rng.standard_normal((P, Q, k)).astype(np.float32), axis=2)
+    ids = rng.integers(1, M + 1, size=(P, Q, k))
+    if Q == 1:                                                    # one list holds an id once
+        ids = np.stack([rng.permutation(M)[:k] + 1 for _ in range(P)])[:, None]
+    ids[:, :, -3:] = -1                                           # the index ran short
+    exclude = np.where(rng.random((P, 8)) < 0.7, rng.integers(1, M + 1, (P, 8)), 0)
+    top = top_n(scores, ids, exclude, 20)
+    for p, want in enumerate(brute_top(scores, ids, exclude, 20)):
+        c = int(top.count[p])
+        assert c == len(want)
+        assert list(top.ids[p, :c]) == [i for i, _ in want]
+        np.testing.assert_allclose(top.scores[p, :c], [s for _, (s, _) in want])
+        assert list(top.source[p, :c]) == [q for _, (_, q) in want]
+
+
+def test_top_n_counts_what_is_left_after_exclusion():
+    scores = np.array([[[0.9, 0.8, 0.7, 0.6]]], np.float32)
+    ids = np.array([[[4, 2, 9, -1]]])
+    top = top_n(scores, ids, np.array([[2, 0]]), 3)
+    assert int(top.count[0]) == 2 and list(top.ids[0, :2]) == [4, 9]
+    top = top_n(scores, ids, np.zeros((1, 0), np.int64), 3)
+    assert int(top.count[0]) == 3 and list(top.ids[0]) == [4, 2, 9]
+
+
+def test_top_up_adds_popular_items_with_exact_scores(engine, items):
+    query = items[[4, 8]].astype(np.float32)                      # [Q=2, D]
+    have = engine.popular[[0, 2]]
+    exclude = np.array([engine.popular[1], 0])
+    extra, s, r = top_up(engine, have, exclude, 3, query)
+    assert list(extra) == list(engine.popular[3:6])               # skips answered and excluded
+    exact = items[extra - 1] @ query.T                            # [3, 2]
+    np.testing.assert_allclose(s, exact.max(1), rtol=1e-5, atol=1e-5)
+    assert list(r) == list(exact.argmax(1))
+
+
+def test_render_builds_the_json_a_dict_would(engine):
+    weird = SimpleNamespace(item_json=item_json_prefixes(["<pad>", 'quo"te', "ünï", "back\\slash"]),
+                            version="v1", vectors=lambda ids: np.eye(3, dtype=np.float32)[ids - 1])
+    ids = np.array([3, 1, 2])
+    scores = np.array([2.5, -1.25, 0.5], np.float32)
+    body = json.loads(render(weird, Query("u\"1", 3), ids, scores))
+    assert body == {"user_id": 'u"1', "version": "v1", "mode": "aggregate", "fallback": None,
+                    "score_kind": "inner_product", "interest_weights": None,
+                    "items": [{"item_id": "back\\slash", "score": 2.5},
+                              {"item_id": 'quo"te', "score": -1.25},
+                              {"item_id": "ünï", "score": 0.5}]}
+    q = Query("u", 3, mode="per_interest", include_interests=True)
+    interests = np.array([[1, 0, 0], [0, 2, 0]], np.float32)      # [K, D]
+    body = json.loads(render(weird, q, ids, scores, None, np.array([1, 0, 1]),
+                             np.array([0.25, 0.75], np.float32), interests))
+    assert body["interest_weights"] == [0.25, 0.75]
+    assert [it["interest"] for it in body["items"]] == [1, 0, 1]
+    assert [it["interest_scores"] for it in body["items"]] == [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+    body = json.loads(render(weird, Query("u", 5), ids[:0], scores[:0], "cold_start"))
+    assert body["items"] == [] and body["fallback"] == "cold_start"
+    assert body["score_kind"] == "popularity"
+
+
+def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_world):
+    """Aggregate and per-interest, several n, exclusion on and off, cold and personalized
+    users in one batch: each answer equals the same query run alone, and brute force."""
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False), Metrics(), None)
+    hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] for u in range(6)]
+    hists[4] = ["unknown-item"]                                   # a cold start
+    queries = [Query("a", 7), Query("b", 20, mode="per_interest", include_interests=True),
+               Query("c", 3, exclude_seen=False), Query("d", 12, mode="per_interest"),
+               Query("e", 5), Query("f", 1)]
+    together = rec.answer(engine, queries, hists, None)
+    for q, h, got in zip(queries, hists, together):
+        alone = json.loads(rec.answer(engine, [q], [h], None)[0].body)
+        body = json.loads(got.body)
+        # the same items; scores equal up to float rounding (batched BLAS sums in another order)
+        assert [it["item_id"] for it in body["items"]] == [it["item_id"] for it in alone["items"]]
+        np.testing.assert_allclose([it["score"] for it in body["items"]],
+                                   [it["score"] for it in alone["items"]], rtol=1e-5, atol=1e-5)
+        assert {k: v for k, v in body.items() if k not in ("items", "interest_weights")} == \
+            {k: v for k, v in alone.items() if k not in ("items", "interest_weights")}
+        assert len(body["items"]) == q.n
+        if q.user_id == "e":
+            assert body["fallback"] == "cold_start"
+            assert [it["item_id"] for it in body["items"]] == \
+                [ds.item_ids[int(i)] for i in engine.popular[:5]]
+            continue
+        known = [engine.item_index[x] for x in h]
+        win = np.zeros((1, engine.n), np.int64)
+        win[0, : min(engine.n, len(known))] = known[: engine.n]
+        interests, uv, weights = engine.session.run(None, {"item_ids": win})
+        vecs = interests[0] if q.mode == "per_interest" else uv        # [Q, D]
+        scores = (vecs @ items.T).max(0)
+        order = [i + 1 for i in np.argsort(-scores, kind="stable")
+                 if not (q.exclude_seen and i + 1 in set(known))][: q.n]
+        assert [it["item_id"] for it in body["items"]] == [ds.item_ids[i] for i in order]
+        np.testing.assert_allclose([it["score"] for it in body["items"]],
+                                   scores[np.array(order) - 1], rtol=1e-4, atol=1e-4)
+        assert body["fallback"] is None and body["score_kind"] == "inner_product"
+        assert set(got.timings) == {"encode", "search", "filter"}
