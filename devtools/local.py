@@ -30,9 +30,10 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """redis-server on a free port with a temporary directory and no persistence."""
+    """redis-server on a free port with a temporary directory and no persistence; `args` are
+    more redis-server options (`["--requirepass", "pw"]`)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, args: list[str] | None = None):
         self.exe = shutil.which("redis-server")
         if self.exe is None:
             raise LocalError("redis-server is not installed. On Debian/Ubuntu: "
@@ -40,7 +41,8 @@ class EmbeddedRedis:
                              "or point SINE_REDIS_URL at a running Redis.")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="sine-redis-")
-        self.proc: subprocess.Popen | None = None
+        self.args = list(args or [])
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -49,14 +51,14 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+             "--appendonly", "no", "--dir", self.dir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):   # up (maybe locked)
                         return self
             except OSError:
                 pass

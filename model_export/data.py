@@ -402,7 +402,6 @@ class Split:
     valid_targets: np.ndarray     # [U]
     test_inputs: np.ndarray       # [U, n]
     test_targets: np.ndarray      # [U]
-    train_histories: list[np.ndarray]   # per user: items seen before the validation target
     train_counts: np.ndarray      # [M + 1] popularity over training parts
 
 
@@ -416,11 +415,9 @@ def split(ds: Dataset, seq_len: int = 20) -> Split:
     vt = np.zeros(U, dtype=np.int64)
     tt = np.zeros(U, dtype=np.int64)
     counts = np.zeros(ds.n_items + 1, dtype=np.int64)
-    hist = []
     r = 0
     for u, s in enumerate(ds.sequences):
         train = s[:-2]
-        hist.append(train)
         np.add.at(counts, train, 1)
         for t in range(1, len(train)):
             tin[r] = window(train[:t], seq_len)
@@ -431,7 +428,7 @@ def split(ds: Dataset, seq_len: int = 20) -> Split:
         tein[u] = window(s[:-1], seq_len)
         tt[u] = s[-1]
     assert r == n_train, "sample count mismatch: this is a bug"
-    return Split(tin, tgt, vin, vt, tein, tt, hist, counts)
+    return Split(tin, tgt, vin, vt, tein, tt, counts)
 
 
 def dataset_info(ds: Dataset) -> dict:

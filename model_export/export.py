@@ -1,7 +1,7 @@
 """Export a trained SINE checkpoint: the user encoder to ONNX, the item table, ids and popularity.
 
 The ONNX graph takes `item_ids` int64 [B, n] (most recent click first, 0 = padding at the end;
-the service builds windows with `model_export.data.window`'s convention) and returns
+the convention of `model_export.data.window`, which the service's `Engine.windows` follows) and returns
 `interests` [B, K, D], `user_vector` [B, D] and `weights` [B, K]. Only the batch axis is dynamic;
 all weights live inside the one file.
 

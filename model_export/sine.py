@@ -30,9 +30,11 @@ Deviations from the paper, each with its reason (the ablation table in
    biases and adds positions to Eq. 1 and 6. That variant is not provided.
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
-attention heads as one [D, K D] product, and Eq. 6's X_hat W3' as P_kt (C_u W3'), a [K, D] x
-[D, D] product instead of [n, D] x [D, D]. `FoldedSINE` (the serving export) goes further and
-gathers the item-side products from precomputed tables.
+attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
+X_hat W3' as P_kt (C_u W3'), a [K, D] x [D, D] product instead of [n, D] x [D, D]. Vector
+products and norms are written so that the ONNX graph stays small and fast (`matvec`, `unit`).
+`FoldedSINE` (the serving export) goes further and gathers the item-side products from
+precomputed tables.
 
 Losses: Eq. 9 as a full softmax over all M items, or a sampled softmax with a log-uniform proposal
 over popularity-ranked ids, logQ correction and accidental hits removed (TF's
@@ -74,6 +76,17 @@ class SINEConfig:
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, NEG), dim=dim)
+
+
+def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """x / ||x|| over the last axis (F.normalize without its Expand node in ONNX)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ w [D] as a product with a [D, 1] matrix: ONNX Runtime runs a MatMul with a
+    1-D operand as a slow loop (a third of the encoder's time at B = 32), a GEMM fast."""
+    return (x @ w.unsqueeze(-1)).squeeze(-1)                          # [...]
 
 
 class SINE(nn.Module):
@@ -136,7 +149,7 @@ class SINE(nn.Module):
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
     def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None):
         XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
-        a = masked_softmax(torch.tanh(XW1) @ self.W2, mask, dim=1)     # [B, n]
+        a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
         s = z @ self.C.t()                                             # [B, L]
         return torch.topk(s, self.config.K, dim=1)                     # values, indices: [B, K]
@@ -156,11 +169,13 @@ class SINE(nn.Module):
         if c.literal:
             logits = q @ p.transpose(1, 2)                             # [B, n, K]
         else:
-            logits = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).transpose(1, 2) / c.tau_assign
+            logits = unit(q) @ unit(p).transpose(1, 2) / c.tau_assign
         P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
 
         # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
-        e_tk = (torch.tanh(XpWk1).unflatten(-1, (c.K, c.D)) * self.Wk2).sum(-1)   # [B, n, K]
+        Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(c.K, device=X.device).unsqueeze(1)).reshape(
+            c.K * c.D, c.K)                                            # block-diagonal [K*D, K]
+        e_tk = torch.tanh(XpWk1) @ Wk2                                 # [B, n, K]: one GEMM for all k
         P_tk = masked_softmax(e_tk, mask.unsqueeze(-1), dim=1)         # [B, n, K]
 
         # §3.2.4 interest embedding generation (Eq. 5)
@@ -173,13 +188,12 @@ class SINE(nn.Module):
         else:
             X_hat = P_kt @ C_u                                         # [B, n, D]
             X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)         # [B, n, D] = X_hat W3'
-            b = masked_softmax(torch.tanh(X_hat_W3) @ self.W4, mask, dim=1)   # [B, n]
+            b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), mask, dim=1)   # [B, n]
             C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(1))         # [B, D]
             if c.literal:
                 logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau          # [B, K]
             else:
-                logits_e = (F.normalize(phi, dim=-1) @ F.normalize(C_apt, dim=-1).unsqueeze(-1)
-                            ).squeeze(-1) / c.tau                      # [B, K]
+                logits_e = (unit(phi) @ unit(C_apt).unsqueeze(-1)).squeeze(-1) / c.tau   # [B, K]
             e = torch.softmax(logits_e, dim=-1)                        # [B, K]
         v = (e.unsqueeze(-1) * phi).sum(1)                             # [B, D]
         return phi, v, e
@@ -222,9 +236,9 @@ class FoldedSINE(SINE):
     """SINE's encoder with the linear maps of the item embeddings folded into per-item tables.
 
     Eq. 1, 3 and 4 apply W1, W3 and W_{k,1} to item embeddings before any nonlinearity, and
-    H[ids] W = (H W)[ids]: the tables [M + 1, (2 + K) D] hold H W1 | H W3 | H W_{k,1}, so a user
-    costs gathers instead of [n, D] x [D, (2 + K) D] products. P W_{k,1} and C W3' are folded the
-    same way. Outputs equal SINE's up to float rounding. Made from a trained model for export;
+    H[ids] W = (H W)[ids]: the tables H W1 [M + 1, D], H W3 [M + 1, D] and H W_{k,1}
+    [M + 1, K D] turn a user's [n, D] x [D, (2 + K) D] products into gathers. P W_{k,1} and C W3'
+    are folded the same way. Outputs equal SINE's up to float rounding. Made from a trained model for export;
     the tables cost `table_bytes_per_item` of memory per item.
     """
 
@@ -235,9 +249,10 @@ class FoldedSINE(SINE):
         with torch.no_grad():
             Wk1 = self.Wk1.permute(1, 0, 2).reshape(c.D, c.K * c.D)   # [D, K*D]
             H = self.H.weight                                          # [M + 1, D]
-            tables = torch.cat([H @ self.W1, H @ self.W3, H @ Wk1], dim=1)   # [M + 1, (2 + K) D]
-            tables[0] = 0.0                                            # padding maps to 0, as X does
-            self.register_buffer("tables", tables)
+            for name, W in (("HW1", self.W1), ("HW3", self.W3), ("HWk1", Wk1)):
+                table = H @ W                                          # [M + 1, D] or [M + 1, K*D]
+                table[0] = 0.0                                         # padding maps to 0, as X does
+                self.register_buffer(name, table)
             self.register_buffer("PWk1", self.P @ Wk1)                 # [n, K*D]
             self.register_buffer("CW3", SINE.prototype_map(self, torch.arange(c.L)))  # [L, D]
         self.eval()
@@ -247,9 +262,8 @@ class FoldedSINE(SINE):
         return (2 + config.K) * config.D * 4                           # float32
 
     def item_maps(self, X: torch.Tensor, item_ids: torch.Tensor):
-        c = self.config
-        XW1, XW3, XWk1 = self.tables[item_ids].split([c.D, c.D, c.K * c.D], dim=-1)
-        return XW1, XW3, XWk1 + self.PWk1                              # [B, n, D], [B, n, D], [B, n, K*D]
+        gather = lambda table: F.embedding(item_ids, table)           # one Gather a table, no copies
+        return gather(self.HW1), gather(self.HW3), gather(self.HWk1) + self.PWk1   # [B, n, D], [B, n, D], [B, n, K*D]
 
     def prototype_map(self, idx: torch.Tensor) -> torch.Tensor:
         return self.CW3[idx]                                           # [B, K, D]

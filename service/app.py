@@ -125,7 +125,7 @@ class Guard:
 
     async def _refuse(self, status: int, detail: str, scope: Scope, receive: Receive,
                       send: Send) -> None:
-        slug = {413: "payload-too-large", 415: "unsupported-media-type"}[status]
+        slug = errors.SLUGS[status]
         self.st.metrics.failures.labels(slug).inc()
         await errors.problem(status, errors.TITLES[status], detail, slug,
                              scope["path"])(scope, receive, send)

@@ -60,6 +60,7 @@ class BodyTooLarge(HTTPException):
 
 TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed",
           413: "Payload too large", 415: "Unsupported media type", 429: "Too many requests"}
+SLUGS = {413: "payload-too-large", 415: "unsupported-media-type", 429: "overloaded"}
 
 
 class Problem(BaseModel):
@@ -146,9 +147,10 @@ def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None
         detail = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404 and detail == "Not Found":
             detail = f"No endpoint {request.method} {request.url.path}; see /docs."
-        count(f"http-{e.status_code}")
-        return problem(e.status_code, TITLES.get(e.status_code, "HTTP error"), detail,
-                       f"http-{e.status_code}", request.url.path,
+        slug = SLUGS.get(e.status_code, f"http-{e.status_code}")
+        count(slug)
+        return problem(e.status_code, TITLES.get(e.status_code, "HTTP error"), detail, slug,
+                       request.url.path,
                        getattr(e, "headers", None))
 
     @app.exception_handler(Exception)

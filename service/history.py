@@ -1,21 +1,29 @@
 """User histories in Redis: one list per user, newest click first, capped at `history_keep`.
 
-A micro-batch reads all its users in one pipelined round trip (one LRANGE each); an event is
-LPUSH + LTRIM in one MULTI/EXEC, so a reader never sees a list longer than the cap and two writers
-never lose a click. After a refused or broken connection, requests skip Redis for
-`redis_retry_after_ms`, then try again; a pooled connection that a restarted Redis closed is
-reconnected once, at once, instead of failing the call.
+A micro-batch reads all its users in one pipelined round trip (one LRANGE each). On a single
+Redis that read goes through `ListReader`, one connection of the service's own that writes a
+batch's commands in one send and parses the replies with hiredis as they arrive: redis-py's
+pipeline machinery costs about five times as much CPU per batch (benchmarks/results/
+redis-reads.md). Everything else (events, readiness pings, Redis Cluster) uses redis-py. An
+event is LPUSH + LTRIM in one MULTI/EXEC, so a reader never sees a list longer than the cap and
+two writers never lose a click. After a refused or broken connection, requests skip Redis for
+`redis_retry_after_ms`, then try again; a connection that a restarted Redis closed is reconnected
+once, at once, instead of failing the call.
 """
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+import hiredis
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -48,6 +56,126 @@ class HistoryError(RuntimeError):
     """Redis could not answer in time."""
 
 
+class _Batch:
+    __slots__ = ("left", "replies", "future")
+
+    def __init__(self, n: int, future: asyncio.Future[list[Any]]):
+        self.left, self.future = n, future
+        self.replies: list[Any] = []
+
+
+class _Protocol(asyncio.Protocol):
+    """Replies, in order, to the batches written on one connection. A batch whose caller gave up
+    (a timeout) stays in line until its replies have been read, so none goes to another."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.pending: deque[_Batch] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            batch = self.pending[0]
+            batch.replies.append(reply)
+            batch.left -= 1
+            if batch.left == 0:
+                self.pending.popleft()
+                if not batch.future.done():
+                    batch.future.set_result(batch.replies)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = exc or ConnectionResetError("Redis closed the connection")
+        while self.pending:
+            f = self.pending.popleft().future
+            if not f.done():
+                f.set_exception(RedisConnectionError(f"connection lost: {self.lost}"))
+
+    def send(self, packed: bytes, n: int) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Batch(n, future))
+        assert self.transport is not None
+        self.transport.write(packed)
+        return future
+
+
+def _pack(*args: str | bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        parts.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+class ListReader:
+    """LRANGE for many keys in one round trip, on one connection of its own (Redis answers a
+    connection's commands in order, so batches in flight share it). Connects on first use and
+    again after the connection is lost; AUTH and SELECT follow the URL and the password setting.
+    Errors surface as redis-py's exception types, so that callers treat both paths alike."""
+
+    def __init__(self, url: str, password: str | None, timeout_s: float):
+        opts: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self.host, self.port = opts.get("host", "localhost"), int(opts.get("port", 6379))
+        self.db = int(opts.get("db", 0))
+        self.username = opts.get("username")
+        self.password = password if password is not None else opts.get("password")
+        self.tls = opts.get("connection_class") is not None          # rediss://
+        self.timeout = timeout_s
+        self._proto: _Protocol | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connection(self) -> tuple[_Protocol, bool]:
+        """The connection, and whether it was opened just now."""
+        if self._proto is not None and self._proto.lost is None:
+            return self._proto, False
+        async with self._connecting:
+            if self._proto is not None and self._proto.lost is None:
+                return self._proto, False
+            loop = asyncio.get_running_loop()
+            ctx = ssl.create_default_context() if self.tls else None
+            _, proto = await asyncio.wait_for(loop.create_connection(
+                _Protocol, self.host, self.port, ssl=ctx), self.timeout)
+            hello = []
+            if self.password is not None:
+                hello.append(_pack("AUTH", *([self.username] if self.username else []),
+                                   self.password))
+            if self.db:
+                hello.append(_pack("SELECT", str(self.db)))
+            if hello:
+                for reply in await proto.send(b"".join(hello), len(hello)):
+                    if isinstance(reply, Exception):
+                        proto.transport.close()  # type: ignore[union-attr]
+                        raise RedisConnectionError(f"Redis refused the connection: {reply}")
+            self._proto = proto
+            return proto, True
+
+    async def lranges(self, keys: list[str], stop: int) -> list[list[str]]:
+        """LRANGE key 0 stop for every key, in one send."""
+        tail = b"$1\r\n0\r\n" + _pack(str(stop))[4:]                 # the two index arguments
+        packed = b"".join(b"*4\r\n$6\r\nLRANGE\r\n$%d\r\n%b\r\n%b" % (len(kb), kb, tail)
+                          for kb in (k.encode() for k in keys))
+        proto, new = await self._connection()
+        try:
+            replies = await proto.send(packed, len(keys))
+        except RedisConnectionError:
+            if new:
+                raise
+            proto, _ = await self._connection()   # it went stale (a restarted Redis): once, anew
+            replies = await proto.send(packed, len(keys))
+        for r in replies:
+            if isinstance(r, Exception):
+                raise RedisError(f"LRANGE failed: {r}")
+        return replies
+
+    def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+
+
 class HistoryStore:
     def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
         self.s = settings
@@ -59,6 +187,9 @@ class HistoryStore:
         self._on_error = on_error or (lambda op: None)
         self._key = settings.redis_key_template.format
         self.client = redis_client(settings, max(self.timeout, self.write_timeout))
+        pw = settings.redis_password.get_secret_value() if settings.redis_password else None
+        self.reader = (None if settings.redis_cluster or not settings.redis_url else
+                       ListReader(settings.redis_url, pw, self.timeout))
 
     def key(self, user_id: str) -> str:
         return self._key(user_id=user_id)
@@ -72,7 +203,8 @@ class HistoryStore:
             coro.close()
             raise HistoryError("Redis failed recently; retrying after a pause")
         try:
-            return await asyncio.wait_for(coro, timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await coro
         except (TimeoutError, RedisError, OSError) as e:
             # a refused or broken connection pauses Redis; a timeout does not: it is already
             # bounded, and a stall of this process (a bundle loading beside it) would otherwise
@@ -84,6 +216,10 @@ class HistoryStore:
 
     async def get_many(self, user_ids: list[str]) -> list[list[str]]:
         """Each user's history, newest first ([] when the user has no key), in one round trip."""
+        if self.reader is not None:
+            return await self._call("read", self.reader.lranges(
+                [self._key(user_id=u) for u in user_ids], self.keep - 1))
+
         async def run() -> list[list[str]]:
             pipe = self.client.pipeline(transaction=False)
             for u in user_ids:
@@ -108,6 +244,8 @@ class HistoryStore:
         await self._call("ping", self.client.ping())
 
     async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         try:
             await self.client.aclose()
         except Exception:

@@ -1,9 +1,6 @@
 """Prometheus metrics, one registry per app so that several apps can live in one process."""
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,11 +51,3 @@ class Metrics:
     def set_bundle(self, version: str, factory: str, items: int) -> None:
         self.bundle.clear()
         self.bundle.labels(version, factory, str(items)).set(1)
-
-    @contextmanager
-    def time_request(self, endpoint: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.child(self.request, endpoint).observe(time.perf_counter() - t0)

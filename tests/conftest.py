@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
-from devtools.local import EmbeddedRedis, free_port
+from devtools.local import free_port
+from tests.helpers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SINE_DATA_DIR") or (ROOT.parent / "shared" / "data"))
@@ -46,13 +46,6 @@ def small_world(tmp_path_factory):
     b = make_bundle(base / "export", base / "bundles", version="v1", log=lambda *a: None)
     return {"ds": ds, "base": base, "export": base / "export", "root": base / "bundles",
             "bundle": b, "checkpoint": base / "run" / "best.pt"}
-
-
-class RedisServer(EmbeddedRedis):
-    """The service's embedded redis-server, plus a client for the tests' own reads and writes."""
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True)
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +96,4 @@ def served(settings, ready: bool = True):
 def serve():
     """The `served` context manager, for tests and module fixtures."""
     return served
+

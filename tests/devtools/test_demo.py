@@ -1,7 +1,10 @@
 """`sine demo` end to end on synthetic data: build, serve, answer, stop; then reuse the bundle."""
+import pytest
 
 from devtools.local import free_port
 from sine_cli.main import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_builds_serves_and_reuses(tmp_path, capsys):

@@ -63,8 +63,15 @@ def test_early_stopping_keeps_the_best_checkpoint(ds, tmp_path):
     best = load_checkpoint(tmp_path / "best.pt")
     scores = [h["valid_NDCG@10"] for h in res.history]
     assert best["epoch"] + 1 == res.best_epoch == scores.index(max(scores)) + 1
-    if res.stopped_because == "early_stopping":
-        assert res.epochs_run == res.best_epoch + 1
+
+
+def test_no_validation_gain_stops_after_patience_epochs(ds, tmp_path):
+    # lr 0: the model never changes, so epoch 1 stays the best and patience 2 ends epoch 3
+    res = train(ds, model_config(ds, **SMALL), cfg(max_epochs=6, patience=2, lr=0.0), tmp_path,
+                progress=False)
+    assert res.stopped_because == "early_stopping"
+    assert res.best_epoch == 1 and res.epochs_run == 3
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
 
 
 def test_sampled_loss_trains(ds, tmp_path):
@@ -134,6 +141,7 @@ def test_history_file_is_written_each_epoch(ds, tmp_path):
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_one_epoch_on_ml100k_beats_popularity(data_dir, tmp_path):
     """CI's short run on real data: one epoch, D = 64, about half a minute on 2 cores."""
     from tests.conftest import require_data

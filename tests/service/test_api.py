@@ -1,11 +1,15 @@
-"""POST /recommend, /recommend/batch and /events over real HTTP, checked against brute force."""
+"""POST /recommend, /recommend/batch and /events over real HTTP, checked against brute force;
+bad input of every kind; the operations endpoints, the OpenAPI document and the offline docs."""
 import concurrent.futures as cf
+import json
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from service.settings import Settings
+from tests.helpers import metric
 
 PROBLEM = "application/problem+json"
 
@@ -13,7 +17,8 @@ PROBLEM = "application/problem+json"
 @pytest.fixture(scope="module")
 def world(small_world, redis_server, serve):
     s = Settings(bundle=str(small_world["root"]), redis_url=redis_server.url, watch_interval_s=0,
-                 max_n=50, max_batch_users=8, history_keep=30, max_user_id_length=16)
+                 max_n=50, max_batch_users=8, history_keep=30, max_user_id_length=16,
+                 max_body_bytes=512, max_batch_body_bytes=2048)
     ds = small_world["ds"]
     items = np.load(small_world["export"] / "items.npy")                     # [M, D]
     sess = ort.InferenceSession(str(small_world["bundle"].file("encoder")),
@@ -57,8 +62,9 @@ def test_recommend_matches_brute_force_and_excludes_history(world):
     want, scores, _, _ = brute(world, hist, 25)
     assert [x["item_id"] for x in body["items"]] == want
     np.testing.assert_allclose([x["score"] for x in body["items"]], scores, rtol=1e-4, atol=1e-4)
-    assert not set(want) & set(hist)
+    assert not {x["item_id"] for x in body["items"]} & set(hist)      # the service excluded them
     assert body["fallback"] is None and body["mode"] == "aggregate"
+    assert body["score_kind"] == "inner_product"
     assert body["version"] == "v1" and body["user_id"] == "u0"
     assert {"history", "encode", "search", "filter"} <= {
         p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")}
@@ -100,7 +106,7 @@ def test_cold_start_and_unknown_items(world):
                                 kind="stable") + 1)
     r = world["c"].post("/recommend", json={"user_id": "never-seen", "n": 5})
     body = r.json()
-    assert body["fallback"] == "cold_start"
+    assert body["fallback"] == "cold_start" and body["score_kind"] == "popularity"
     assert [x["item_id"] for x in body["items"]] == [ds.item_ids[int(i)] for i in pop_order[:5]]
 
     put_history(world, "ghost", ["no-such-item", "nor-this"])
@@ -191,29 +197,90 @@ def test_malformed_json_and_unknown_routes(world):
     assert r.status_code == 422 and "item_id" in r.json()["detail"]
 
 
-def metric(c, name: str, labels: str = "") -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith(name + labels + " ") or line.startswith(name + "{" + labels):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_operations_endpoints(world):
-    c = world["c"]
-    c.post("/recommend", json={"user_id": "u0", "n": 5})
+    c, ds = world["c"], world["ds"]
+    put_history(world, "ops", [ds.item_ids[int(i)] for i in ds.sequences[5][::-1]])
+    before = {"cold": metric(c, "sine_fallbacks_total", reason="cold_start"),
+              "bad": metric(c, "sine_failures_total", reason="invalid-request"),
+              "encode": metric(c, "sine_stage_duration_seconds_count", stage="encode")}
+    assert c.post("/recommend", json={"user_id": "ops", "n": 5}).json()["fallback"] is None
+    assert c.post("/recommend", json={"user_id": "ops-cold", "n": 5}).json()["fallback"]
+    assert c.post("/recommend", json={"user_id": "ops", "n": 0}).status_code == 422
     assert c.get("/livez").json() == {"status": "ok"}
     ready = c.get("/readyz").json()
     assert ready["status"] == "ready" and ready["version"] == "v1"
     assert ready["providers"] == ["CPUExecutionProvider"] and ready["redis"] == "ok"
-    text = c.get("/metrics").text
-    for stage in ("history", "encode", "search", "filter", "queue"):
-        assert f'sine_stage_duration_seconds_bucket{{le="0.0001",stage="{stage}"}}' in text
-    assert 'sine_bundle_info{factory="Flat",items="300",version="v1"} 1.0' in text
-    assert "sine_batch_size_bucket" in text
-    assert metric(c, "sine_fallbacks_total", '{reason="cold_start"}') >= 1
-    assert metric(c, "sine_failures_total", '{reason="invalid-request"}') >= 1
+    assert metric(c, "sine_fallbacks_total", reason="cold_start") == before["cold"] + 1
+    assert metric(c, "sine_failures_total", reason="invalid-request") == before["bad"] + 1
+    assert metric(c, "sine_stage_duration_seconds_count", stage="encode") == before["encode"] + 1
+    for stage in ("history", "queue", "encode", "search", "filter", "popularity"):
+        assert metric(c, "sine_stage_duration_seconds_count", stage=stage) >= 1, stage
+    assert metric(c, "sine_bundle_info", factory="Flat", items="300", version="v1") == 1.0
+    assert metric(c, "sine_batch_size_count") >= 2
     assert c.get("/bundle").json()["version"] == "v1"
-    spec = c.get("/openapi.json").json()
+
+
+def test_openapi_documents_every_answer(world):
+    spec = world["c"].get("/openapi.json").json()
     assert "/recommend" in spec["paths"] and "/recommend/batch" in spec["paths"]
     schema = spec["components"]["schemas"]["RecommendRequest"]
     assert schema["properties"]["n"]["maximum"] == 50 and schema.get("examples")
+    for path in ("/recommend", "/recommend/batch", "/events"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert {"200", "400", "413", "415", "422", "429", "503"} <= set(answers), (path, answers)
+        for code in ("400", "413", "415", "422", "429", "503"):
+            assert "application/problem+json" in answers[code]["content"], (path, code)
+    rec = spec["components"]["schemas"]["Recommendation"]["properties"]
+    assert rec["score_kind"]["enum"] == ["inner_product", "popularity"]
+    assert "never rank them against each other" in rec["score_kind"]["description"]
+
+
+def test_bodies_over_the_limit_are_refused_with_413(world):
+    c = world["c"]
+    pad = {"user_id": "a", "n": 5, "x": "y" * 600}                  # over 512 bytes
+    r = c.post("/recommend", json=pad)
+    assert r.status_code == 413 and r.headers["content-type"] == PROBLEM
+    assert "512" in r.json()["detail"] and r.json()["title"] == "Payload too large"
+    assert c.post("/events", json=pad).status_code == 413
+    # the batch route has its own, larger limit
+    reqs = [{"user_id": f"batch-user-{i:05d}", "n": 5, "mode": "aggregate",
+             "exclude_seen": True} for i in range(8)]
+    assert len(json.dumps({"requests": reqs})) > 512
+    assert c.post("/recommend/batch", json={"requests": reqs}).status_code == 200
+    big = {"requests": reqs, "x": "y" * 3000}
+    assert c.post("/recommend/batch", json=big).status_code == 413
+
+    def chunks():                                                 # no Content-Length: streamed
+        yield b'{"user_id": "a", "n": 5, "x": "'
+        for _ in range(40):
+            yield b"y" * 100
+        yield b'"}'
+    r = c.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["status"] == 413, r.text
+    assert "512" in r.json()["detail"]
+    assert metric(c, "sine_failures_total", reason="payload-too-large") >= 4
+    ok = c.post("/recommend", content=iter([b'{"user_id": "a",', b' "n": 5}']),
+                headers={"content-type": "application/json"})
+    assert ok.status_code == 200                                  # a small streamed body is fine
+
+
+@pytest.mark.parametrize("headers", [{"content-type": "text/plain"}, {},
+                                     {"content-type": "application/x-www-form-urlencoded"}])
+def test_a_body_not_sent_as_json_is_refused_with_415(world, headers):
+    with httpx.Client(base_url=world["c"].base_url) as raw:     # no default content type
+        r = raw.post("/recommend", content=b'{"user_id": "a", "n": 5}', headers=headers)
+    assert r.status_code == 415 and r.headers["content-type"] == PROBLEM
+    assert "application/json" in r.json()["detail"]
+    assert world["c"].post("/recommend", content=b'{"user_id": "a", "n": 5}', headers={
+        "content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_docs_work_offline(world):
+    c = world["c"]
+    html = c.get("/docs").text
+    assert "/docs/assets/swagger-ui-bundle.js" in html and "/openapi.json" in html
+    assert "cdn" not in html and "https://" not in html.replace("https://swagger.io", "")
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = c.get(f"/docs/assets/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    assert c.get("/redoc").status_code == 404                     # it would need a CDN

@@ -1,5 +1,6 @@
 """Schemathesis against the service's own OpenAPI, over real HTTP: no 5xx, ever, and every 4xx
 is a problem+json that says what is wrong."""
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
@@ -15,6 +16,7 @@ def check(response) -> None:
         assert body["status"] == response.status_code and body["detail"].strip(), body
 
 
+@pytest.mark.slow
 def test_api_never_fails_and_explains_refusals(small_world, redis_server, serve):
     s = Settings(bundle=str(small_world["root"]), redis_url=redis_server.url, watch_interval_s=0,
                  admin_token="fuzz-token")

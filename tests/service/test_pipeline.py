@@ -12,7 +12,6 @@ from service.metrics import Metrics
 from service.pipeline import Batcher, Query, Recommender, compute, render, top_n, top_up
 from service.settings import Settings
 
-
 # -- the batch policy --------------------------------------------------------------------------
 
 class Recorder:

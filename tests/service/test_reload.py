@@ -3,12 +3,12 @@ import concurrent.futures as cf
 import json
 import shutil
 import threading
-import time
 
 import pytest
 
 from index_builder import bundle as bundle_mod
 from service.settings import Settings
+from tests.helpers import metric, wait_until
 
 
 @pytest.fixture
@@ -74,9 +74,10 @@ def test_admin_reload_swaps_and_refuses_broken(root, serve):
         assert r.status_code == 422
         r = c.post("/admin/reload", headers=auth())          # no body: whatever current names
         assert r.json()["version"] == "v1"
-        text = c.get("/metrics").text
-        assert 'sine_reloads_total{outcome="refused"} 1.0' in text
-        assert 'sine_bundle_info{factory="Flat",items="300",version="v1"} 1.0' in text
+        assert metric(c, "sine_reloads_total", outcome="refused") == 1
+        assert metric(c, "sine_reloads_total", outcome="ok") == 2
+        assert metric(c, "sine_bundle_info", factory="Flat", items="300", version="v1") == 1
+        assert metric(c, "sine_bundle_info", factory="Flat", items="300", version="v2") == 0
 
 
 def test_reload_disabled_without_token(root, serve):
@@ -88,38 +89,38 @@ def test_reload_disabled_without_token(root, serve):
 def test_reload_under_concurrent_requests_fails_none(root, serve):
     with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
         stop = threading.Event()
-        seen_versions, statuses = set(), []
+        answered: list[tuple[int, str | None]] = []
 
         def hammer():
             while not stop.is_set():
                 r = c.post("/recommend", json={"user_id": "u", "n": 10})
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    seen_versions.add(r.json()["version"])
+                answered.append((r.status_code, r.json().get("version")))
 
         with cf.ThreadPoolExecutor(6) as ex:
             futs = [ex.submit(hammer) for _ in range(6)]
             for v in ("v2", "v1", "v2"):
                 assert c.post("/admin/reload", json={"version": v}, headers=auth()).status_code == 200
-                time.sleep(0.2)
+                mark = len(answered)            # requests keep flowing on the new version
+                wait_until(lambda: sum(1 for _, got in answered[mark:] if got == v) >= 10,
+                           what=f"10 answers from {v}")
             stop.set()
             for f in futs:
                 f.result()
-        assert statuses and set(statuses) == {200}
-        assert seen_versions == {"v1", "v2"}
+        assert answered and {s for s, _ in answered} == {200}
+        assert {v for _, v in answered} == {"v1", "v2"}
 
 
 def test_watching_current_reloads_and_skips_a_broken_version(root, serve):
     broken(root, "v3", "missing")
     with serve(Settings(bundle=str(root), watch_interval_s=0.1)) as c:
         bundle_mod.set_current(root, "v3")
-        time.sleep(0.6)
+        wait_until(lambda: metric(c, "sine_reloads_total", outcome="refused") == 1,
+                   what="the watcher refusing v3")
         assert c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] == "v1"
         bundle_mod.set_current(root, "v2")
-        deadline = time.monotonic() + 5
-        while c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"] != "v2":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"]
+                   == "v2", what="the watcher serving v2")
+        assert metric(c, "sine_reloads_total", outcome="ok") == 1
 
 
 def test_cuda_asked_without_a_gpu_fails_readiness_or_falls_back(root, serve):

@@ -34,6 +34,7 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--D", "16",
