@@ -98,9 +98,11 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", default="1,32")
     p.add_argument("--modes", default="batching,no-batching",
-                   help="batching, no-batching and/or baseline (needs --baseline-tree)")
+                   help="batching, no-batching, no-gc-freeze (batching, gc.freeze off) and/or "
+                        "baseline (needs --baseline-tree)")
     p.add_argument("--baseline-tree", type=Path,
                    help="another checkout of the project whose server is measured beside this one")
+    p.add_argument("--baseline-bundle", help="the bundle the baseline serves (default --bundle)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="service", help="result file name (default service)")
     a = p.parse_args()
@@ -120,11 +122,14 @@ def main() -> None:
     with Stack(data.histories(ds, holdout=1)) as stack:
         servers: dict[str, Server] = {}
         for mode in modes:
+            base = mode == "baseline" and a.baseline_bundle
             servers[mode] = stack.serve(
-                b.path, log_path=tmp / f"{mode}.log",
+                bundle_mod.load(a.baseline_bundle, deep=False).path if base else b.path,
+                log_path=tmp / f"{mode}.log",
                 tree=a.baseline_tree if mode == "baseline" else None,
                 floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
-                max_in_flight=1024, redis_timeout_ms=1000)
+                max_in_flight=1024, redis_timeout_ms=1000,
+                **({"gc_freeze": False} if mode == "no-gc-freeze" else {}))
             wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
         runs = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
         for _ in range(a.rounds):
@@ -145,7 +150,8 @@ def main() -> None:
     cmd = (f"python -m benchmarks.serving --bundle {a.bundle} --rounds {a.rounds} "
            f"--seconds {a.seconds}" + (f" --modes {a.modes}" if a.modes != p.get_default("modes")
                                       else "")
-           + (f" --baseline-tree {a.baseline_tree}" if a.baseline_tree else ""))
+           + (f" --baseline-tree {a.baseline_tree}" if a.baseline_tree else "")
+           + (f" --baseline-bundle {a.baseline_bundle}" if a.baseline_bundle else ""))
     md = ["# Service on loopback: /recommend vs the floor endpoint (wrk, ML-1M bundle, n = 100)", "",
           f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
           f"bundle `{b.version}` ({b.manifest['onnx'].get('graph', 'plain')} encoder graph, "

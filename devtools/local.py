@@ -196,7 +196,7 @@ class Stack:
               tree: Path | None = None, python_args: tuple[str, ...] = (),
               **settings: object) -> Server:
         """`sine serve` on `bundle` and this Redis, ready; `settings` are Settings fields."""
-        env = {"SINE_BUNDLE": str(bundle), "SINE_REDIS_URL": self.redis_url,
+        env = {"SINE_BUNDLE": str(Path(bundle).resolve()), "SINE_REDIS_URL": self.redis_url,
                **{f"SINE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
                   for k, v in settings.items()}}
         server = Server(env, port=port, log_path=log_path, tree=tree, python_args=python_args)

@@ -188,9 +188,10 @@ def _serve(st: State, eng: Engine) -> None:
     st.metrics.set_bundle(eng.version, m["index"]["factory"], eng.n_items)
     st.floor_body = render(eng, Query("0", st.settings.max_n), eng.popular[: st.settings.max_n],
                            eng.popularity[eng.popular[: st.settings.max_n]], None)
-    # what is loaded now lives as long as the bundle: keep it out of the collector's scans
-    gc.collect()
-    gc.freeze()
+    if st.settings.gc_freeze:
+        # what is loaded now lives as long as the bundle: keep it out of the collector's scans
+        gc.collect()
+        gc.freeze()
 
 
 async def _watch(st: State) -> None:

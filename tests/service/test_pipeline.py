@@ -73,6 +73,26 @@ def test_arrivals_during_a_running_batch_form_the_next_one():
     assert batches == [[1], [2, 3]]
 
 
+@pytest.mark.parametrize("turns, expect", [(4, [[1], [2, 3]]), (0, [[1], [2], [3]])])
+def test_under_load_a_batch_waits_a_few_turns_for_late_arrivals(turns, expect):
+    async def main():
+        rec = Recorder()
+        rec.gate = asyncio.Event()
+        b = Batcher(rec, max_size=64, gather_turns=turns)
+        first = asyncio.ensure_future(b.submit([1]))
+        while not rec.batches:
+            await asyncio.sleep(0)
+        queued = asyncio.ensure_future(b.submit([2]))       # waiting when batch 1 ends
+        await asyncio.sleep(0)
+        rec.gate.set()
+        while not first.done():
+            await asyncio.sleep(0)
+        late = asyncio.ensure_future(b.submit([3]))         # turns after batch 1 ended
+        await asyncio.gather(first, queued, late)
+        return rec.batches
+    assert run(main()) == expect
+
+
 def test_a_multi_item_submission_keeps_its_order():
     async def main():
         b = Batcher(Recorder(), max_size=3)
@@ -207,7 +227,8 @@ def brute_top(scores, ids, exclude, n):
 
 
 @pytest.mark.parametrize("Q", [1, 4])
-def test_top_n_equals_brute_force_on_seeded_lists(Q):
+@pytest.mark.parametrize("H", [8, 600])          # short histories compared whole, long ones sorted
+def test_top_n_equals_brute_force_on_seeded_lists(Q, H):
     rng = np.random.default_rng(Q)
     P, k, M = 16, 30, 60
     scores = -np.sort(-rng.standard_normal((P, Q, k)).astype(np.float32), axis=2)
@@ -215,7 +236,7 @@ def test_top_n_equals_brute_force_on_seeded_lists(Q):
     if Q == 1:                                                    # one list holds an id once
         ids = np.stack([rng.permutation(M)[:k] + 1 for _ in range(P)])[:, None]
     ids[:, :, -3:] = -1                                           # the index ran short
-    exclude = np.where(rng.random((P, 8)) < 0.7, rng.integers(1, M + 1, (P, 8)), 0)
+    exclude = np.where(rng.random((P, H)) < 0.7 * 8 / H, rng.integers(1, M + 1, (P, H)), 0)
     top = top_n(scores, ids, exclude, 20)
     for p, want in enumerate(brute_top(scores, ids, exclude, 20)):
         c = int(top.count[p])
