@@ -192,17 +192,18 @@ def top_n(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, n: int) -> T
         stride = int(max(flat_ids.max(initial=0), exclude.max(initial=0))) + 2
         off = np.arange(P, dtype=np.int64)[:, None] * stride          # rows never collide
         bad |= np.isin(flat_ids + off, exclude + off)
-    if Q == 1:
-        order = np.broadcast_to(np.arange(k), (P, k))                 # already best first
-    else:
-        order = np.argsort(np.where(bad, -np.inf, -flat_scores), axis=1, kind="stable")
-        ranked = np.take_along_axis(flat_ids, order, 1)               # [P, C] best first
-        bad = np.take_along_axis(bad, order, 1)
-        by_id = np.argsort(ranked, axis=1, kind="stable")             # equal ids side by side,
-        same = np.take_along_axis(ranked, by_id, 1)                   # the best of them first
-        dup = np.zeros_like(bad)
-        dup[:, 1:] = same[:, 1:] == same[:, :-1]
-        np.put_along_axis(bad, by_id, np.take_along_axis(bad, by_id, 1) | dup, 1)
+    if Q == 1:                                                        # already best first
+        pick = np.argsort(bad, axis=1, kind="stable")[:, :n]          # [P, n] good ones, in order
+        return Top(np.take_along_axis(flat_ids, pick, 1), np.take_along_axis(flat_scores, pick, 1),
+                   np.zeros_like(pick), np.minimum(k - bad.sum(1), n))
+    order = np.argsort(np.where(bad, -np.inf, -flat_scores), axis=1, kind="stable")
+    ranked = np.take_along_axis(flat_ids, order, 1)                   # [P, C] best first
+    bad = np.take_along_axis(bad, order, 1)
+    by_id = np.argsort(ranked, axis=1, kind="stable")                 # equal ids side by side,
+    same = np.take_along_axis(ranked, by_id, 1)                       # the best of them first
+    dup = np.zeros_like(bad)
+    dup[:, 1:] = same[:, 1:] == same[:, :-1]
+    np.put_along_axis(bad, by_id, np.take_along_axis(bad, by_id, 1) | dup, 1)
     pick = np.argsort(bad, axis=1, kind="stable")[:, :n]              # [P, n] good ones, in order
     cols = np.take_along_axis(order, pick, 1)                         # [P, n] candidate columns
     count = np.minimum((~bad).sum(1), n)
