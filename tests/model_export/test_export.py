@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.export import OUTPUTS, check_parity, export_onnx
-from model_export.sine import SINE, SINEConfig
+from model_export.export import OUTPUTS, check_parity, choose_graph, export, export_onnx
+from model_export.sine import SINE, FoldedSINE, SINEConfig
 from model_export.train import load_checkpoint, model_from_checkpoint
 
 
@@ -72,6 +72,50 @@ def test_export_folder_contents(small_world):
     assert all(v < 1e-3 for v in info["onnx"]["parity_max_abs_diff"].values())
 
 
+def test_the_graph_is_folded_where_its_tables_fit_the_budget():
+    m = SINE(SINEConfig(n_items=999, D=16, K=2, L=4)).eval()
+    per_item = FoldedSINE.table_bytes_per_item(m.config)
+    assert per_item == (2 + 2) * 16 * 4
+    table_mb = 1000 * per_item / 2**20                              # M + 1 rows
+    assert choose_graph(m, "auto", fold_budget_mb=table_mb) == "folded"
+    assert choose_graph(m, "auto", fold_budget_mb=table_mb * 0.99) == "plain"
+    assert choose_graph(m, "folded", fold_budget_mb=0) == "folded"   # asked for: no budget
+    assert choose_graph(m, "plain") == "plain"
+    with pytest.raises(ValueError, match="graph must be"):
+        choose_graph(m, "fast")
+
+
+@pytest.mark.parametrize("literal, aggregation", [(False, "adaptive"), (True, "adaptive"),
+                                                  (False, "mean")])
+def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggregation):
+    torch.manual_seed(1)
+    m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, literal=literal,
+                        aggregation=aggregation)).eval()
+    path = export_onnx(FoldedSINE(m), tmp_path / "folded.onnx")
+    worst = check_parity(m, path)
+    assert worst["interests"] < 1e-5 and worst["user_vector"] < 1e-3 and worst["weights"] < 1e-4
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Gather" in ops and "TopK" in ops
+
+
+def test_export_records_the_graph_and_its_memory(small_world, tmp_path):
+    info = json.loads((small_world["export"] / "export.json").read_text())
+    K, D = small_world["bundle"].manifest["model"]["K"], small_world["bundle"].manifest["model"]["D"]
+    assert info["onnx"]["graph"] == "folded"                      # a small catalog: auto folds
+    assert info["onnx"]["table_bytes_per_item"] == (2 + K) * D * 4
+    assert small_world["bundle"].manifest["onnx"]["graph"] == "folded"
+    plain = export(small_world["checkpoint"], small_world["ds"], tmp_path / "plain",
+                   n_queries=50, graph="plain", log=lambda *a: None)
+    assert plain["onnx"]["graph"] == "plain" and plain["onnx"]["table_bytes_per_item"] == 0
+    assert max(plain["onnx"]["parity_max_abs_diff"].values()) < 1e-3
+    a = session(small_world["export"] / "encoder.onnx")
+    b = session(tmp_path / "plain" / "encoder.onnx")
+    x = np.zeros((4, 20), dtype=np.int64)
+    x[:, :5] = np.arange(1, 21).reshape(4, 5)
+    for u, v in zip(a.run(None, {"item_ids": x}), b.run(None, {"item_ids": x})):
+        np.testing.assert_allclose(u, v, atol=1e-4)
+
+
 def test_parity_check_catches_a_wrong_graph(tmp_path):
     torch.manual_seed(0)
     a = SINE(SINEConfig(n_items=30, D=16, K=2, L=4)).eval()
@@ -94,13 +138,14 @@ def test_ml1m_top50_agrees_between_onnxruntime_and_pytorch(data_dir, tmp_path):
     train(ds, model_config(ds), TrainConfig(max_epochs=1, max_minutes=0.4, threads=2), tmp_path,
           progress=False)
     model = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
-    export_onnx(model, tmp_path / "enc.onnx")
     sp = split(ds)
     H = model.H.weight[1:].detach().numpy()
     with torch.no_grad():
         tv = model(torch.from_numpy(sp.test_inputs))[1].numpy()
-    ov = session(tmp_path / "enc.onnx").run(["user_vector"], {"item_ids": sp.test_inputs})[0]
     top_t = np.argsort(-(tv @ H.T), axis=1)[:, :50]
-    top_o = np.argsort(-(ov @ H.T), axis=1)[:, :50]
-    same = np.mean([set(a) == set(b) for a, b in zip(top_t, top_o)])
-    assert same >= 0.999, same
+    for graph in (model, FoldedSINE(model)):                      # both graphs the export makes
+        export_onnx(graph, tmp_path / "enc.onnx")
+        ov = session(tmp_path / "enc.onnx").run(["user_vector"], {"item_ids": sp.test_inputs})[0]
+        top_o = np.argsort(-(ov @ H.T), axis=1)[:, :50]
+        same = np.mean([set(a) == set(b) for a, b in zip(top_t, top_o)])
+        assert same >= 0.999, (type(graph).__name__, same)
