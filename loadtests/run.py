@@ -58,7 +58,8 @@ from loadtests.locustfile import SineUser, Traffic  # noqa: E402
 class System:
     """Embedded Redis with every history, and `sine serve` over a private bundle root."""
 
-    def __init__(self, bundle: str, data_dir: str | None, work: Path, **settings):
+    def __init__(self, bundle: str, data_dir: str | None, work: Path, tree: Path | None = None,
+                 **settings):
         from model_export import data
         b = bundle_mod.load(bundle, deep=False)
         self.work = work
@@ -72,7 +73,7 @@ class System:
         self.redis = self.stack.redis
         try:
             self._redis_cmd("SAVE")                 # a restarted Redis reloads this snapshot
-            self.server = self.stack.serve(self.root, log_path=work / "server.log",
+            self.server = self.stack.serve(self.root, log_path=work / "server.log", tree=tree,
                                            watch_interval_s=1, redis_retry_after_ms=250,
                                            **settings)
         except BaseException:
@@ -357,7 +358,8 @@ def quantile(before, after, q: float) -> float:
 
 
 def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
-    sys_ = System(bundle, a.data_dir, work / "overload", max_in_flight=a.overload_limit)
+    sys_ = System(bundle, a.data_dir, work / "overload", a.server_tree,
+                  max_in_flight=a.overload_limit)
     scrape = {}
 
     def calm():
@@ -445,6 +447,8 @@ def main() -> int:
     p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder to serve")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="loadtests/results", help="where reports go")
+    p.add_argument("--server-tree", type=Path,
+                   help="run the server of another checkout of the project (an older commit)")
     p.add_argument("--users", type=int, default=16, help="clients of the fixed load (default 16)")
     p.add_argument("--rate", type=float, default=10.0, help="req/s per client (default 10)")
     p.add_argument("--duration", type=float, default=60, help="load seconds (default 60)")
@@ -468,7 +472,7 @@ def main() -> int:
     try:
         needs_system = [s for s in a.scenarios if s != "overload"]
         if needs_system:
-            sys_ = System(a.bundle, a.data_dir, work / "main")
+            sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree)
         for s in a.scenarios:
             print(f"== {s}", flush=True)
             if s == "load":
