@@ -4,7 +4,11 @@
 
 1. onnxruntime: which providers the package offers, whether a session asked for CUDA really runs
    on it (`session.get_providers()`, not `get_available_providers()`), CUDA vs CPU latency at
-   B = 1 and 256 and the largest |difference| between the two.
+   B = 1 to 256, plain and with I/O binding (input bound from host memory, outputs left on the
+   device), and the largest |difference| between CUDA and CPU.
+3. The service's request path on that machine: `service.engine.load_engine` with
+   `providers=cuda` (and faiss on the GPU where faiss-gpu sees one), then the stages of one
+   micro-batch (window, encode, search, filter and answer) at B = 1 to 256.
 2. Retrieval at 1M and 10M items (Gaussian mixture fitted to the bundle's items when the bundle has
    an export folder beside it, else clustered random vectors): with faiss-gpu, `GpuIndexFlatIP` and
    GPU IVF4096,Flat, batch 1 and 1024; without faiss-gpu, exact search as a torch CUDA matmul +
@@ -60,17 +64,63 @@ def check_ort(encoder: Path) -> dict:
         out["cuda"] = "skipped: asked for CUDA, the session fell back to CPU"
         return out
     rows = []
-    for B in (1, 256):
+    names = [o.name for o in gpu.get_outputs()]
+    for B in (1, 8, 32, 256):
         x = rng.integers(1, 1000, size=(B, n)).astype(np.int64)
         a = cpu.run(None, {"item_ids": x})
         b = gpu.run(None, {"item_ids": x})
+        io = gpu.io_binding()
+
+        def bound():
+            io.bind_cpu_input("item_ids", x)
+            for name in names:
+                io.bind_output(name, "cuda")
+            gpu.run_with_iobinding(io)
+        reps = 200 if B <= 8 else 40
         rows.append({"batch": B,
-                     "cpu_ms": med_ms(lambda: cpu.run(None, {"item_ids": x}), 200 if B == 1 else 20),
-                     "cuda_ms": med_ms(lambda: gpu.run(None, {"item_ids": x}), 200 if B == 1 else 20),
+                     "cpu_ms": med_ms(lambda: cpu.run(None, {"item_ids": x}), reps),
+                     "cuda_ms": med_ms(lambda: gpu.run(None, {"item_ids": x}), reps),
+                     "cuda_iobinding_ms": med_ms(bound, reps),
                      "max_abs_diff": {o.name: float(np.abs(p - q).max())
                                       for o, p, q in zip(gpu.get_outputs(), a, b)}})
     out["cuda"] = rows
     return out
+
+
+def check_pipeline(bundle_path: str) -> list[dict] | str:
+    """Stage times of one micro-batch on the GPU engine, or why it cannot run here."""
+    try:
+        from service.engine import EngineError, load_engine
+        from service.pipeline import Query, compute, render, top_n
+    except ImportError as e:                  # the device image may lack faiss or the service
+        return f"skipped: {e}"
+    try:
+        eng = load_engine(bundle_path, providers="cuda", faiss_gpu="auto")
+    except EngineError as e:
+        return f"skipped: {e}"
+    ext = eng.bundle.item_ids()
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in (1, 8, 32, 256):
+        hists = [[ext[int(i)] for i in rng.integers(1, eng.n_items + 1, 20)] for _ in range(B)]
+        times: dict[str, list[float]] = {"window": [], "encode": [], "search": [], "filter": []}
+        for rep in range(30):
+            t0 = time.perf_counter()
+            win = eng.windows(hists)
+            t1 = time.perf_counter()
+            c = compute(eng, win.window, np.zeros(B, dtype=bool), 120)
+            t2 = time.perf_counter()
+            top = top_n(c.scores[0], c.ids[0], win.seen, 100)
+            for p in range(B):
+                render(eng, Query(str(p), 100), top.ids[p], top.scores[p])
+            t3 = time.perf_counter()
+            if rep >= 5:
+                for k, v in (("window", t1 - t0), ("encode", c.timings["encode"]),
+                             ("search", c.timings["search"]), ("filter", t3 - t2)):
+                    times[k].append(v * 1e3)
+        rows.append({"batch": B, **{k: float(np.median(v)) for k, v in times.items()},
+                     "providers": eng.providers, "faiss": eng.faiss_device})
+    return rows
 
 
 def catalog(n: int, d: int, items: np.ndarray | None, seed: int = 0) -> np.ndarray:
@@ -150,6 +200,7 @@ def main(argv=None) -> int:
     xq = (np.load(Path(a.export) / "queries.npy") if a.export
           else np.random.default_rng(1).normal(size=(1024, b.manifest["model"]["D"])).astype(np.float32))
     ort_rows = check_ort(b.file("encoder"))
+    pipe_rows = check_pipeline(str(b.path))
     ret_rows = check_retrieval([int(s) for s in a.sizes.split(",")], items, xq)
     meta = {"command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:]),
             "machine": machine("cuda"), "git_commit": git_commit(), "finished": now(),
@@ -161,9 +212,20 @@ def main(argv=None) -> int:
     if isinstance(ort_rows["cuda"], str):
         md.append(f"Encoder on CUDA: {ort_rows['cuda']}.")
     else:
-        md += ["| B | CPU ms | CUDA ms | max abs diff |", "|---|---|---|---|"]
-        md += [f"| {r['batch']} | {r['cpu_ms']:.3f} | {r['cuda_ms']:.3f} | {max(r['max_abs_diff'].values()):.1e} |"
+        md += ["| B | CPU ms | CUDA ms | CUDA + I/O binding ms | max abs diff |",
+               "|---|---|---|---|---|"]
+        md += [f"| {r['batch']} | {r['cpu_ms']:.3f} | {r['cuda_ms']:.3f} | "
+               f"{r['cuda_iobinding_ms']:.3f} | {max(r['max_abs_diff'].values()):.1e} |"
                for r in ort_rows["cuda"]]
+    md.append("")
+    if isinstance(pipe_rows, str):
+        md.append(f"Request path on the GPU engine: {pipe_rows}.")
+    else:
+        md += [f"Request path on the GPU engine ({pipe_rows[0]['providers'][0]}, faiss on "
+               f"{pipe_rows[0]['faiss']}), ms per micro-batch of B users, n = 100:", "",
+               "| B | window | encode | search | filter + answers |", "|---|---|---|---|---|"]
+        md += [f"| {r['batch']} | {r['window']:.3f} | {r['encode']:.3f} | {r['search']:.3f} | "
+               f"{r['filter']:.3f} |" for r in pipe_rows]
     md += ["", "| items | batch | backend | ms | recall@100 |", "|---|---|---|---|---|"]
     for r in ret_rows:
         if "skipped" in r:
@@ -171,7 +233,8 @@ def main(argv=None) -> int:
         else:
             md.append(f"| {r['items']:,} | {r['batch']} | {r['backend']} | {r['ms']:.3f} | "
                       f"{r.get('recall@100', '-')} |")
-    write_results(a.out, "gpu", {"meta": meta, "onnxruntime": ort_rows, "retrieval": ret_rows}, md)
+    write_results(a.out, "gpu", {"meta": meta, "onnxruntime": ort_rows, "pipeline": pipe_rows,
+                                 "retrieval": ret_rows}, md)
     return 0
 
 

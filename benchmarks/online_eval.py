@@ -73,7 +73,7 @@ def run(bundle: str, keep: int, ds, targets, log_path: Path) -> tuple[dict, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", default="runs/bundles", help="bundle root or folder")
+    p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # bundle
-    bundle: str = Field("runs/bundles", description=(
+    bundle: str = Field("runs/demo/bundles", description=(
         "A bundle root (holding a `current` pointer) or one bundle folder. With a root, the "
         "service serves the version `current` names."))
     watch_interval_s: float = Field(5.0, ge=0, description=(
