@@ -229,12 +229,12 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
     (the interest of each item, per_interest only), weights [K], interests [K, D].
 
     Items are joined in C (the prefixes are precomputed per item, the scores serialized by
-    orjson as one array); only `per_interest` with `include_interests` builds objects."""
+    orjson as one array); only `per_interest` answers format a field per item."""
     if len(ids):
         score = orjson.dumps(scores.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
         parts = [engine.item_json[ids].tolist(), score[1:-1].split(b",")]
         if q.mode == "per_interest" and source is not None:
-            parts.append(_INTEREST[source].tolist())
+            parts.append([b',"interest":%d' % r for r in source.tolist()])
             if q.include_interests and interests is not None:
                 per_k = engine.vectors(ids) @ interests.T             # [n, K]
                 rows = orjson.dumps(per_k.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
@@ -255,8 +255,6 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
                 if q.include_interests and weights is not None else b"null")
     return head + items + b'],"interest_weights":' + w + b"}"
 
-
-_INTEREST = np.array([b',"interest":%d' % r for r in range(256)])
 
 
 # -- the whole path ----------------------------------------------------------------------------
@@ -303,7 +301,7 @@ class Recommender:
         except ServiceError as e:
             return [e] * len(jobs)
         t_hist = time.perf_counter() - t0
-        out: list[Answer | BaseException] = []
+        out: list[Answer | BaseException]
         if all(eng is jobs[0][0] for eng, _ in jobs):
             out = self.answer(jobs[0][0], [q for _, q in jobs], hists, unavailable)
         else:
