@@ -7,7 +7,9 @@
     <root>/<version>/manifest.json    dims, K, L, n, opset, vocabulary hash, faiss factory and search
                                       parameters, measured recall, offline metrics, library versions,
                                       sha256 of every file
+    <root>/<version>/model.pt         optional: the trained model, to warm-start the next one
     <root>/current                    the live version's name
+    <root>/refresh.json               the last `sine refresh` outcome and its gate metrics
     <base url>/<version>.tar.gz       a published version on an object store (`fetch`)
 
 Publishing writes the version under a temporary name, fsyncs it, renames it into place, then
@@ -41,8 +43,11 @@ import numpy as np
 SCHEMA_VERSION = 1
 FILES = {"encoder": "encoder.onnx", "index": "index.faiss", "item_ids": "item_ids.json",
          "popularity": "popularity.npy"}
+# optional: the trained model (config, weights, vocabulary), for `sine train --warm-start`
+OPTIONAL_FILES = {"model": "model.pt"}
 MANIFEST = "manifest.json"
 CURRENT = "current"
+REFRESH_REPORT = "refresh.json"      # the last `sine refresh` outcome, beside `current`
 
 
 class BundleError(RuntimeError):
@@ -156,7 +161,7 @@ class Bundle:
         return str(self.manifest["version"])
 
     def file(self, key: str) -> Path:
-        return self.path / FILES[key]
+        return self.path / (FILES.get(key) or OPTIONAL_FILES[key])
 
     def item_ids(self) -> list[str]:
         ids: list[str] = json.loads(self.file("item_ids").read_text())
@@ -165,6 +170,9 @@ class Bundle:
     def popularity(self) -> np.ndarray:
         pop: np.ndarray = np.load(self.file("popularity"))
         return pop
+
+    def has(self, key: str) -> bool:
+        return key in OPTIONAL_FILES and OPTIONAL_FILES[key] in self.manifest["files"]
 
     def read_index(self) -> Any:
         import faiss
@@ -183,8 +191,11 @@ def resolve(path: Path | str) -> Path:
     raise BundleError(f"{path}: neither a bundle (no {MANIFEST}) nor a bundle root (no {CURRENT}).")
 
 
-def load(path: Path | str, verify_hashes: bool = True, deep: bool = True) -> Bundle:
-    """Open and validate a bundle. `deep` opens the index and the encoder to check dimensions."""
+def load(path: Path | str, verify_hashes: bool = True, deep: bool = True,
+         optional: bool | None = None) -> Bundle:
+    """Open and validate a bundle. `deep` opens the index and the encoder to check dimensions;
+    `optional` (default: as `deep`) also checks the optional files the manifest lists (the
+    service skips them: it never reads model.pt)."""
     d = resolve(path)
     mpath = d / MANIFEST
     if not mpath.exists():
@@ -199,7 +210,8 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True) -> Bun
     for key in ("version", "files", "model", "items", "index", "onnx"):
         if key not in m:
             raise BundleError(f"{mpath}: field {key!r} is missing.")
-    for name in FILES.values():
+    extra = [n for n in OPTIONAL_FILES.values() if n in m["files"]]
+    for name in [*FILES.values(), *(extra if (deep if optional is None else optional) else [])]:
         p = d / name
         if not p.exists():
             raise BundleError(f"{d}: file {name} is missing.")
@@ -265,6 +277,32 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
         ps.set_index_parameter(index, k, v)
 
 
+def archive(root: Path, version: str, out_dir: Path) -> Path:
+    """Write `<out_dir>/<version>.tar.gz` of a published version (what `fetch` reads), under a
+    temporary name first: a reader never sees half an archive."""
+    src = Path(root) / version
+    if not (src / MANIFEST).exists():
+        raise BundleError(f"{src}: no such bundle version (no {MANIFEST}).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{version}.tar.gz"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{version}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w:gz") as tar:
+                tar.add(src, arcname=version)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(out_dir)
+    return final
+
+
 # -- fetching a published version -------------------------------------------------------------
 
 def archive_url(base: str, version: str) -> str:
@@ -313,7 +351,7 @@ def fetch(base_url: str, version: str, root: Path, timeout_s: float = 60.0,
             for p in inner.iterdir():
                 p.rename(staging / p.name)
             inner.rmdir()
-        b = load(staging, verify_hashes=True, deep=False)
+        b = load(staging, verify_hashes=True, deep=False, optional=True)
         if b.version != version:
             raise BundleError(f"{url}: the archive holds version {b.version!r}, not {version!r}.")
         publish(staging, root, version, make_current=True)

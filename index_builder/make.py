@@ -38,7 +38,8 @@ def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 10
     staging = bundle.staging_dir(root, version)
     try:
         faiss.write_index(built.index, str(staging / bundle.FILES["index"]))
-        for name in EXPORT_FILES:
+        optional = [n for n in bundle.OPTIONAL_FILES.values() if (export_dir / n).exists()]
+        for name in (*EXPORT_FILES, *optional):
             shutil.copyfile(export_dir / name, staging / name)
         manifest = {
             "schema_version": bundle.SCHEMA_VERSION, "version": version,
@@ -51,11 +52,13 @@ def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 10
                                  "queries": built.n_queries, "tried": built.recall_curve},
                       "build_seconds": built.build_seconds, "built_on_gpu": built.gpu},
             "offline_metrics": info.get("offline_metrics"),
+            "provenance": info.get("provenance", {}),
             "libraries": {**info.get("libraries", {}), "faiss": faiss.__version__},
-            "files": {name: bundle.sha256_file(staging / name) for name in bundle.FILES.values()},
+            "files": {name: bundle.sha256_file(staging / name)
+                      for name in (*bundle.FILES.values(), *optional)},
         }
         (staging / bundle.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        bundle.load(staging)                                  # validate before it can go live
+        bundle.load(staging, optional=True)                   # validate before it can go live
         final = bundle.publish(staging, root, version, make_current)
     except BaseException:
         bundle.discard(staging)

@@ -291,6 +291,40 @@ def load_click_log(path: Path, drop_short: bool = False) -> Dataset:
     return _sequences_from_events(path.stem, rows(), 3, drop_short)
 
 
+def load_click_folder(path: Path, drop_short: bool = False) -> Dataset:
+    """A folder of partitioned Parquet written by `sine export-clicks` (each event once)."""
+    from .clicklog import ClickLogError, read_clicks
+    try:
+        rows = [(u, i, ts, f"{path}: event {e}") for u, i, ts, e in read_clicks(path)]
+    except ClickLogError as e:
+        raise DataError(str(e)) from None
+    return _sequences_from_events(path.name, rows, 3, drop_short)
+
+
+def extend(base: Dataset, clicks: Iterable[tuple[str, str, float]], name: str | None = None,
+           min_len: int = 3) -> Dataset:
+    """`base` with new clicks (user, item, timestamp) appended to each user's sequence in time
+    order, new users and new items included. The vocabulary is ranked anew by popularity; users
+    with fewer than `min_len` clicks in all are left out."""
+    by_user: dict[str, list[tuple[float, int, str]]] = {}
+    for n, (u, i, ts) in enumerate(clicks):
+        by_user.setdefault(u, []).append((ts, n, i))
+    seqs = {u: [base.item_ids[int(j)] for j in s] for u, s in zip(base.user_ids, base.sequences)}
+    for u, evs in by_user.items():
+        seqs.setdefault(u, []).extend(i for _, _, i in sorted(evs))
+    users = list(seqs)
+    ds = _from_external(name or f"{base.name}+clicks", users, [seqs[u] for u in users], {},
+                        min_len, True)
+    old = base.item_index()
+    for j, x in enumerate(ds.item_ids[1:], 1):          # keep what is known of the old items
+        if x in old and old[x] in base.titles:
+            ds.titles[j] = base.titles[old[x]]
+        if x in old and old[x] in base.labels:
+            ds.labels[j] = base.labels[old[x]]
+    ds.label_kind = base.label_kind
+    return ds
+
+
 def _parse_ts(v, where: str) -> float:
     if isinstance(v, (int, float)):
         return float(v)
@@ -366,7 +400,10 @@ def default_data_dir() -> Path:
 
 def load(name: str, data_dir: Path | str | None = None, drop_short: bool = False,
          seed: int = 0) -> Dataset:
-    """Load a data set by name, or a click log when `name` is a path to a .csv / .parquet file."""
+    """Load a data set by name, a click log when `name` is a path to a .csv / .parquet file, or
+    a folder exported by `sine export-clicks`."""
+    if name not in DATASETS and Path(name).is_dir():
+        return load_click_folder(Path(name), drop_short)
     if name not in DATASETS and (os.sep in name or name.endswith((".csv", ".parquet", ".pq", ".gz"))):
         return load_click_log(Path(name), drop_short)
     data_dir = Path(data_dir) if data_dir else default_data_dir()

@@ -121,11 +121,13 @@ def library_versions() -> dict:
 
 
 def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int = 2000,
-           graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB, log=print) -> dict:
-    """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, export.json."""
+           graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB,
+           provenance: dict | None = None, log=print) -> dict:
+    """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, model.pt
+    (weights, config and vocabulary, for a warm start) and export.json."""
     from .data import split
     from .evaluate import evaluate_model
-    from .train import atomic_write_text, load_checkpoint, model_from_checkpoint
+    from .train import atomic_save, atomic_write_text, load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(ck_path, ds)
     model = model_from_checkpoint(ck)
@@ -145,6 +147,9 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     np.save(out_dir / "popularity.npy", sp.train_counts)
     np.save(out_dir / "queries.npy", validation_queries(model, sp, n_queries))
     atomic_write_text(json.dumps(ds.item_ids), out_dir / "item_ids.json")
+    # the model itself, so that the next training can start from the published bundle
+    atomic_save({"format": ck["format"], "model_args": ck["model_args"], "model": ck["model"],
+                 "item_ids": ck["item_ids"], "dataset": ck["dataset"]}, out_dir / "model.pt")
     metrics = {w: evaluate_model(model, ds, sp, w) for w in ("valid", "test")}
     info = {"model": ck["model_args"], "dataset": ck["dataset"],
             "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),
@@ -156,7 +161,7 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
             "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
             "offline_metrics": metrics, "checkpoint": {"best_epoch": ck["best_epoch"],
                                                        "train_args": ck["train_args"]},
-            "libraries": library_versions()}
+            "libraries": library_versions(), "provenance": provenance or {}}
     atomic_write_text(json.dumps(info, indent=1), out_dir / "export.json")
     log(f"exported to {out_dir}: {chosen} graph, opset {opset}, parity {parity}")
     return info

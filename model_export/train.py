@@ -118,9 +118,70 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
         yield perm[i:i + batch_size]
 
 
+def warm_start_source(path: Path | str) -> dict:
+    """The model to warm-start from: a checkpoint (`best.pt`), or a bundle folder or root whose
+    version holds `model.pt` (written by `sine export`)."""
+    p = Path(path)
+    if p.is_dir():
+        from index_builder import bundle as bundle_mod
+        try:
+            b = bundle_mod.load(p, deep=False, optional=True)
+        except bundle_mod.BundleError as e:
+            raise CheckpointError(f"cannot warm-start from {p}: {e}") from None
+        if not b.has("model"):
+            raise CheckpointError(f"{b.path}: this bundle holds no model.pt (it was built before "
+                                  "bundles kept the model); warm-start from its checkpoint.")
+        p = b.file("model")
+    return load_checkpoint(p)
+
+
+WARM_START_NOISE = 0.1      # new item rows: the old rows' mean plus this much of their spread
+
+
+def warm_start(model: SINE, ck: dict, ds: Dataset, seed: int = 0) -> tuple[int, int]:
+    """Start `model` (built for `ds`, whose vocabulary may have grown) from a trained one.
+
+    Every parameter but the item table is copied. An item the old model knew keeps its row
+    (matched by external id: internal ids are re-ranked by popularity on every data set). A new
+    item starts at the mean of the old item rows plus Gaussian noise of `WARM_START_NOISE` times
+    their per-coordinate standard deviation: near the centre of the item space, where its first
+    training steps can move it, rather than at a random far point. Returns (kept, new) items."""
+    old_cfg = dict(ck["model_args"])
+    new_cfg = asdict(model.config)
+    if {k: v for k, v in old_cfg.items() if k != "n_items"} != \
+            {k: v for k, v in new_cfg.items() if k != "n_items"}:
+        raise CheckpointError(f"warm start: the model config {old_cfg} differs from {new_cfg} "
+                              "beyond the item count; train with the same D, n, K, L and variants.")
+    state = ck["model"]
+    old_H = state["H.weight"].float()                                  # [M_old + 1, D]
+    old_index = {x: i for i, x in enumerate(ck["item_ids"]) if i}
+    new_ids = torch.tensor([old_index.get(x, 0) for x in ds.item_ids])  # [M + 1], 0 = new
+    known = new_ids > 0
+    known[0] = False
+    g = torch.Generator().manual_seed(seed)
+    mean, std = old_H[1:].mean(0), old_H[1:].std(0)                    # [D], [D]
+    with torch.no_grad():
+        H = mean + WARM_START_NOISE * std * torch.randn(len(ds.item_ids), old_H.shape[1],
+                                                        generator=g)  # [M + 1, D]
+        H[known] = old_H[new_ids[known]]
+        H[0] = 0.0
+        rest = {k: v for k, v in state.items() if k != "H.weight"}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+        if set(missing) != {"H.weight"} or unexpected:
+            raise CheckpointError(f"warm start: parameters differ ({missing}, {unexpected}).")
+        model.H.weight.copy_(H.to(model.H.weight.device))
+    kept = int(known.sum())
+    return kept, ds.n_items - kept
+
+
 def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
-          resume: Path | None = None, progress: bool = True, log=print) -> TrainResult:
-    """Train, keep `best.pt` (best validation) and `last.pt` (resume point) in `out_dir`."""
+          resume: Path | None = None, progress: bool = True, log=print,
+          warm_start_from: Path | str | None = None) -> TrainResult:
+    """Train, keep `best.pt` (best validation) and `last.pt` (resume point) in `out_dir`.
+
+    `warm_start_from` (a checkpoint or a bundle) starts from a trained model instead of the
+    initialization (`warm_start`). `max_epochs = 0` trains nothing: the starting model is
+    validated and saved as it is."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -154,6 +215,9 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
         best_epoch, best_score, best_valid = ck["best_epoch"], ck["best_score"], ck["best_valid"]
         elapsed_before = ck.get("seconds", 0.0)
         log(f"resumed from {resume} at epoch {start_epoch}")
+    elif warm_start_from is not None:
+        kept, new = warm_start(model, warm_start_source(warm_start_from), ds, cfg.seed)
+        log(f"warm start from {warm_start_from}: {kept:,} items kept their rows, {new:,} new")
 
     def checkpoint(epoch: int, seconds: float) -> dict:
         return {"format": CHECKPOINT_FORMAT, "model_args": asdict(model_cfg),
@@ -172,6 +236,15 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
     log(f"{ds.summary()}; {N:,} training samples, {steps:,} steps/epoch, loss={loss_kind}, "
         f"K={model_cfg.K} L={model_cfg.L} D={model_cfg.D} lambda={cfg.lam}")
     bar_cls = _tqdm() if progress else None
+    if cfg.max_epochs == 0 and resume is None:          # the starting model, as it is
+        best_valid = evaluate_model(model, ds, sp, "valid", batch_size=cfg.eval_batch_size)
+        best_epoch, best_score = 0, best_valid[cfg.select_metric]
+        ck = checkpoint(-1, time.perf_counter() - t0)
+        atomic_save(ck, out_dir / "best.pt")
+        atomic_save(ck, out_dir / "last.pt")
+        return TrainResult(best_epoch=0, best_valid=best_valid, epochs_run=0,
+                           seconds=time.perf_counter() - t0, history=[],
+                           stopped_because="no_epochs")
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.max_epochs):
         model.train()

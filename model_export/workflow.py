@@ -60,10 +60,11 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
 
 
 def train_and_report(ds: Dataset, mcfg: SINEConfig, tcfg: TrainConfig, out_dir: Path,
-                     resume: Path | None = None, progress: bool = True,
-                     log=print) -> tuple[TrainResult, dict]:
+                     resume: Path | None = None, progress: bool = True, log=print,
+                     warm_start_from: Path | None = None) -> tuple[TrainResult, dict]:
     """`sine train`: train with early stopping, then evaluate `best.pt` and write the report."""
-    res = train(ds, mcfg, tcfg, out_dir, resume=resume, progress=progress, log=log)
+    res = train(ds, mcfg, tcfg, out_dir, resume=resume, progress=progress, log=log,
+                warm_start_from=warm_start_from)
     log(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
         f"best epoch {res.best_epoch}")
     return res, evaluate_checkpoint(Path(out_dir) / "best.pt", ds, out_dir)

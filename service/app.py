@@ -5,6 +5,7 @@ from their annotations at run time, and they are local to `create_app`.
 """
 
 import asyncio
+import calendar
 import gc
 import hmac
 import logging
@@ -218,6 +219,38 @@ async def _watch(st: State) -> None:
             pass        # logged and counted in reload(); keep serving the old version
 
 
+async def _freshness(st: State) -> None:
+    """The gauges of how fresh the model is, read when /metrics is scraped: the bundle's age,
+    the click log's length and the exporter's lag, the last `sine refresh` outcome."""
+    m = st.metrics
+    if st.engine is not None:
+        created = st.engine.bundle.manifest.get("created")
+        if created:
+            born = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+            m.bundle_age.set(time.time() - born)
+    if st.store is not None and st.settings.click_log:
+        stream = await st.store.stream_info(st.settings.click_stream_key,
+                                            st.settings.click_export_group)
+        if stream is not None:
+            m.stream_length.set(stream[0])
+            if stream[1] is not None:
+                m.stream_lag.set(stream[1])
+    root = st.bundle_root
+    if root is not None:
+        report = read_refresh_report(root)
+        if report is not None:
+            m.set_refresh(report)
+
+
+def read_refresh_report(root: Path) -> dict[str, Any] | None:
+    """`<root>/refresh.json`, the last `sine refresh` outcome, or None (absent or unreadable)."""
+    try:
+        report: dict[str, Any] = orjson.loads((root / bundle_mod.REFRESH_REPORT).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return report
+
+
 def _docs(app: FastAPI) -> None:
     """Swagger UI from the swagger-ui-bundle-v2 package, not a CDN: /docs works offline."""
     import swagger_ui_bundle
@@ -311,19 +344,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/events", response_model=EventResponse, tags=["history"],
               responses=errors.responses(400, 413, 415, 422, 429, 503))
     async def events(req: EventRequest) -> Response:  # type: ignore[valid-type]
-        """Record a click: it becomes the newest entry of the user's history (capped)."""
+        """Record a click: it becomes the newest entry of the user's history (capped) and, with
+        the click log on, an entry of the log; both or neither. A retry with the same
+        `event_id` is answered `duplicate: true` and writes nothing."""
         t0 = time.perf_counter()
         if store is None:
             raise errors.HistoryUnavailable("No history store is configured (SINE_REDIS_URL).")
         user = str(req.user_id)  # type: ignore[attr-defined]
         try:
-            length = await store.append(user, str(req.item_id))  # type: ignore[attr-defined]
+            length, eid, dup = await store.append(
+                user, str(req.item_id), req.event_id)  # type: ignore[attr-defined]
         except HistoryError as e:
             raise errors.HistoryUnavailable(f"The click was not recorded: {e}.",
                                             {"Retry-After": "1"}) from e
+        metrics.events.labels("duplicate" if dup else "recorded").inc()
         t_events.observe(time.perf_counter() - t0)
-        return Response(orjson.dumps({"user_id": user, "history_length": length}),
-                        media_type=JSON)
+        return Response(orjson.dumps({"user_id": user, "history_length": length,
+                                      "event_id": eid, "duplicate": dup}), media_type=JSON)
 
     @app.get("/livez", tags=["operations"])
     async def livez() -> dict[str, str]:
@@ -352,6 +389,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["operations"])
     async def prometheus() -> Response:
         metrics.in_flight.set(st.in_flight)
+        await _freshness(st)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/bundle", tags=["operations"], responses=errors.responses(503))

@@ -1,11 +1,12 @@
 """User histories in Redis: one list per user, newest click first, capped at `history_keep`.
 
-A micro-batch reads all its users in one pipelined round trip (one LRANGE each). On a single
+A micro-batch reads all its users in one pipelined round trip (one LRANGE each). An event
+updates the user's history and appends to the click log stream in one atomic script (`RECORD`). On a single
 Redis that read goes through `ListReader`, one connection of the service's own that writes a
 batch's commands in one send and parses the replies with hiredis as they arrive: redis-py's
 pipeline machinery costs about five times as much CPU per batch (benchmarks/results/
-redis-reads.md). Everything else (events, readiness pings, Redis Cluster) uses redis-py. An
-event is LPUSH + LTRIM in one MULTI/EXEC, so a reader never sees a list longer than the cap and
+redis-reads.md). Everything else (events, readiness pings, Redis Cluster) uses redis-py. The
+history is LPUSH + LTRIM inside that script, so a reader never sees a list longer than the cap and
 two writers never lose a click. After a refused or broken connection, requests skip Redis for
 `redis_retry_after_ms`, then try again; a connection that a restarted Redis closed is reconnected
 once, at once, instead of failing the call.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -54,6 +56,41 @@ def redis_client(settings: Settings, timeout_s: float) -> Any:
 
 class HistoryError(RuntimeError):
     """Redis could not answer in time."""
+
+
+# One event, atomically: the history update and the click log entry both happen or neither.
+# A script rather than MULTI because an event_id seen before must write nothing, a condition a
+# transaction cannot express; the type checks come first so that no command fails half-way.
+# KEYS: history list, click stream, event-id key ("" when the client sent none).
+# ARGV: item, keep, user, event id, time ms, stream max len, stream min id, id ttl ms, log on.
+# Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type.
+RECORD = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'none' and redis.call('TYPE', KEYS[1]).ok ~= 'list' then
+  return {-2, KEYS[1]}
+end
+local log = ARGV[9] == '1'
+if log and redis.call('TYPE', KEYS[2]).ok ~= 'none' and redis.call('TYPE', KEYS[2]).ok ~= 'stream' then
+  return {-2, KEYS[2]}
+end
+if KEYS[3] ~= '' and not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[8]) then
+  return {-1, redis.call('LLEN', KEYS[1])}
+end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+if log then
+  if tonumber(ARGV[6]) > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'user', ARGV[3], 'item', ARGV[1],
+               'ts', ARGV[5], 'event', ARGV[4])
+  else
+    redis.call('XADD', KEYS[2], '*', 'user', ARGV[3], 'item', ARGV[1], 'ts', ARGV[5],
+               'event', ARGV[4])
+  end
+  if ARGV[7] ~= '' then
+    redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[7])
+  end
+end
+return {1, redis.call('LLEN', KEYS[1])}
+"""
 
 
 class _Batch:
@@ -187,6 +224,7 @@ class HistoryStore:
         self._on_error = on_error or (lambda op: None)
         self._key = settings.redis_key_template.format
         self.client = redis_client(settings, max(self.timeout, self.write_timeout))
+        self._record = self.client.register_script(RECORD)
         pw = settings.redis_password.get_secret_value() if settings.redis_password else None
         self.reader = (None if settings.redis_cluster or not settings.redis_url else
                        ListReader(settings.redis_url, pw, self.timeout))
@@ -228,16 +266,41 @@ class HistoryStore:
             return res
         return await self._call("read", run())
 
-    async def append(self, user_id: str, item_id: str) -> int:
-        """Record a click; returns the history length after the cap."""
-        async def run() -> int:
-            k = self.key(user_id)
-            pipe = self.client.pipeline(transaction=True)
-            pipe.lpush(k, item_id)
-            pipe.ltrim(k, 0, self.keep - 1)
-            pipe.llen(k)
-            return int((await pipe.execute())[-1])
+    async def append(self, user_id: str, item_id: str,
+                     event_id: str | None = None) -> tuple[int, str, bool]:
+        """Record a click: history and click log together, or neither; an `event_id` seen
+        before is not recorded again. Returns (history length, event id, duplicate)."""
+        s = self.s
+        eid = event_id or uuid.uuid4().hex
+        keys = [self.key(user_id), s.click_stream_key,
+                s.event_key_template.format(event_id=event_id) if event_id else ""]
+        min_id = (f"{int((time.time() - s.click_stream_max_age_s) * 1000)}-0"
+                  if s.click_stream_max_age_s else "")
+        args = [item_id, self.keep, user_id, eid, int(time.time() * 1000),
+                s.click_stream_max_len, min_id, int(s.event_id_ttl_s * 1000),
+                1 if s.click_log else 0]
+
+        async def run() -> tuple[int, str, bool]:
+            status, length = await self._record(keys=keys, args=args)
+            if status == -2:
+                raise RedisError(f"a key of this event holds another type: {length}")
+            return int(length), eid, status == -1
         return await self._call("write", run(), self.write_timeout)
+
+    async def stream_info(self, stream: str, group: str) -> tuple[int, int | None] | None:
+        """(entries, lag of `group`) of the click log, or None when Redis cannot say now."""
+        if not self.available:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                length = int(await self.client.xlen(stream))
+                lag = None
+                for g in await self.client.xinfo_groups(stream) if length else []:
+                    if g.get("name") == group and g.get("lag") is not None:
+                        lag = int(g["lag"])
+                return length, lag
+        except (RedisError, OSError, TimeoutError):
+            return None
 
     async def ping(self) -> None:
         self._down_until = 0.0          # a readiness probe always tries Redis itself

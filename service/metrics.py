@@ -35,6 +35,21 @@ class Metrics:
         self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1).",
                             ["version", "factory", "items"], registry=r)
         self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r)
+        self.events = Counter("sine_events_total", "Clicks received by POST /events.",
+                              ["outcome"], registry=r)
+        self.bundle_age = Gauge("sine_bundle_age_seconds",
+                                "Seconds since the served bundle was built.", registry=r)
+        self.stream_length = Gauge("sine_click_log_entries", "Entries in the click log stream.",
+                                   registry=r)
+        self.stream_lag = Gauge("sine_click_log_lag", "Click log entries the exporter's consumer "
+                                "group has not read yet.", registry=r)
+        self.refresh = Gauge("sine_refresh_last", "The last `sine refresh` (value 1), by outcome.",
+                             ["outcome", "version"], registry=r)
+        self.refresh_time = Gauge("sine_refresh_last_timestamp_seconds",
+                                  "When the last `sine refresh` finished.", registry=r)
+        self.refresh_metric = Gauge("sine_refresh_last_metric",
+                                    "The last refresh's gate metrics on its holdout.",
+                                    ["bundle", "metric"], registry=r)
         self._children: dict[tuple[int, str], Any] = {}
 
     def child(self, metric: Any, label: str) -> Any:
@@ -47,6 +62,18 @@ class Metrics:
 
     def stage_child(self, stage: str) -> Any:
         return self.child(self.stage, stage)
+
+    def set_refresh(self, report: dict[str, Any]) -> None:
+        """Gauges from a `sine refresh` report (`refresh.json`)."""
+        self.refresh.clear()
+        self.refresh.labels(str(report.get("outcome")), str(report.get("version"))).set(1)
+        if isinstance(report.get("finished_unix"), (int, float)):
+            self.refresh_time.set(report["finished_unix"])
+        self.refresh_metric.clear()
+        for which, ms in (report.get("gate") or {}).get("metrics", {}).items():
+            for name, v in ms.items():
+                if isinstance(v, (int, float)):
+                    self.refresh_metric.labels(which, name).set(v)
 
     def set_bundle(self, version: str, factory: str, items: int) -> None:
         self.bundle.clear()

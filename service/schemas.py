@@ -39,6 +39,9 @@ class BatchResponse(BaseModel):
 class EventResponse(BaseModel):
     user_id: str
     history_length: int
+    event_id: str = Field(description="The event's id: the client's, or one made for it.")
+    duplicate: bool = Field(description="True when this event_id was recorded before: nothing "
+                                        "was written again (a retry).")
 
 
 class ReloadRequest(BaseModel):
@@ -51,6 +54,7 @@ def request_models(s: Settings) -> tuple[Any, Any, Any]:
     """(RecommendRequest, BatchRequest, EventRequest) with this app's limits."""
     UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
     ItemStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_item_id_length)]
+    EventStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128)]
     UserId = Annotated[UserStr | StrictInt, Field(
         description=f"The user's id, at most {s.max_user_id_length} characters; an int is the "
                     f"same user as its decimal string.")]
@@ -76,8 +80,11 @@ def request_models(s: Settings) -> tuple[Any, Any, Any]:
 
     class EventRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"user_id": "1", "item_id": "1193"}]})
+            {"user_id": "1", "item_id": "1193"},
+            {"user_id": "1", "item_id": "1193", "event_id": "c0ffee-42"}]})
         user_id: UserId
         item_id: ItemStr | StrictInt = Field(description="The clicked item's external id.")
+        event_id: EventStr | None = Field(None, description=(
+            "Optional client id of this event: a retry with the same id is stored once."))
 
     return RecommendRequest, BatchRequest, EventRequest

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SINE_"
@@ -53,6 +53,23 @@ class Settings(BaseSettings):
     history_keep: int = Field(20, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
         "newest `seq_len` of them; `exclude_seen` drops all kept ones."))
+
+    # the click log
+    click_log: bool = Field(True, description=(
+        "Append every accepted event to a Redis Stream too, atomically with the history update: "
+        "the durable log `sine export-clicks` and `sine refresh` train on."))
+    click_stream_key: str = Field("sine:clicks", description="Key of the click log's stream.")
+    click_stream_max_len: int = Field(10_000_000, ge=0, description=(
+        "Approximate cap on the stream's entries (XADD MAXLEN ~); 0: no cap."))
+    click_stream_max_age_s: float = Field(0.0, ge=0, description=(
+        "Approximate age limit of the stream's entries (XTRIM MINID ~); 0: none."))
+    click_export_group: str = Field("sine-export", description=(
+        "Consumer group of `sine export-clicks`; `/metrics` reports its lag."))
+    event_key_template: str = Field("sine:event:{event_id}", description=(
+        "Key that remembers a client's `event_id` so that a retried event is stored once; must "
+        "contain `{event_id}`."))
+    event_id_ttl_s: float = Field(86_400.0, gt=0, description=(
+        "How long an `event_id` is remembered for retries."))
 
     # request limits
     max_n: int = Field(100, ge=1, description="Largest `n` a request may ask for.")
@@ -104,6 +121,21 @@ class Settings(BaseSettings):
         if "{user_id}" not in v:
             raise ValueError("must contain {user_id}")
         return v
+
+    @field_validator("event_key_template")
+    @classmethod
+    def _template_has_event(cls, v: str) -> str:
+        if "{event_id}" not in v:
+            raise ValueError("must contain {event_id}")
+        return v
+
+    @model_validator(mode="after")
+    def _log_needs_one_redis(self) -> Settings:
+        if self.redis_cluster and self.click_log:
+            raise ValueError("click_log writes one stream in the same transaction as each user's "
+                             "history, which a Redis Cluster cannot do across slots: set "
+                             "click_log=false with redis_cluster")
+        return self
 
     def redis_url_redacted(self) -> str | None:
         """The Redis URL with any password masked, for logs."""

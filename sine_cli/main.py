@@ -16,6 +16,7 @@ DATA_DIR_ENV = "SINE_DATA_DIR"
 # The errors a command raises for bad input or a bad environment: printed as one line, exit 2.
 # An error class can only have been raised once its module is loaded, so none is imported here.
 USER_ERRORS = {"model_export.data": "DataError", "model_export.train": "CheckpointError",
+               "model_export.clicklog": "ClickLogError",
                "model_export.export": "ExportError", "index_builder.bundle": "BundleError",
                "index_builder.build": "IndexBuildError", "service.settings": "SettingsError",
                "service.history": "HistoryError", "devtools.local": "LocalError"}
@@ -68,14 +69,30 @@ def cmd_train(a: argparse.Namespace) -> int:
     from model_export.workflow import model_config, train_and_report
 
     ds = _dataset(a)
+    if a.clicks:
+        from model_export import data
+        from model_export.clicklog import read_clicks
+        rows = list(read_clicks(a.clicks))
+        since = (max(r[2] for r in rows) - a.clicks_window_hours * 3600) if rows else 0.0
+        ds = data.extend(ds, [(u, i, ts) for u, i, ts, _ in rows if ts >= since])
     print(ds.summary())
-    mcfg = model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau, tau_assign=a.tau_assign,
-                        literal=a.literal or None, aggregation=a.aggregation)
+    if a.warm_start:                         # the shape of the model it starts from
+        from model_export.train import warm_start_source
+        shape = {k: v for k, v in warm_start_source(a.warm_start)["model_args"].items()
+                 if k != "n_items"}
+        mcfg = model_config(ds, **shape)
+    else:
+        mcfg = model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau,
+                            tau_assign=a.tau_assign, literal=a.literal or None,
+                            aggregation=a.aggregation)
     tcfg = TrainConfig(batch_size=a.batch_size, lr=a.lr, lam=a.lam, loss=a.loss,
                        num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
                        max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device)
     out = Path(a.out or f"runs/{ds.name}")
-    _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress)
+    if a.resume and a.warm_start:
+        raise CliError("--resume continues a run; --warm-start begins one: give one of them")
+    _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress,
+                                 warm_start_from=a.warm_start)
     _print_metrics(result)
     print(f"report: {out / 'report.md'}")
     return 0
@@ -165,6 +182,53 @@ def cmd_fetch_bundle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="the Redis holding the click log (SINE_REDIS_URL)")
+    p.add_argument("--stream", help="click log stream (SINE_CLICK_STREAM_KEY)")
+    p.add_argument("--group", help="consumer group (SINE_CLICK_EXPORT_GROUP)")
+
+
+def _log_settings(a: argparse.Namespace):
+    from service.settings import settings_from
+
+    s = settings_from(redis_url=a.redis_url, click_stream_key=a.stream,
+                      click_export_group=a.group)
+    if not s.redis_url:
+        raise CliError("no Redis: pass --redis-url or set SINE_REDIS_URL")
+    return s
+
+
+def cmd_export_clicks(a: argparse.Namespace) -> int:
+    from model_export.clicklog import export_clicks
+
+    s = _log_settings(a)
+    res = export_clicks(s.redis_url, a.out, s.click_stream_key, s.click_export_group, a.consumer,
+                        s.redis_password.get_secret_value() if s.redis_password else None)
+    print(f"read {res.read} entries ({res.taken_over} taken over from an unfinished run), wrote "
+          f"{res.written} clicks in {len(res.files)} files, skipped {res.skipped} already "
+          f"written, in {res.seconds:.1f} s -> {a.out}")
+    return 0
+
+
+def cmd_refresh(a: argparse.Namespace) -> int:
+    _need_torch()
+    import json
+
+    from model_export.refresh import RefreshConfig, refresh
+
+    s = _log_settings(a)
+    report = refresh(RefreshConfig(
+        bundle_root=a.bundle_root, dataset=a.dataset, data_dir=a.data_dir, redis_url=s.redis_url,
+        redis_password=s.redis_password.get_secret_value() if s.redis_password else None,
+        stream=s.click_stream_key, group=s.click_export_group, clicks_dir=a.clicks_dir,
+        work_dir=a.work_dir, window_hours=a.window_hours, train_minutes=a.train_minutes,
+        max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
+        archive_dir=a.archive_dir, threads=a.threads, seed=a.seed),
+        log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
+    print(json.dumps(vars(report), indent=1))
+    return report.exit_status
+
+
 def _progress_bar(desc: str, unit: str = "item") -> Callable[[int, int], None]:
     from tqdm.auto import tqdm
 
@@ -229,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = t.add_argument_group("fresh data")
+    g.add_argument("--warm-start", type=Path, metavar="CHECKPOINT_OR_BUNDLE",
+                   help="start from a trained model (a best.pt, or a bundle holding model.pt) "
+                        "instead of the initialization; its items keep their rows, new items start "
+                        "at the mean of the old rows plus noise; the model flags are taken from it")
+    g.add_argument("--clicks", type=Path, metavar="FOLDER",
+                   help="append the clicks of a `sine export-clicks` folder to --dataset")
+    g.add_argument("--clicks-window-hours", type=float, default=24.0 * 7,
+                   help="use the clicks of the last this many hours before the newest (default 168)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint with the paper's protocol",
@@ -329,6 +402,42 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--version", required=True, help="bundle version to fetch")
     f.add_argument("--bundle-root", required=True, help="local bundle root")
     f.set_defaults(func=cmd_fetch_bundle)
+
+    c = sub.add_parser("export-clicks", help="move the click log from Redis into Parquet",
+                       description="Read the click log stream through a consumer group and write "
+                       "partitioned Parquet (date=/hour=; user_id,item_id,timestamp,event_id), "
+                       "each file atomically, acknowledging entries only once written. A rerun "
+                       "after a crash takes over the pending entries and skips those written.")
+    _log_args(c)
+    c.add_argument("--out", type=Path, required=True, help="folder of the exported clicks")
+    c.add_argument("--consumer", help="consumer name in the group (default export-<host>)")
+    c.set_defaults(func=cmd_export_clicks)
+
+    r = sub.add_parser("refresh", help="export clicks, warm-start, gate and publish a bundle",
+                       description="One refresh cycle: export the click log, warm-start training "
+                       "on the base data plus the new clicks, export and index a candidate, score "
+                       "it and the live bundle on each active user's last click, and publish it "
+                       "(current, and a .tar.gz with --archive-dir) only if its HR@k is not worse "
+                       "by more than --tolerance. Exit 0: published; 3: refused by the gate; 4: "
+                       "nothing new; 2: an error. The report goes to <bundle-root>/refresh.json.")
+    _data_args(r)
+    _log_args(r)
+    r.add_argument("--bundle-root", type=Path, required=True, help="the live bundle root")
+    r.add_argument("--clicks-dir", type=Path, required=True,
+                   help="where the exported clicks accumulate (kept between runs)")
+    r.add_argument("--work-dir", type=Path, default=Path("runs/refresh"),
+                   help="scratch space for training and export (default runs/refresh)")
+    r.add_argument("--window-hours", type=float, default=24.0 * 7,
+                   help="new clicks: the last this many hours before the newest (default 168)")
+    r.add_argument("--train-minutes", type=float, default=10.0, help="training budget (default 10)")
+    r.add_argument("--epochs", type=int, default=20, help="most epochs (0: no training step)")
+    r.add_argument("--from-scratch", action="store_true", help="do not warm-start")
+    r.add_argument("--tolerance", type=float, default=0.005,
+                   help="how far below the live HR@k the candidate may be (fraction; default 0.005)")
+    r.add_argument("--k", type=int, default=50, help="the gate's cut-off (default 50)")
+    r.add_argument("--archive-dir", type=Path, help="also write <version>.tar.gz here")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.set_defaults(func=cmd_refresh)
     return p
 
 

@@ -21,7 +21,8 @@ CRDS = {"ServiceMonitor"}       # not in the core schemas: checked by hand below
 YAMLLINT = YamlLintConfig("extends: default\nrules:\n  line-length: {max: 120}\n"
                           "  document-start: disable\n  comments: {min-spaces-from-content: 1}\n"
                           "  braces: {max-spaces-inside: 1}\n  brackets: {max-spaces-inside: 1}\n")
-VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autoscaling-values.yaml"]}
+VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autoscaling-values.yaml"],
+              "refresh": ["refresh-values.yaml"]}
 
 
 def render(chart: Path = CHART, files=(), overrides: dict | None = None) -> dict[str, list[dict]]:
@@ -73,6 +74,7 @@ def test_every_manifest_is_valid_kubernetes(name):
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
     if name == "autoscaling":
         assert {"HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy", "Secret"} <= kinds
+    assert ("CronJob" in kinds) == (name == "refresh")      # the refresh job is off by default
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -208,6 +210,33 @@ def test_service_monitor_points_at_the_metrics_port():
     hpa = kind(rendered, "HorizontalPodAutoscaler")[0]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+
+
+def test_the_refresh_job_runs_one_cycle_at_a_time_on_the_bundle_volume():
+    job = kind(render(files=["refresh-values.yaml"]), "CronJob")[0]
+    spec = job["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    tmpl = spec["jobTemplate"]["spec"]
+    assert tmpl["activeDeadlineSeconds"] == 3600 and tmpl["backoffLimit"] == 0
+    pod = tmpl["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"].endswith(":0.1.0-train")
+    from sine_cli.main import build_parser
+    a = build_parser().parse_args(c["args"])                # a real `sine refresh` command
+    assert a.command == "refresh" and str(a.bundle_root) == "/bundles" and a.dataset == "ml-1m"
+    assert c["resources"]["limits"]["memory"] and c["securityContext"]["runAsNonRoot"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert "readOnly" not in mounts["bundles"]               # it publishes there
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["bundles"]["persistentVolumeClaim"]["claimName"] == "sine-bundles"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SINE_REDIS_URL"] == "redis://redis:6379/0"
+    assert c["envFrom"][0]["secretRef"]["name"] == "sine-sine-retrieval"   # the Redis password
+    with pytest.raises(helm.HelmError, match="needs bundle.source=pvc"):
+        render(files=["refresh-values.yaml"], overrides={"bundle": {"source": "download",
+                                                                    "version": "v1"}})
+    with pytest.raises(helm.HelmError, match="refresh.dataset is required"):
+        render(overrides={"refresh": {"enabled": True}})
 
 
 def test_deploy_readme_lists_every_value():

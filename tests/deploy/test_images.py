@@ -61,3 +61,19 @@ def test_serving_extras_need_no_torch():
     for dep in project["dependencies"] + project["optional-dependencies"]["cpu"] \
             + project["optional-dependencies"]["gpu"]:
         assert not dep.startswith("torch"), dep
+
+
+def test_training_image_runs_refresh():
+    path = ROOT / "deploy" / "Dockerfile.train"
+    ins = instructions(path)
+    for op, rest in ins:
+        if op == "COPY" and "--from=" not in rest:
+            for s in shlex.split(rest)[:-1]:
+                assert (ROOT / s).exists(), s
+    runtime = ins[[i for i, (op, _) in enumerate(ins) if op == "FROM"][-1]:]
+    assert [r for op, r in runtime if op == "USER"][-1] not in ("root", "0")
+    argv = json.loads([r for op, r in ins if op == "ENTRYPOINT"][-1]) + \
+        json.loads([r for op, r in ins if op == "CMD"][-1])
+    assert argv[0] == "sine" and argv[1] == "refresh"
+    installs = [r for op, r in ins if op == "RUN" and "pip install" in r]
+    assert ".[cpu,train]" in installs[0]

@@ -34,7 +34,8 @@ def test_published_bundle_is_complete_and_current(small_world):
     assert m["onnx"]["opset"] >= 17 and m["index"]["metric"] == "inner_product"
     assert m["index"]["factory"] == "Flat" and m["index"]["recall"]["value"] == pytest.approx(1.0)
     assert m["items"]["vocab_sha256"] == small_world["ds"].vocab_sha256()
-    assert set(m["files"]) == set(bundle.FILES.values())
+    assert set(m["files"]) == set(bundle.FILES.values()) | {"model.pt"}   # the model, kept
+    assert b.has("model") and b.file("model").stat().st_size > 0
     assert {"faiss", "onnxruntime", "numpy", "torch"} <= set(m["libraries"])
     assert "HR@10" in m["offline_metrics"]["test"]
 

@@ -148,7 +148,10 @@ def test_events_append_cap_and_no_lost_writes(world):
     c, ds = world["c"], world["ds"]
     world["redis"].delete(world["key"].format(user_id="ev"))
     r = c.post("/events", json={"user_id": "ev", "item_id": ds.item_ids[5]})
-    assert r.status_code == 200 and r.json() == {"user_id": "ev", "history_length": 1}
+    assert r.status_code == 200
+    assert {k: v for k, v in r.json().items() if k != "event_id"} == {
+        "user_id": "ev", "history_length": 1, "duplicate": False}
+    assert len(r.json()["event_id"]) == 32                      # made for it
     with cf.ThreadPoolExecutor(8) as ex:
         codes = list(ex.map(lambda i: c.post("/events", json={"user_id": "ev", "item_id": i})
                             .status_code, range(100, 140)))

@@ -65,3 +65,26 @@ def test_export_and_build_index_from_the_command_line(small_world, tmp_path, cap
                "--recall-floor", "0.99"])
     assert rc == 2 and "below the floor" in capsys.readouterr().err
     assert bundle.current_version(tmp_path / "root") == "cli"
+
+
+@pytest.mark.slow
+def test_train_warm_started_from_a_bundle_on_data_plus_clicks(small_world, own_redis, tmp_path,
+                                                              capsys):
+    from model_export.clicklog import export_clicks
+    from model_export.train import load_checkpoint
+    r = own_redis.client()
+    for n in range(40):                                  # clicks on a new item and known ones
+        r.xadd("sine:clicks", {"user": f"c{n % 8}", "item": "brand-new" if n % 2 else str(n),
+                               "ts": str(1_700_000_000_000 + n), "event": f"e{n}"})
+    export_clicks(own_redis.url, tmp_path / "clicks")
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1",
+               "--no-progress", "--threads", "2", "--warm-start", str(small_world["root"]),
+               "--clicks", str(tmp_path / "clicks")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "warm start from" in text and " new" in text
+    ck = load_checkpoint(out / "best.pt")
+    assert "brand-new" in ck["item_ids"] and ck["model_args"]["D"] == 32    # its shape kept
+    assert main(["train", "--dataset", "synthetic", "--warm-start", str(small_world["root"]),
+                 "--resume", str(out / "last.pt"), "--out", str(tmp_path / "x")]) == 2

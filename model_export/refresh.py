@@ -1,0 +1,254 @@
+"""`sine refresh`: the model kept fresh. One cycle, each stage timed:
+
+1. **export** the click log (`clicklog.export_clicks`) into the clicks folder;
+2. **holdout**: the clicks of the last `window_hours` (before the newest one) are the new data;
+   the last click of each user active in that window is held out for the gate;
+3. **train** on the base data set plus the other new clicks (`data.extend`: new users and new
+   items join the vocabulary), warm-started from the live bundle's model (`train.warm_start`),
+   within `train_minutes`;
+4. **export** the encoder and **index** the items into a new version under the bundle root,
+   not yet current;
+5. **gate**: the candidate and the live bundle answer the held-out users exactly as the service
+   would (its engine: the same encoder, faiss search and exclusion of seen items), and are scored
+   on the held-out clicks. The candidate is published only if its HR@k is not below the live
+   one's by more than `tolerance`; otherwise it is deleted and the live one keeps serving;
+6. **publish**: `current` moves by atomic rename (the running services hot-reload it), and with
+   `archive_dir` a `<version>.tar.gz` for `sine fetch-bundle` users appears there atomically.
+
+The outcome, the gate's metrics and the stage times are written to `<root>/refresh.json` (the
+service reports them in /metrics) and returned.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index_builder import bundle as bundle_mod
+
+from . import data
+from .clicklog import export_clicks, read_clicks
+
+PUBLISHED, REFUSED, NOTHING_NEW = "published", "refused", "nothing_new"
+# exit statuses of `sine refresh` (2 is any error, as for every command)
+EXIT = {PUBLISHED: 0, REFUSED: 3, NOTHING_NEW: 4}
+
+
+@dataclass
+class RefreshConfig:
+    bundle_root: Path
+    dataset: str                          # the base data set: a name or a click-log path
+    redis_url: str
+    clicks_dir: Path
+    work_dir: Path
+    data_dir: str | None = None
+    redis_password: str | None = None
+    stream: str = "sine:clicks"
+    group: str = "sine-export"
+    window_hours: float = 24.0 * 7
+    train_minutes: float = 10.0
+    max_epochs: int = 20
+    from_scratch: bool = False
+    tolerance: float = 0.005               # HR@k, as a fraction (0.005 = half a point)
+    k: int = 50
+    archive_dir: Path | None = None
+    threads: int | None = None
+    seed: int = 42
+
+
+@dataclass
+class RefreshReport:
+    outcome: str
+    version: str | None = None
+    live: str | None = None
+    clicks: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    stages_s: dict = field(default_factory=dict)
+    finished: str = ""
+    finished_unix: float = 0.0
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT[self.outcome]
+
+
+def holdout(clicks: list[tuple[str, str, float, str]], since: float
+            ) -> tuple[list[tuple[str, str, float]], dict[str, str]]:
+    """(training clicks, {user: held-out item}): each user active since `since` gives up their
+    last click to the gate."""
+    last: dict[str, tuple[float, str, str]] = {}
+    for u, i, ts, eid in clicks:
+        if ts >= since and (u not in last or (ts, eid) > (last[u][0], last[u][2])):
+            last[u] = (ts, i, eid)
+    held = {eid for _, _, eid in last.values()}
+    train = [(u, i, ts) for u, i, ts, eid in clicks if eid not in held]
+    return train, {u: i for u, (_, i, _) in last.items()}
+
+
+def histories(base: data.Dataset, clicks: list[tuple[str, str, float]],
+              users: dict[str, str] | list[str]) -> dict[str, list[str]]:
+    """Each user's clicks oldest first, as a request would see them: the base sequence, then
+    the new clicks in time order (users with too few clicks for training included)."""
+    want = set(users)
+    mine: dict[str, list[tuple[float, str]]] = {}
+    for u, i, ts in clicks:
+        if u in want:
+            mine.setdefault(u, []).append((ts, i))
+    out = {u: [base.item_ids[int(j)] for j in s] for u, s in zip(base.user_ids, base.sequences)
+           if u in want}
+    for u in want:
+        out[u] = out.get(u, []) + [i for _, i in sorted(mine.get(u, []))]
+    return out
+
+
+def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dict[str, str],
+                 k: int = 50, batch: int = 256) -> dict[str, float]:
+    """HR@k and NDCG@k of a bundle on held-out clicks, answered as the service answers: its
+    engine encodes each user's newest clicks (oldest first in `histories`), searches the index
+    and drops every item of the history. A target the bundle does not know is a miss."""
+    from service.engine import load_engine
+    from service.pipeline import compute, top_n
+
+    eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
+    users = [u for u in targets if histories.get(u)]
+    hits, ndcg = 0, 0.0
+    for s in range(0, len(users), batch):
+        part = users[s: s + batch]
+        win = eng.windows([histories[u][::-1] for u in part])          # newest first
+        known = win.known > 0
+        rows = np.flatnonzero(known)
+        if not len(rows):
+            continue
+        c = compute(eng, win.window[rows], np.zeros(len(rows), dtype=bool),
+                    int(k + win.known[rows].max()))
+        top = top_n(c.scores[0], c.ids[0], win.seen[rows], k)
+        for p, r in enumerate(rows):
+            want = eng.item_index.get(targets[part[r]])
+            got = top.ids[p, : int(top.count[p])].tolist()
+            if want is not None and want in got:
+                rank = got.index(want)
+                hits += 1
+                ndcg += 1.0 / np.log2(rank + 2)
+    n = max(len(users), 1)
+    return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "users": len(users)}
+
+
+def _seen_until(root: Path, live: bundle_mod.Bundle | None) -> float:
+    """The newest click the live bundle, or the last refused candidate, was made from."""
+    marks = [float("-inf")]
+    if live is not None:
+        marks.append(live.manifest.get("provenance", {}).get("refresh", {})
+                     .get("clicks_until", float("-inf")))
+    try:
+        last = json.loads((root / bundle_mod.REFRESH_REPORT).read_text())
+        if last.get("outcome") in (REFUSED, NOTHING_NEW):
+            marks.append(last.get("clicks", {}).get("until", float("-inf")))
+    except (OSError, ValueError):
+        pass
+    return max(marks)
+
+
+def _live(root: Path) -> bundle_mod.Bundle | None:
+    try:
+        return bundle_mod.load(root, deep=False)
+    except bundle_mod.BundleError:
+        return None
+
+
+def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
+    from index_builder.make import make_bundle
+
+    from .export import export
+    from .train import TrainConfig, train
+    from .workflow import model_config
+
+    root = Path(cfg.bundle_root)
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        stages[name] = now - t
+        t = now
+
+    live = _live(root)
+    report = RefreshReport(outcome=NOTHING_NEW, live=live.version if live else None)
+    exported = export_clicks(cfg.redis_url, cfg.clicks_dir, cfg.stream, cfg.group,
+                             password=cfg.redis_password)
+    lap("export_clicks")
+    clicks = list(read_clicks(cfg.clicks_dir))
+    report.clicks = {"exported_now": exported.written, "in_log": len(clicks)}
+    if clicks:
+        newest = max(ts for _, _, ts, _ in clicks)
+        since = newest - cfg.window_hours * 3600
+        window = [c for c in clicks if c[2] >= since]
+        train_clicks, targets = holdout(window, since)
+        report.clicks.update({"in_window": len(window), "holdout_users": len(targets),
+                              "window_hours": cfg.window_hours})
+        report.clicks["until"] = newest
+    if not clicks or not targets or newest <= _seen_until(root, live):
+        log("no click since the live bundle or the last refused candidate: nothing to refresh")
+        return _finish(root, report, stages)
+
+    base = data.load(cfg.dataset, cfg.data_dir)
+    ds = data.extend(base, train_clicks)
+    new_items = ds.n_items - len(set(base.item_ids[1:]) & set(ds.item_ids[1:]))
+    report.clicks.update({"users": ds.n_users, "items": ds.n_items, "new_items": new_items})
+    log(f"{ds.summary()}; {new_items} new items, {len(targets)} users held out for the gate")
+    lap("prepare")
+
+    # the live model's shape, so that it can warm-start the candidate
+    shape = {k: v for k, v in live.manifest["model"].items() if k != "n_items"} if live else {}
+    mcfg = model_config(ds, **shape)
+    work = Path(cfg.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    warm = None if cfg.from_scratch or live is None else live.path
+    train(ds, mcfg, TrainConfig(max_epochs=cfg.max_epochs, max_minutes=cfg.train_minutes,
+                                patience=2, seed=cfg.seed, threads=cfg.threads),
+          work / "train", progress=False, log=log, warm_start_from=warm)
+    lap("train")
+    export(work / "train" / "best.pt", ds, work / "export", log=log,
+           provenance={"refresh": {"clicks_until": newest, "window_hours": cfg.window_hours,
+                                   "warm_start": live.version if warm and live else None}})
+    lap("export")
+    cand = make_bundle(work / "export", root, make_current=False, log=log)
+    report.version = cand.version
+    lap("index")
+
+    hist = histories(base, train_clicks, targets)
+    metrics = {"candidate": score_bundle(cand.path, hist, targets, cfg.k)}
+    if live is not None:
+        metrics["live"] = score_bundle(live.path, hist, targets, cfg.k)
+    key = f"HR@{cfg.k}"
+    passed = live is None or metrics["candidate"][key] >= metrics["live"][key] - cfg.tolerance
+    report.gate = {"metric": key, "tolerance": cfg.tolerance, "passed": passed,
+                   "metrics": metrics}
+    lap("gate")
+    log(f"gate: candidate {key} {metrics['candidate'][key]:.4f}"
+        + (f", live {metrics['live'][key]:.4f}" if live else " (no live bundle)")
+        + f" -> {'publish' if passed else 'refuse'}")
+    if passed:
+        if cfg.archive_dir is not None:
+            bundle_mod.archive(root, cand.version, cfg.archive_dir)
+        bundle_mod.set_current(root, cand.version)
+        report.outcome = PUBLISHED
+    else:
+        shutil.rmtree(cand.path, ignore_errors=True)
+        report.outcome = REFUSED
+    lap("publish")
+    return _finish(root, report, stages)
+
+
+def _finish(root: Path, report: RefreshReport, stages: dict[str, float]) -> RefreshReport:
+    report.stages_s = stages
+    report.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report.finished_unix = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    bundle_mod.write_atomic(root / bundle_mod.REFRESH_REPORT,
+                            json.dumps(asdict(report), indent=1).encode())
+    return report

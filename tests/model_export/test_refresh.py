@@ -1,0 +1,170 @@
+"""Warm starts with a growing vocabulary, and `sine refresh` end to end: clicks posted to a
+running service (new items among them), refreshed, gated, published and hot-reloaded; a
+degraded candidate refused while the old bundle keeps serving."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from index_builder import bundle as bundle_mod
+from model_export import data
+from model_export.refresh import holdout
+from model_export.sine import SINE
+from model_export.train import CheckpointError, TrainConfig, load_checkpoint, train, warm_start, warm_start_source
+from model_export.workflow import model_config
+from service.settings import Settings
+from sine_cli.main import main
+from tests.helpers import metric, wait_until
+
+
+def grown(ds, n_new=3):
+    """ds plus clicks on new items by its first users, one second apart."""
+    clicks = [(ds.user_ids[u], f"new-{u % n_new}", 1000.0 + u) for u in range(30)]
+    return data.extend(ds, clicks), clicks
+
+
+def shape(ck):
+    return {k: v for k, v in ck["model_args"].items() if k != "n_items"}
+
+
+def test_a_warm_start_keeps_known_items_and_centres_new_ones(small_world):
+    ck = load_checkpoint(small_world["checkpoint"])
+    ds2, _ = grown(small_world["ds"])
+    assert ds2.n_items == small_world["ds"].n_items + 3
+    model = SINE(model_config(ds2, **shape(ck)))
+    kept, new = warm_start(model, ck, ds2, seed=1)
+    assert (kept, new) == (small_world["ds"].n_items, 3)
+    old = {x: i for i, x in enumerate(ck["item_ids"])}
+    H_old, H = ck["model"]["H.weight"], model.H.weight.detach()
+    for j, x in enumerate(ds2.item_ids[1:], 1):
+        if x in old:
+            assert torch.equal(H[j], H_old[old[x]]), x          # by external id, not position
+    fresh = H[[ds2.item_index()[f"new-{k}"] for k in range(3)]]
+    spread = H_old[1:].std(0)
+    assert ((fresh - H_old[1:].mean(0)).abs() < 0.5 * spread).all()   # near the centre
+    assert torch.equal(model.C.detach(), ck["model"]["C"]) and H[0].abs().sum() == 0
+    with pytest.raises(CheckpointError, match="differs"):
+        warm_start(SINE(model_config(ds2, D=16, K=2, L=4)), ck, ds2)
+
+
+def test_a_bundle_holds_the_model_to_start_from(small_world, tmp_path):
+    ck = warm_start_source(small_world["root"])
+    assert ck["item_ids"] == small_world["ds"].item_ids
+    plain = tmp_path / "old"
+    shutil.copytree(small_world["root"] / "v1", plain)
+    m = json.loads((plain / "manifest.json").read_text())
+    del m["files"]["model.pt"]
+    (plain / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="no model.pt"):
+        warm_start_source(plain)
+
+
+def test_zero_epochs_saves_the_starting_model(small_world, tmp_path):
+    ds2, _ = grown(small_world["ds"])
+    ck = load_checkpoint(small_world["checkpoint"])
+    res = train(ds2, model_config(ds2, **shape(ck)), TrainConfig(max_epochs=0, threads=2),
+                tmp_path, progress=False, warm_start_from=small_world["root"], log=lambda *a: None)
+    assert res.epochs_run == 0 and res.stopped_because == "no_epochs"
+    best = load_checkpoint(tmp_path / "best.pt", ds2)
+    assert torch.equal(best["model"]["C"], ck["model"]["C"])
+
+
+def test_the_holdout_is_each_active_users_last_click():
+    clicks = [("a", "1", 10.0, "e1"), ("a", "2", 30.0, "e2"), ("b", "3", 5.0, "e3"),
+              ("c", "4", 25.0, "e4"), ("c", "5", 25.0, "e5")]
+    train_clicks, held = holdout(clicks, since=20.0)
+    assert held == {"a": "2", "c": "5"}                      # b is not active since 20
+    assert train_clicks == [("a", "1", 10.0), ("b", "3", 5.0), ("c", "4", 25.0)]
+
+
+@pytest.fixture
+def live(small_world, own_redis, serve, tmp_path):
+    """A private bundle root served with watching on, and the base data as a click log file."""
+    root = tmp_path / "bundles"
+    shutil.copytree(small_world["root"] / "v1", root / "v1")
+    bundle_mod.set_current(root, "v1")
+    ds = small_world["ds"]
+    base = tmp_path / "base.csv"
+    base.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{ds.item_ids[int(i)]},{t}\n" for u, s in zip(ds.user_ids, ds.sequences)
+        for t, i in enumerate(s)))
+    for u, s in zip(ds.user_ids, ds.sequences):                 # the histories, as served
+        own_redis.client().rpush(f"sine:history:{u}", *[ds.item_ids[int(i)] for i in s[::-1]])
+    settings = Settings(bundle=str(root), redis_url=own_redis.url, watch_interval_s=0.2,
+                        history_keep=30)
+    with serve(settings) as c:
+        yield {"c": c, "root": root, "base": base, "ds": ds, "redis": own_redis, "tmp": tmp_path}
+
+
+def refresh_args(w, *extra):
+    return ["refresh", "--dataset", str(w["base"]), "--bundle-root", str(w["root"]),
+            "--redis-url", w["redis"].url, "--clicks-dir", str(w["tmp"] / "clicks"),
+            "--work-dir", str(w["tmp"] / "work"), "--train-minutes", "1", "--threads", "2",
+            "--tolerance", "0.0", *extra]
+
+
+def category(ds, c):
+    return [ds.item_ids[j] for j in range(1, ds.n_items + 1) if ds.labels.get(j) == c]
+
+
+@pytest.mark.slow
+def test_refresh_publishes_a_model_that_retrieves_new_items(live, capsys):
+    c, ds = live["c"], live["ds"]
+    cat = ds.labels[1]                                        # the most popular item's category
+    members = category(ds, cat)
+    new = [f"fresh-{k}" for k in range(3)]
+    rng = np.random.default_rng(0)
+    users = ds.user_ids[:200]
+    for u in users:                                           # new items among a category's own
+        for step in range(6):
+            item = new[step % 3] if step % 2 else members[int(rng.integers(len(members)))]
+            assert c.post("/events", json={"user_id": u, "item_id": item}).status_code == 200
+    assert c.post("/recommend", json={"user_id": users[0], "n": 3}).json()["version"] == "v1"
+    rc = main(refresh_args(live, "--epochs", "4"))
+    report = json.loads((live["root"] / "refresh.json").read_text())
+    assert json.loads(capsys.readouterr().out)["outcome"] == "published"   # printed too
+    assert rc == 0 and report["outcome"] == "published", report
+    assert report["clicks"]["new_items"] == 3 and report["clicks"]["holdout_users"] == 200
+    gate = report["gate"]["metrics"]
+    assert gate["candidate"]["HR@50"] >= gate["live"]["HR@50"]
+    version = report["version"]
+    assert bundle_mod.current_version(live["root"]) == version
+    wait_until(lambda: c.post("/recommend", json={"user_id": "x", "n": 3}).json()["version"]
+               == version, 10.0, "the service serving the refreshed bundle")
+    # a user who clicked the category's items now gets the new items among them
+    probe = 0
+    for k in range(10):
+        u = f"probe-{k}"
+        live["redis"].client().rpush(f"sine:history:{u}",
+                                     *rng.choice(members, size=8, replace=False).tolist())
+        got = [x["item_id"] for x in c.post("/recommend", json={"user_id": u, "n": 20}).json()
+               ["items"]]
+        probe += bool(set(got) & set(new))
+    assert probe >= 7, probe
+    assert metric(c, "sine_refresh_last", outcome="published", version=version) == 1
+    assert metric(c, "sine_click_log_lag") == 0
+
+
+@pytest.mark.slow
+def test_a_degraded_candidate_is_refused_and_the_old_bundle_serves_on(live):
+    c, ds = live["c"], live["ds"]
+    rng = np.random.default_rng(1)
+    for u, s in list(zip(ds.user_ids, ds.sequences))[:150]:   # known items, not yet clicked,
+        cat = ds.labels[int(s[-1])]                           # of the user's latest interest
+        fresh = [x for x in category(ds, cat) if ds.item_index()[x] not in set(s.tolist())]
+        for x in rng.choice(fresh, size=min(3, len(fresh)), replace=False):
+            assert c.post("/events", json={"user_id": u, "item_id": x}).status_code == 200
+    before = sorted(p.name for p in live["root"].iterdir())
+    rc = main(refresh_args(live, "--from-scratch", "--epochs", "0"))   # an untrained model
+    report = json.loads((live["root"] / "refresh.json").read_text())
+    assert rc == 3 and report["outcome"] == "refused", report
+    gate = report["gate"]["metrics"]
+    assert gate["candidate"]["HR@50"] < gate["live"]["HR@50"]
+    assert bundle_mod.current_version(live["root"]) == "v1"
+    assert sorted(p.name for p in live["root"].iterdir()) == sorted(before + ["refresh.json"])
+    assert c.post("/recommend", json={"user_id": ds.user_ids[0], "n": 5}).json()["version"] == "v1"
+    wait_until(lambda: metric(c, "sine_refresh_last", outcome="refused",
+                              version=report["version"]) == 1, 5.0, "the refusal in /metrics")
+    assert main(refresh_args(live)) == 4                      # nothing new since
