@@ -135,8 +135,8 @@ def main() -> None:
         while (served := get_json(srv.url + "/readyz").get("version")) != warm.version \
                 and time.monotonic() < deadline:
             time.sleep(0.5)
-    scratch = refresh(RefreshConfig(bundle_root=work / "bundles-scratch",
-                                    work_dir=work / "w-scratch", from_scratch=True, **common))
+        scratch = refresh(RefreshConfig(bundle_root=work / "bundles-scratch",
+                                        work_dir=work / "w-scratch", from_scratch=True, **common))
 
     hist = {u: base[u] + replay[u] for u in target}     # all a request would see
     scores = {}
