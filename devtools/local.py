@@ -87,6 +87,137 @@ class EmbeddedRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 55000:
+            port -= 30000
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise LocalError("no free port pair for a cluster node")
+
+
+class EmbeddedCluster:
+    """A Redis Cluster on loopback: `masters` masters with `replicas` replicas each, made by
+    `redis-cli --cluster create`. A short `node_timeout_ms` makes failover take seconds, and
+    `cluster-require-full-coverage no` lets the other masters' slots serve while one is down."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
+        if shutil.which("redis-cli") is None:
+            raise LocalError("redis-cli is not installed (it comes with redis-server: "
+                             "sudo apt-get install redis-server)")
+        self.n_masters, self.replicas = masters, replicas
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0"]
+        self.nodes = [EmbeddedRedis(port=_cluster_port(), args=args)
+                      for _ in range(masters * (1 + replicas))]
+
+    @property
+    def url(self) -> str:
+        live = [n for n in self.nodes if n.proc is not None]
+        return (live or self.nodes)[0].url
+
+    def _cli(self, port: int, *args: str, timeout_s: float = 5.0) -> str:
+        out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                             text=True, timeout=timeout_s)
+        return out.stdout
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
+        try:
+            for n in self.nodes:
+                n.start()
+            res = subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True, text=True, timeout=60)
+            if res.returncode != 0:
+                raise LocalError(f"redis-cli --cluster create failed: {res.stdout[-500:]}"
+                                 f"{res.stderr[-500:]}")
+            self.wait_ok(timeout_s)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def state(self, port: int) -> dict[str, str]:
+        """`CLUSTER INFO` of one node, as a dict ({} when it does not answer)."""
+        try:
+            text = self._cli(port, "cluster", "info")
+        except (subprocess.TimeoutExpired, OSError):
+            return {}
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every running node reports `cluster_state:ok` with all slots served."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = [self.state(n.port) for n in self.nodes if n.proc is not None]
+            if all(st.get("cluster_state") == "ok" and st.get("cluster_slots_ok") == "16384"
+                   for st in states):
+                return
+            if time.monotonic() > deadline:
+                raise LocalError(f"the cluster is not ok after {timeout_s} s: {states}")
+            time.sleep(0.1)
+
+    def masters(self) -> list[tuple[int, int, EmbeddedRedis]]:
+        """(first slot, last slot, node) of every running master, as a running node sees it."""
+        for n in self.nodes:
+            if n.proc is None:
+                continue
+            out = []
+            for line in self._cli(n.port, "cluster", "nodes").splitlines():
+                f = line.split()
+                if len(f) < 8 or "master" not in f[2] or "fail" in f[2]:
+                    continue
+                port = int(f[1].split("@")[0].rsplit(":", 1)[1])
+                m = next(m for m in self.nodes if m.port == port)
+                if m.proc is None:
+                    continue
+                for r in f[8:]:
+                    lo, _, hi = r.partition("-")
+                    if lo.isdigit():
+                        out.append((int(lo), int(hi or lo), m))
+            return out
+        return []
+
+    def master_of(self, key: str, masters: list | None = None) -> EmbeddedRedis:
+        """The running node that masters `key`'s slot now (`masters`: a `masters()` to reuse)."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        for lo, hi, m in self.masters() if masters is None else masters:
+            if lo <= slot <= hi:
+                return m
+        raise LocalError(f"no running master serves {key!r}")
+
+    def wait_failover(self, key: str, timeout_s: float = 30.0) -> EmbeddedRedis:
+        """After a master of `key` was killed: until a running node masters its slot again and
+        the cluster is ok; returns the new master."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                m = self.master_of(key)
+                self.wait_ok(max(0.1, deadline - time.monotonic()))
+                return m
+            except LocalError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
+    def cleanup(self) -> None:
+        for n in self.nodes:
+            n.cleanup()
+
+
 class Server:
     """`sine serve` in a child process, configured by SINE_* variables.
 
@@ -168,25 +299,30 @@ def ensure_redis_server(log: Callable[[str], None] = print) -> None:
 class Stack:
     """Redis holding users' histories, and the `sine serve` processes started on it.
 
-    With no `redis_url` an embedded redis-server is started (and removed on close). `histories`
-    are (user id, item ids oldest first) as `model_export.data.histories` yields them; each
-    user's newest `keep` clicks are loaded. Servers started by `serve()` stop on close.
+    With no `redis_url` an embedded redis-server is started (and removed on close), or with
+    `cluster` an embedded Redis Cluster (3 masters, 3 replicas). `histories` are (user id, item
+    ids oldest first) as `model_export.data.histories` yields them; each user's newest `keep`
+    clicks are loaded. Servers started by `serve()` stop on close.
     """
 
     def __init__(self, histories: Iterable[tuple[str, list[str]]] | None = None,
                  keep: int | None = None, redis_url: str | None = None,
-                 total: int | None = None, progress: Callable[[int, int], None] | None = None):
+                 total: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 cluster: bool = False):
         from service.history import load_histories
         from service.settings import settings_from
 
-        self.redis = None if redis_url else EmbeddedRedis().start()
-        self.redis_url = redis_url or self.redis.url  # type: ignore[union-attr]
+        self.cluster = EmbeddedCluster().start() if cluster and not redis_url else None
+        self.redis = None if redis_url or cluster else EmbeddedRedis().start()
+        self.redis_url = redis_url or (self.cluster or self.redis).url  # type: ignore[union-attr]
+        self.redis_settings = {"redis_cluster": True} if cluster else {}
         self.servers: list[Server] = []
         self.loaded = 0
         try:
             if histories is not None:
                 self.loaded = load_histories(settings_from(redis_url=self.redis_url,
-                                                           history_keep=keep),
+                                                           history_keep=keep,
+                                                           **self.redis_settings),
                                              histories, total, progress)
         except BaseException:
             self.close()
@@ -198,7 +334,7 @@ class Stack:
         """`sine serve` on `bundle` and this Redis, ready; `settings` are Settings fields."""
         env = {"SINE_BUNDLE": str(Path(bundle).resolve()), "SINE_REDIS_URL": self.redis_url,
                **{f"SINE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
-                  for k, v in settings.items()}}
+                  for k, v in {**self.redis_settings, **settings}.items()}}
         server = Server(env, port=port, log_path=log_path, tree=tree, python_args=python_args)
         self.servers.append(server)
         return server.start()
@@ -209,6 +345,8 @@ class Stack:
         self.servers.clear()
         if self.redis is not None:
             self.redis.cleanup()
+        if self.cluster is not None:
+            self.cluster.cleanup()
 
     def __enter__(self) -> Stack:
         return self

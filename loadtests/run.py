@@ -14,6 +14,11 @@ a .png of latency percentiles and throughput over time, and a row of <out>/summa
   redis-fault   Redis killed mid-run and restarted 10 s later: no 5xx from /recommend,
                 answers flagged history_unavailable during the outage, personalized again
                 within 2 s of Redis returning
+  redis-cluster-failover
+                a Redis Cluster (3 masters, 3 replicas) and a master killed mid-run: no 5xx,
+                its users' answers flagged history_unavailable until its replica is promoted
+                (within 10 s), the other masters' users personalized throughout, its users
+                personalized again within 2 s of the promotion
   reload        a new bundle published mid-run (hot reload: no failed request), then a broken
                 one (refused: the new one keeps serving)
   overload      a server with a small in-flight limit driven far beyond it: 429s answered
@@ -59,7 +64,7 @@ class System:
     """Embedded Redis with every history, and `sine serve` over a private bundle root."""
 
     def __init__(self, bundle: str, data_dir: str | None, work: Path, tree: Path | None = None,
-                 **settings):
+                 cluster: bool = False, **settings):
         from model_export import data
         b = bundle_mod.load(bundle, deep=False)
         self.work = work
@@ -69,10 +74,11 @@ class System:
         bundle_mod.set_current(self.root, b.version)
         self.version = b.version
         self.ds = data.load(b.manifest["dataset"]["name"], data_dir)
-        self.stack = Stack(data.histories(self.ds))
-        self.redis = self.stack.redis
+        self.stack = Stack(data.histories(self.ds), cluster=cluster)
+        self.redis, self.cluster = self.stack.redis, self.stack.cluster
         try:
-            self._redis_cmd("SAVE")                 # a restarted Redis reloads this snapshot
+            if self.redis is not None:
+                self._redis_cmd("SAVE")             # a restarted Redis reloads this snapshot
             self.server = self.stack.serve(self.root, log_path=work / "server.log", tree=tree,
                                            watch_interval_s=1, redis_retry_after_ms=250,
                                            **settings)
@@ -313,6 +319,68 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
         and f["personalized_after_s"] <= 2.0 and f["unpersonalized_2s_after"] == 0}}
 
 
+def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: float = 10,
+                              total: float = 30) -> dict:
+    """A Redis Cluster (3 masters, 3 replicas, 1 s node timeout) under load; the master of one
+    user's slots is SIGKILLed and its replica promoted."""
+    from service.history import Keys
+    from service.settings import Settings
+
+    sys_ = System(bundle, a.data_dir, work / "cluster", a.server_tree, cluster=True)
+    cl = sys_.cluster
+    keys = Keys(Settings(redis_cluster=True))
+    probe = keys.history(Traffic.users[0])
+    victim = cl.master_of(probe)
+    masters = cl.masters()
+    on_victim = {u for u in Traffic.users if cl.master_of(keys.history(u), masters) is victim}
+    marks: dict[str, float] = {}
+
+    def kill():
+        """kill -9 the master of a third of the users; its replica takes over"""
+        marks["down"] = time.time()
+        victim.kill()
+
+        def watch():
+            cl.wait_failover(probe, timeout_s=60)
+            marks["promoted"] = time.time()
+        gevent.spawn(watch)
+
+    try:
+        rec = run_locust("redis-cluster-failover", sys_.server.url, out,
+                         [(total, a.users, a.rate)], events_at={kill_at: kill}, system=sys_,
+                         keep_log=True)
+    finally:
+        sys_.stop()
+    log = [x for x in rec.pop("log") if x[3] == 200]
+    down, up = marks["down"], marks.get("promoted", float("inf"))
+    mine = [x for x in log if x[1] in on_victim]
+    rest = [x for x in log if x[1] not in on_victim]
+    during = [x for x in mine if down + 0.1 <= x[0] < up]
+    beside = [x for x in rest if down <= x[0] < up]
+    last_flagged = max((x[0] for x in mine if x[0] >= down and x[2] is not None), default=down)
+    after = [x for x in mine if x[0] > last_flagged]
+    rec["failover"] = {
+        "victim_users": len(on_victim), "users": len(Traffic.users),
+        "promoted_after_s": up - down, "recovered_after_s": last_flagged - down,
+        "victim_answers_during": len(during),
+        "victim_flagged_during": sum(1 for x in during if x[2] == "history_unavailable"),
+        "other_answers_during": len(beside),
+        "other_personalized_during": sum(1 for x in beside if x[2] is None),
+        "victim_answers_after": len(after),
+        "events_refused_503": sum(n for k, n in rec["errors"].items()
+                                  if k.startswith("POST /events:"))}
+    f = rec["failover"]
+    return {"record": rec, "rules": {
+        "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
+        "replica promoted within 10 s": f["promoted_after_s"] <= 10,
+        "victim users' answers flagged history_unavailable until then": bool(during)
+        and f["victim_flagged_during"] == len(during),
+        "other masters' users personalized throughout": bool(beside)
+        and f["other_personalized_during"] == len(beside),
+        "victim users personalized within 2 s of the promotion": f["recovered_after_s"]
+        <= f["promoted_after_s"] + 2.0 and f["victim_answers_after"] > 0}}
+
+
 def scenario_reload(sys_: System, a, out: Path, total: float = 40) -> dict:
     new, bad = sys_.version + "-r1", sys_.version + "-broken"
 
@@ -422,7 +490,8 @@ def write_markdown(summary: dict, path: Path, cmd: str) -> None:
         for st in summary["max"]["record"]["steps"]:
             lines.append(f"| {st['users']} | {st['rps']:.0f} | {st['p50_ms']} | {st['p99_ms']} | "
                          f"{st['failures']} |")
-    for name, key in (("soak", "rss"), ("redis-fault", "fault"), ("reload", "reload"),
+    for name, key in (("soak", "rss"), ("redis-fault", "fault"),
+                      ("redis-cluster-failover", "failover"), ("reload", "reload"),
                       ("overload", "overload"), ("ci-redis-fault", "fault")):
         if name in summary and key in summary[name]["record"]:
             lines += ["", f"`{name}`: " + ", ".join(
@@ -443,7 +512,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("scenarios", nargs="+",
-                   choices=["load", "max", "soak", "redis-fault", "reload", "overload", "ci"])
+                   choices=["load", "max", "soak", "redis-fault", "redis-cluster-failover",
+                            "reload", "overload", "ci"])
     p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder to serve")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="loadtests/results", help="where reports go")
@@ -470,7 +540,7 @@ def main() -> int:
     failed = []
     sys_ = None
     try:
-        needs_system = [s for s in a.scenarios if s != "overload"]
+        needs_system = [s for s in a.scenarios if s not in ("overload", "redis-cluster-failover")]
         if needs_system:
             sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree)
         for s in a.scenarios:
@@ -488,6 +558,8 @@ def main() -> int:
                 res = {"reload": scenario_reload(sys_, a, out)}
             elif s == "overload":
                 res = {"overload": scenario_overload(a.bundle, a, out, work)}
+            elif s == "redis-cluster-failover":
+                res = {s: scenario_cluster_failover(a.bundle, a, out, work)}
             else:   # ci: shortened load and Redis fault
                 res = {"ci-load": scenario_load(sys_, a, out, seconds=15),
                        "ci-redis-fault": scenario_redis_fault(sys_, a, out, kill_at=5, down_s=5,

@@ -1,8 +1,11 @@
 """The click log: `POST /events` appends every accepted click to a Redis Stream; `export_clicks`
 (`sine export-clicks`) moves them into partitioned Parquet that training reads.
 
-    <out>/date=YYYY-MM-DD/hour=HH/part-<first stream id>.parquet
+    <out>/date=YYYY-MM-DD/hour=HH/part-[<shard>-]<first stream id>.parquet
         columns user_id, item_id, timestamp (seconds, UTC), event_id
+
+With `redis_shards` the log is several streams (one per hash tag, see `service.history.Keys`,
+on a Redis Cluster each in its own slot); one run exports them all.
 
 The export reads through a consumer group, so several runs share the work and each entry is
 read until it is acknowledged. A file is written under a temporary name, fsynced and renamed
@@ -84,14 +87,22 @@ def _write(rows: list[tuple[str, str, float, str]], path: Path) -> None:
 class Exporter:
     """One run of the export; `ack` is the step after a file is safely on disk."""
 
-    def __init__(self, client, stream: str, group: str, consumer: str, out: Path,
+    def __init__(self, client, streams: list[str] | str, group: str, consumer: str, out: Path,
                  batch: int = 5000):
-        self.r, self.stream, self.group, self.consumer = client, stream, group, consumer
+        self.r, self.group, self.consumer = client, group, consumer
+        self.streams = [streams] if isinstance(streams, str) else list(streams)
+        self.stream = self.streams[0]
         self.out, self.batch = Path(out), batch
         self._known: dict[str, set[str]] = {}
 
     def ack(self, ids: list[str]) -> None:
         self.r.xack(self.stream, self.group, *ids)
+
+    def _file_prefix(self) -> str:
+        """`s3-` for the stream `{s3}:...`: ids of different streams may coincide."""
+        if self.stream.startswith("{") and "}" in self.stream:
+            return self.stream[1:self.stream.index("}")] + "-"
+        return ""
 
     def _rows(self, entries) -> list[tuple[str, str, float, str, str]]:
         out = []
@@ -122,7 +133,7 @@ class Exporter:
                 known.add(eid)
                 fresh.append((u, i, ts, eid))
             if fresh:
-                path = self.out / part / f"part-{prow[0][4]}.parquet"
+                path = self.out / part / f"part-{self._file_prefix()}{prow[0][4]}.parquet"
                 _write(fresh, path)
                 res.written += len(fresh)
                 res.files.append(str(path.relative_to(self.out)))
@@ -131,10 +142,17 @@ class Exporter:
         res.read += len(entries)
 
     def run(self, progress: Callable[[int], None] | None = None) -> ExportResult:
-        from redis.exceptions import ResponseError
-
         t0 = time.perf_counter()
         res = ExportResult()
+        for stream in self.streams:
+            self.stream = stream
+            self._run_one(res, progress)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _run_one(self, res: ExportResult, progress: Callable[[int], None] | None) -> None:
+        from redis.exceptions import ResponseError
+
         try:
             self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as e:
@@ -159,22 +177,30 @@ class Exporter:
                 self.handle(entries, res)
                 if progress is not None:
                     progress(res.read)
-        res.seconds = time.perf_counter() - t0
-        return res
 
 
-def export_clicks(redis_url: str, out: Path | str, stream: str = "sine:clicks",
+def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = "sine:clicks",
                   group: str = "sine-export", consumer: str | None = None,
                   password: str | None = None, batch: int = 5000,
-                  progress: Callable[[int], None] | None = None) -> ExportResult:
-    """`sine export-clicks`: everything the stream holds that the group has not exported."""
+                  progress: Callable[[int], None] | None = None,
+                  cluster: bool = False) -> ExportResult:
+    """`sine export-clicks`: everything the streams hold that the group has not exported;
+    `cluster`: `redis_url` is a node of a Redis Cluster."""
     import redis
     from redis.exceptions import RedisError
 
-    client = redis.Redis.from_url(redis_url, password=password, decode_responses=True,
-                                  socket_timeout=30)
     try:
-        return Exporter(client, stream, group, consumer or f"export-{socket.gethostname()}",
+        if cluster:
+            from redis.cluster import RedisCluster
+            client = RedisCluster.from_url(redis_url, password=password, decode_responses=True,
+                                           socket_timeout=30)
+        else:
+            client = redis.Redis.from_url(redis_url, password=password, decode_responses=True,
+                                          socket_timeout=30)
+    except (RedisError, OSError) as e:
+        raise ClickLogError(f"the click log at {_redacted(redis_url)}: {e}") from None
+    try:
+        return Exporter(client, streams, group, consumer or f"export-{socket.gethostname()}",
                         Path(out), batch).run(progress)
     except (RedisError, OSError) as e:
         raise ClickLogError(f"the click log at {_redacted(redis_url)}: {e}") from None

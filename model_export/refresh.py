@@ -47,7 +47,8 @@ class RefreshConfig:
     work_dir: Path
     data_dir: str | None = None
     redis_password: str | None = None
-    stream: str = "sine:clicks"
+    streams: tuple[str, ...] = ("sine:clicks",)   # service.history.Keys(settings).streams()
+    redis_cluster: bool = False
     group: str = "sine-export"
     window_hours: float = 24.0 * 7
     train_minutes: float = 10.0
@@ -178,8 +179,8 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
 
     live = _live(root)
     report = RefreshReport(outcome=NOTHING_NEW, live=live.version if live else None)
-    exported = export_clicks(cfg.redis_url, cfg.clicks_dir, cfg.stream, cfg.group,
-                             password=cfg.redis_password)
+    exported = export_clicks(cfg.redis_url, cfg.clicks_dir, list(cfg.streams), cfg.group,
+                             password=cfg.redis_password, cluster=cfg.redis_cluster)
     lap("export_clicks")
     clicks = list(read_clicks(cfg.clicks_dir))
     report.clicks = {"exported_now": exported.written, "in_log": len(clicks)}

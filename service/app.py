@@ -229,8 +229,7 @@ async def _freshness(st: State) -> None:
             born = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
             m.bundle_age.set(time.time() - born)
     if st.store is not None and st.settings.click_log:
-        stream = await st.store.stream_info(st.settings.click_stream_key,
-                                            st.settings.click_export_group)
+        stream = await st.store.stream_info(st.settings.click_export_group)
         if stream is not None:
             m.stream_length.set(stream[0])
             if stream[1] is not None:

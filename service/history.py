@@ -17,6 +17,7 @@ import asyncio
 import ssl
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -48,6 +49,10 @@ def redis_client(settings: Settings, timeout_s: float) -> Any:
         raise HistoryError("no Redis URL is configured (SINE_REDIS_URL)")
     if settings.redis_cluster:
         from redis.asyncio.cluster import RedisCluster
+        # no client-level retry: redis-py retries a failed cluster pipeline by closing every
+        # connection, the healthy masters' in-flight reads included; HistoryStore refreshes the
+        # slot map itself instead
+        kw["retry"] = Retry(NoBackoff(), 0)
         return RedisCluster.from_url(url, **kw)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=settings.redis_pool_size, timeout=timeout_s, **kw)
@@ -61,7 +66,8 @@ class HistoryError(RuntimeError):
 # One event, atomically: the history update and the click log entry both happen or neither.
 # A script rather than MULTI because an event_id seen before must write nothing, a condition a
 # transaction cannot express; the type checks come first so that no command fails half-way.
-# KEYS: history list, click stream, event-id key ("" when the client sent none).
+# KEYS: history list, click stream, and the event-id key when the client sent an id (on a
+# cluster all in one slot: Keys gives them one hash tag).
 # ARGV: item, keep, user, event id, time ms, stream max len, stream min id, id ttl ms, log on.
 # Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type.
 RECORD = """
@@ -72,7 +78,7 @@ local log = ARGV[9] == '1'
 if log and redis.call('TYPE', KEYS[2]).ok ~= 'none' and redis.call('TYPE', KEYS[2]).ok ~= 'stream' then
   return {-2, KEYS[2]}
 end
-if KEYS[3] ~= '' and not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[8]) then
+if #KEYS == 3 and not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[8]) then
   return {-1, redis.call('LLEN', KEYS[1])}
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
@@ -213,6 +219,36 @@ class ListReader:
             self._proto.transport.close()
 
 
+class Keys:
+    """Where a user's data lives. Without shards, the templates as written and one stream; with
+    N shards, each key of user u starts with the hash tag `{sK}:` (K = crc32(u) mod N), so the
+    history, the event id and the stream an event goes to hash to one Redis Cluster slot."""
+
+    def __init__(self, settings: Settings):
+        self.n = settings.shards
+        self._history = settings.redis_key_template.format
+        self._event = settings.event_key_template.format
+        self._stream = settings.click_stream_key
+
+    def tag(self, user_id: str) -> str:
+        return f"{{s{zlib.crc32(user_id.encode()) % self.n}}}:" if self.n else ""
+
+    def history(self, user_id: str) -> str:
+        return self.tag(user_id) + self._history(user_id=user_id)
+
+    def event(self, user_id: str, event_id: str) -> str:
+        return self.tag(user_id) + self._event(event_id=event_id)
+
+    def stream(self, user_id: str) -> str:
+        return self.tag(user_id) + self._stream
+
+    def streams(self) -> list[str]:
+        """Every stream of the click log."""
+        if not self.n:
+            return [self._stream]
+        return [f"{{s{k}}}:{self._stream}" for k in range(self.n)]
+
+
 class HistoryStore:
     def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
         self.s = settings
@@ -222,7 +258,11 @@ class HistoryStore:
         self.retry_after = settings.redis_retry_after_ms / 1000
         self._down_until = 0.0
         self._on_error = on_error or (lambda op: None)
-        self._key = settings.redis_key_template.format
+        self.keys = Keys(settings)
+        self._refreshing: asyncio.Task[None] | None = None
+        self._node_down_until: dict[str, float] = {}      # cluster: per master
+        self._refreshed_at = 0.0
+        self._key = self.keys.history
         self.client = redis_client(settings, max(self.timeout, self.write_timeout))
         self._record = self.client.register_script(RECORD)
         pw = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -230,7 +270,7 @@ class HistoryStore:
                        ListReader(settings.redis_url, pw, self.timeout))
 
     def key(self, user_id: str) -> str:
-        return self._key(user_id=user_id)
+        return self._key(user_id)
 
     @property
     def available(self) -> bool:
@@ -243,28 +283,97 @@ class HistoryStore:
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 return await coro
-        except (TimeoutError, RedisError, OSError) as e:
-            # a refused or broken connection pauses Redis; a timeout does not: it is already
+        except (TimeoutError, RedisError, OSError, RuntimeError) as e:
+            # RuntimeError: redis-py writing on a transport uvloop already closed (a cluster
+            # node killed under load). A refused or broken connection pauses Redis; a timeout
+            # does not: it is already
             # bounded, and a stall of this process (a bundle loading beside it) would otherwise
             # switch personalization off for everyone
-            if not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
+            if self.s.redis_cluster:
+                self._refresh_slots()
+            # on a cluster each master pauses alone (in _get_many_cluster)
+            if not self.s.redis_cluster and not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
                 self._down_until = time.monotonic() + self.retry_after
             self._on_error(op)
             raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
 
-    async def get_many(self, user_ids: list[str]) -> list[list[str]]:
-        """Each user's history, newest first ([] when the user has no key), in one round trip."""
+    async def get_many(self, user_ids: list[str]) -> list[list[str] | None]:
+        """Each user's history, newest first ([] when the user has no key), in one round trip;
+        on a cluster one per master, concurrently, and None for the users of a master that
+        failed (only when every one failed is it an error)."""
         if self.reader is not None:
-            return await self._call("read", self.reader.lranges(
-                [self._key(user_id=u) for u in user_ids], self.keep - 1))
+            got: list[list[str] | None] = await self._call("read", self.reader.lranges(  # type: ignore[arg-type]
+                [self._key(u) for u in user_ids], self.keep - 1))
+            return got
+        if self.s.redis_cluster:
+            return await self._call("read", self._get_many_cluster(user_ids))
 
-        async def run() -> list[list[str]]:
+        async def run() -> list[list[str] | None]:
             pipe = self.client.pipeline(transaction=False)
             for u in user_ids:
-                pipe.lrange(self._key(user_id=u), 0, self.keep - 1)
-            res: list[list[str]] = await pipe.execute()
+                pipe.lrange(self._key(u), 0, self.keep - 1)
+            res: list[list[str] | None] = await pipe.execute()
             return res
         return await self._call("read", run())
+
+    async def _get_many_cluster(self, user_ids: list[str]) -> list[list[str] | None]:
+        # a cluster pipeline fails whole when one node is down: one pipeline per master instead
+        keys = [self._key(u) for u in user_ids]
+        by_node: dict[str, list[int]] = {}
+        nodes = self.client.nodes_manager
+        for i, k in enumerate(keys):
+            node = nodes.get_node_from_slot(self.client.keyslot(k))
+            by_node.setdefault(node.name, []).append(i)
+        now = time.monotonic()
+        out: list[list[str] | None] = [None] * len(keys)
+        paused = [name for name in by_node if self._node_down_until.get(name, 0.0) > now]
+        for name in paused:             # a master that failed just now: its users fall back
+            del by_node[name]
+        if not by_node:
+            raise HistoryError("every master of these users failed recently; retrying after a "
+                               "pause")
+
+        async def one(idx: list[int]) -> list[list[str]]:
+            pipe = self.client.pipeline(transaction=False)
+            for i in idx:
+                pipe.lrange(keys[i], 0, self.keep - 1)
+            async with asyncio.timeout(self.timeout):
+                res: list[list[str]] = await pipe.execute()
+            return res
+
+        names, groups = list(by_node), list(by_node.values())
+        got = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
+        failed = []
+        for name, idx, res in zip(names, groups, got):
+            if isinstance(res, BaseException):
+                failed.append(res)
+                if not isinstance(res, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
+                    self._node_down_until[name] = now + self.retry_after
+                continue
+            for i, h in zip(idx, res):
+                out[i] = h
+        if failed:
+            self._refresh_slots()
+            if len(failed) == len(groups) and not paused:
+                raise failed[0]
+            self._on_error("read")          # counted, but the healthy masters keep serving
+        return out
+
+    def _refresh_slots(self) -> None:
+        """Re-read the cluster's slot map in the background, at most every 100 ms: once a
+        replica is promoted, its slots' reads and writes go to it."""
+        now = time.monotonic()
+        if self._refreshing is not None and not self._refreshing.done() or \
+                now - self._refreshed_at < 0.1:
+            return
+        self._refreshed_at = now
+
+        async def run() -> None:
+            try:
+                await self.client.nodes_manager.initialize()
+            except Exception:           # the next failure tries again
+                pass
+        self._refreshing = asyncio.get_running_loop().create_task(run())
 
     async def append(self, user_id: str, item_id: str,
                      event_id: str | None = None) -> tuple[int, str, bool]:
@@ -272,8 +381,9 @@ class HistoryStore:
         before is not recorded again. Returns (history length, event id, duplicate)."""
         s = self.s
         eid = event_id or uuid.uuid4().hex
-        keys = [self.key(user_id), s.click_stream_key,
-                s.event_key_template.format(event_id=event_id) if event_id else ""]
+        keys = [self.key(user_id), self.keys.stream(user_id)]
+        if event_id:
+            keys.append(self.keys.event(user_id, event_id))
         min_id = (f"{int((time.time() - s.click_stream_max_age_s) * 1000)}-0"
                   if s.click_stream_max_age_s else "")
         args = [item_id, self.keep, user_id, eid, int(time.time() * 1000),
@@ -287,18 +397,27 @@ class HistoryStore:
             return int(length), eid, status == -1
         return await self._call("write", run(), self.write_timeout)
 
-    async def stream_info(self, stream: str, group: str) -> tuple[int, int | None] | None:
-        """(entries, lag of `group`) of the click log, or None when Redis cannot say now."""
+    async def stream_info(self, group: str) -> tuple[int, int | None] | None:
+        """(entries, lag of `group`) of the click log, summed over its streams, or None when
+        Redis cannot say now. The lag is None until the group has read every stream."""
         if not self.available:
             return None
+        length, lag = 0, 0
+        lag_known: int | None = 0
         try:
-            async with asyncio.timeout(self.timeout):
-                length = int(await self.client.xlen(stream))
-                lag = None
-                for g in await self.client.xinfo_groups(stream) if length else []:
-                    if g.get("name") == group and g.get("lag") is not None:
-                        lag = int(g["lag"])
-                return length, lag
+            async with asyncio.timeout(max(self.timeout, 0.01 * len(self.keys.streams()))):
+                for stream in self.keys.streams():
+                    n = int(await self.client.xlen(stream))
+                    length += n
+                    seen = None
+                    for g in await self.client.xinfo_groups(stream) if n else []:
+                        if g.get("name") == group and g.get("lag") is not None:
+                            seen = int(g["lag"])
+                    if n and seen is None:
+                        lag_known = None
+                    elif seen is not None:
+                        lag += seen
+                return length, lag if lag_known is not None else None
         except (RedisError, OSError, TimeoutError):
             return None
 
@@ -315,15 +434,15 @@ class HistoryStore:
             pass
 
 
-async def bulk_load(client: Any, key_template: str, histories: Iterable[tuple[str, list[str]]],
-                    keep: int, chunk: int = 500,
+async def bulk_load(client: Any, key: Callable[[str], str],
+                    histories: Iterable[tuple[str, list[str]]], keep: int, chunk: int = 500,
                     progress: Callable[[int], None] | None = None) -> int:
     """Replace each user's history (given oldest first) with its newest `keep` clicks, pipelined."""
     n = 0
     pipe = client.pipeline(transaction=False)
     pending = 0
     for user, items in histories:
-        k = key_template.format(user_id=user)
+        k = key(user)
         newest_first = list(reversed(items[-keep:]))
         pipe.delete(k)
         if newest_first:
@@ -360,7 +479,7 @@ def load_histories(settings: Settings, histories: Iterable[tuple[str, list[str]]
     async def run() -> int:
         client = redis_client(settings, timeout_s=30.0)
         try:
-            return await bulk_load(client, settings.redis_key_template, histories,
+            return await bulk_load(client, Keys(settings).history, histories,
                                    settings.history_keep, progress=step)
         finally:
             await client.aclose()

@@ -279,17 +279,22 @@ class Recommender:
         return answers
 
     # stage 1: history
-    async def histories(self, user_ids: list[str]) -> tuple[list[list[str]], str | None]:
-        """Histories newest first ([] = none), or why they are unavailable."""
+    async def histories(self, user_ids: list[str]) -> tuple[list[list[str]], np.ndarray | None]:
+        """Histories newest first ([] = none), and which of them are unavailable ([U] bool;
+        None: all read). On a cluster a down master costs only its own users' histories."""
         if self.store is None:
             return [[] for _ in user_ids], None
         try:
-            return await self.store.get_many(user_ids), None
+            got = await self.store.get_many(user_ids)
         except HistoryError as e:
             if self.s.on_history_unavailable == "error":
                 raise HistoryUnavailable(f"The history store is unavailable ({e}).",
                                          {"Retry-After": "1"}) from e
-            return [[] for _ in user_ids], HISTORY_UNAVAILABLE
+            return [[] for _ in user_ids], np.ones(len(user_ids), bool)
+        down = [h is None for h in got]
+        if not any(down):
+            return got, None  # type: ignore[return-value]
+        return [h or [] for h in got], np.array(down)
 
     async def run(self, jobs: list[tuple[Engine, Query]],
                   waited: list[float]) -> list[Answer | BaseException]:
@@ -311,39 +316,48 @@ class Recommender:
                 groups.setdefault(id(eng), []).append(i)
             for idx in groups.values():
                 part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
-                                   [hists[i] for i in idx], unavailable)
+                                   [hists[i] for i in idx],
+                                   None if unavailable is None else unavailable[idx])
                 for i, a in zip(idx, part):
                     out[i] = a
         stage = self.m.stage_child
         for a, w in zip(out, waited):
-            assert isinstance(a, Answer)
+            if not isinstance(a, Answer):
+                continue
             a.timings = {"queue": w, "history": t_hist, **a.timings}
             for name, dt in a.timings.items():
                 stage(name).observe(dt)
         return out
 
     def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
-               unavailable: str | None) -> list[Answer | BaseException]:
-        """Stages 2-6 for queries that share an engine."""
+               unavailable: np.ndarray | None) -> list[Answer | BaseException]:
+        """Stages 2-6 for queries that share an engine; `unavailable` [Q] marks the queries
+        whose history could not be read."""
         t0 = time.perf_counter()
         win = engine.windows(hists)
         t_win = time.perf_counter() - t0
         if win.unknown:
             self.m.unknown_items.inc(win.unknown)
         out: list[Answer | BaseException] = [None] * len(queries)  # type: ignore[list-item]
-        personal = np.flatnonzero(win.known > 0) if not unavailable else np.zeros(0, np.int64)
+        down = unavailable if unavailable is not None else np.zeros(len(queries), bool)
+        personal = np.flatnonzero((win.known > 0) & ~down)
         if len(personal) < len(queries):
-            reason = unavailable or COLD_START
             t1 = time.perf_counter()
-            cold = [j for j in range(len(queries)) if unavailable or win.known[j] == 0]
-            self.m.fallbacks.labels(reason).inc(len(cold))
+            cold = [j for j in range(len(queries)) if down[j] or win.known[j] == 0]
             for j in cold:
+                reason = HISTORY_UNAVAILABLE if down[j] else COLD_START
+                self.m.fallbacks.labels(reason).inc()
+                if down[j] and self.s.on_history_unavailable == "error":
+                    out[j] = HistoryUnavailable("The history store cannot read this user's "
+                                                "history now.", {"Retry-After": "1"})
+                    continue
                 ids = engine.popular[: queries[j].n]
                 out[j] = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason),
                                 {})
             t_pop = t_win + time.perf_counter() - t1
             for j in cold:
-                out[j].timings["popularity"] = t_pop  # type: ignore[union-attr]
+                if isinstance(out[j], Answer):
+                    out[j].timings["popularity"] = t_pop  # type: ignore[union-attr]
         if len(personal):
             self._personalized(engine, [queries[j] for j in personal], win, personal, t_win, out)
         return out

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SINE_"
+DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for balance
 
 
 class Settings(BaseSettings):
@@ -36,6 +37,12 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = Field(None, description=(
         "Redis password, when it is not inside the URL. Never logged."))
     redis_cluster: bool = Field(False, description="Treat `redis_url` as a Redis Cluster node.")
+    redis_shards: int | None = Field(None, ge=0, le=16384, description=(
+        "Hash-tag shards of the key space. With N > 0 every key of user u (history, event ids) "
+        "and the click log stream u's events go to start with the hash tag `{sK}:`, "
+        "K = crc32(u) mod N, so one event's keys share a Redis Cluster slot and the click log is "
+        "N streams (`{sK}:<click_stream_key>`). 0: keys exactly as templated, one stream. Unset: "
+        "16 with `redis_cluster`, else 0. Changing it moves every key: reload the histories."))
     redis_key_template: str = Field("sine:history:{user_id}", description=(
         "Key of a user's history list (newest click first); must contain `{user_id}`."))
     redis_timeout_ms: float = Field(50.0, gt=0, description=(
@@ -130,12 +137,19 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _log_needs_one_redis(self) -> Settings:
-        if self.redis_cluster and self.click_log:
-            raise ValueError("click_log writes one stream in the same transaction as each user's "
-                             "history, which a Redis Cluster cannot do across slots: set "
-                             "click_log=false with redis_cluster")
+    def _log_needs_shards_on_a_cluster(self) -> Settings:
+        if self.redis_cluster and self.click_log and self.redis_shards == 0:
+            raise ValueError("click_log writes a user's history and its stream in one script, "
+                             "which a Redis Cluster runs only on keys of one slot: set "
+                             "redis_shards >= 1 (or leave it unset) with redis_cluster")
         return self
+
+    @property
+    def shards(self) -> int:
+        """`redis_shards` resolved: 0 means no hash tags and one stream."""
+        if self.redis_shards is not None:
+            return self.redis_shards
+        return DEFAULT_CLUSTER_SHARDS if self.redis_cluster else 0
 
     def redis_url_redacted(self) -> str | None:
         """The Redis URL with any password masked, for logs."""

@@ -185,6 +185,10 @@ def cmd_fetch_bundle(a: argparse.Namespace) -> int:
 def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="the Redis holding the click log (SINE_REDIS_URL)")
     p.add_argument("--stream", help="click log stream (SINE_CLICK_STREAM_KEY)")
+    p.add_argument("--redis-cluster", action="store_true", default=None,
+                   help="--redis-url is a node of a Redis Cluster (SINE_REDIS_CLUSTER)")
+    p.add_argument("--shards", type=int, help="hash-tag shards of the log: its streams are "
+                   "{s0}:STREAM ... (SINE_REDIS_SHARDS; default 16 on a cluster, else 0)")
     p.add_argument("--group", help="consumer group (SINE_CLICK_EXPORT_GROUP)")
 
 
@@ -192,6 +196,7 @@ def _log_settings(a: argparse.Namespace):
     from service.settings import settings_from
 
     s = settings_from(redis_url=a.redis_url, click_stream_key=a.stream,
+                      redis_cluster=a.redis_cluster, redis_shards=a.shards,
                       click_export_group=a.group)
     if not s.redis_url:
         raise CliError("no Redis: pass --redis-url or set SINE_REDIS_URL")
@@ -200,10 +205,12 @@ def _log_settings(a: argparse.Namespace):
 
 def cmd_export_clicks(a: argparse.Namespace) -> int:
     from model_export.clicklog import export_clicks
+    from service.history import Keys
 
     s = _log_settings(a)
-    res = export_clicks(s.redis_url, a.out, s.click_stream_key, s.click_export_group, a.consumer,
-                        s.redis_password.get_secret_value() if s.redis_password else None)
+    res = export_clicks(s.redis_url, a.out, Keys(s).streams(), s.click_export_group, a.consumer,
+                        s.redis_password.get_secret_value() if s.redis_password else None,
+                        cluster=s.redis_cluster)
     print(f"read {res.read} entries ({res.taken_over} taken over from an unfinished run), wrote "
           f"{res.written} clicks in {len(res.files)} files, skipped {res.skipped} already "
           f"written, in {res.seconds:.1f} s -> {a.out}")
@@ -215,12 +222,14 @@ def cmd_refresh(a: argparse.Namespace) -> int:
     import json
 
     from model_export.refresh import RefreshConfig, refresh
+    from service.history import Keys
 
     s = _log_settings(a)
     report = refresh(RefreshConfig(
         bundle_root=a.bundle_root, dataset=a.dataset, data_dir=a.data_dir, redis_url=s.redis_url,
         redis_password=s.redis_password.get_secret_value() if s.redis_password else None,
-        stream=s.click_stream_key, group=s.click_export_group, clicks_dir=a.clicks_dir,
+        streams=tuple(Keys(s).streams()), redis_cluster=s.redis_cluster,
+        group=s.click_export_group, clicks_dir=a.clicks_dir,
         work_dir=a.work_dir, window_hours=a.window_hours, train_minutes=a.train_minutes,
         max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed),

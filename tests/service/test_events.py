@@ -105,7 +105,26 @@ def test_freshness_gauges(events, own_redis, small_world, tmp_path):
             (small_world["root"] / "refresh.json").unlink()
 
 
-def test_cluster_mode_needs_the_log_off():
-    with pytest.raises(ValueError, match="click_log"):
-        Settings(redis_url="redis://x:1/0", redis_cluster=True)
-    assert Settings(redis_url="redis://x:1/0", redis_cluster=True, click_log=False).redis_cluster
+def test_a_cluster_shards_the_keys_unless_told_not_to():
+    assert Settings(redis_url="redis://x:1/0", redis_cluster=True).shards == 16
+    assert Settings(redis_url="redis://x:1/0").shards == 0
+    with pytest.raises(ValueError, match="redis_shards"):
+        Settings(redis_url="redis://x:1/0", redis_cluster=True, redis_shards=0)
+    assert Settings(redis_url="redis://x:1/0", redis_cluster=True, redis_shards=0,
+                    click_log=False).shards == 0
+
+
+def test_a_users_keys_share_one_hash_tag():
+    from service.history import Keys
+
+    plain = Keys(Settings())
+    assert plain.history("u1") == "sine:history:u1" and plain.streams() == ["sine:clicks"]
+    k = Keys(Settings(redis_shards=8))
+    streams = k.streams()
+    assert len(streams) == 8 and len(set(streams)) == 8
+    for u in ("alice", "bob", "{x}", "user-7"):
+        tag = k.history(u).split(":", 1)[0]                 # "{sK}"
+        assert tag.startswith("{s") and tag.endswith("}")
+        assert k.event(u, "e1").startswith(tag + ":") and k.stream(u) in streams
+        assert k.stream(u).startswith(tag + ":")
+    assert {k.stream(f"user-{i}") for i in range(200)} == set(streams)   # all shards in use

@@ -328,3 +328,26 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
                                    scores[np.array(order) - 1], rtol=1e-4, atol=1e-4)
         assert body["fallback"] is None and body["score_kind"] == "inner_product"
         assert set(got.timings) == {"encode", "search", "filter"}
+
+
+@pytest.mark.parametrize("policy", ["fallback", "error"])
+def test_only_the_users_whose_history_failed_fall_back(engine, small_world, policy):
+    """A cluster master down: its users' histories are missing, the others' are not."""
+    from service.errors import HistoryUnavailable
+
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False,
+                               on_history_unavailable=policy), Metrics(), None)
+    hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] for u in range(4)]
+    down = np.array([False, True, False, True])
+    got = rec.answer(engine, [Query(u, 5) for u in "abcd"], hists, down)
+    for j in (0, 2):
+        body = json.loads(got[j].body)
+        alone = json.loads(rec.answer(engine, [Query("abcd"[j], 5)], [hists[j]], None)[0].body)
+        assert body["fallback"] is None
+        assert [x["item_id"] for x in body["items"]] == [x["item_id"] for x in alone["items"]]
+    for j in (1, 3):
+        if policy == "error":
+            assert isinstance(got[j], HistoryUnavailable)
+        else:
+            assert json.loads(got[j].body)["fallback"] == "history_unavailable"
