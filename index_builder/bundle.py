@@ -174,9 +174,18 @@ class Bundle:
     def has(self, key: str) -> bool:
         return key in OPTIONAL_FILES and OPTIONAL_FILES[key] in self.manifest["files"]
 
-    def read_index(self) -> Any:
+    def read_index(self, mmap: bool = False) -> Any:
+        """The faiss index; `mmap`: mapped read-only where its type allows (the codes of flat,
+        scalar-quantizer and IVF indexes stay in the page cache, shared by every process that
+        maps the file), else read into memory. A bundle file is never rewritten in place."""
         import faiss
-        return faiss.read_index(str(self.file("index")))
+        path = str(self.file("index"))
+        if mmap:
+            try:
+                return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                pass
+        return faiss.read_index(path)
 
 
 def resolve(path: Path | str) -> Path:

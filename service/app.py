@@ -9,6 +9,8 @@ import calendar
 import gc
 import hmac
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from fastapi import FastAPI, Header
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index_builder import bundle as bundle_mod
@@ -152,7 +154,7 @@ def _load(st: State, path: str | Path) -> Engine:
     return load_engine(path, providers=s.providers, allow_cpu_fallback=s.allow_cpu_fallback,
                        intra_op_threads=s.intra_op_threads, faiss_gpu=s.faiss_gpu,
                        search_params=s.search_params, warm_batch=s.batch_max_size,
-                       faiss_threads=s.faiss_threads)
+                       faiss_threads=s.faiss_threads, index_mmap=s.index_mmap)
 
 
 async def reload(st: State, version: str | None = None) -> Engine:
@@ -389,7 +391,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         metrics.in_flight.set(st.in_flight)
         await _freshness(st)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/bundle", tags=["operations"], responses=errors.responses(503))
     async def bundle_info() -> dict[str, Any]:
@@ -420,13 +422,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serve(settings: Settings) -> None:
-    """`sine serve`: refuse a broken bundle at once (with the reason), then run uvicorn."""
+    """`sine serve`: refuse a broken bundle at once (with the reason), then run uvicorn, in
+    this process or, with `workers` > 1, in that many worker processes on one port."""
     import uvicorn
 
     from .logs import configure
 
     bundle_mod.load(settings.bundle, verify_hashes=True, deep=False)
     configure(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=settings.access_log,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    common: dict[str, Any] = dict(host=settings.host, port=settings.port, log_config=None,
+                                  access_log=settings.access_log,
+                                  timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # the workers are new interpreters: they rebuild these settings from the environment, and
+    # prometheus_client picks its multiprocess mode from PROMETHEUS_MULTIPROC_DIR at import
+    folder = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="sine-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.glob("*.db"):
+        f.unlink()
+    os.environ.update(settings.to_env())
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    uvicorn.run("service.app:worker_app", factory=True, workers=settings.workers, **common)
+
+
+def worker_app() -> FastAPI:
+    """One worker of `sine serve --workers N`: the settings its parent exported."""
+    from .logs import configure
+
+    settings = Settings()
+    configure(settings.log_level)
+    return create_app(settings)

@@ -154,8 +154,9 @@ def _session(path: Path, providers: str, allow_cpu_fallback: bool,
     return sess, active
 
 
-def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict[str, int]) -> tuple[Any, Any, str]:
-    cpu = b.read_index()
+def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict[str, int],
+                 mmap: bool = False) -> tuple[Any, Any, str]:
+    cpu = b.read_index(mmap=mmap)
     params = {**b.manifest["index"].get("search_params", {}), **search_params}
     try:
         bundle_mod.set_search_params(cpu, params)
@@ -186,13 +187,13 @@ def item_json_prefixes(item_ids: list[str]) -> np.ndarray:
 def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: bool = False,
                 intra_op_threads: int = 1, faiss_gpu: str = "auto",
                 search_params: dict[str, int] | None = None, warm_batch: int = 64,
-                faiss_threads: int = 1) -> Engine:
+                faiss_threads: int = 1, index_mmap: bool = False) -> Engine:
     """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm up."""
     t0 = time.perf_counter()
     try:
         b = bundle_mod.load(path, verify_hashes=True, deep=False)
         sess, active = _session(b.file("encoder"), providers, allow_cpu_fallback, intra_op_threads)
-        index, cpu_index, device = _faiss_index(b, faiss_gpu, search_params or {})
+        index, cpu_index, device = _faiss_index(b, faiss_gpu, search_params or {}, index_mmap)
         bundle_mod.check_dimensions(b, index=cpu_index, session=sess)
     except bundle_mod.BundleError as e:
         raise EngineError(str(e)) from e

@@ -1,9 +1,15 @@
-"""Prometheus metrics, one registry per app so that several apps can live in one process."""
+"""Prometheus metrics, one registry per app so that several apps can live in one process.
+
+Under `sine serve` with several workers, prometheus_client runs in multiprocess mode (the
+`PROMETHEUS_MULTIPROC_DIR` its workers inherit): each value lives in a file of that folder and
+`exposition()` sums every worker's. A labelled gauge that is replaced (the bundle, the last
+refresh) has its old children set to 0 before they are cleared, since a file keeps them."""
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as _values
 
 # sub-millisecond resolution where the stages live, up to a second for the tail
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
@@ -32,24 +38,30 @@ class Metrics:
                                     registry=r)
         self.reloads = Counter("sine_reloads_total", "Bundle reload attempts.", ["outcome"],
                                registry=r)
-        self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1).",
-                            ["version", "factory", "items"], registry=r)
-        self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r)
+        self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1; with workers, "
+                            "one sample per worker pid).", ["version", "factory", "items"],
+                            registry=r, multiprocess_mode="liveall")
+        self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r,
+                               multiprocess_mode="livesum")
         self.events = Counter("sine_events_total", "Clicks received by POST /events.",
                               ["outcome"], registry=r)
         self.bundle_age = Gauge("sine_bundle_age_seconds",
-                                "Seconds since the served bundle was built.", registry=r)
+                                "Seconds since the served bundle was built.", registry=r,
+                                multiprocess_mode="max")
         self.stream_length = Gauge("sine_click_log_entries", "Entries in the click log stream.",
-                                   registry=r)
+                                   registry=r, multiprocess_mode="mostrecent")
         self.stream_lag = Gauge("sine_click_log_lag", "Click log entries the exporter's consumer "
-                                "group has not read yet.", registry=r)
+                                "group has not read yet.", registry=r,
+                                multiprocess_mode="mostrecent")
         self.refresh = Gauge("sine_refresh_last", "The last `sine refresh` (value 1), by outcome.",
-                             ["outcome", "version"], registry=r)
+                             ["outcome", "version"], registry=r, multiprocess_mode="max")
         self.refresh_time = Gauge("sine_refresh_last_timestamp_seconds",
-                                  "When the last `sine refresh` finished.", registry=r)
+                                  "When the last `sine refresh` finished.", registry=r,
+                                  multiprocess_mode="max")
         self.refresh_metric = Gauge("sine_refresh_last_metric",
                                     "The last refresh's gate metrics on its holdout.",
-                                    ["bundle", "metric"], registry=r)
+                                    ["bundle", "metric"], registry=r,
+                                    multiprocess_mode="mostrecent")
         self._children: dict[tuple[int, str], Any] = {}
 
     def child(self, metric: Any, label: str) -> Any:
@@ -65,16 +77,37 @@ class Metrics:
 
     def set_refresh(self, report: dict[str, Any]) -> None:
         """Gauges from a `sine refresh` report (`refresh.json`)."""
-        self.refresh.clear()
+        _reset(self.refresh)
         self.refresh.labels(str(report.get("outcome")), str(report.get("version"))).set(1)
         if isinstance(report.get("finished_unix"), (int, float)):
             self.refresh_time.set(report["finished_unix"])
-        self.refresh_metric.clear()
+        _reset(self.refresh_metric)
         for which, ms in (report.get("gate") or {}).get("metrics", {}).items():
             for name, v in ms.items():
                 if isinstance(v, (int, float)):
                     self.refresh_metric.labels(which, name).set(v)
 
     def set_bundle(self, version: str, factory: str, items: int) -> None:
-        self.bundle.clear()
+        _reset(self.bundle)
         self.bundle.labels(version, factory, str(items)).set(1)
+
+    def exposition(self) -> bytes:
+        """The text of /metrics: this app's registry, or every worker's in multiprocess mode."""
+        if multiprocess():
+            from prometheus_client import multiprocess as mp
+
+            registry = CollectorRegistry()
+            mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def multiprocess() -> bool:
+    """Whether prometheus_client keeps its values in per-process files (workers > 1)."""
+    return _values.ValueClass is not _values.MutexValue
+
+
+def _reset(gauge: Any) -> None:
+    for child in list(gauge._metrics.values()):
+        child.set(0)
+    gauge.clear()

@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     # server
     host: str = Field("127.0.0.1", description="Address `sine serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `sine serve` binds.")
+    workers: int = Field(1, ge=1, le=64, description=(
+        "uvicorn worker processes of `sine serve` on the one port, each with the whole app. "
+        "With more than one, `/metrics` from any worker sums them all (prometheus_client's "
+        "multiprocess mode) and the faiss index is shared through the page cache (`index_mmap`)."))
+    metrics_dir: str | None = Field(None, description=(
+        "With `workers` > 1: the folder for the workers' metric files, emptied at start. Unset: "
+        "a new temporary folder."))
+    index_mmap: bool = Field(True, description=(
+        "Open the faiss index memory-mapped and read-only where its type allows (flat, scalar "
+        "quantizer and IVF codes), so worker processes share its pages instead of holding a "
+        "copy each; other types are read into memory."))
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level (JSON logs on stderr).")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
@@ -150,6 +161,21 @@ class Settings(BaseSettings):
         if self.redis_shards is not None:
             return self.redis_shards
         return DEFAULT_CLUSTER_SHARDS if self.redis_cluster else 0
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as `SINE_*` variables that `Settings()` reads back equal."""
+        import json
+
+        env = {}
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, SecretStr):
+                v = v.get_secret_value()
+            env[ENV_PREFIX + name.upper()] = (json.dumps(v) if isinstance(v, (dict, list, bool))
+                                              else str(v))
+        return env
 
     def redis_url_redacted(self) -> str | None:
         """The Redis URL with any password masked, for logs."""

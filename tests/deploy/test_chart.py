@@ -244,3 +244,27 @@ def test_deploy_readme_lists_every_value():
     table = (ROOT / "deploy" / "README.md").read_text().split("### Values", 1)[1]
     for key in values:
         assert f"`{key}" in table, f"deploy/README.md's values table lacks {key}"
+
+
+def test_cpu_requests_follow_the_workers_unless_set():
+    def container(**overrides):
+        dep = kind(render(overrides=overrides), "Deployment")[0]
+        return dep["spec"]["template"]["spec"]["containers"][0]
+    assert str(container()["resources"]["requests"]["cpu"]) == "1"
+    three = render(overrides={"settings": {"workers": 3}})
+    c = kind(three, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert str(c["resources"]["requests"]["cpu"]) == "3"
+    assert kind(three, "ConfigMap")[0]["data"]["SINE_WORKERS"] == "3"
+    fixed = container(resources={"requests": {"cpu": "500m", "memory": "1Gi"}},
+                      settings={"workers": 3})
+    assert fixed["resources"]["requests"]["cpu"] == "500m"
+
+
+def test_cluster_mode_reaches_the_service_and_the_refresh_job():
+    out = render(files=["refresh-values.yaml"],
+                 overrides={"settings": {"redis_cluster": True, "redis_shards": 32}})
+    cm = kind(out, "ConfigMap")[0]["data"]
+    assert cm["SINE_REDIS_CLUSTER"] == "true" and cm["SINE_REDIS_SHARDS"] == "32"
+    job = kind(out, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in job["containers"][0]["env"]}
+    assert env["SINE_REDIS_CLUSTER"] == "true" and env["SINE_REDIS_SHARDS"] == "32"

@@ -45,3 +45,20 @@ def test_readme_env_table_is_generated_from_settings():
         "README env table is stale: regenerate it with `python -m service.settings`"
     for name in Settings.model_fields:
         assert f"`SINE_{name.upper()}`" in m.group(1)
+
+
+def test_settings_survive_the_trip_to_a_worker(monkeypatch):
+    """`sine serve --workers N` hands its settings to new interpreters through SINE_* vars."""
+    from service.settings import Settings
+
+    s = Settings(workers=3, search_params={"nprobe": 8}, admin_token="t0k",
+                 redis_url="redis://h:1/0", redis_cluster=True, batching=False,
+                 batch_max_wait_ms=1.5, log_level="warning")
+    for k in list(__import__("os").environ):
+        if k.startswith("SINE_"):
+            monkeypatch.delenv(k)
+    for k, v in s.to_env().items():
+        monkeypatch.setenv(k, v)
+    again = Settings()
+    assert again.model_dump() == s.model_dump()
+    assert again.admin_token.get_secret_value() == "t0k"
