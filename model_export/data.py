@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,12 +240,175 @@ def load_ml100k(data_dir: Path, drop_short: bool = False) -> Dataset:
     return ds
 
 
+# ---------------------------------------------------------------------------------------------
+# click logs bigger than memory: record batches in, dense codes out
+
+STREAM_BATCH_ROWS = 1 << 20
+LOG_COLUMNS = ("user_id", "item_id", "timestamp")
+
+
+class _Codes:
+    """External ids -> dense codes in order of first appearance, one record batch at a time:
+    only each batch's distinct ids pass through Python."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def encode(self, col) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        enc = pc.dictionary_encode(col)
+        lut = np.empty(len(enc.dictionary), dtype=np.int32)
+        for j, x in enumerate(enc.dictionary.to_pylist()):
+            c = self.index.get(x)
+            if c is None:
+                c = self.index[x] = len(self.names)
+                self.names.append(x)
+            lut[j] = c
+        return lut[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+class _NotStreamable(Exception):
+    """A batch the vectorized path does not take (nulls, empty ids, text timestamps): the
+    row-by-row reader reads the file instead and names the offending line."""
+
+
+def _record_batches(path: Path):
+    """The log's record batches (user_id, item_id, timestamp), read a batch at a time: a CSV
+    (optionally compressed), a Parquet file, or a folder of Parquet files (hive partitions)."""
+    import pyarrow as pa
+
+    if path.is_dir():
+        import pyarrow.dataset as pads
+        ds = pads.dataset(path, format="parquet", partitioning="hive", exclude_invalid_files=True)
+        yield from ds.to_batches(columns=list(LOG_COLUMNS), batch_size=STREAM_BATCH_ROWS)
+    elif path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+        yield from pq.ParquetFile(path).iter_batches(batch_size=STREAM_BATCH_ROWS,
+                                                     columns=list(LOG_COLUMNS))
+    else:
+        from pyarrow import csv as pacsv
+        reader = pacsv.open_csv(
+            pa.input_stream(str(path), compression="detect"),
+            read_options=pacsv.ReadOptions(block_size=1 << 24),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"user_id": pa.string(), "item_id": pa.string()},
+                include_columns=list(LOG_COLUMNS)))
+        yield from reader
+
+
+def _stream_codes(path: Path):
+    """(user names, item names, user codes, item codes, timestamps) of a whole log, built from
+    record batches: about 16 bytes per interaction beside the distinct ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    users, items = _Codes(), _Codes()
+    u_parts, i_parts, t_parts = [], [], []
+    for b in _record_batches(path):
+        cols = {name: b.column(b.schema.get_field_index(name)) for name in LOG_COLUMNS}
+        if any(c.null_count for c in cols.values()):
+            raise _NotStreamable
+        ids = {}
+        for name in ("user_id", "item_id"):
+            c = cols[name]
+            c = pc.utf8_trim_whitespace(c if pa.types.is_string(c.type) else pc.cast(c, pa.string()))
+            if pc.any(pc.equal(pc.utf8_length(c), 0)).as_py():
+                raise _NotStreamable
+            ids[name] = c
+        t = cols["timestamp"]
+        if pa.types.is_timestamp(t.type):
+            ts = pc.cast(pc.cast(t, pa.timestamp("us")), pa.int64()).to_numpy() / 1e6
+        elif pa.types.is_integer(t.type) or pa.types.is_floating(t.type):
+            ts = pc.cast(t, pa.float64()).to_numpy(zero_copy_only=False)
+        else:
+            raise _NotStreamable
+        u_parts.append(users.encode(ids["user_id"]))
+        i_parts.append(items.encode(ids["item_id"]))
+        t_parts.append(np.asarray(ts, dtype=np.float64))
+    if not u_parts:
+        return users.names, items.names, np.zeros(0, np.int32), np.zeros(0, np.int32), \
+            np.zeros(0, np.float64)
+    return (users.names, items.names, np.concatenate(u_parts), np.concatenate(i_parts),
+            np.concatenate(t_parts))
+
+
+def _from_codes(name: str, user_names: list[str], item_names: list[str], uc: np.ndarray,
+                ic: np.ndarray, ts: np.ndarray, min_len: int, drop_short: bool,
+                where: Callable[[int], str]) -> Dataset:
+    """What `_sequences_from_events` + `_from_external` build, from dense codes, vectorized:
+    users in order of first appearance, each sorted by time (ties: file order), the vocabulary
+    ranked by training popularity. `where(row)` names a row for errors."""
+    if not len(uc):
+        raise DataError(f"{name}: the data set is empty (no user has any interaction). "
+                        "Check the path and the file format.")
+    order = np.lexsort((np.arange(len(uc)), ts, uc))            # [N] user, time, row
+    u_sorted = uc[order]
+    starts = np.flatnonzero(np.r_[True, u_sorted[1:] != u_sorted[:-1]])   # [U]
+    lens = np.diff(np.r_[starts, len(uc)])                      # [U]
+    short = lens < min_len
+    if short.any() and not drop_short:
+        u = int(np.flatnonzero(short)[0])
+        first = int(order[starts[u]:starts[u] + lens[u]].min())
+        raise DataError(
+            f"{where(first)}: user {user_names[int(u_sorted[starts[u]])]!r} has {lens[u]} "
+            f"interaction(s); the leave-one-out split needs at least {min_len} (training, "
+            "validation and test items). Pass --drop-short-users to skip such users.")
+    keep = ~short
+    if not keep.any():
+        raise DataError(f"{name}: no user has {min_len} or more interactions; nothing to train on.")
+    row_keep = np.repeat(keep, lens)                           # [N]
+    pos = np.arange(len(uc)) - np.repeat(starts, lens)         # [N] position within the user
+    in_train = pos < np.repeat(lens - 2, lens)                 # [N]
+    items = ic[order]                                          # [N]
+    counts = np.bincount(items[row_keep & in_train], minlength=len(item_names))
+    present = np.flatnonzero(np.bincount(items[row_keep], minlength=len(item_names)))
+
+    def _key(j: int) -> tuple:
+        x = item_names[j]
+        return (-int(counts[j]), int(x) if x.isdigit() else float("inf"), x)
+
+    ranked = sorted(present.tolist(), key=_key)
+    internal = np.zeros(len(item_names), dtype=np.int64)
+    internal[ranked] = np.arange(1, len(ranked) + 1)
+    flat = internal[items[row_keep]]                           # [N_kept]
+    kept_lens = lens[keep]
+    seqs = np.split(flat, np.cumsum(kept_lens)[:-1])
+    kept_users = u_sorted[starts[keep]]
+    return Dataset(name=name, sequences=seqs, user_ids=[user_names[int(u)] for u in kept_users],
+                   item_ids=["<pad>"] + [item_names[j] for j in ranked])
+
+
+def _stream_log(path: Path, name: str, drop_short: bool, row_name: Callable[[int], str]
+                ) -> Dataset | None:
+    """The log through record batches, or None when the row-by-row reader must read it."""
+    import pyarrow as pa
+
+    try:
+        names_u, names_i, uc, ic, ts = _stream_codes(path)
+    except (_NotStreamable, pa.ArrowInvalid, pa.ArrowTypeError, KeyError):
+        return None
+    return _from_codes(name, names_u, names_i, uc, ic, ts, 3, drop_short, row_name)
+
+
 def load_click_log(path: Path, drop_short: bool = False) -> Dataset:
-    """A user's own CSV or Parquet log with columns `user_id,item_id,timestamp`."""
+    """A user's own CSV or Parquet log with columns `user_id,item_id,timestamp`.
+
+    Read as a stream of record batches into dense codes (about 16 bytes per interaction beside
+    the distinct ids); a file the batches cannot take as they are (an error in it, or ISO text
+    timestamps) is read row by row, which names the offending line."""
     path = Path(path)
-    need = ("user_id", "item_id", "timestamp")
+    need = LOG_COLUMNS
     if not path.exists():
         raise DataError(f"{path}: file not found.")
+    is_parquet = path.suffix.lower() in (".parquet", ".pq")
+    if path.stat().st_size:
+        ds = _stream_log(path, path.stem, drop_short,
+                         (lambda r: f"{path}: row {r + 1}") if is_parquet
+                         else (lambda r: f"{path}:{r + 2}"))
+        if ds is not None:
+            return ds
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
@@ -292,8 +455,16 @@ def load_click_log(path: Path, drop_short: bool = False) -> Dataset:
 
 
 def load_click_folder(path: Path, drop_short: bool = False) -> Dataset:
-    """A folder of partitioned Parquet written by `sine export-clicks` (each event once)."""
+    """A folder of Parquet files with columns user_id,item_id,timestamp (hive partitions such
+    as `sine export-clicks` writes, or flat), streamed as record batches. The export writes each
+    event once; a folder the batches cannot take is read event by event, deduplicated."""
     from .clicklog import ClickLogError, read_clicks
+
+    path = Path(path)
+    if path.is_dir() and any(path.rglob("*.parquet")):
+        ds = _stream_log(path, path.name, drop_short, lambda r: f"{path}: row {r + 1}")
+        if ds is not None:
+            return ds
     try:
         rows = [(u, i, ts, f"{path}: event {e}") for u, i, ts, e in read_clicks(path)]
     except ClickLogError as e:
@@ -387,6 +558,69 @@ def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
         ds.titles[idx] = f"item {x} (c{cat_of[int(x)]})"
     ds.label_kind = "planted"
     return ds
+
+
+def write_synthetic_log(path: Path | str, n_interactions: int, n_items: int = 100_000,
+                        n_categories: int = 200, length: tuple[int, int] = (10, 190),
+                        stay: float = 0.8, seed: int = 0, chunk_users: int = 50_000,
+                        progress: Callable[[int, int], None] | None = None) -> int:
+    """`synthetic`'s process at scale, vectorized, written as a click log (Parquet, or CSV by
+    the suffix) one chunk of users at a time: each user mixes 2-4 planted categories, staying
+    in the current one with probability `stay`; items are Zipf-like within their category;
+    repeats are allowed. Returns the rows written (about `n_interactions`)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    cat_of = rng.integers(0, n_categories, size=n_items)
+    order = np.argsort(cat_of, kind="stable")                  # items grouped by category
+    sizes = np.bincount(cat_of, minlength=n_categories)
+    w = np.concatenate([1.0 / np.arange(1, k + 1) ** 0.8 for k in sizes])   # [M]
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    sums = np.add.reduceat(w, starts) if n_items else w
+    cdf = np.cumsum(w / np.repeat(sums, sizes))     # [M]; category c spans (c, c + 1]
+    schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
+                        ("timestamp", pa.int64())])
+    csv = path.suffix.lower() == ".csv"
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = pacsv.CSVWriter(str(tmp), schema) if csv else pq.ParquetWriter(str(tmp), schema)
+    written, user0 = 0, 0
+    try:
+        while written < n_interactions:
+            lens = rng.integers(length[0], length[1] + 1, size=chunk_users)          # [U]
+            lens = lens[np.cumsum(lens) <= n_interactions - written + length[1]]
+            if not len(lens):
+                break
+            n, u = int(lens.sum()), len(lens)
+            cats = rng.integers(0, n_categories, size=(u, 4))                        # [U, 4]
+            k = rng.integers(2, 5, size=u)                                           # [U]
+            owner = np.repeat(np.arange(u), lens)                                    # [n]
+            first = np.r_[0, np.cumsum(lens)[:-1]]
+            jump = rng.random(n) > stay
+            jump[first] = True
+            seg = np.cumsum(jump) - 1                                                # [n]
+            seg_pick = (rng.random(seg[-1] + 1) * k[owner[jump]]).astype(np.int64)
+            cat = cats[owner, seg_pick[seg]]                                         # [n]
+            pos = np.searchsorted(cdf, cat + rng.random(n) * (1 - 1e-12), side="right")
+            items = order[np.minimum(pos, n_items - 1)]
+            ts = 1_600_000_000 + np.cumsum(rng.integers(1, 600, size=n))
+            table = pa.table({"user_id": pa.array((owner + user0).astype(str)),
+                              "item_id": pa.array(items.astype(str)),
+                              "timestamp": pa.array(ts)}, schema=schema)
+            writer.write_table(table)
+            written += n
+            user0 += u
+            if progress is not None:
+                progress(min(written, n_interactions), n_interactions)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    return written
 
 
 def default_data_dir() -> Path:

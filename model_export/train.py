@@ -112,6 +112,68 @@ def model_from_checkpoint(ck: dict) -> SINE:
     return model
 
 
+@dataclass
+class Dist:
+    """Where this process stands in a `torchrun` job: rank 0 of 1 when run alone."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_context(device: str = "cpu") -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as td
+
+    if not td.is_available() or not td.is_torchelastic_launched():
+        return Dist()
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(td.get_rank(), td.get_world_size(), td.get_node_local_rank(fallback_rank=0))
+
+
+class _Objective(torch.nn.Module):
+    """Eq. 11 for one batch as one module, so that DistributedDataParallel sees the whole step
+    (the softmax over the item table included) inside its forward."""
+
+    def __init__(self, model: SINE, sampler: LogUniformSampler | None, gen: torch.Generator,
+                 lam: float):
+        super().__init__()
+        self.model, self.sampler, self.gen, self.lam = model, sampler, gen, lam
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        _, v, _ = self.model(x)                                        # [B, D]
+        if self.sampler is None:
+            like = self.model.full_softmax_loss(v, y)
+        else:
+            like = self.model.sampled_softmax_loss(v, y, self.sampler, self.gen)
+        reg = self.model.covariance_loss()
+        return like + self.lam * reg, like.detach(), reg.detach()     # Eq. 11
+
+
+def _any(flag: bool, dist: Dist) -> bool:
+    """True on every rank when it is true on one (a time budget read off each rank's clock)."""
+    if dist.world == 1:
+        return flag
+    import torch.distributed as td
+    t = torch.tensor([int(flag)])
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _from_main(value, dist: Dist):
+    """Rank 0's `value` on every rank."""
+    if dist.world == 1:
+        return value
+    import torch.distributed as td
+    box = [value]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
     perm = rng.permutation(n)
     for i in range(0, n - batch_size + 1, batch_size):   # last partial batch dropped, as the authors
@@ -181,8 +243,16 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
 
     `warm_start_from` (a checkpoint or a bundle) starts from a trained model instead of the
     initialization (`warm_start`). `max_epochs = 0` trains nothing: the starting model is
-    validated and saved as it is."""
+    validated and saved as it is.
+
+    Under `torchrun` (DistributedDataParallel) every rank draws the same global batches and
+    takes its own slice of each (`batch[rank::world]`), so a step averages the gradient over
+    the same samples as one process would: the same run, up to the order of float sums. Rank 0
+    validates, checkpoints and logs; the others follow its decisions."""
     out_dir = Path(out_dir)
+    dist = dist_context(cfg.device)
+    if not dist.main:
+        log, progress = (lambda *a, **k: None), False
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -191,7 +261,11 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
     if len(sp.train_targets) < cfg.batch_size:
         raise DataError(f"{ds.name}: {len(sp.train_targets)} training samples, fewer than one batch "
                          f"of {cfg.batch_size}; lower --batch-size or use more data.")
-    dev = torch.device(cfg.device)
+    if cfg.batch_size % dist.world:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world} "
+                        "processes; make it a multiple of their number.")
+    dev = torch.device(f"cuda:{dist.local_rank}" if cfg.device.startswith("cuda")
+                       and dist.world > 1 else cfg.device)
     model = SINE(model_cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_kind = cfg.resolved_loss(ds.n_items)
@@ -236,12 +310,19 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
     log(f"{ds.summary()}; {N:,} training samples, {steps:,} steps/epoch, loss={loss_kind}, "
         f"K={model_cfg.K} L={model_cfg.L} D={model_cfg.D} lambda={cfg.lam}")
     bar_cls = _tqdm() if progress else None
+    objective: torch.nn.Module = _Objective(model, sampler, gen, cfg.lam)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        objective = DistributedDataParallel(
+            objective, device_ids=[dev.index] if dev.type == "cuda" else None)
     if cfg.max_epochs == 0 and resume is None:          # the starting model, as it is
-        best_valid = evaluate_model(model, ds, sp, "valid", batch_size=cfg.eval_batch_size)
-        best_epoch, best_score = 0, best_valid[cfg.select_metric]
-        ck = checkpoint(-1, time.perf_counter() - t0)
-        atomic_save(ck, out_dir / "best.pt")
-        atomic_save(ck, out_dir / "last.pt")
+        if dist.main:
+            best_valid = evaluate_model(model, ds, sp, "valid", batch_size=cfg.eval_batch_size)
+            best_epoch, best_score = 0, best_valid[cfg.select_metric]
+            ck = checkpoint(-1, time.perf_counter() - t0)
+            atomic_save(ck, out_dir / "best.pt")
+            atomic_save(ck, out_dir / "last.pt")
+        best_valid = _from_main(best_valid, dist)
         return TrainResult(best_epoch=0, best_valid=best_valid, epochs_run=0,
                            seconds=time.perf_counter() - t0, history=[],
                            stopped_because="no_epochs")
@@ -253,15 +334,10 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
                       leave=False, mininterval=1.0) if bar_cls else None
         ep_loss, ep_reg, n_b, t_ep = 0.0, 0.0, 0, time.perf_counter()
         for b in _batches(N, cfg.batch_size, rng):
-            x = torch.from_numpy(sp.train_inputs[b]).long().to(dev)  # [B, n]
-            y = torch.from_numpy(sp.train_targets[b]).to(dev)         # [B]
-            _, v, _ = model(x)                                         # [B, D]
-            if sampler is None:
-                like = model.full_softmax_loss(v, y)
-            else:
-                like = model.sampled_softmax_loss(v, y, sampler, gen)
-            reg = model.covariance_loss()
-            loss = like + cfg.lam * reg                                # Eq. 11
+            b = b[dist.rank::dist.world]                               # this rank's slice
+            x = torch.from_numpy(sp.train_inputs[b]).long().to(dev)  # [B / world, n]
+            y = torch.from_numpy(sp.train_targets[b]).to(dev)         # [B / world]
+            loss, like, reg = objective(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,12 +349,22 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
                 if n_b % 50 == 0:
                     rate = n_b * cfg.batch_size / (time.perf_counter() - t_ep)
                     bar.set_postfix(loss=f"{ep_loss / n_b:.4f}", samples_s=f"{rate:,.0f}")
-            if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60:
+            if cfg.max_minutes and _any(time.perf_counter() - t0 > cfg.max_minutes * 60, dist):
                 stopped = "time_budget"
                 break
         if bar is not None:
             bar.close()
         train_s = time.perf_counter() - t_ep
+        if dist.world > 1:                           # the epoch's losses over every rank
+            import torch.distributed as td
+            sums = torch.tensor([ep_loss, ep_reg], dtype=torch.float64)
+            td.all_reduce(sums)
+            ep_loss, ep_reg = (sums / dist.world).tolist()
+        if not dist.main:
+            history.append({})
+            if _from_main(None, dist):
+                break
+            continue
         valid = evaluate_model(model, ds, sp, "valid", batch_size=cfg.eval_batch_size)
         score = valid[cfg.select_metric]
         row = {"epoch": epoch + 1, "loss": ep_loss / max(n_b, 1), "reg": ep_reg / max(n_b, 1),
@@ -298,11 +384,13 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
             atomic_save(ck, out_dir / "best.pt")
         atomic_save(ck, out_dir / "last.pt")
         atomic_write_text(json.dumps(history, indent=1), out_dir / "history.json")
-        if stopped == "time_budget":
-            break
-        if epoch + 1 - best_epoch >= cfg.patience:
+        if stopped != "time_budget" and epoch + 1 - best_epoch >= cfg.patience:
             stopped = "early_stopping"
+        if _from_main(stopped in ("time_budget", "early_stopping"), dist):
             break
+    if dist.world > 1:
+        best_epoch, best_valid, stopped, history = _from_main(
+            (best_epoch, best_valid, stopped, history), dist)
     return TrainResult(best_epoch=best_epoch, best_valid=best_valid, epochs_run=len(history),
                        seconds=time.perf_counter() - t0, history=history, stopped_because=stopped)
 

@@ -62,9 +62,21 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
 def train_and_report(ds: Dataset, mcfg: SINEConfig, tcfg: TrainConfig, out_dir: Path,
                      resume: Path | None = None, progress: bool = True, log=print,
                      warm_start_from: Path | None = None) -> tuple[TrainResult, dict]:
-    """`sine train`: train with early stopping, then evaluate `best.pt` and write the report."""
+    """`sine train`: train with early stopping, then evaluate `best.pt` and write the report.
+    Under torchrun only rank 0 reports; the other ranks return an empty report."""
+    import torch.distributed as td
+
+    from .train import dist_context
+
     res = train(ds, mcfg, tcfg, out_dir, resume=resume, progress=progress, log=log,
                 warm_start_from=warm_start_from)
-    log(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
-        f"best epoch {res.best_epoch}")
-    return res, evaluate_checkpoint(Path(out_dir) / "best.pt", ds, out_dir)
+    main = dist_context(tcfg.device).main
+    try:
+        if not main:
+            return res, {}
+        log(f"stopped ({res.stopped_because}) after {res.epochs_run} epochs, {res.seconds:.0f} s; "
+            f"best epoch {res.best_epoch}")
+        return res, evaluate_checkpoint(Path(out_dir) / "best.pt", ds, out_dir)
+    finally:
+        if td.is_available() and td.is_initialized():
+            td.destroy_process_group()

@@ -93,6 +93,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise CliError("--resume continues a run; --warm-start begins one: give one of them")
     _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress,
                                  warm_start_from=a.warm_start)
+    if not result:                           # a torchrun rank other than 0
+        return 0
     _print_metrics(result)
     print(f"report: {out / 'report.md'}")
     return 0

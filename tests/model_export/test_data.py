@@ -135,3 +135,95 @@ def test_beauty_and_ml100k_match_provenance(data_dir):
     require_data("ml-100k", "u.data")
     m = data.load("ml-100k", data_dir)
     assert (m.n_users, m.n_items, m.n_interactions) == (943, 1682, 100_000)
+
+
+def _random_log(seed=0, n=4000):
+    """Rows in no order, string and numeric-looking ids, tied timestamps, short users."""
+    rng = np.random.default_rng(seed)
+    users = [f"u{k}" if k % 3 else str(k) for k in range(150)]
+    items = [f"i{k}" if k % 4 else str(k) for k in range(300)]
+    rows = []
+    for _ in range(n):
+        u = users[int(rng.zipf(1.3)) % len(users)]
+        rows.append((u, items[int(rng.zipf(1.2)) % len(items)], float(rng.integers(0, 500))))
+    rows += [("lonely", "i1", 3.0)]                         # one interaction: dropped
+    return rows
+
+
+def _same(a, b):
+    assert a.user_ids == b.user_ids and a.item_ids == b.item_ids
+    assert len(a.sequences) == len(b.sequences)
+    for x, y in zip(a.sequences, b.sequences):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "csv.gz", "parquet", "folder"])
+def test_streamed_logs_equal_the_row_by_row_reader(tmp_path, fmt, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _random_log()
+    expect = data._sequences_from_events(
+        "x", [(u, i, t, "?") for u, i, t in rows], 3, True)
+    text = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows)
+    table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                      "timestamp": [r[2] for r in rows]})
+    if fmt == "csv":
+        path = _csv(tmp_path, text)
+    elif fmt == "csv.gz":
+        path = tmp_path / "log.csv.gz"
+        path.write_bytes(gzip.compress(text.encode()))
+    elif fmt == "parquet":
+        path = tmp_path / "log.parquet"
+        pq.write_table(table, path, row_group_size=500)
+    else:
+        path = tmp_path / "logs"
+        for k in range(3):                                   # split in three files, in order
+            (path / f"date=2026-01-0{k + 1}").mkdir(parents=True)
+            part = table.slice(k * 1400, 1400)
+            pq.write_table(part, path / f"date=2026-01-0{k + 1}" / "part-0.parquet")
+    monkeypatch.setattr(data, "STREAM_BATCH_ROWS", 700)      # many batches, ids across them
+    calls = []
+    real = data._sequences_from_events
+    monkeypatch.setattr(data, "_sequences_from_events",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = (data.load_click_folder(path, drop_short=True) if fmt == "folder"
+           else load_click_log(path, drop_short=True))
+    assert not calls                                          # the streamed path read it
+    _same(got, expect)
+    with pytest.raises(DataError, match=r"user '([^']+)' has [12] interaction") as e:
+        data.load_click_folder(path) if fmt == "folder" else load_click_log(path)
+    import re
+    user = re.search(r"user '([^']+)'", str(e.value)).group(1)
+    first = next(k for k, r in enumerate(rows) if r[0] == user)   # the user's first row named
+    assert (f"log.csv:{first + 2}:" if fmt == "csv" else f"row {first + 1}") in str(e.value) \
+        or fmt in ("csv.gz", "folder")
+
+
+def test_a_log_the_batches_cannot_take_is_read_row_by_row(tmp_path):
+    p = _csv(tmp_path, "user_id,item_id,timestamp\na,1,2026-01-01T00:00:01\na,2,2026-01-01T00:00:02\n"
+                       "a,3,2026-01-01T00:00:03\n")
+    ds = load_click_log(p)                                     # ISO text timestamps
+    assert [ds.item_ids[int(i)] for i in ds.sequences[0]] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_the_large_log_generator_writes_a_loadable_log(tmp_path, suffix):
+    path = tmp_path / f"big.{suffix}"
+    n = data.write_synthetic_log(path, 30_000, n_items=2000, n_categories=20, length=(10, 50),
+                                 stay=0.9, chunk_users=200, seed=4)
+    assert 30_000 <= n < 30_000 + 50 and not list(tmp_path.glob(".*tmp"))
+    ds = load_click_log(path)
+    assert ds.n_interactions == n
+    lens = np.array([len(s) for s in ds.sequences])
+    assert lens.min() >= 10 and lens.max() <= 50
+    again = tmp_path / f"again.{suffix}"
+    data.write_synthetic_log(again, 30_000, n_items=2000, n_categories=20, length=(10, 50),
+                             stay=0.9, chunk_users=200, seed=4)
+    assert again.read_bytes() == path.read_bytes()           # seeded
+    # the planted categories: with stay = 0.9 most consecutive clicks share one
+    rng = np.random.default_rng(4)
+    cat_of = rng.integers(0, 20, size=2000)
+    same = np.mean([cat_of[int(ds.item_ids[a])] == cat_of[int(ds.item_ids[b])]
+                    for s in ds.sequences for a, b in zip(s[:-1], s[1:])])
+    assert same > 0.85
