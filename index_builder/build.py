@@ -12,6 +12,7 @@ recorded, and an index that cannot reach the floor is refused.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -27,9 +28,18 @@ from .bundle import set_search_params
 # of the indexes tried and a quarter of the memory of IVF,Flat; HNSW32 needs efSearch 512 at
 # 100,000 and stays below 0.95 at 1,000,000 even with efSearch 1024; PQ32 tops out near 0.59.
 # SQ8 scores are approximate: candidates for a ranking stage, not final scores.
+#
+# Above `memory_budget_mb` (1 GiB by default) for IVF,SQ8 (d + 8 bytes an item: codes and ids), `auto` takes
+# IVF-PQ with exact re-ranking instead: PQ codes of d/4 bytes choose k_factor_rf x k candidates,
+# whose raw vectors (the `RFlat` part, 4d bytes an item) rescore them exactly. Those vectors are
+# what the service memory-maps (SINE_INDEX_MMAP): a query touches only its candidates' rows, so
+# what must stay resident is the PQ part. benchmarks/results/index-10m.md has the figures.
 AUTO_EXACT_MAX_ITEMS = 50_000
+AUTO_MEMORY_BUDGET_MB = 1024.0      # the chart's 2 GiB pod limit, less the process and room
+REFINE_MAX_LISTS = 4096
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
+REFINE_LADDER = [2, 4, 8, 16, 32]              # k_factor_rf, tried with each nprobe
 
 
 class IndexBuildError(RuntimeError):
@@ -49,13 +59,39 @@ class BuiltIndex:
     gpu: bool = False
 
 
-def resolve_factory(factory: str, n_items: int) -> str:
+def resident_mb(factory: str, n_items: int, d: int) -> float:
+    """What an index must hold in memory for `auto`'s choice, MiB: codes and ids (a refine
+    stage's raw vectors are memory-mapped, so they are not counted)."""
+    if factory == "Flat":
+        per = 4 * d + 8
+    elif factory.endswith(",SQ8"):
+        per = d + 8
+    else:
+        m = re.search(r"PQ(\d+)", factory)
+        per = (int(m.group(1)) if m else d) + 8
+    return n_items * per / 2**20
+
+
+def resolve_factory(factory: str, n_items: int, d: int = 128,
+                    memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> str:
     if factory != "auto":
         return factory
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n_items)))
-    return f"IVF{nlist},SQ8"
+    sq8 = f"IVF{nlist},SQ8"
+    if resident_mb(sq8, n_items, d) <= memory_budget_mb:
+        return sq8
+    m = max(1, d // 4)
+    while d % m:
+        m -= 1
+    # the PQ stage only preselects: fewer lists keep the build's assignment (N x lists x d) cheap
+    return f"IVF{min(nlist, REFINE_MAX_LISTS)},PQ{m}x8,RFlat"
+
+
+def is_refine(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return isinstance(faiss.downcast_index(inner), faiss.IndexRefine)
 
 
 def knob_name(index: faiss.Index) -> str | None:
@@ -71,15 +107,17 @@ def knob_name(index: faiss.Index) -> str | None:
 
 
 def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = False,
-          train_size: int = 200_000, seed: int = 0, progress=None) -> faiss.Index:
-    """An inner-product index over `xb` [N, d] float32 keeping `ids` [N] int64."""
+          train_size: int = 200_000, seed: int = 0, progress=None,
+          memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> faiss.Index:
+    """An inner-product index over `xb` [N, d] float32 keeping `ids` [N] int64: trained on a
+    sample of `train_size` vectors, then filled in chunks (`progress(done, total)` after each)."""
     if gpu and faiss_gpu_count() == 0:
         raise IndexBuildError("--gpu asked for, but faiss sees no GPU (faiss.get_num_gpus() == 0; "
                               "is faiss-gpu installed and a CUDA device visible?). Build without --gpu.")
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     n, d = xb.shape
-    factory = resolve_factory(factory, n)
+    factory = resolve_factory(factory, n, d, memory_budget_mb)
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -99,9 +137,9 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = Fa
         rng = np.random.default_rng(seed)
         sample = xb[rng.choice(n, size=min(train_size, n), replace=False)]
         index.train(sample)
-    if not is_ivf:
+    if not is_ivf or is_refine(index):           # a refine stage keeps no ids of its own
         index = faiss.IndexIDMap2(index)
-    step = max(1, n // 20)
+    step = max(1, min(n // 20, 500_000))
     for i in range(0, n, step):                           # chunks, so a bar can move on 1M items
         index.add_with_ids(xb[i:i + step], ids[i:i + step])
         if progress is not None:
@@ -128,34 +166,53 @@ def recall_at_k(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int) -> f
     return float(np.mean([len(np.intersect1d(a[a >= 0], b)) / k for a, b in zip(I, gt)]))
 
 
+def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: float
+         ) -> tuple[dict, float, list]:
+    """The cheapest search knobs that reach `floor`: raise the knob step by step; with a refine
+    stage, for each k_factor_rf from the smallest, the nprobe ladder up to the first that
+    reaches it. Returns (params, recall, every (params, recall) tried)."""
+    knob = knob_name(index)
+    curve: list = []
+    if knob is None:
+        rec = recall_at_k(index, xq, gt, k)
+        return {}, rec, [({}, rec)]
+    chosen: dict = {}
+    rec = 0.0
+    for kf in (REFINE_LADDER if is_refine(index) else [None]):
+        last = 0.0
+        for v in KNOB_LADDER[knob]:
+            params = {knob: v} if kf is None else {knob: v, "k_factor_rf": kf}
+            set_search_params(index, params)
+            got = recall_at_k(index, xq, gt, k)
+            curve.append((params, got))
+            if got > rec:
+                chosen, rec = params, got
+            if got >= floor or (kf is not None and got - last < 0.002 and v >= 64):
+                break                            # reached, or this k_factor has levelled off
+            last = got
+        if rec >= floor:
+            break
+    set_search_params(index, chosen)
+    return chosen, rec, curve
+
+
 def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, factory: str = "auto",
                    k: int = 100, floor: float = 0.95, params: dict | None = None,
-                   gpu: bool = False, progress=None, log=print) -> BuiltIndex:
+                   gpu: bool = False, progress=None, log=print,
+                   memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> BuiltIndex:
     """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""
-    resolved = resolve_factory(factory, len(xb))
+    resolved = resolve_factory(factory, len(xb), xb.shape[1], memory_budget_mb)
     k = min(k, len(xb))
     t0 = time.perf_counter()
     index = build(xb, ids, resolved, gpu=gpu, progress=progress)
     secs = time.perf_counter() - t0
     gt = exact_topk(xb, ids, xq, k)
-    knob = knob_name(index)
-    curve = []
     if params:
         set_search_params(index, params)
         chosen, rec = dict(params), recall_at_k(index, xq, gt, k)
-        curve.append((params, rec))
-    elif knob is None:
-        chosen, rec = {}, recall_at_k(index, xq, gt, k)
-        curve.append(({}, rec))
+        curve = [(params, rec)]
     else:
-        chosen, rec = {}, 0.0
-        for v in KNOB_LADDER[knob]:
-            set_search_params(index, {knob: v})
-            rec = recall_at_k(index, xq, gt, k)
-            curve.append(({knob: v}, rec))
-            chosen = {knob: v}
-            if rec >= floor:
-                break
+        chosen, rec, curve = tune(index, xq, gt, k, floor)
     log(f"index {resolved!r}: {index.ntotal:,} items, built in {secs:.1f} s, recall@{k} "
         f"{rec:.4f} on {len(xq)} real user vectors with {chosen or 'no search knob'}")
     if rec < floor:

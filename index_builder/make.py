@@ -19,7 +19,7 @@ EXPORT_FILES = ("encoder.onnx", "item_ids.json", "popularity.npy")
 def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 100,
                 floor: float = 0.95, params: dict | None = None, gpu: bool = False,
                 version: str | None = None, make_current: bool = True, progress=None,
-                log=print) -> bundle.Bundle:
+                log=print, memory_budget_mb: float | None = None) -> bundle.Bundle:
     export_dir, root = Path(export_dir), Path(root)
     info_path = export_dir / "export.json"
     if not info_path.exists():
@@ -31,7 +31,8 @@ def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 10
     xb = np.load(export_dir / "items.npy")
     xq = np.load(export_dir / "queries.npy")
     ids = np.arange(1, len(xb) + 1, dtype=np.int64)          # faiss id = internal item id
-    built = build_and_gate(xb, ids, xq, factory, k, floor, params, gpu, progress, log)
+    built = build_and_gate(xb, ids, xq, factory, k, floor, params, gpu, progress, log,
+                           **({"memory_budget_mb": memory_budget_mb} if memory_budget_mb else {}))
     created = time.gmtime()
     version = version or (time.strftime("%Y%m%dT%H%M%SZ", created) + "-"
                           + info["items"]["vocab_sha256"][:8])

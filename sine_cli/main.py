@@ -137,7 +137,7 @@ def cmd_build_index(a: argparse.Namespace) -> int:
 
     b = make_bundle(Path(a.export), Path(a.bundle_root), a.factory, a.recall_k, a.recall_floor,
                     _search_params(a.search_param) or None, a.gpu, a.version, not a.no_current,
-                    progress=_progress_bar("adding items"))
+                    progress=_progress_bar("adding items"), memory_budget_mb=a.memory_budget_mb)
     idx = b.manifest["index"]
     print(f"bundle {b.version}: {idx['factory']} {idx['search_params']} "
           f"recall@{idx['recall']['k']} {idx['recall']['value']:.4f}")
@@ -354,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--factory", default="auto",
                    help="faiss factory string (Flat, HNSW32,Flat, IVF4096,Flat, IVF4096,PQ32, ...) "
                         "or auto: Flat up to 50,000 items, IVF with ~4 sqrt(N) lists and 8-bit "
-                        "codes above (default auto)")
+                        "codes above, and IVF-PQ with exact re-ranking (IVFn,PQ<d/4>x8,RFlat) "
+                        "where the 8-bit codes would not fit --memory-budget-mb (default auto)")
+    b.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="what auto may keep resident for the index (default 1024; the re-ranking "
+                        "vectors are memory-mapped and not counted)")
     b.add_argument("--recall-k", type=int, default=100, help="k of the recall check (default 100)")
     b.add_argument("--recall-floor", type=float, default=0.95,
                    help="refuse to write an index below this recall@k (default 0.95)")

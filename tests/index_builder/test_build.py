@@ -92,3 +92,42 @@ def test_gpu_build_matches_cpu():
     cpu = build(xb, ids, "Flat")
     gpu = build(xb, ids, "Flat", gpu=True)
     assert np.array_equal(cpu.search(xq, 10)[1], gpu.search(xq, 10)[1])
+
+
+def test_auto_takes_pq_with_re_ranking_where_sq8_would_not_fit():
+    assert resolve_factory("auto", 1_000_000, 128) == "IVF4096,SQ8"            # 130 MiB
+    assert resolve_factory("auto", 10_000_000, 128) == "IVF4096,PQ32x8,RFlat"  # 1.3 GiB of SQ8
+    assert resolve_factory("auto", 10_000_000, 128, memory_budget_mb=2048) == "IVF16384,SQ8"
+    assert resolve_factory("auto", 1_000_000, 100, memory_budget_mb=50) == "IVF4096,PQ25x8,RFlat"
+
+
+def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
+    xb, xq = clustered(6000, d=32)
+    ids = np.arange(101, 6101)
+    b = build_and_gate(xb, ids, xq, "IVF32,PQ4x8,RFlat", k=50, floor=0.95, log=lambda *a: None)
+    assert b.recall >= 0.95 and "k_factor_rf" in b.search_params
+    tried = [p for p, _ in b.recall_curve]
+    assert tried[0]["k_factor_rf"] == 2                         # the cheapest first
+    plain = build_and_gate(xb, ids, xq, "IVF32,PQ4x8", k=50, floor=0.0, params={"nprobe": 32},
+                           log=lambda *a: None)
+    assert b.recall > plain.recall + 0.2                        # the re-ranking is what pays
+    _, got = b.index.search(xq[:20], 50)
+    truth = exact_topk(xb, ids, xq[:20], 50)
+    assert np.mean([len(np.intersect1d(g, t)) / 50 for g, t in zip(got, truth)]) >= 0.9
+    assert got.min() >= 101 and got.max() <= 6100
+
+
+def test_the_service_maps_a_re_ranking_index_read_only(tmp_path):
+    import faiss
+
+    xb, xq = clustered(4000, d=32)
+    from index_builder.bundle import set_search_params
+
+    b = build_and_gate(xb, np.arange(1, 4001), xq, "IVF16,PQ4x8,RFlat", k=20, floor=0.9,
+                       log=lambda *a: None)
+    idx = b.index
+    faiss.write_index(idx, str(tmp_path / "i.faiss"))
+    mapped = faiss.read_index(str(tmp_path / "i.faiss"),
+                              faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    set_search_params(mapped, b.search_params)
+    np.testing.assert_array_equal(mapped.search(xq[:5], 10)[1], idx.search(xq[:5], 10)[1])
