@@ -29,14 +29,15 @@ from .bundle import set_search_params
 # 100,000 and stays below 0.95 at 1,000,000 even with efSearch 1024; PQ32 tops out near 0.59.
 # SQ8 scores are approximate: candidates for a ranking stage, not final scores.
 #
-# Above `memory_budget_mb` (1 GiB by default) for IVF,SQ8 (d + 8 bytes an item: codes and ids), `auto` takes
-# IVF-PQ with exact re-ranking instead: PQ codes of d/4 bytes choose k_factor_rf x k candidates,
-# whose raw vectors (the `RFlat` part, 4d bytes an item) rescore them exactly. Those vectors are
-# what the service memory-maps (SINE_INDEX_MMAP): a query touches only its candidates' rows, so
-# what must stay resident is the PQ part. benchmarks/results/index-10m.md has the figures.
+# Past `memory_budget_mb` (1 GiB by default) of SQ8 codes and ids (d + 8 bytes an item) `auto`
+# still builds IVF,SQ8 and says to shard. IVF-PQ with exact re-ranking (`IVF4096,PQ32x8,RFlat`,
+# tuned here over k_factor_rf and nprobe) was measured as the alternative at 10M items
+# (benchmarks/results/index-10m.md): recall@100 0.955 against SQ8's 0.977, p99 30 ms against
+# 13.5, and although only 0.5 GiB of it is anonymous memory when memory-mapped, random reads of
+# its 5 GiB of raw vectors pulled the whole file into the page cache within 300 queries (cold
+# p99 98 ms). It is a factory to ask for, not a way to fit a small pod.
 AUTO_EXACT_MAX_ITEMS = 50_000
 AUTO_MEMORY_BUDGET_MB = 1024.0      # the chart's 2 GiB pod limit, less the process and room
-REFINE_MAX_LISTS = 4096
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 REFINE_LADDER = [2, 4, 8, 16, 32]              # k_factor_rf, tried with each nprobe
@@ -60,33 +61,36 @@ class BuiltIndex:
 
 
 def resident_mb(factory: str, n_items: int, d: int) -> float:
-    """What an index must hold in memory for `auto`'s choice, MiB: codes and ids (a refine
-    stage's raw vectors are memory-mapped, so they are not counted)."""
+    """An index's codes and ids in memory, MiB (a refine stage's raw vectors not counted)."""
     if factory == "Flat":
         per = 4 * d + 8
     elif factory.endswith(",SQ8"):
         per = d + 8
     else:
         m = re.search(r"PQ(\d+)", factory)
-        per = (int(m.group(1)) if m else d) + 8
+        per = (int(m.group(1)) if m else 4 * d) + 8
     return n_items * per / 2**20
 
 
-def resolve_factory(factory: str, n_items: int, d: int = 128,
-                    memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> str:
+def resolve_factory(factory: str, n_items: int, d: int = 128) -> str:
     if factory != "auto":
         return factory
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n_items)))
-    sq8 = f"IVF{nlist},SQ8"
-    if resident_mb(sq8, n_items, d) <= memory_budget_mb:
-        return sq8
-    m = max(1, d // 4)
-    while d % m:
-        m -= 1
-    # the PQ stage only preselects: fewer lists keep the build's assignment (N x lists x d) cheap
-    return f"IVF{min(nlist, REFINE_MAX_LISTS)},PQ{m}x8,RFlat"
+    return f"IVF{nlist},SQ8"
+
+
+def over_budget(factory: str, n_items: int, d: int,
+                memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> str | None:
+    """Why `factory` does not fit one pod's budget (and what to do), or None."""
+    need = resident_mb(factory, n_items, d)
+    if need <= memory_budget_mb:
+        return None
+    shards = math.ceil(need / memory_budget_mb)
+    return (f"{factory!r} holds about {need:,.0f} MiB of codes for {n_items:,} items, over the "
+            f"{memory_budget_mb:,.0f} MiB budget: split the catalog into {shards} or more shards, "
+            "one per pod (deploy/README.md, 'Catalogs past one pod'), or raise the budget")
 
 
 def is_refine(index: faiss.Index) -> bool:
@@ -107,8 +111,7 @@ def knob_name(index: faiss.Index) -> str | None:
 
 
 def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = False,
-          train_size: int = 200_000, seed: int = 0, progress=None,
-          memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> faiss.Index:
+          train_size: int = 200_000, seed: int = 0, progress=None) -> faiss.Index:
     """An inner-product index over `xb` [N, d] float32 keeping `ids` [N] int64: trained on a
     sample of `train_size` vectors, then filled in chunks (`progress(done, total)` after each)."""
     if gpu and faiss_gpu_count() == 0:
@@ -117,7 +120,7 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = Fa
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     n, d = xb.shape
-    factory = resolve_factory(factory, n, d, memory_budget_mb)
+    factory = resolve_factory(factory, n, d)
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -201,7 +204,10 @@ def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, factory: str
                    gpu: bool = False, progress=None, log=print,
                    memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> BuiltIndex:
     """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""
-    resolved = resolve_factory(factory, len(xb), xb.shape[1], memory_budget_mb)
+    resolved = resolve_factory(factory, len(xb), xb.shape[1])
+    warning = over_budget(resolved, len(xb), xb.shape[1], memory_budget_mb)
+    if warning:
+        log(f"warning: {warning}")
     k = min(k, len(xb))
     t0 = time.perf_counter()
     index = build(xb, ids, resolved, gpu=gpu, progress=progress)

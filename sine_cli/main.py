@@ -354,11 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--factory", default="auto",
                    help="faiss factory string (Flat, HNSW32,Flat, IVF4096,Flat, IVF4096,PQ32, ...) "
                         "or auto: Flat up to 50,000 items, IVF with ~4 sqrt(N) lists and 8-bit "
-                        "codes above, and IVF-PQ with exact re-ranking (IVFn,PQ<d/4>x8,RFlat) "
-                        "where the 8-bit codes would not fit --memory-budget-mb (default auto)")
+                        "codes above (default auto)")
     b.add_argument("--memory-budget-mb", type=float, default=None,
-                   help="what auto may keep resident for the index (default 1024; the re-ranking "
-                        "vectors are memory-mapped and not counted)")
+                   help="index codes one pod should hold; past it the build warns and says how "
+                        "many shards to split the catalog into (default 1024)")
     b.add_argument("--recall-k", type=int, default=100, help="k of the recall check (default 100)")
     b.add_argument("--recall-floor", type=float, default=0.95,
                    help="refuse to write an index below this recall@k (default 0.95)")

@@ -94,11 +94,19 @@ def test_gpu_build_matches_cpu():
     assert np.array_equal(cpu.search(xq, 10)[1], gpu.search(xq, 10)[1])
 
 
-def test_auto_takes_pq_with_re_ranking_where_sq8_would_not_fit():
-    assert resolve_factory("auto", 1_000_000, 128) == "IVF4096,SQ8"            # 130 MiB
-    assert resolve_factory("auto", 10_000_000, 128) == "IVF4096,PQ32x8,RFlat"  # 1.3 GiB of SQ8
-    assert resolve_factory("auto", 10_000_000, 128, memory_budget_mb=2048) == "IVF16384,SQ8"
-    assert resolve_factory("auto", 1_000_000, 100, memory_budget_mb=50) == "IVF4096,PQ25x8,RFlat"
+def test_a_catalog_past_the_memory_budget_is_told_to_shard():
+    from index_builder.build import over_budget
+
+    assert resolve_factory("auto", 10_000_000, 128) == "IVF16384,SQ8"
+    assert over_budget("IVF4096,SQ8", 1_000_000, 128) is None                  # 130 MiB
+    msg = over_budget("IVF16384,SQ8", 10_000_000, 128)                          # 1.3 GiB
+    assert msg and "2 or more shards" in msg
+    assert over_budget("IVF16384,SQ8", 10_000_000, 128, memory_budget_mb=2048) is None
+    xb, xq = clustered(3000)
+    said = []
+    build_and_gate(xb, np.arange(1, 3001), xq, "IVF16,SQ8", k=20, floor=0.5,
+                   memory_budget_mb=0.1, log=said.append)
+    assert any(m.startswith("warning:") and "shards" in m for m in said)
 
 
 def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
