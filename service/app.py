@@ -201,10 +201,9 @@ async def _watch(st: State) -> None:
     root = st.bundle_root
     if root is None:
         return
-    try:
-        last: str | None = bundle_mod.current_version(root)
-    except bundle_mod.BundleError:
-        last = None
+    # what is served, not what `current` says when this task first runs: a version published
+    # between the start-up load and then would otherwise never be loaded
+    last: str | None = st.engine.version if st.engine is not None else None
     while True:
         await asyncio.sleep(st.settings.watch_interval_s)
         try:
