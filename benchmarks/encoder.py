@@ -46,6 +46,9 @@ def session(path: Path, threads: int, profile: bool = False):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.enable_profiling = profile
+    if profile:     # in a temporary folder: an interrupted run leaves nothing in the checkout
+        import tempfile
+        so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="sine-ort-")) / "profile")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
