@@ -57,14 +57,14 @@ finally:
 """
 
 
-def child_peak(cmd: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `cmd`; its output and wall seconds."""
+def run_child(cmd: list[str], timeout_s: float) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` (it reports its own peak memory); its output and wall seconds."""
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     dt = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out, dt, 0.0
+    return out, dt
 
 
 def main() -> None:
@@ -99,11 +99,11 @@ def main() -> None:
         files[suffix] = path
         print(f"wrote {rows:,} rows to {path} ({path.stat().st_size / 2**20:.0f} MiB) in "
               f"{gen[suffix]['seconds']:.0f} s", flush=True)
-    out, _, _ = child_peak([sys.executable, "-c", BASELINE], 600)
+    out, _ = run_child([sys.executable, "-c", BASELINE], 600)
     baseline_mb = float(out.stdout.split()[-1])
     loads = {}
     for suffix, path in files.items():
-        out, wall, _ = child_peak([sys.executable, "-c", LOAD, str(path), "stream"], 3600)
+        out, wall = run_child([sys.executable, "-c", LOAD, str(path), "stream"], 3600)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r.update(file_mb=path.stat().st_size / 2**20, wall_s=wall,
                  rows_per_s=r["interactions"] / r["seconds"])
@@ -116,7 +116,7 @@ def main() -> None:
         data.write_synthetic_log(small, a.row_compare, n_items=a.items, length=(lo, hi))
     compare = {}
     for how in ("stream", "rows"):
-        out, _, _ = child_peak([sys.executable, "-c", LOAD, str(small), how], 3600)
+        out, _ = run_child([sys.executable, "-c", LOAD, str(small), how], 3600)
         compare[how] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{how}: {compare[how]}", flush=True)
     if a.train_from:
@@ -166,7 +166,7 @@ def run_training(work: Path, log: Path, minutes: float) -> tuple[dict, float, fl
     run = work / "train"
     args = ["train", "--dataset", str(log), "--out", str(run), "--max-minutes",
             str(minutes), "--no-progress", "--threads", "2"]
-    out, wall, _ = child_peak([sys.executable, "-c", TRAIN, *args], 3 * 3600)
+    out, wall = run_child([sys.executable, "-c", TRAIN, *args], 3 * 3600)
     peak = float(out.stderr.rsplit("PEAK_RSS_MB", 1)[1].split()[0])
     report = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() \
         else {}

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from benchmarks.common import git_commit, machine, now, write_results
-from benchmarks.serving import LUA, PCTS, wrk
+from benchmarks.serving import write_lua, wrk
 from devtools.local import Stack
 from model_export import data
 
@@ -111,9 +111,7 @@ def main() -> None:
         raise SystemExit("needs wrk (apt-get install wrk) and py-spy (the dev extra)")
     ds = data.load("ml-1m", a.data_dir)
     tmp = Path(tempfile.mkdtemp())
-    lua = tmp / "post.lua"
-    lua.write_text(LUA % (",".join(f'"{u}"' for u in ds.user_ids), 7,
-                          ",".join(f"{q:g}" for q in PCTS)))
+    lua = write_lua(ds.user_ids, tmp)
     raw = tmp / "profile.txt"
     with Stack(data.histories(ds, holdout=1)) as stack:
         srv = stack.serve(a.bundle, log_path=tmp / "server.log", tree=a.tree,

@@ -53,6 +53,14 @@ end
 """
 
 
+def write_lua(user_ids: list[str], folder: Path, seed: int = 7) -> Path:
+    """The wrk script posting `{"user_id": <one of user_ids>, "n": 100}`, in `folder`."""
+    lua = folder / "post.lua"
+    lua.write_text(LUA % (",".join(f'"{u}"' for u in user_ids), seed,
+                          ",".join(f"{q:g}" for q in PCTS)))
+    return lua
+
+
 def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict:
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(lua), url],
                          capture_output=True, text=True, check=True).stdout
@@ -115,9 +123,7 @@ def main() -> None:
     b = bundle_mod.load(a.bundle, deep=False)
     ds = data.load("ml-1m", a.data_dir)
     tmp = Path(tempfile.mkdtemp())
-    lua = tmp / "post.lua"
-    lua.write_text(LUA % (",".join(f'"{u}"' for u in ds.user_ids), 7,
-                          ",".join(f"{q:g}" for q in PCTS)))
+    lua = write_lua(ds.user_ids, tmp)
     results: dict = {}
     with Stack(data.histories(ds, holdout=1)) as stack:
         servers: dict[str, Server] = {}

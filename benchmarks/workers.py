@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import git_commit, machine, now, write_results
-from benchmarks.serving import LUA, PCTS, wrk
+from benchmarks.serving import med, write_lua, wrk
 from devtools.local import Stack
 from index_builder import bundle as bundle_mod
 from model_export import data
@@ -111,9 +111,7 @@ def main() -> None:
     b = bundle_mod.load(a.bundle, deep=False)
     ds = data.load("ml-1m", a.data_dir)
     tmp = Path(tempfile.mkdtemp())
-    lua = tmp / "post.lua"
-    lua.write_text(LUA % (",".join(f'"{u}"' for u in ds.user_ids), 7,
-                          ",".join(f"{q:g}" for q in PCTS)))
+    lua = write_lua(ds.user_ids, tmp)
     counts = (1, 2)
     runs: dict[int, list[dict]] = {w: [] for w in counts}
     memory: dict[int, list[dict]] = {}
@@ -133,11 +131,6 @@ def main() -> None:
             memory[w] = [{"pid": pid, "role": role(pid, w), **smaps(pid)} for pid in pids]
     time.sleep(0.5)
     sharing = index_sharing(a.index_items, a.procs, tmp)
-
-    def med(rows: list[dict], key: str) -> tuple[float, float, float]:
-        v = [x[key] for x in rows]
-        return statistics.median(v), min(v), max(v)
-
     ratios = [r2["rps"] / r1["rps"] for r1, r2 in zip(runs[1], runs[2])]
     cmd = "python -m benchmarks.workers " + " ".join(sys.argv[1:])
     md = ["# Workers per pod: throughput, memory, a shared index", "",

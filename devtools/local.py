@@ -114,7 +114,7 @@ class EmbeddedCluster:
         if shutil.which("redis-cli") is None:
             raise LocalError("redis-cli is not installed (it comes with redis-server: "
                              "sudo apt-get install redis-server)")
-        self.n_masters, self.replicas = masters, replicas
+        self.replicas = replicas
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
                 "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0"]

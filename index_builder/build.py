@@ -202,10 +202,11 @@ def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: floa
 def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, factory: str = "auto",
                    k: int = 100, floor: float = 0.95, params: dict | None = None,
                    gpu: bool = False, progress=None, log=print,
-                   memory_budget_mb: float = AUTO_MEMORY_BUDGET_MB) -> BuiltIndex:
+                   memory_budget_mb: float | None = None) -> BuiltIndex:
     """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""
     resolved = resolve_factory(factory, len(xb), xb.shape[1])
-    warning = over_budget(resolved, len(xb), xb.shape[1], memory_budget_mb)
+    warning = over_budget(resolved, len(xb), xb.shape[1],
+                          memory_budget_mb or AUTO_MEMORY_BUDGET_MB)
     if warning:
         log(f"warning: {warning}")
     k = min(k, len(xb))

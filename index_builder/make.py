@@ -32,7 +32,7 @@ def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 10
     xq = np.load(export_dir / "queries.npy")
     ids = np.arange(1, len(xb) + 1, dtype=np.int64)          # faiss id = internal item id
     built = build_and_gate(xb, ids, xq, factory, k, floor, params, gpu, progress, log,
-                           **({"memory_budget_mb": memory_budget_mb} if memory_budget_mb else {}))
+                           memory_budget_mb)
     created = time.gmtime()
     version = version or (time.strftime("%Y%m%dT%H%M%SZ", created) + "-"
                           + info["items"]["vocab_sha256"][:8])

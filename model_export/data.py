@@ -77,6 +77,12 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------
 # building a Dataset from external-id sequences
 
+def vocab_rank(item: str, count: int) -> tuple:
+    """Where an item goes in the vocabulary: most training clicks first, then numeric ids in
+    numeric order, then the rest by text."""
+    return (-count, int(item) if item.isdigit() else float("inf"), item)
+
+
 def _from_external(name: str, users: list[str], seqs: list[list[str]], origin: dict[str, str],
                    min_len: int, drop_short: bool) -> Dataset:
     """Remap external ids to internal ones; `origin` maps a user to 'file:line' for errors."""
@@ -104,10 +110,7 @@ def _from_external(name: str, users: list[str], seqs: list[list[str]], origin: d
         for x in s[-2:]:
             counts.setdefault(x, 0)
 
-    def _key(x: str) -> tuple:
-        return (-counts[x], int(x) if x.isdigit() else float("inf"), x)
-
-    vocab = ["<pad>"] + sorted(counts, key=_key)
+    vocab = ["<pad>"] + sorted(counts, key=lambda x: vocab_rank(x, counts[x]))
     index = {x: i for i, x in enumerate(vocab)}
     seq_arr = [np.fromiter((index[x] for x in s), dtype=np.int64, count=len(s)) for s in keep_s]
     return Dataset(name=name, sequences=seq_arr, user_ids=keep_u, item_ids=vocab)
@@ -365,11 +368,7 @@ def _from_codes(name: str, user_names: list[str], item_names: list[str], uc: np.
     counts = np.bincount(items[row_keep & in_train], minlength=len(item_names))
     present = np.flatnonzero(np.bincount(items[row_keep], minlength=len(item_names)))
 
-    def _key(j: int) -> tuple:
-        x = item_names[j]
-        return (-int(counts[j]), int(x) if x.isdigit() else float("inf"), x)
-
-    ranked = sorted(present.tolist(), key=_key)
+    ranked = sorted(present.tolist(), key=lambda j: vocab_rank(item_names[j], int(counts[j])))
     internal = np.zeros(len(item_names), dtype=np.int64)
     internal[ranked] = np.arange(1, len(ranked) + 1)
     flat = internal[items[row_keep]]                           # [N_kept]

@@ -230,8 +230,12 @@ class Keys:
         self._event = settings.event_key_template.format
         self._stream = settings.click_stream_key
 
+    @staticmethod
+    def _tag(shard: int) -> str:
+        return f"{{s{shard}}}:"
+
     def tag(self, user_id: str) -> str:
-        return f"{{s{zlib.crc32(user_id.encode()) % self.n}}}:" if self.n else ""
+        return self._tag(zlib.crc32(user_id.encode()) % self.n) if self.n else ""
 
     def history(self, user_id: str) -> str:
         return self.tag(user_id) + self._history(user_id=user_id)
@@ -246,7 +250,7 @@ class Keys:
         """Every stream of the click log."""
         if not self.n:
             return [self._stream]
-        return [f"{{s{k}}}:{self._stream}" for k in range(self.n)]
+        return [self._tag(k) + self._stream for k in range(self.n)]
 
 
 class HistoryStore:
@@ -285,14 +289,13 @@ class HistoryStore:
                 return await coro
         except (TimeoutError, RedisError, OSError, RuntimeError) as e:
             # RuntimeError: redis-py writing on a transport uvloop already closed (a cluster
-            # node killed under load). A refused or broken connection pauses Redis; a timeout
-            # does not: it is already
-            # bounded, and a stall of this process (a bundle loading beside it) would otherwise
-            # switch personalization off for everyone
+            # node killed under load). A refused or broken connection pauses Redis (on a
+            # cluster each master pauses alone, in _get_many_cluster); a timeout does not: it
+            # is already bounded, and a stall of this process (a bundle loading beside it)
+            # would otherwise switch personalization off for everyone
             if self.s.redis_cluster:
                 self._refresh_slots()
-            # on a cluster each master pauses alone (in _get_many_cluster)
-            if not self.s.redis_cluster and not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
+            elif not isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout)):
                 self._down_until = time.monotonic() + self.retry_after
             self._on_error(op)
             raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
@@ -402,8 +405,7 @@ class HistoryStore:
         Redis cannot say now. The lag is None until the group has read every stream."""
         if not self.available:
             return None
-        length, lag = 0, 0
-        lag_known: int | None = 0
+        length, lag, every_read = 0, 0, True
         try:
             async with asyncio.timeout(max(self.timeout, 0.01 * len(self.keys.streams()))):
                 for stream in self.keys.streams():
@@ -414,10 +416,10 @@ class HistoryStore:
                         if g.get("name") == group and g.get("lag") is not None:
                             seen = int(g["lag"])
                     if n and seen is None:
-                        lag_known = None
+                        every_read = False
                     elif seen is not None:
                         lag += seen
-                return length, lag if lag_known is not None else None
+                return length, lag if every_read else None
         except (RedisError, OSError, TimeoutError):
             return None
 
