@@ -1,12 +1,20 @@
-"""Accuracy benchmark: SINE and its ablations under the paper's protocol.
+"""Accuracy benchmark: SINE, its ablations and SASRec under the paper's protocol.
 
-    python -m benchmarks.accuracy --dataset ml-1m --variants sine --max-minutes 30
+    python -m benchmarks.accuracy --dataset ml-1m --variants sine,k1,sasrec --epochs 2
+    python -m benchmarks.accuracy --dataset amazon-beauty --variants sine --set K=8 --tag K8
 
 Each variant trains with early stopping on validation NDCG@10, is evaluated on test (full
 ranking, history excluded) and leaves `<runs-dir>/<dataset>/<variant>/result.json`. The merge step
 (run after every variant, or alone with `--merge-only`) collects every variant's result into
 `benchmarks/results/accuracy-<dataset>.json` and `.md`: metrics in percent as the paper's Table 1,
-seconds, epochs, the exact command, the git commit and the machine of each row.
+seconds, epochs, the exact command, the git commit and the machine of each row. Rows already
+in the results file whose run folder is gone are kept as they are.
+
+Beside HR and NDCG, each trained row gets (`extra_metrics`): per-interest retrieval (the
+service's `mode=per_interest`: K searches merged by best score), the beyond-accuracy figures of
+its top-50 lists in both modes (catalog coverage, label diversity, novelty), and for SINE the
+interest diagnostics (`model_export.evaluate.interest_diagnostics`). `--set NAME=VALUE` changes
+one model setting of every variant run (a sweep point; name its rows with `--tag`).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ VARIANTS = {
     "mean": {"aggregation": "mean"},
     "literal": {"literal": True},
     "sampled": {"loss": "sampled"},
+    "sasrec": {"arch": "sasrec"},
 }
 LABELS = {
     "popularity": "Popularity (training counts)",
@@ -40,14 +49,16 @@ LABELS = {
     "mean": "SINE, mean of interests (no Eq. 6-8)",
     "literal": "SINE, Eq. 3/7 literal LN dot products",
     "sampled": "SINE, sampled softmax (1280 log-uniform negatives)",
+    "sasrec": "SASRec (2 blocks, single vector, same harness)",
 }
+LIST_N = 50                  # the top-N of the beyond-accuracy figures
 PAPER = {"ml-1m": {"HR@10": 16.34, "NDCG@10": 7.06, "HR@50": 45.79, "NDCG@50": 13.50}}
 AIM = {"ml-1m": {"HR@10": 21.5, "NDCG@10": 11.0, "HR@50": 49.0, "NDCG@50": 17.0}}
 
 
 def run_variant(name: str, ds, args, command: str) -> dict:
     from model_export.data import split
-    from model_export.evaluate import evaluate_popularity
+    from model_export.evaluate import beyond_accuracy, evaluate_popularity
     from model_export.train import TrainConfig, train
     from model_export.workflow import evaluate_checkpoint, model_config
 
@@ -56,26 +67,32 @@ def run_variant(name: str, ds, args, command: str) -> dict:
     if name == "popularity":
         sp = split(ds)
         res = {"test": evaluate_popularity(ds, sp, "test"), "valid": evaluate_popularity(ds, sp, "valid"),
-               "epochs": 0, "best_epoch": 0, "seconds": time.perf_counter() - t0}
+               "epochs": 0, "best_epoch": 0, "seconds": time.perf_counter() - t0,
+               "beyond": {"popularity": beyond_accuracy(None, ds, sp, LIST_N)}}
     else:
         over = dict(VARIANTS[name])
         lam = over.pop("lam", args.lam)
         loss = over.pop("loss", args.loss)
-        mcfg = model_config(ds, **over)
+        arch = over.pop("arch", "sine")
+        over.update(args.set or {})
+        mcfg = model_config(ds, arch, **over)
         tcfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, lam=lam, loss=loss,
                            max_epochs=args.epochs, patience=args.patience,
                            max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
                            device=args.device)
         tr = train(ds, mcfg, tcfg, out, progress=not args.no_progress)
         ev = evaluate_checkpoint(out / "best.pt", ds, out, with_popularity=False)
-        res = {"test": ev["metrics"]["test"]["SINE"], "valid": ev["metrics"]["valid"]["SINE"],
+        res = {"test": ev["metrics"]["test"][ev["model_name"]],
+               "valid": ev["metrics"]["valid"][ev["model_name"]],
                "test_keep_history": keep_history_metrics(out / "best.pt", ds),
                "epochs": tr.epochs_run, "best_epoch": tr.best_epoch, "seconds": tr.seconds,
                "stopped_because": tr.stopped_because, "model_args": ev["model_args"],
                "train_args": ev["train_args"], "loss_kind": ev["loss_kind"],
                "history": tr.history, "concepts": {k: v for k, v in ev["concepts"].items()
-                                                   if k != "case_study"}}
-    res.update({"variant": name, "label": LABELS[name], "command": command,
+                                                   if k != "case_study"},
+               **extra_metrics(out / "best.pt", ds)}
+    label = LABELS[name] + "".join(f", {k} = {v}" for k, v in (args.set or {}).items())
+    res.update({"variant": name, "label": label, "command": command,
                 "git_commit": git_commit(), "machine": machine(args.device),
                 "finished": now()})
     out.mkdir(parents=True, exist_ok=True)
@@ -93,13 +110,38 @@ def keep_history_metrics(ck_path: Path, ds) -> dict:
     return evaluate_model(model, ds, split(ds, model.config.n), "test", exclude_history=False)
 
 
+def extra_metrics(ck_path: Path, ds) -> dict:
+    """Per-interest test metrics, top-N list figures in both modes, interest diagnostics."""
+    from model_export.data import split
+    from model_export.evaluate import beyond_accuracy, evaluate_model, interest_diagnostics
+    from model_export.sine import SINE
+    from model_export.train import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(ck_path, ds))
+    sp = split(ds, model.config.n)
+    out: dict = {"test_per_interest": evaluate_model(model, ds, sp, "test", mode="per_interest"),
+                 "beyond": {m: beyond_accuracy(model, ds, sp, LIST_N, m)
+                            for m in ("aggregate", "per_interest")}}
+    if isinstance(model, SINE):
+        out["diagnostics"] = interest_diagnostics(model, ds, sp)
+    return out
+
+
 def reevaluate(dataset: str, ds, runs_dir: Path) -> None:
-    """Add the keep-history metrics to finished runs whose checkpoint is still there."""
+    """Add the keep-history and extra metrics to finished runs whose checkpoint is still there."""
+    from model_export.data import split
+    from model_export.evaluate import beyond_accuracy
+
     for p in sorted((runs_dir / dataset).glob("*/result.json")):
         r = json.loads(p.read_text())
-        if "test_keep_history" not in r and (p.parent / "best.pt").exists():
-            r["test_keep_history"] = keep_history_metrics(p.parent / "best.pt", ds)
-            p.write_text(json.dumps(r, indent=1))
+        ck = p.parent / "best.pt"
+        if r["variant"] == "popularity" and "beyond" not in r:
+            r["beyond"] = {"popularity": beyond_accuracy(None, ds, split(ds), LIST_N)}
+        if "test_keep_history" not in r and ck.exists():
+            r["test_keep_history"] = keep_history_metrics(ck, ds)
+        if "beyond" not in r and ck.exists():
+            r.update(extra_metrics(ck, ds))
+        p.write_text(json.dumps(r, indent=1))
 
 
 def pct(m: dict) -> dict:
@@ -107,21 +149,23 @@ def pct(m: dict) -> dict:
 
 
 def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
-    # every run folder of the data set: `<variant>` or `<variant>-<tag>` (e.g. a GPU run)
-    found = []
+    # every run folder of the data set: `<variant>` or `<variant>-<tag>` (e.g. a GPU run), over
+    # the rows of the results file whose folders are elsewhere
+    jpath = results_dir / f"accuracy-{dataset}.json"
+    known = json.loads(jpath.read_text())["rows"] if jpath.exists() else {}
     for p in sorted((runs_dir / dataset).glob("*/result.json")):
         r = json.loads(p.read_text())
-        r["test_percent"] = pct(r.pop("test"))
-        r["valid_percent"] = pct(r.pop("valid"))
-        if "test_keep_history" in r:
-            r["test_keep_history_percent"] = pct(r.pop("test_keep_history"))
-        found.append((list(VARIANTS).index(r["variant"]), "gpu" in r["machine"], p.parent.name, r))
-    rows = {key: r for _, _, key, r in sorted(found, key=lambda t: t[:3])}
+        for part in ("test", "valid", "test_keep_history", "test_per_interest"):
+            if part in r:
+                r[f"{part}_percent"] = pct(r.pop(part))
+        known[p.parent.name] = r
+    order = sorted(known, key=lambda k: (list(VARIANTS).index(known[k]["variant"]),
+                                         "gpu" in known[k]["machine"], k))
+    rows = {k: known[k] for k in order}
     out = {"dataset": dataset, "protocol": "leave-one-out; full ranking over all items; items the "
            "user interacted with before the target excluded; metrics in percent",
            "paper_sine_row": PAPER.get(dataset), "aim": AIM.get(dataset), "rows": rows}
     results_dir.mkdir(parents=True, exist_ok=True)
-    jpath = results_dir / f"accuracy-{dataset}.json"
     jpath.write_text(json.dumps(out, indent=1))
     cols = ["HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@100", "NDCG@100"]
     md = [f"# Accuracy on {dataset}", "",
@@ -129,18 +173,19 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
           "trained with early stopping on validation NDCG@10 inside the wall-clock budget in "
           "`seconds`, on the machine named; compare ablations only between rows of one machine "
           "and budget (the GPU rows trained side by side, one process each, on one GPU).", "",
-          "| model | " + " | ".join(cols) + " | epochs (best) | seconds | machine |",
-          "|---" * (len(cols) + 4) + "|"]
+          "| model | " + " | ".join(cols) + " | epochs (best) | samples | seconds | machine |",
+          "|---" * (len(cols) + 5) + "|"]
     if dataset in PAPER:
         md.append("| paper, Table 1 SINE row | " + " | ".join(
-            f"{PAPER[dataset].get(c, '-')}" for c in cols) + " | | | |")
+            f"{PAPER[dataset].get(c, '-')}" for c in cols) + " | | | | |")
         md.append("| aim (above single-vector SASRec) | " + " | ".join(
-            f"{AIM[dataset].get(c, '-')}" for c in cols) + " | | | |")
-    for r in rows.values():
+            f"{AIM[dataset].get(c, '-')}" for c in cols) + " | | | | |")
+    for key, r in rows.items():
         m = r["test_percent"]
         mach = r["machine"].get("gpu") or f"{r['machine'].get('cpus')} CPU cores"
-        md.append(f"| {r['label']} | " + " | ".join(f"{m[c]:.2f}" for c in cols)
-                  + f" | {r['epochs']} ({r['best_epoch']}) | {r['seconds']:.0f} | {mach} |")
+        md.append(f"| {r['label']} [`{key}`] | " + " | ".join(f"{m[c]:.2f}" for c in cols)
+                  + f" | {r['epochs']} ({r['best_epoch']}) | {samples_trained(r)} | "
+                  f"{r['seconds']:.0f} | {mach} |")
     kept = {k: r for k, r in rows.items() if "test_keep_history_percent" in r}
     if kept:
         md += ["", "The same checkpoints **without** excluding the user's past items (the protocol "
@@ -149,6 +194,7 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
         for r in kept.values():
             m = r["test_keep_history_percent"]
             md.append(f"| {r['label']} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |")
+    md += extra_sections(rows)
     md += ["", "Commands, commits and machines of each row:", ""]
     for name, r in rows.items():
         md.append(f"- {name}: `{r['command']}` at `{r['git_commit'][:10]}` on "
@@ -158,6 +204,75 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
             md[-1] += f"; NMI vs {r['concepts']['label_kind']} {r['concepts']['nmi']:.3f}"
     (results_dir / f"accuracy-{dataset}.md").write_text("\n".join(md) + "\n")
     return jpath
+
+
+def samples_trained(r: dict) -> str:
+    """Training windows seen up to the best epoch (a time budget can cut an epoch short)."""
+    hist = r.get("history") or []
+    if not hist or "train_seconds" not in hist[0]:
+        return "-"
+    seen = sum(h["samples_per_s"] * h["train_seconds"] for h in hist[:max(r["best_epoch"], 1)])
+    return f"{seen / 1e6:.2f}M"
+
+
+def extra_sections(rows: dict) -> list[str]:
+    """The per-interest, beyond-accuracy and diagnostics tables of the rows that have them."""
+    md: list[str] = []
+    per = {k: r for k, r in rows.items() if "test_per_interest_percent" in r
+           and r.get("model_args", {}).get("K", 1) > 1}
+    if per:
+        cols = ["HR@50", "NDCG@50", "HR@100", "NDCG@100"]
+        md += ["", "Per-interest retrieval (the service's `mode=per_interest`: one search per "
+               "interest, merged by best score) against the aggregated vector, same checkpoints, "
+               "history excluded:", "",
+               "| model | mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for r in per.values():
+            for mode, m in (("aggregate", r["test_percent"]),
+                            ("per_interest", r["test_per_interest_percent"])):
+                md.append(f"| {r['label']} | {mode} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |")
+    beyond = [(r, mode, m) for r in rows.values() for mode, m in r.get("beyond", {}).items()
+              if not (mode == "per_interest" and r.get("model_args", {}).get("K", 1) == 1)]
+    if beyond:
+        N = LIST_N
+        cols = [f"HR@{N}", f"coverage@{N}", f"diversity@{N}", f"labels@{N}", f"novelty@{N}"]
+        md += ["", f"Beyond accuracy, the top {N} of every test user (history excluded): HR; "
+               "catalog coverage (share of all items in some list, %); diversity (share of pairs "
+               "in a list with different labels, %); distinct labels per list; novelty (mean "
+               "-log2 of an item's share of training clicks, bits):", "",
+               "| model | mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for r, mode, m in beyond:
+            cells = [f"{100 * m[c]:.2f}" if c.split("@")[0] in ("HR", "coverage", "diversity")
+                     else f"{m[c]:.2f}" if c in m else "-" for c in cols]
+            md.append(f"| {r['label']} | {mode} | " + " | ".join(cells) + " |")
+    diag = {k: r for k, r in rows.items() if "diagnostics" in r}
+    if diag:
+        md += ["", "Interest diagnostics on the test inputs: mean pairwise cosine of a user's K "
+               "interests; entropy of the Eq. 7 weights over log K (1 = uniform); effective "
+               "number of interests exp(H(e)); mean largest weight; prototypes activated by any "
+               "user, and their effective number; NMI between a click's label and the "
+               "prototype Eq. 3 assigns it to:", "",
+               "| model | cosine | weight entropy | effective K | max weight | prototypes used "
+               "| effective prototypes | assignment NMI |", "|---" * 8 + "|"]
+        for r in diag.values():
+            d = r["diagnostics"]
+            cos = "-" if d["interest_cosine"] is None else f"{d['interest_cosine']:.3f}"
+            nmi_ = f"{d['assignment_nmi']:.3f}" if "assignment_nmi" in d else "-"
+            md.append(f"| {r['label']} | {cos} | {d['weight_entropy']:.3f} | "
+                      f"{d['effective_interests']:.2f} | {d['max_weight']:.3f} | "
+                      f"{d['prototypes_used']} of {d['L']} | {d['prototypes_effective']:.1f} | {nmi_} |")
+    return md
+
+
+def _setting(text: str) -> tuple[str, object]:
+    name, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"--set takes NAME=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def main(argv=None) -> int:
@@ -183,8 +298,11 @@ def main(argv=None) -> int:
     p.add_argument("--merge-only", action="store_true")
     p.add_argument("--reevaluate", action="store_true",
                    help="add keep-history test metrics to finished runs that still have best.pt")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE",
+                   help="a model setting for every variant run (K, L, tau, tau_assign, dropout, ...)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.set = dict(args.set or [])
     command = "python -m benchmarks.accuracy " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     ds = None
     if not args.merge_only:

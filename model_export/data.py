@@ -29,7 +29,7 @@ import numpy as np
 
 from index_builder.bundle import vocab_sha256
 
-DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic")
+DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic", "synthetic-mix")
 
 
 class DataError(ValueError):
@@ -45,6 +45,7 @@ class Dataset:
     titles: dict[int, str] = field(default_factory=dict)     # internal id -> title
     labels: dict[int, str] = field(default_factory=dict)     # internal id -> genre / category
     label_kind: str = ""                                     # "genre", "category", "planted"
+    user_labels: list[list[str]] = field(default_factory=list)   # synthetic: planted interests per user
 
     @property
     def n_items(self) -> int:
@@ -515,13 +516,14 @@ def _parse_ts(v, where: str) -> float:
 
 def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
               interests_per_user: tuple[int, int] = (2, 4), length: tuple[int, int] = (8, 40),
-              stay: float = 0.8, seed: int = 0) -> Dataset:
+              stay: float = 0.8, seed: int = 0, name: str = "synthetic") -> Dataset:
     """Users mixing a few of many planted categories.
 
     Each item belongs to one category and has a Zipf-like popularity within it. A user picks
     2-4 categories and walks: with probability `stay` the next click stays in the current
     category, else it jumps to another of the user's categories. A sequential multi-interest
-    model can learn both the categories and which one is active; popularity cannot.
+    model can learn both the categories and which one is active; popularity cannot. The planted
+    truth is kept: each item's category in `labels`, each user's categories in `user_labels`.
     """
     rng = np.random.default_rng(seed)
     cat_of = rng.integers(0, n_categories, size=n_items)
@@ -531,10 +533,11 @@ def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
     for m in members:
         w = 1.0 / np.arange(1, len(m) + 1) ** 0.8
         weights.append(w / w.sum())
-    users, seqs = [], []
+    users, seqs, planted = [], [], {}
     for u in range(n_users):
         k = min(int(rng.integers(interests_per_user[0], interests_per_user[1] + 1)), n_categories)
         cats = rng.choice(n_categories, size=k, replace=False)
+        planted[str(u)] = [f"c{c}" for c in sorted(cats)]
         n = int(rng.integers(length[0], length[1] + 1))
         c = int(rng.choice(cats))
         s: list[str] = []
@@ -557,7 +560,17 @@ def synthetic(n_users: int = 2000, n_items: int = 500, n_categories: int = 20,
         ds.labels[idx] = f"c{cat_of[int(x)]}"
         ds.titles[idx] = f"item {x} (c{cat_of[int(x)]})"
     ds.label_kind = "planted"
+    ds.name = name
+    ds.user_labels = [planted[u] for u in ds.user_ids]
     return ds
+
+
+def synthetic_mix(n_users: int = 4000, n_items: int = 2000, seed: int = 0) -> Dataset:
+    """The positive control for multi-interest retrieval: each user mixes 3-4 of 40 planted
+    categories and the next click leaves the current one half of the time, so one vector must
+    cover several categories while K interests can take one each."""
+    return synthetic(n_users, n_items, n_categories=40, interests_per_user=(3, 4), length=(20, 60),
+                     stay=0.5, seed=seed, name="synthetic-mix")
 
 
 def write_synthetic_log(path: Path | str, n_interactions: int, n_items: int = 100_000,
@@ -649,6 +662,8 @@ def load(name: str, data_dir: Path | str | None = None, drop_short: bool = False
         return load_ml100k(data_dir, drop_short)
     if name == "synthetic":
         return synthetic(seed=seed)
+    if name == "synthetic-mix":
+        return synthetic_mix(seed=seed)
     raise DataError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)} "
                     "or give the path of a .csv/.parquet click log")
 

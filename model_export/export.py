@@ -5,7 +5,8 @@ the convention of `model_export.data.window`, which the service's `Engine.window
 `interests` [B, K, D], `user_vector` [B, D] and `weights` [B, K]. Only the batch axis is dynamic;
 all weights live inside the one file.
 
-The graph is `FoldedSINE` (per-item tables of the item-side products, gathered per user) where
+SASRec checkpoints (`model_export.sasrec`) export the same way, with K = 1, as the plain graph.
+The graph of a SINE is `FoldedSINE` (per-item tables of the item-side products, gathered per user) where
 its tables fit `fold_budget_mb`, else the plain `SINE`; `graph` forces one. Either way it is
 checked against the trained PyTorch model, and the manifest records which graph it is and what its
 tables cost per item.
@@ -41,10 +42,14 @@ GRAPHS = ("auto", "folded", "plain")
 FOLD_BUDGET_MB = 1024.0
 
 
-def choose_graph(model: SINE, graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB) -> str:
+def choose_graph(model: torch.nn.Module, graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB) -> str:
     """`folded` where the tables fit the budget (or when asked for), else `plain`."""
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
+    if not isinstance(model, SINE):                  # SASRec has no item-side tables to fold
+        if graph == "folded":
+            raise ValueError(f"graph 'folded' is SINE's; a {type(model).__name__} exports plain")
+        return "plain"
     if graph != "auto":
         return graph
     table = (model.config.n_items + 1) * FoldedSINE.table_bytes_per_item(model.config)

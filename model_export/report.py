@@ -50,13 +50,19 @@ def plot_curves(history: list[dict], path: Path, title: str = "", best_epoch: in
 def render(name: str, metrics: dict[str, dict[str, dict[str, float]]], concepts: dict | None,
            ck_info: dict, curves: str | None) -> str:
     """metrics: split ('valid'/'test') -> row name -> metrics."""
-    lines = [f"# SINE on {name}", ""]
     ma = ck_info.get("model_args", {})
     ta = ck_info.get("train_args", {})
-    lines.append(f"Model: K={ma.get('K')} L={ma.get('L')} D={ma.get('D')} n={ma.get('n')} "
-                 f"tau={ma.get('tau')} aggregation={ma.get('aggregation')}; lambda={ta.get('lam')}, "
-                 f"loss={ck_info.get('loss_kind')}, best epoch {ck_info.get('best_epoch')} of "
-                 f"{len(ck_info.get('history', []))}.")
+    if ma.get("arch") == "sasrec":
+        lines = [f"# SASRec on {name}", "", f"Model: SASRec, {ma.get('blocks')} blocks, "
+                 f"{ma.get('heads')} heads, dropout {ma.get('dropout')}, D={ma.get('D')} "
+                 f"n={ma.get('n')}; loss={ck_info.get('loss_kind')}, best epoch "
+                 f"{ck_info.get('best_epoch')} of {len(ck_info.get('history', []))}."]
+    else:
+        lines = [f"# SINE on {name}", ""]
+        lines.append(f"Model: K={ma.get('K')} L={ma.get('L')} D={ma.get('D')} n={ma.get('n')} "
+                     f"tau={ma.get('tau')} aggregation={ma.get('aggregation')}; lambda={ta.get('lam')}, "
+                     f"loss={ck_info.get('loss_kind')}, best epoch {ck_info.get('best_epoch')} of "
+                     f"{len(ck_info.get('history', []))}.")
     lines.append("")
     lines.append("Protocol: leave-one-out, full ranking over all items, items the user interacted "
                  "with before the target excluded. Percent.")

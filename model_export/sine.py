@@ -89,7 +89,36 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x @ w.unsqueeze(-1)).squeeze(-1)                          # [...]
 
 
-class SINE(nn.Module):
+class ItemSoftmax:
+    """Eq. 9 for any encoder whose item table `H` (row 0 = padding) also scores items by v . H_j:
+    SINE, and SASRec (`model_export.sasrec`) trained by the same trainer."""
+
+    H: nn.Embedding
+
+    def item_table(self) -> torch.Tensor:
+        """H without the padding row: row j is item j + 1."""
+        return self.H.weight[1:]                                       # [M, D]
+
+    def full_softmax_loss(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Eq. 9 exactly: softmax over all M items."""
+        logits = v @ self.item_table().t()                             # [B, M]
+        return F.cross_entropy(logits, target - 1)
+
+    def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: LogUniformSampler,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed."""
+        neg, log_q_neg = sampler.sample(generator)                     # [S], [S]
+        neg, log_q_neg = neg.to(v.device), log_q_neg.to(v.device)
+        H_pos = self.H(target)                                         # [B, D]
+        H_neg = self.H(neg)                                            # [S, D]
+        pos = (v * H_pos).sum(-1, keepdim=True) - sampler.log_q(target.cpu()).to(v.device).unsqueeze(-1)  # [B, 1]
+        negs = v @ H_neg.t() - log_q_neg.unsqueeze(0)                  # [B, S]
+        negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), NEG)
+        logits = torch.cat([pos, negs], dim=1)                         # [B, 1 + S]
+        return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+class SINE(ItemSoftmax, nn.Module):
 
     def __init__(self, config: SINEConfig):
         super().__init__()
@@ -154,8 +183,10 @@ class SINE(nn.Module):
         s = z @ self.C.t()                                             # [B, L]
         return torch.topk(s, self.config.K, dim=1)                     # values, indices: [B, K]
 
-    def forward(self, item_ids: torch.Tensor):
-        """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
+    def assign(self, item_ids: torch.Tensor):
+        """§3.2.1-3.2.2 for `item_ids` [B, n]: the activated prototypes idx [B, K], their gated
+        embeddings C_u [B, K, D] and each click's assignment P_kt [B, n, K] (pads 0), with the
+        embeddings X, mask and item-side products the later equations reuse."""
         c = self.config
         X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
         XW1, XW3, XpWk1 = self.item_maps(X, item_ids)                  # [B, n, D], [B, n, D], [B, n, K*D]
@@ -171,6 +202,12 @@ class SINE(nn.Module):
         else:
             logits = unit(q) @ unit(p).transpose(1, 2) / c.tau_assign
         P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
+        return X, mask, XpWk1, idx, gate, C_u, P_kt
+
+    def forward(self, item_ids: torch.Tensor):
+        """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
+        c = self.config
+        X, mask, XpWk1, idx, gate, C_u, P_kt = self.assign(item_ids)
 
         # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
         Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(c.K, device=X.device).unsqueeze(1)).reshape(
@@ -198,29 +235,7 @@ class SINE(nn.Module):
         v = (e.unsqueeze(-1) * phi).sum(1)                             # [B, D]
         return phi, v, e
 
-    # -- §3.4 model optimization (Eq. 9-11) ---------------------------------------------------
-
-    def item_table(self) -> torch.Tensor:
-        """H without the padding row: row j is item j + 1."""
-        return self.H.weight[1:]                                       # [M, D]
-
-    def full_softmax_loss(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Eq. 9 exactly: softmax over all M items."""
-        logits = v @ self.item_table().t()                             # [B, M]
-        return F.cross_entropy(logits, target - 1)
-
-    def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: LogUniformSampler,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed."""
-        neg, log_q_neg = sampler.sample(generator)                     # [S], [S]
-        neg, log_q_neg = neg.to(v.device), log_q_neg.to(v.device)
-        H_pos = self.H(target)                                         # [B, D]
-        H_neg = self.H(neg)                                            # [S, D]
-        pos = (v * H_pos).sum(-1, keepdim=True) - sampler.log_q(target.cpu()).to(v.device).unsqueeze(-1)  # [B, 1]
-        negs = v @ H_neg.t() - log_q_neg.unsqueeze(0)                  # [B, S]
-        negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), NEG)
-        logits = torch.cat([pos, negs], dim=1)                         # [B, 1 + S]
-        return F.cross_entropy(logits, torch.zeros_like(target))
+    # -- §3.4 model optimization (Eq. 9-11): Eq. 9 from `ItemSoftmax` --------------------------
 
     def covariance_loss(self) -> torch.Tensor:
         """Eq. 10: 1/2 (||M||_F^2 - ||diag M||^2), M = (C - mean)(C - mean)^T / D, L x L."""

@@ -21,6 +21,7 @@ from index_builder.bundle import write_atomic
 
 from .data import DataError, Dataset, dataset_info, split
 from .evaluate import evaluate_model
+from .sasrec import SASRec, SASRecConfig
 from .sine import SINE, LogUniformSampler, SINEConfig
 
 CHECKPOINT_FORMAT = 1
@@ -102,9 +103,28 @@ def load_checkpoint(path: Path, ds: Dataset | None = None) -> dict:
     return ck
 
 
-def model_from_checkpoint(ck: dict) -> SINE:
+ModelConfig = SINEConfig | SASRecConfig
+Encoder = SINE | SASRec
+
+
+def config_from_args(args: dict) -> ModelConfig:
+    """The model config a checkpoint's `model_args` describe (no `arch`: SINE)."""
+    return SASRecConfig(**args) if args.get("arch") == "sasrec" else SINEConfig(**args)
+
+
+def build_model(cfg: ModelConfig) -> Encoder:
+    return SASRec(cfg) if isinstance(cfg, SASRecConfig) else SINE(cfg)
+
+
+def describe(cfg: ModelConfig) -> str:
+    if isinstance(cfg, SASRecConfig):
+        return f"SASRec blocks={cfg.blocks} heads={cfg.heads} dropout={cfg.dropout} D={cfg.D}"
+    return f"K={cfg.K} L={cfg.L} D={cfg.D}"
+
+
+def model_from_checkpoint(ck: dict) -> Encoder:
     try:
-        model = SINE(SINEConfig(**ck["model_args"]))
+        model = build_model(config_from_args(ck["model_args"]))
         model.load_state_dict(ck["model"])
     except (TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint does not match this model code: {e}") from e
@@ -139,7 +159,7 @@ class _Objective(torch.nn.Module):
     """Eq. 11 for one batch as one module, so that DistributedDataParallel sees the whole step
     (the softmax over the item table included) inside its forward."""
 
-    def __init__(self, model: SINE, sampler: LogUniformSampler | None, gen: torch.Generator,
+    def __init__(self, model: Encoder, sampler: LogUniformSampler | None, gen: torch.Generator,
                  lam: float):
         super().__init__()
         self.model, self.sampler, self.gen, self.lam = model, sampler, gen, lam
@@ -200,7 +220,7 @@ def warm_start_source(path: Path | str) -> dict:
 WARM_START_NOISE = 0.1      # new item rows: the old rows' mean plus this much of their spread
 
 
-def warm_start(model: SINE, ck: dict, ds: Dataset, seed: int = 0) -> tuple[int, int]:
+def warm_start(model: Encoder, ck: dict, ds: Dataset, seed: int = 0) -> tuple[int, int]:
     """Start `model` (built for `ds`, whose vocabulary may have grown) from a trained one.
 
     Every parameter but the item table is copied. An item the old model knew keeps its row
@@ -236,7 +256,7 @@ def warm_start(model: SINE, ck: dict, ds: Dataset, seed: int = 0) -> tuple[int, 
     return kept, ds.n_items - kept
 
 
-def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
+def train(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
           resume: Path | None = None, progress: bool = True, log=print,
           warm_start_from: Path | str | None = None) -> TrainResult:
     """Train, keep `best.pt` (best validation) and `last.pt` (resume point) in `out_dir`.
@@ -266,7 +286,7 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
                         "processes; make it a multiple of their number.")
     dev = torch.device(f"cuda:{dist.local_rank}" if cfg.device.startswith("cuda")
                        and dist.world > 1 else cfg.device)
-    model = SINE(model_cfg).to(dev)
+    model = build_model(model_cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_kind = cfg.resolved_loss(ds.n_items)
     sampler = LogUniformSampler(ds.n_items, cfg.num_negatives) if loss_kind == "sampled" else None
@@ -308,7 +328,7 @@ def train(ds: Dataset, model_cfg: SINEConfig, cfg: TrainConfig, out_dir: Path,
     steps = N // cfg.batch_size
     stopped = "max_epochs"
     log(f"{ds.summary()}; {N:,} training samples, {steps:,} steps/epoch, loss={loss_kind}, "
-        f"K={model_cfg.K} L={model_cfg.L} D={model_cfg.D} lambda={cfg.lam}")
+        f"{describe(model_cfg)} lambda={cfg.lam}")
     bar_cls = _tqdm() if progress else None
     objective: torch.nn.Module = _Objective(model, sampler, gen, cfg.lam)
     if dist.world > 1:

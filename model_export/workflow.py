@@ -6,19 +6,34 @@ from pathlib import Path
 
 import torch
 
+from . import train as training
 from .data import Dataset, split
 from .evaluate import concept_analysis, evaluate_model, evaluate_popularity
 from .report import plot_curves, render
-from .sine import SINEConfig
-from .train import TrainConfig, TrainResult, atomic_write_text, load_checkpoint, model_from_checkpoint, train
+from .sasrec import SASRecConfig
+from .sine import SINE, SINEConfig
+from .train import ModelConfig, TrainConfig, TrainResult, atomic_write_text, train
 
 # Table 3 of the paper; other data sets take the MovieLens setting
 PRESETS = {"ml-1m": {"K": 4, "L": 50}, "amazon-beauty": {"K": 4, "L": 500}}
+# SASRec's paper: dropout 0.2 on MovieLens, 0.5 on the sparse Amazon logs
+SASREC_PRESETS = {"amazon-beauty": {"dropout": 0.5}}
+ARCHS = ("sine", "sasrec")
 
 
-def model_config(ds: Dataset, **overrides) -> SINEConfig:
+def model_config(ds: Dataset, arch: str = "sine", **overrides) -> ModelConfig:
+    """SINE's config (Table 3 presets) or, with `arch="sasrec"`, SASRec's; `None` overrides
+    are ignored, and SINE-only ones (K, L, temperatures, ...) are refused for SASRec."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if arch == "sasrec":
+        allowed = {"D", "n", "blocks", "heads", "dropout"}
+        if set(given) - allowed:
+            raise ValueError(f"SASRec takes {sorted(allowed)}, not {sorted(set(given) - allowed)}")
+        return SASRecConfig(n_items=ds.n_items, **{**SASREC_PRESETS.get(ds.name, {}), **given})
+    if arch != "sine":
+        raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
     args = {"K": 4, "L": 50, **PRESETS.get(ds.name, {})}
-    args.update({k: v for k, v in overrides.items() if v is not None})
+    args.update(given)
     if ds.name not in PRESETS and "L" not in overrides:
         args["L"] = min(args["L"], ds.n_items)
     return SINEConfig(n_items=ds.n_items, **args)
@@ -27,17 +42,18 @@ def model_config(ds: Dataset, **overrides) -> SINEConfig:
 def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
                         exclude_history: bool = True, with_popularity: bool = True) -> dict:
     """Metrics on valid and test (+ popularity), concepts; with `out_dir`, report.md + curves.png."""
-    ck = load_checkpoint(ck_path, ds)
-    model = model_from_checkpoint(ck)
+    ck = training.load_checkpoint(ck_path, ds)
+    model = training.model_from_checkpoint(ck)
     sp = split(ds, model.config.n)
+    name = type(model).__name__                                       # "SINE" or "SASRec"
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for which in ("valid", "test"):
-        rows = {"SINE": evaluate_model(model, ds, sp, which, exclude_history)}
+        rows = {name: evaluate_model(model, ds, sp, which, exclude_history)}
         if with_popularity:
             rows["Popularity"] = evaluate_popularity(ds, sp, which, exclude_history)
         metrics[which] = rows
     with torch.no_grad():
-        concepts = concept_analysis(model, ds, sp)
+        concepts = concept_analysis(model, ds, sp) if isinstance(model, SINE) else {}
     # best.pt holds the history up to its own epoch; the run's full history sits beside it
     history = ck["history"]
     hist_file = Path(ck_path).parent / "history.json"
@@ -45,13 +61,13 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
         full = json.loads(hist_file.read_text())
         if len(full) > len(history) and full[:len(history)] == history:
             history = full
-    result = {"metrics": metrics, "concepts": concepts, "best_epoch": ck["best_epoch"],
+    result = {"model_name": name, "metrics": metrics, "concepts": concepts, "best_epoch": ck["best_epoch"],
               "epochs_run": len(history), "seconds": ck.get("seconds"),
               "model_args": ck["model_args"], "train_args": ck["train_args"],
               "loss_kind": ck.get("loss_kind"), "history": history}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        curves = plot_curves(history, out_dir / "curves.png", f"SINE on {ds.name}", ck["best_epoch"])
+        curves = plot_curves(history, out_dir / "curves.png", f"{name} on {ds.name}", ck["best_epoch"])
         text = render(ds.name, metrics, concepts, {**ck, "history": history},
                       curves.name if curves else None)
         atomic_write_text(text, out_dir / "report.md")
@@ -59,7 +75,7 @@ def evaluate_checkpoint(ck_path: Path, ds: Dataset, out_dir: Path | None = None,
     return result
 
 
-def train_and_report(ds: Dataset, mcfg: SINEConfig, tcfg: TrainConfig, out_dir: Path,
+def train_and_report(ds: Dataset, mcfg: ModelConfig, tcfg: TrainConfig, out_dir: Path,
                      resume: Path | None = None, progress: bool = True, log=print,
                      warm_start_from: Path | None = None) -> tuple[TrainResult, dict]:
     """`sine train`: train with early stopping, then evaluate `best.pt` and write the report.

@@ -77,10 +77,16 @@ def cmd_train(a: argparse.Namespace) -> int:
         ds = data.extend(ds, [(u, i, ts) for u, i, ts, _ in rows if ts >= since])
     print(ds.summary())
     if a.warm_start:                         # the shape of the model it starts from
-        from model_export.train import warm_start_source
-        shape = {k: v for k, v in warm_start_source(a.warm_start)["model_args"].items()
-                 if k != "n_items"}
-        mcfg = model_config(ds, **shape)
+        from model_export.train import config_from_args, warm_start_source
+        shape = warm_start_source(a.warm_start)["model_args"]
+        mcfg = config_from_args({**shape, "n_items": ds.n_items})
+    elif a.arch == "sasrec":
+        sine_only = [f"--{k.replace('_', '-')}" for k in ("K", "L", "literal") if getattr(a, k)]
+        if sine_only or a.aggregation != "adaptive":
+            raise CliError(f"{', '.join(sine_only) or '--aggregation'}: SINE's options; SASRec "
+                           "takes --blocks, --heads and --dropout")
+        mcfg = model_config(ds, "sasrec", D=a.D, n=a.seq_len, blocks=a.blocks, heads=a.heads,
+                            dropout=a.dropout)
     else:
         mcfg = model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau,
                             tau_assign=a.tau_assign, literal=a.literal or None,
@@ -269,13 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "evaluate, export and serve a sparse-interest recommender.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train SINE with early stopping, then evaluate and report",
+    t = sub.add_parser("train", help="train SINE (or SASRec) with early stopping, then evaluate and report",
                        description="Train SINE on a data set (leave-one-out split), keep the best "
                        "validation checkpoint, then evaluate it on the test split and write "
                        "report.md, curves.png and metrics.json next to the checkpoints.")
     _data_args(t)
     t.add_argument("--out", help="output folder (default runs/<dataset>)")
     g = t.add_argument_group("model (paper symbols)")
+    g.add_argument("--arch", choices=["sine", "sasrec"], default="sine",
+                   help="sine (default), or the single-vector SASRec baseline (a K = 1 bundle)")
     g.add_argument("--K", type=int, help="activated intentions per user (Table 3: 4)")
     g.add_argument("--L", type=int, help="prototype pool size (Table 3: ML-1M 50, Amazon 500)")
     g.add_argument("--D", type=int, default=128, help="embedding size (default 128)")
@@ -286,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Eq. 3 and 7 as raw LayerNorm dot products, as printed in the paper")
     g.add_argument("--aggregation", choices=["adaptive", "mean"], default="adaptive",
                    help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation)")
+    g = t.add_argument_group("SASRec (--arch sasrec)")
+    g.add_argument("--blocks", type=int, help="self-attention blocks (default 2)")
+    g.add_argument("--heads", type=int, help="attention heads (default 1)")
+    g.add_argument("--dropout", type=float,
+                   help="dropout (default 0.2; 0.5 on amazon-beauty)")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
     g.add_argument("--patience", type=int, default=3,

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from benchmarks import accuracy
 
 
@@ -16,4 +18,43 @@ def test_accuracy_benchmark_writes_rows_with_command_and_machine(tmp_path):
     assert row["command"].startswith("python -m benchmarks.accuracy --dataset synthetic")
     assert row["machine"]["cpus"] >= 1 and row["git_commit"]
     md = (res / "accuracy-synthetic.md").read_text()
-    assert md.count("| Popularity (training counts) |") == 2
+    assert md.count("| Popularity (training counts) [`popularity") == 2
+    assert "| Popularity (training counts) | popularity |" in md        # its top-50 lists
+    beyond = row["beyond"]["popularity"]
+    assert 0 < beyond["coverage@50"] < 1 and 0 < beyond["diversity@50"] <= 1
+    # a row whose run folder is gone stays in the results file
+    (runs / "synthetic" / "popularity-other" / "result.json").unlink()
+    assert accuracy.main(["--dataset", "synthetic", "--merge-only", "--runs-dir", str(runs),
+                          "--results-dir", str(res)]) == 0
+    assert set(json.loads((res / "accuracy-synthetic.json").read_text())["rows"]) == {
+        "popularity", "popularity-other"}
+
+
+def test_a_setting_must_be_name_equals_value(capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(["--dataset", "synthetic", "--set", "K"])
+    assert "NAME=VALUE" in capsys.readouterr().err
+    assert accuracy._setting("tau=0.5") == ("tau", 0.5)
+    assert accuracy._setting("K=8") == ("K", 8)
+    assert accuracy._setting("literal=true") == ("literal", True)
+
+
+@pytest.mark.slow
+def test_sine_and_sasrec_rows_carry_per_interest_lists_and_diagnostics(tmp_path):
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    assert accuracy.main(["--dataset", "synthetic", "--variants", "sine,sasrec", "--epochs", "1",
+                          "--set", "D=16", "--batch-size", "256", "--threads", "2",
+                          "--runs-dir", str(runs), "--results-dir", str(res),
+                          "--no-progress"]) == 0
+    rows = json.loads((res / "accuracy-synthetic.json").read_text())["rows"]
+    sine, sasrec = rows["sine"], rows["sasrec"]
+    assert sine["model_args"]["D"] == 16 and sasrec["model_args"]["arch"] == "sasrec"
+    assert sine["label"].endswith(", D = 16")
+    assert set(sine["beyond"]) == {"aggregate", "per_interest"}
+    assert sine["diagnostics"]["K"] == 4 and "assignment_nmi" in sine["diagnostics"]
+    assert "diagnostics" not in sasrec
+    # one interest: per-interest retrieval is the aggregate one
+    assert sasrec["test_per_interest_percent"] == sasrec["test_percent"]
+    md = (res / "accuracy-synthetic.md").read_text()
+    assert "Per-interest retrieval" in md and "Interest diagnostics" in md
+    assert "| SASRec (2 blocks, single vector, same harness), D = 16 | per_interest |" not in md

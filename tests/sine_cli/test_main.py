@@ -29,6 +29,13 @@ def test_bad_data_is_a_clean_error_not_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "run").exists(), "nothing written for a failed run"
 
 
+def test_sasrec_refuses_sines_options(tmp_path, capsys):
+    rc = main(["train", "--dataset", "synthetic", "--arch", "sasrec", "--K", "4",
+               "--out", str(tmp_path / "r")])
+    assert rc == 2 and "--K: SINE's options" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     rc = main(["evaluate", "--dataset", "synthetic", "--checkpoint", str(tmp_path / "nope.pt")])
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
