@@ -172,7 +172,10 @@ def merge(dataset: str, runs_dir: Path, results_dir: Path) -> Path:
           "Test split, " + out["protocol"] + ". Written by `benchmarks/accuracy.py`. Each row "
           "trained with early stopping on validation NDCG@10 inside the wall-clock budget in "
           "`seconds`, on the machine named; compare ablations only between rows of one machine "
-          "and budget (the GPU rows trained side by side, one process each, on one GPU).", "",
+          "and budget (the GPU rows trained side by side, one process each, on one GPU; the "
+          "`-side` rows side by side on the 2-core CPU, one single-threaded process each, "
+          "`benchmarks/side_by_side.sh`). `samples`: training windows seen up to the best "
+          "epoch.", "",
           "| model | " + " | ".join(cols) + " | epochs (best) | samples | seconds | machine |",
           "|---" * (len(cols) + 5) + "|"]
     if dataset in PAPER:

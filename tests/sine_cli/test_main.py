@@ -57,6 +57,18 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
                  str(out / "best.pt")]) == 2
 
 
+@pytest.mark.slow
+def test_train_sasrec_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "synthetic", "--arch", "sasrec", "--out", str(out),
+               "--epochs", "1", "--D", "16", "--heads", "2", "--dropout", "0.1",
+               "--no-progress", "--threads", "2"])
+    assert rc == 0
+    assert "| SASRec |" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert report.startswith("# SASRec on synthetic") and "2 heads, dropout 0.1" in report
+
+
 def test_export_and_build_index_from_the_command_line(small_world, tmp_path, capsys):
     from index_builder import bundle
     ds_args = ["--dataset", "synthetic"]
