@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="ml-1m",
-                   help="ml-1m, amazon-beauty, ml-100k, synthetic, or the path of a click log "
+                   help="ml-1m, amazon-beauty, ml-100k, synthetic, synthetic-mix, or the path of a click log "
                         "(.csv/.parquet with user_id,item_id,timestamp). Default: ml-1m")
     p.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
                    help=f"folder holding the data sets (env {DATA_DIR_ENV}; default ../shared/data)")
