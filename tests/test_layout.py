@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("service", "index_builder", "model_export", "sine_cli", "devtools", "benchmarks",
             "loadtests")
 # the modules that may import torch: training, evaluation and export (and measurements of them)
-TORCH_OK = {"model_export/sine.py", "model_export/train.py", "model_export/evaluate.py",
+TORCH_OK = {"model_export/sine.py", "model_export/sasrec.py", "model_export/train.py", "model_export/evaluate.py",
             "model_export/export.py", "model_export/workflow.py", "benchmarks/encoder.py",
             "benchmarks/gpu.py", "benchmarks/common.py"}
 
