@@ -10,14 +10,15 @@
     <root>/<version>/model.pt         optional: the trained model, to warm-start the next one
     <root>/current                    the live version's name
     <root>/refresh.json               the last `sine refresh` outcome and its gate metrics
-    <base url>/<version>.tar.gz       a published version on an object store (`fetch`)
+    <base url>/<version>.tar.gz       a published version on an object store (`fetch.py`)
 
 Publishing writes the version under a temporary name, fsyncs it, renames it into place, then
 replaces `current` by rename: a crash at any point leaves `current` naming a complete version.
 `load` is shared by the offline tools and the service: it refuses a bundle with a missing file, a
 hash mismatch, an unknown schema version or dimensions that disagree, with a message that says
-which. `fetch` downloads a published archive into a root the same way, and
-`set_search_params` applies the manifest's faiss knobs to an opened index.
+which. A version name is one plain path component (`check_version`), wherever it comes from:
+a flag, a manifest, the `current` pointer or a request. `set_search_params` applies the
+manifest's faiss knobs to an opened index; `fetch.py` downloads a published archive.
 
 This module is the contract between the builders and the service: both import it, it imports
 neither (no torch, faiss only when an index is opened).
@@ -27,12 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,43 @@ REFRESH_REPORT = "refresh.json"      # the last `sine refresh` outcome, beside `
 
 class BundleError(RuntimeError):
     """A bundle cannot be used; the message names the bundle, the file and the problem."""
+
+
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_version(name: str) -> str:
+    """`name` if it can name a version folder: letters, digits, `.`, `_` and `-`, starting with a
+    letter or digit, at most 128 characters (so never `..`, a path or an empty name)."""
+    if not isinstance(name, str) or not VERSION_RE.fullmatch(name):
+        raise BundleError(f"{name!r} is not a version name (letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit, at most 128 characters).")
+    return name
+
+
+# what the service and the tools read from a manifest, with the type each must have
+MANIFEST_FIELDS: dict[tuple[str, ...], type | tuple[type, ...]] = {
+    ("version",): str, ("files",): dict, ("model",): dict, ("model", "D"): int,
+    ("model", "n"): int, ("model", "K"): int, ("items",): dict, ("items", "count"): int,
+    ("items", "vocab_sha256"): str, ("index",): dict, ("index", "factory"): str,
+    ("onnx",): dict}
+
+
+def check_manifest(m: Any, where: Path) -> None:
+    """Every field the readers use is present with its type (else a BundleError naming it)."""
+    if not isinstance(m, dict):
+        raise BundleError(f"{where}: the manifest is not a JSON object.")
+    for path, kind in MANIFEST_FIELDS.items():
+        v: Any = m
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if v is None or not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise BundleError(f"{where}: field {'.'.join(path)!r} is missing or not "
+                              f"{getattr(kind, '__name__', kind)}.")
+    for k in ("D", "n", "K"):
+        if m["model"][k] < 1:
+            raise BundleError(f"{where}: model.{k} = {m['model'][k]} must be positive.")
+    check_version(m["version"])
 
 
 Progress = Callable[[int, int], None]        # (done, total)
@@ -109,6 +146,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def publish(staging: Path, root: Path, version: str, make_current: bool = True) -> Path:
     """Move a complete staging folder to `<root>/<version>` and point `current` at it."""
+    check_version(version)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
@@ -126,6 +164,7 @@ def publish(staging: Path, root: Path, version: str, make_current: bool = True) 
 
 
 def set_current(root: Path, version: str) -> None:
+    check_version(version)
     if not (root / version / MANIFEST).exists():
         raise BundleError(f"{root / version}: no such bundle version (no {MANIFEST}).")
     write_atomic(root / CURRENT, (version + "\n").encode())
@@ -137,7 +176,11 @@ def current_version(root: Path) -> str:
     if not p.exists():
         raise BundleError(f"{root}: no `{CURRENT}` pointer; publish a bundle with `sine build-index` "
                           "or name a version folder directly.")
-    return p.read_text().strip()
+    name = p.read_text().strip()
+    try:
+        return check_version(name)
+    except BundleError as e:
+        raise BundleError(f"{p}: {e}") from None
 
 
 def staging_dir(root: Path, version: str) -> Path:
@@ -211,14 +254,13 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True,
         raise BundleError(f"{d}: {MANIFEST} is missing; this is not a complete bundle.")
     try:
         m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e}).") from e
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{mpath}: schema version {m.get('schema_version')!r} is not supported "
+    if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+        got = m.get("schema_version") if isinstance(m, dict) else None
+        raise BundleError(f"{mpath}: schema version {got!r} is not supported "
                           f"(this code reads {SCHEMA_VERSION}); rebuild the bundle with this version.")
-    for key in ("version", "files", "model", "items", "index", "onnx"):
-        if key not in m:
-            raise BundleError(f"{mpath}: field {key!r} is missing.")
+    check_manifest(m, mpath)
     extra = [n for n in OPTIONAL_FILES.values() if n in m["files"]]
     for name in [*FILES.values(), *(extra if (deep if optional is None else optional) else [])]:
         p = d / name
@@ -233,7 +275,13 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True,
                 raise BundleError(f"{p}: sha256 {got[:12]}... does not match the manifest's "
                                   f"{want[:12]}...: the file is corrupt or was replaced.")
     b = Bundle(d, m)
-    ids = b.item_ids()
+    try:
+        ids = b.item_ids()
+        pop = b.popularity()
+    except (OSError, ValueError) as e:       # not JSON, not an .npy (pickles are never loaded)
+        raise BundleError(f"{d}: item_ids.json or popularity.npy is unreadable ({e}).") from e
+    if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+        raise BundleError(f"{b.file('item_ids')}: not a JSON list of item id strings.")
     if len(ids) - 1 != m["items"]["count"] or vocab_sha256(ids) != m["items"]["vocab_sha256"]:
         raise BundleError(f"{b.file('item_ids')}: {len(ids) - 1} items / vocabulary hash differ from "
                           f"the manifest ({m['items']['count']} items).")
@@ -310,61 +358,3 @@ def archive(root: Path, version: str, out_dir: Path) -> Path:
         raise
     _fsync_dir(out_dir)
     return final
-
-
-# -- fetching a published version -------------------------------------------------------------
-
-def archive_url(base: str, version: str) -> str:
-    """`<base>/<version>.tar.gz`, or `base` with `{version}` filled in."""
-    if "{version}" in base:
-        return base.format(version=version)
-    return base.rstrip("/") + f"/{version}.tar.gz"
-
-
-def fetch(base_url: str, version: str, root: Path, timeout_s: float = 60.0,
-          progress: Progress | None = None) -> Bundle:
-    """Download `<version>.tar.gz` (its files at the top level or under `<version>/`), unpack it
-    beside the root, validate it, and only then publish it and point `current` at it.
-
-    `tar -C <root> -czf <version>.tar.gz <version>` makes such an archive. A version already
-    present is only re-pointed. Used by the Helm chart's init container."""
-    root = Path(root)
-    if (root / version / MANIFEST).exists():
-        b = load(root / version, deep=False)
-        set_current(root, version)
-        return b
-    url = archive_url(base_url, version)
-    staging = staging_dir(root, version)
-    try:
-        with tempfile.TemporaryFile() as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as r:
-                    total = int(r.headers.get("Content-Length") or 0)
-                    done = 0
-                    while chunk := r.read(1 << 20):
-                        tmp.write(chunk)
-                        done += len(chunk)
-                        if progress and total:
-                            progress(done, total)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise BundleError(f"{url}: download failed ({e}).") from e
-            tmp.seek(0)
-            try:
-                with tarfile.open(fileobj=tmp, mode="r:gz") as tar:
-                    tar.extractall(staging, filter="data")   # no absolute paths, links or devices
-            except (tarfile.TarError, OSError) as e:
-                raise BundleError(f"{url}: not a readable .tar.gz ({e}).") from e
-        entries = list(staging.iterdir())
-        if len(entries) == 1 and entries[0].is_dir() and not (staging / MANIFEST).exists():
-            inner = entries[0]                  # the archive holds one <version>/ folder
-            for p in inner.iterdir():
-                p.rename(staging / p.name)
-            inner.rmdir()
-        b = load(staging, verify_hashes=True, deep=False, optional=True)
-        if b.version != version:
-            raise BundleError(f"{url}: the archive holds version {b.version!r}, not {version!r}.")
-        publish(staging, root, version, make_current=True)
-    except BaseException:
-        discard(staging)
-        raise
-    return load(root / version, deep=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,7 +86,17 @@ def load_checkpoint(path: Path, ds: Dataset | None = None) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found.")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        # tensors and plain containers only: a checkpoint (or a bundle's model.pt, which anyone
+        # who can write to the bundle store can replace) never runs code when it is read
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the object it would have built: "... unsupported GLOBAL posix.system ..."
+        what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if what is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file). "
+                                  "Retrain or point to another file.") from None
+        raise CheckpointError(f"{path}: refused: it holds more than tensors and plain data, a "
+                              f"pickled object that would run code when loaded ({what}).") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}). "
                               "Retrain or point to another file.") from e

@@ -1,9 +1,11 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
+from index_builder import bundle
 from model_export import data
 from model_export.data import split
 from model_export.evaluate import evaluate_popularity
@@ -112,6 +114,40 @@ def test_unreadable_or_foreign_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+class _Payload:
+    """What a hostile model.pt holds: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_never_run(small_world, tmp_path):
+    """Warm start reads a bundle's model.pt; whoever can write to the bundle store must not get
+    code execution in the refresh job from it."""
+    from model_export.train import warm_start_source
+
+    marker = tmp_path / "pwned"
+    ck = torch.load(small_world["checkpoint"], weights_only=True)
+    ck["model_args"] = {**ck["model_args"], "extra": _Payload(marker)}
+    torch.save(ck, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    root = tmp_path / "bundles"                          # the same inside a bundle's model.pt
+    shutil.copytree(small_world["root"] / "v1", root / "v1")
+    torch.save(ck, root / "v1" / "model.pt")
+    m = json.loads((root / "v1" / "manifest.json").read_text())
+    m["files"]["model.pt"] = bundle.sha256_file(root / "v1" / "model.pt")   # hashes agree
+    (root / "v1" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="refused"):
+        warm_start_source(root / "v1")
+    assert not marker.exists()
+    assert load_checkpoint(small_world["checkpoint"])["format"] == 1   # ours still load
 
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
