@@ -33,10 +33,12 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -129,11 +131,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+    """A file that appears at `path` whole or not at all: written under a temporary name in the
+    same folder, fsynced, made world-readable, renamed over `path`, and the folder fsynced.
+    An exception inside the block leaves `path` as it was and no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)                    # mkstemp makes 0600; a service user must read it
@@ -142,6 +149,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def publish(staging: Path, root: Path, version: str, make_current: bool = True) -> Path:
@@ -192,6 +205,45 @@ def staging_dir(root: Path, version: str) -> Path:
 
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def versions(root: Path) -> list[Path]:
+    """The published versions under a root, oldest first (by their manifest's mtime)."""
+    found = [p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")
+             and VERSION_RE.fullmatch(p.name) and (p / MANIFEST).exists()]
+    return sorted(found, key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name))
+
+
+def prune_versions(root: Path, keep: int, protect: set[str] | frozenset[str] = frozenset()
+                   ) -> list[str]:
+    """Delete all but the newest `keep` versions (0: keep all), never `current` nor those in
+    `protect`; returns the names deleted. A pod serving a deleted version keeps its open files."""
+    if keep <= 0:
+        return []
+    try:
+        live = {current_version(Path(root))}
+    except BundleError:
+        live = set()
+    old = [p for p in versions(root)[:-keep] if p.name not in live | set(protect)]
+    for p in old:
+        shutil.rmtree(p)
+    if old:
+        _fsync_dir(Path(root))
+    return [p.name for p in old]
+
+
+def sweep_staging(root: Path, older_than_s: float) -> list[str]:
+    """Delete the staging folders and downloads that builds or fetches killed midway left
+    (`.staging-*`, untouched for `older_than_s`); returns their names."""
+    now, gone = time.time(), []
+    for p in Path(root).glob(".staging-*"):
+        if now - p.stat().st_mtime > older_than_s:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
 
 
 @dataclass
@@ -343,18 +395,6 @@ def archive(root: Path, version: str, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{version}.tar.gz"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{version}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w:gz") as tar:
-                tar.add(src, arcname=version)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(out_dir)
+    with atomic_open(final) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        tar.add(src, arcname=version)
     return final

@@ -3,6 +3,8 @@
 
     <out>/date=YYYY-MM-DD/hour=HH/part-[<shard>-]<first stream id>.parquet
         columns user_id, item_id, timestamp (seconds, UTC), event_id
+    <out>/rejected/[<shard>-]<first stream id>.jsonl
+        entries that are not clicks, set aside (stream, id, fields, why)
 
 With `redis_shards` the log is several streams (one per hash tag, see `service.history.Keys`,
 on a Redis Cluster each in its own slot); one run exports them all.
@@ -10,21 +12,33 @@ on a Redis Cluster each in its own slot); one run exports them all.
 The export reads through a consumer group, so several runs share the work and each entry is
 read until it is acknowledged. A file is written under a temporary name, fsynced and renamed
 into place; only then are its entries `XACK`ed. A run that died between the two leaves its
-entries pending: the next run takes them over (`XAUTOCLAIM`) and skips every event id its
-partition already holds, so after a crash at any point no click is lost and none is written
-twice.
+entries pending: the next run takes them over (its own at once, another consumer's once they
+have been idle `claim_idle_s`, so two live exporters never take each other's) and skips every
+(user, event id) its partition already holds, so after a crash at any point no click is lost
+and none is written twice. An entry that is not a click is written to `rejected/`, acknowledged
+and counted, and the export goes on.
+
+What was lost before the export could read it is counted, never skipped silently: the entries a
+cap removed unexported (the counters beside each stream, `click_stream_trim=cap`), the entries
+deleted past what the group had read (a gap: Redis's `max-deleted-entry-id` beyond the group's
+last delivered id, whoever deleted them), and entries that vanished after they were read. Any of
+them makes `sine export-clicks` exit 5.
 """
 from __future__ import annotations
 
-import os
+import json
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from index_builder.bundle import atomic_open
+from service.history.keys import ENTRY_FIELDS, LOST, REPORTED, Keys
+from service.redact import redact_url
+
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
+EXIT_LOST = 5                  # `sine export-clicks`: exported, but clicks were lost before
 
 
 class ClickLogError(RuntimeError):
@@ -36,9 +50,21 @@ class ExportResult:
     read: int = 0                  # stream entries handled (new and taken over)
     written: int = 0               # rows written to Parquet
     skipped: int = 0               # rows already in their partition (a crashed run's)
-    taken_over: int = 0            # entries another run read but never acknowledged
+    taken_over: int = 0            # entries an earlier run read but never acknowledged
+    rejected: int = 0              # entries that are not clicks, set aside in rejected/
+    lost_to_cap: int = 0           # unexported entries the cap removed since the last export
+    gap: int = 0                   # entries deleted before the group read them (at least)
+    vanished: int = 0              # entries deleted after they were read, before the ack
     files: list[str] = field(default_factory=list)
+    rejected_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def lost(self) -> int:
+        """Clicks lost before they could be exported. The cap's count and what the export sees
+        (a gap, entries that vanished) are two views of the same loss where the cap made it:
+        the larger is the count."""
+        return max(self.lost_to_cap, self.gap + self.vanished)
 
 
 def _partition(ts: float) -> str:
@@ -46,54 +72,45 @@ def _partition(ts: float) -> str:
     return f"date={time.strftime('%Y-%m-%d', t)}/hour={t.tm_hour:02d}"
 
 
-def _ids_in(folder: Path) -> set[str]:
-    """Every event id already written under one partition."""
+def _ids_in(folder: Path) -> set[tuple[str, str]]:
+    """Every (user, event id) already written under one partition."""
     import pyarrow.parquet as pq
 
-    ids: set[str] = set()
+    ids: set[tuple[str, str]] = set()
     for f in sorted(folder.glob("*.parquet")):
-        ids.update(pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist())
+        t = pq.read_table(f, columns=["user_id", "event_id"])
+        ids.update(zip(t.column("user_id").to_pylist(), t.column("event_id").to_pylist()))
     return ids
 
 
 def _write(rows: list[tuple[str, str, float, str]], path: Path) -> None:
-    """One Parquet file, atomically: temporary name, fsync, rename, fsync of the folder."""
+    """One Parquet file, atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(COLUMNS)},
                      schema=pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                                        ("timestamp", pa.float64()), ("event_id", pa.string())]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with atomic_open(path) as f:
+        pq.write_table(table, f)
+
+
+def _id(s: str) -> tuple[int, int]:
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class Exporter:
     """One run of the export; `ack` is the step after a file is safely on disk."""
 
     def __init__(self, client, streams: list[str] | str, group: str, consumer: str, out: Path,
-                 batch: int = 5000):
+                 batch: int = 5000, claim_idle_s: float = 60.0):
         self.r, self.group, self.consumer = client, group, consumer
         self.streams = [streams] if isinstance(streams, str) else list(streams)
         self.stream = self.streams[0]
         self.out, self.batch = Path(out), batch
-        self._known: dict[str, set[str]] = {}
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self._known: dict[str, set[tuple[str, str]]] = {}
 
     def ack(self, ids: list[str]) -> None:
         self.r.xack(self.stream, self.group, *ids)
@@ -104,20 +121,33 @@ class Exporter:
             return self.stream[1:self.stream.index("}")] + "-"
         return ""
 
-    def _rows(self, entries) -> list[tuple[str, str, float, str, str]]:
-        out = []
+    def _split(self, entries, res: ExportResult
+               ) -> tuple[list[tuple[str, str, float, str, str]], list[dict]]:
+        """(clicks, rejected entries) of a batch read from the stream."""
+        rows, bad = [], []
         for sid, f in entries:
-            if not f:                                  # trimmed away after it was read
+            if not f:                                  # deleted after it was read
+                res.vanished += 1
                 continue
             try:
-                out.append((f["user"], f["item"], int(f["ts"]) / 1000.0, f["event"], sid))
-            except (KeyError, ValueError) as e:
-                raise ClickLogError(f"stream {self.stream} entry {sid} is not a click "
-                                    f"({f}): {e}") from None
-        return out
+                user, item, ts, event = (f[k] for k in ENTRY_FIELDS)
+                rows.append((user, item, int(ts) / 1000.0, event, sid))
+            except (KeyError, ValueError, TypeError) as e:
+                bad.append({"stream": self.stream, "id": sid, "fields": f,
+                            "why": f"not a click: {type(e).__name__}: {e}"})
+        return rows, bad
+
+    def _reject(self, bad: list[dict], res: ExportResult) -> None:
+        path = self.out / "rejected" / f"{self._file_prefix()}{bad[0]['id']}.jsonl"
+        with atomic_open(path) as f:
+            f.write("".join(json.dumps(b, default=str) + "\n" for b in bad).encode())
+        res.rejected += len(bad)
+        res.rejected_files.append(str(path.relative_to(self.out)))
 
     def handle(self, entries, res: ExportResult) -> None:
-        rows = self._rows(entries)
+        rows, bad = self._split(entries, res)
+        if bad:
+            self._reject(bad, res)
         by_part: dict[str, list[tuple[str, str, float, str, str]]] = {}
         for row in rows:
             by_part.setdefault(_partition(row[2]), []).append(row)
@@ -127,10 +157,10 @@ class Exporter:
                 known = self._known[part] = _ids_in(self.out / part)
             fresh = []
             for u, i, ts, eid, _sid in prow:
-                if eid in known:
+                if (u, eid) in known:
                     res.skipped += 1
                     continue
-                known.add(eid)
+                known.add((u, eid))
                 fresh.append((u, i, ts, eid))
             if fresh:
                 path = self.out / part / f"part-{self._file_prefix()}{prow[0][4]}.parquet"
@@ -150,6 +180,26 @@ class Exporter:
         res.seconds = time.perf_counter() - t0
         return res
 
+    def _group(self) -> dict | None:
+        for g in self.r.xinfo_groups(self.stream):
+            if g.get("name") == self.group:
+                return g
+        return None
+
+    def _gap(self) -> tuple[int, str, int] | None:
+        """Before reading: (entries deleted unread, at least; the stream's last id; the
+        group's entries-read) when entries past what the group had read were deleted."""
+        info = self.r.xinfo_stream(self.stream)
+        g = self._group() or {}
+        deleted = str(info.get("max-deleted-entry-id") or "0-0")
+        delivered = str(g.get("last-delivered-id") or "0-0")
+        if _id(deleted) <= _id(delivered):
+            return None
+        added, read = info.get("entries-added"), g.get("entries-read")
+        # Redis cannot always count what the group read past a deletion: then at least one
+        behind = int(added) - int(read) if added is not None and read is not None else 1
+        return behind, str(info.get("last-generated-id") or "0-0"), int(read or 0)
+
     def _run_one(self, res: ExportResult, progress: Callable[[int], None] | None) -> None:
         from redis.exceptions import ResponseError
 
@@ -158,32 +208,46 @@ class Exporter:
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        # entries a crashed run read but never acknowledged become this run's
+        trim = Keys.trim(self.stream)
+        counted = self.r.hmget(trim, [LOST, REPORTED])
+        new_lost = int(counted[0] or 0) - int(counted[1] or 0)
+        gap = self._gap()
+        # entries another run read but never acknowledged, once idle long enough that it is
+        # not still working on them, become this run's
         start = "0-0"
         while True:
             start, claimed, *_ = self.r.xautoclaim(self.stream, self.group, self.consumer,
-                                                   min_idle_time=0, start_id=start,
-                                                   count=self.batch)
-            res.taken_over += len(claimed)
+                                                   min_idle_time=self.claim_idle_ms,
+                                                   start_id=start, count=self.batch)
             if start in ("0-0", b"0-0"):
                 break
-        for new in ("0", ">"):        # first this consumer's pending entries, then the new ones
+        unread = 0                   # entries read as new, up to the stream's end at the check
+        for new in ("0", ">"):       # first this consumer's pending entries, then the new ones
             while True:
                 got = self.r.xreadgroup(self.group, self.consumer, {self.stream: new},
                                         count=self.batch)
                 entries = got[0][1] if got else []
                 if not entries:
                     break
+                if new == "0":
+                    res.taken_over += len(entries)
+                elif gap is not None:
+                    unread += sum(1 for sid, _ in entries if _id(sid) <= _id(gap[1]))
                 self.handle(entries, res)
                 if progress is not None:
                     progress(res.read)
+        if gap is not None:
+            res.gap += max(1, gap[0] - unread)
+        if new_lost > 0:
+            res.lost_to_cap += new_lost
+            self.r.hincrby(trim, REPORTED, new_lost)
 
 
 def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = "sine:clicks",
                   group: str = "sine-export", consumer: str | None = None,
                   password: str | None = None, batch: int = 5000,
                   progress: Callable[[int], None] | None = None,
-                  cluster: bool = False) -> ExportResult:
+                  cluster: bool = False, claim_idle_s: float = 60.0) -> ExportResult:
     """`sine export-clicks`: everything the streams hold that the group has not exported;
     `cluster`: `redis_url` is a node of a Redis Cluster."""
     import redis
@@ -198,41 +262,112 @@ def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = "s
             client = redis.Redis.from_url(redis_url, password=password, decode_responses=True,
                                           socket_timeout=30)
     except (RedisError, OSError) as e:
-        raise ClickLogError(f"the click log at {_redacted(redis_url)}: {e}") from None
+        raise ClickLogError(f"the click log at {redact_url(redis_url)}: {e}") from None
     try:
         return Exporter(client, streams, group, consumer or f"export-{socket.gethostname()}",
-                        Path(out), batch).run(progress)
+                        Path(out), batch, claim_idle_s).run(progress)
     except (RedisError, OSError) as e:
-        raise ClickLogError(f"the click log at {_redacted(redis_url)}: {e}") from None
+        raise ClickLogError(f"the click log at {redact_url(redis_url)}: {e}") from None
     finally:
         client.close()
 
 
-def _redacted(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-    u = urlsplit(url)
-    if u.password is None:
-        return url
-    netloc = f"{u.username or ''}:***@{u.hostname or ''}" + (f":{u.port}" if u.port else "")
-    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
-
-
 def read_clicks(folder: Path | str, since: float | None = None
                 ) -> Iterator[tuple[str, str, float, str]]:
-    """(user_id, item_id, timestamp, event_id) of an exported folder, each event once, in no
-    particular order; `since` keeps the clicks at or after that time (seconds)."""
+    """(user_id, item_id, timestamp, event_id) of an exported folder, each (user, event) once,
+    in no particular order; `since` keeps the clicks at or after that time (seconds) and reads
+    only those (a filter pushed into the Parquet scan)."""
     import pyarrow.dataset as pads
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ClickLogError(f"{folder}: no such click log folder.")
-    ds = pads.dataset(folder, format="parquet", partitioning="hive",
-                      exclude_invalid_files=True)
-    seen: set[str] = set()
+    ds = _dataset(folder)
+    if not ds.files:
+        return
+    seen: set[tuple[str, str]] = set()
     filt = pads.field("timestamp") >= since if since is not None else None
     for b in ds.to_batches(columns=list(COLUMNS), filter=filt):
         for u, i, ts, eid in zip(*(b.column(c).to_pylist() for c in COLUMNS)):
-            if eid in seen:
+            if (u, eid) in seen:
                 continue
-            seen.add(eid)
+            seen.add((u, eid))
             yield u, i, ts, eid
+
+
+def newest_click(folder: Path | str) -> float | None:
+    """The time of the newest exported click (only the timestamp column is read)."""
+    import pyarrow.compute as pc
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClickLogError(f"{folder}: no such click log folder.")
+    ds = _dataset(folder)
+    if not ds.files:
+        return None
+    t = ds.to_table(columns=["timestamp"])
+    return None if t.num_rows == 0 else float(pc.max(t.column("timestamp")).as_py())
+
+
+def _dataset(folder: Path):
+    import pyarrow.dataset as pads
+
+    # the Parquet files only (rejected/ holds JSON lines, a write in progress a .tmp name)
+    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
+    return pads.dataset(files, format="parquet")
+
+
+def count_clicks(folder: Path | str) -> int:
+    """Rows of an exported folder, from the Parquet footers (no data is read)."""
+    ds = _dataset(Path(folder))
+    return int(ds.count_rows()) if ds.files else 0
+
+
+def _partitions(folder: Path) -> Iterator[tuple[Path, float]]:
+    """(folder, the time its hour ends) of every `date=/hour=` partition."""
+    import calendar
+
+    for d in sorted(folder.glob("date=*/hour=*")):
+        try:
+            day = time.strptime(d.parent.name[len("date="):], "%Y-%m-%d")
+            hour = int(d.name[len("hour="):])
+        except ValueError:
+            continue
+        yield d, calendar.timegm(day) + (hour + 1) * 3600.0
+
+
+def compact_partitions(folder: Path | str, before: float, drop_before: float | None = None
+                       ) -> tuple[int, int]:
+    """Each partition whose hour ended before `before` rewritten as one file (each click once),
+    and those that ended before `drop_before` deleted. A crash between writing the new file and
+    removing the old ones leaves duplicates, which every reader skips. Returns (compacted,
+    dropped)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    compacted = dropped = 0
+    for d, ends in _partitions(folder):
+        if drop_before is not None and ends <= drop_before:
+            shutil.rmtree(d)
+            dropped += 1
+            continue
+        files = sorted(p for p in d.glob("*.parquet") if not p.name.startswith("."))
+        if ends > before or len(files) < 2:
+            continue
+        rows: dict[tuple[str, str], tuple[str, str, float, str]] = {}
+        for f in files:
+            t = pq.read_table(f, columns=list(COLUMNS))
+            for u, i, ts, eid in zip(*(t.column(c).to_pylist() for c in COLUMNS)):
+                rows.setdefault((u, eid), (u, i, ts, eid))
+        target = d / "part-compacted.parquet"
+        _write(list(rows.values()), target)
+        for f in files:
+            if f != target:
+                f.unlink()
+        compacted += 1
+    for day in folder.glob("date=*"):
+        if day.is_dir() and not any(day.iterdir()):
+            day.rmdir()
+    return compacted, dropped

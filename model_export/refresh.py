@@ -1,8 +1,10 @@
 """`sine refresh`: the model kept fresh. One cycle, each stage timed:
 
-1. **export** the click log (`clicklog.export_clicks`) into the clicks folder;
-2. **holdout**: the clicks of the last `window_hours` (before the newest one) are the new data;
-   the last click of each user active in that window is held out for the gate;
+1. **export** the click log (`clicklog.export_clicks`) into the clicks folder; clicks lost
+   before the export (a cap, a deletion) are counted in the report;
+2. **holdout**: the clicks of the last `window_hours` (before the newest one) are the new data,
+   and only they are read; the last click of each user active in that window is held out for
+   the gate;
 3. **train** on the base data set plus the other new clicks (`data.extend`: new users and new
    items join the vocabulary), warm-started from the live bundle's model (`train.warm_start`),
    within `train_minutes`;
@@ -15,8 +17,13 @@
 6. **publish**: `current` moves by atomic rename (the running services hot-reload it), and with
    `archive_dir` a `<version>.tar.gz` for `sine fetch-bundle` users appears there atomically.
 
-The outcome, the gate's metrics and the stage times are written to `<root>/refresh.json` (the
-service reports them in /metrics) and returned.
+Then **retention**: all but the newest `keep_versions` versions are deleted (never `current`,
+the live or the new one), staging folders that killed builds left are swept, the click
+partitions older than the window are compacted into one file an hour, and with
+`clicks_retention_hours` those older than that are deleted.
+
+The outcome, the gate's metrics, the stage times and what retention removed are written to
+`<root>/refresh.json` (the service reports them in /metrics) and returned.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import numpy as np
 from index_builder import bundle as bundle_mod
 
 from . import data
-from .clicklog import export_clicks, read_clicks
+from .clicklog import compact_partitions, count_clicks, export_clicks, newest_click, read_clicks
 
 PUBLISHED, REFUSED, NOTHING_NEW = "published", "refused", "nothing_new"
 # exit statuses of `sine refresh` (2 is any error, as for every command)
@@ -59,6 +66,9 @@ class RefreshConfig:
     archive_dir: Path | None = None
     threads: int | None = None
     seed: int = 42
+    keep_versions: int = 5                 # 0: keep every version
+    clicks_retention_hours: float | None = None   # None: keep every exported click
+    staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
 
 
 @dataclass
@@ -69,6 +79,7 @@ class RefreshReport:
     clicks: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     stages_s: dict = field(default_factory=dict)
+    retention: dict = field(default_factory=dict)
     finished: str = ""
     finished_unix: float = 0.0
 
@@ -85,8 +96,8 @@ def holdout(clicks: list[tuple[str, str, float, str]], since: float
     for u, i, ts, eid in clicks:
         if ts >= since and (u not in last or (ts, eid) > (last[u][0], last[u][2])):
             last[u] = (ts, i, eid)
-    held = {eid for _, _, eid in last.values()}
-    train = [(u, i, ts) for u, i, ts, eid in clicks if eid not in held]
+    held = {(u, eid) for u, (_, _, eid) in last.items()}       # event ids are per user
+    train = [(u, i, ts) for u, i, ts, eid in clicks if (u, eid) not in held]
     return train, {u: i for u, (_, i, _) in last.items()}
 
 
@@ -179,21 +190,29 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
 
     live = _live(root)
     report = RefreshReport(outcome=NOTHING_NEW, live=live.version if live else None)
+    swept = bundle_mod.sweep_staging(root, cfg.staging_max_age_h * 3600) if root.exists() else []
+    report.retention["staging_removed"] = swept
     exported = export_clicks(cfg.redis_url, cfg.clicks_dir, list(cfg.streams), cfg.group,
                              password=cfg.redis_password, cluster=cfg.redis_cluster)
     lap("export_clicks")
-    clicks = list(read_clicks(cfg.clicks_dir))
-    report.clicks = {"exported_now": exported.written, "in_log": len(clicks)}
-    if clicks:
-        newest = max(ts for _, _, ts, _ in clicks)
+    report.clicks = {"exported_now": exported.written, "lost_before_export": exported.lost,
+                     "rejected": exported.rejected}
+    if exported.lost:
+        log(f"warning: {exported.lost} clicks were lost before they could be exported")
+    Path(cfg.clicks_dir).mkdir(parents=True, exist_ok=True)
+    newest = newest_click(cfg.clicks_dir)
+    report.clicks["in_log"] = count_clicks(cfg.clicks_dir)
+    targets: dict[str, str] = {}
+    if newest is not None:
         since = newest - cfg.window_hours * 3600
-        window = [c for c in clicks if c[2] >= since]
+        window = list(read_clicks(cfg.clicks_dir, since=since))     # the window only
         train_clicks, targets = holdout(window, since)
         report.clicks.update({"in_window": len(window), "holdout_users": len(targets),
                               "window_hours": cfg.window_hours})
         report.clicks["until"] = newest
-    if not clicks or not targets or newest <= _seen_until(root, live):
+    if newest is None or not targets or newest <= _seen_until(root, live):
         log("no click since the live bundle or the last refused candidate: nothing to refresh")
+        _retention(cfg, root, report, newest, set())
         return _finish(root, report, stages)
 
     base = data.load(cfg.dataset, cfg.data_dir)
@@ -242,7 +261,24 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
         shutil.rmtree(cand.path, ignore_errors=True)
         report.outcome = REFUSED
     lap("publish")
+    _retention(cfg, root, report, newest, {cand.version, *([live.version] if live else [])})
+    lap("retention")
     return _finish(root, report, stages)
+
+
+def _retention(cfg: RefreshConfig, root: Path, report: RefreshReport, newest: float | None,
+               protect: set[str]) -> None:
+    """Old versions, closed click partitions compacted, clicks past the retention dropped."""
+    if root.exists():
+        report.retention["versions_removed"] = bundle_mod.prune_versions(
+            root, cfg.keep_versions, protect)
+    if newest is not None:
+        compacted, dropped = compact_partitions(
+            cfg.clicks_dir, before=newest - cfg.window_hours * 3600,
+            drop_before=None if cfg.clicks_retention_hours is None
+            else newest - cfg.clicks_retention_hours * 3600)
+        report.retention.update({"click_partitions_compacted": compacted,
+                                 "click_partitions_dropped": dropped})
 
 
 def _finish(root: Path, report: RefreshReport, stages: dict[str, float]) -> RefreshReport:

@@ -195,16 +195,19 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
         sess, active = _session(b.file("encoder"), providers, allow_cpu_fallback, intra_op_threads)
         index, cpu_index, device = _faiss_index(b, faiss_gpu, search_params or {}, index_mmap)
         bundle_mod.check_dimensions(b, index=cpu_index, session=sess)
-    except bundle_mod.BundleError as e:
+        ids = b.item_ids()
+        pop = b.popularity()
+        eng = Engine(bundle=b, session=sess, index=index, cpu_index=cpu_index,
+                     item_index={s: i for i, s in enumerate(ids) if i > 0},
+                     item_json=item_json_prefixes(ids),
+                     popular=np.argsort(-pop[1:], kind="stable") + 1, popularity=pop,
+                     providers=active, faiss_device=device, faiss_threads=faiss_threads)
+        eng.warm_up(warm_batch)
+    except (EngineError, bundle_mod.BundleError) as e:
         raise EngineError(str(e)) from e
-    ids = b.item_ids()
-    pop = b.popularity()
-    eng = Engine(bundle=b, session=sess, index=index, cpu_index=cpu_index,
-                 item_index={s: i for i, s in enumerate(ids) if i > 0},
-                 item_json=item_json_prefixes(ids),
-                 popular=np.argsort(-pop[1:], kind="stable") + 1, popularity=pop,
-                 providers=active, faiss_device=device, faiss_threads=faiss_threads)
-    eng.warm_up(warm_batch)
+    except Exception as e:     # ONNX Runtime's or faiss's own errors: an encoder it cannot
+        raise EngineError(f"{path}: the bundle cannot be served: {type(e).__name__}: "  # parse
+                          f"{e}") from e
     log.info("bundle loaded", extra={"version": b.version, "path": str(b.path), "items": eng.n_items,
                                      "providers": active, "faiss": device,
                                      "graph": b.manifest["onnx"].get("graph", "plain"),

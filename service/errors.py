@@ -50,6 +50,15 @@ class Disabled(ServiceError):
     status, title, slug = 404, "Not enabled", "disabled"
 
 
+class Overloaded(ServiceError):
+    status, title, slug = 429, "Too many requests in flight", "overloaded"
+
+
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time: the connection is closed after the answer."""
+    status, title, slug = 408, "Request timeout", "request-timeout"
+
+
 class BodyTooLarge(HTTPException):
     """Raised while a body without Content-Length streams past its limit. An HTTPException, so
     that FastAPI's body reader passes it on instead of calling it a parse error."""
@@ -58,9 +67,11 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
-TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed",
-          413: "Payload too large", 415: "Unsupported media type", 429: "Too many requests"}
-SLUGS = {413: "payload-too-large", 415: "unsupported-media-type", 429: "overloaded"}
+TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
+          408: "Request timeout", 413: "Payload too large", 415: "Unsupported media type",
+          429: "Too many requests", 431: "Request header fields too large"}
+SLUGS = {401: "unauthorized", 408: "request-timeout", 413: "payload-too-large",
+         415: "unsupported-media-type", 429: "overloaded", 431: "headers-too-large"}
 
 
 class Problem(BaseModel):
@@ -77,13 +88,17 @@ class Problem(BaseModel):
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the given error statuses, each a problem+json."""
     what = {400: "The body is not valid JSON", 401: "Missing or wrong token",
-            404: "Not enabled", 409: "Bundle refused; the old one keeps serving",
+            404: "Not enabled", 408: "The body did not arrive within SINE_BODY_TIMEOUT_S; the "
+                                     "connection is closed",
+            409: "Bundle refused; the old one keeps serving",
             413: "The body is larger than the route's limit (SINE_MAX_BODY_BYTES, "
                  "SINE_MAX_BATCH_BODY_BYTES)",
             415: "The body is not sent as application/json",
             422: "A field is missing or invalid; `detail` and `errors` name it",
-            429: "Too many requests in flight (SINE_MAX_IN_FLIGHT); retry after `Retry-After`",
-            503: "Not ready (no bundle), or the history store is unavailable in strict mode"}
+            429: "Too many users in flight (SINE_MAX_IN_FLIGHT, SINE_MAX_BATCH_IN_FLIGHT); retry "
+                 "after `Retry-After`",
+            503: "Not ready (no bundle), or the history store is unavailable (events; "
+                 "recommendations in strict mode)"}
     return {s: {"description": what[s], "model": Problem,
                 "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             for s in statuses}

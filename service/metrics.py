@@ -41,8 +41,21 @@ class Metrics:
         self.bundle = Gauge("sine_bundle_info", "The bundle being served (value 1; with workers, "
                             "one sample per worker pid).", ["version", "factory", "items"],
                             registry=r, multiprocess_mode="liveall")
-        self.in_flight = Gauge("sine_in_flight_requests", "Requests being processed.", registry=r,
+        self.in_flight = Gauge("sine_in_flight_requests", "Users being answered (a single request "
+                               "counts one, a batch one per user).", registry=r,
                                multiprocess_mode="livesum")
+        self.redis_up = Gauge("sine_redis_up", "1 when Redis answered the last ping (readiness, "
+                              "scrape, /health/redis), else 0.", registry=r,
+                              multiprocess_mode="min")
+        self.watcher_up = Gauge("sine_bundle_watcher_up", "1 while the task following the bundle "
+                                "root's `current` pointer runs.", registry=r,
+                                multiprocess_mode="min")
+        self.watch_time = Gauge("sine_bundle_watch_timestamp_seconds", "When the watcher last "
+                                "read `current` (stale: the watcher is stuck).", registry=r,
+                                multiprocess_mode="min")
+        self.behind_current = Gauge("sine_bundle_behind_current", "1 when `current` names "
+                                    "another version than the one served (refused, or loading).",
+                                    registry=r, multiprocess_mode="max")
         self.events = Counter("sine_events_total", "Clicks received by POST /events.",
                               ["outcome"], registry=r)
         self.bundle_age = Gauge("sine_bundle_age_seconds",
@@ -51,8 +64,11 @@ class Metrics:
         self.stream_length = Gauge("sine_click_log_entries", "Entries in the click log stream.",
                                    registry=r, multiprocess_mode="mostrecent")
         self.stream_lag = Gauge("sine_click_log_lag", "Click log entries the exporter's consumer "
-                                "group has not read yet.", registry=r,
-                                multiprocess_mode="mostrecent")
+                                "group has not read yet (every entry until the group exists).",
+                                registry=r, multiprocess_mode="mostrecent")
+        self.stream_lost = Gauge("sine_click_log_lost_entries", "Unexported click log entries "
+                                 "the length or age cap removed, ever (click_stream_trim=cap).",
+                                 registry=r, multiprocess_mode="mostrecent")
         self.refresh = Gauge("sine_refresh_last", "The last `sine refresh` (value 1), by outcome.",
                              ["outcome", "version"], registry=r, multiprocess_mode="max")
         self.refresh_time = Gauge("sine_refresh_last_timestamp_seconds",

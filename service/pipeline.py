@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Generic, Literal, TypeVar
 
 import numpy as np
@@ -74,6 +75,10 @@ class Batcher(Generic[T, R]):
     Under load (a queue left when a batch ends), the next batch first waits `gather_turns` turns
     of the loop, during which the previous answers are written and the requests that arrived
     meanwhile are parsed and join it.
+
+    Items submitted as `bulk` (the users of a `/recommend/batch` call) wait in a queue of their
+    own and fill what room a batch has after the others: a single request waits for at most the
+    batch running when it came, never behind a bulk caller's whole list.
     """
 
     def __init__(self, run: Callable[[list[T], list[float]], Awaitable[list[R | BaseException]]],
@@ -83,13 +88,18 @@ class Batcher(Generic[T, R]):
         self.gather_turns = gather_turns
         self.on_batch = on_batch or (lambda size: None)
         self.queue: deque[_Waiting[T, R]] = deque()
+        self.bulk: deque[_Waiting[T, R]] = deque()
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, items: list[T]) -> list[R]:
+    def __len__(self) -> int:
+        return len(self.queue) + len(self.bulk)
+
+    async def submit(self, items: list[T], bulk: bool = False) -> list[R]:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = [loop.create_future() for _ in items]
-        self.queue.extend(_Waiting(x, f, now) for x, f in zip(items, futures))
+        (self.bulk if bulk else self.queue).extend(
+            _Waiting(x, f, now) for x, f in zip(items, futures))
         if self._task is None:
             self._task = loop.create_task(self._drain())
         if len(futures) == 1:
@@ -99,10 +109,10 @@ class Batcher(Generic[T, R]):
     async def _drain(self) -> None:
         try:
             first = True
-            while self.queue:
-                if self.max_wait and len(self.queue) < self.max_size:
+            while len(self):
+                if self.max_wait and len(self) < self.max_size:
                     await asyncio.sleep(self.max_wait)
-                elif not first and len(self.queue) < self.max_size:
+                elif not first and len(self) < self.max_size:
                     # under load: let the requests that came in while the last batch computed
                     # reach submit() (a request takes turns of the loop from its socket to here)
                     # and join; at 32 connections this took batches from 4 to 30 requests and
@@ -112,7 +122,9 @@ class Batcher(Generic[T, R]):
                         await asyncio.sleep(0)
                 first = False
                 take = min(len(self.queue), self.max_size)
-                batch = [w for w in (self.queue.popleft() for _ in range(take))
+                rest = min(len(self.bulk), self.max_size - take)
+                batch = [w for w in chain((self.queue.popleft() for _ in range(take)),
+                                          (self.bulk.popleft() for _ in range(rest)))
                          if not w.future.done()]
                 if not batch:
                     continue
@@ -266,11 +278,13 @@ class Recommender:
             Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
                     metrics.batch_size.observe) if settings.batching else None)
 
-    async def recommend(self, engine: Engine, queries: list[Query]) -> list[Answer]:
-        """Answers in the order asked; a ServiceError (strict history mode) is raised."""
+    async def recommend(self, engine: Engine, queries: list[Query],
+                        bulk: bool = False) -> list[Answer]:
+        """Answers in the order asked; a ServiceError (strict history mode) is raised. `bulk`
+        queries (a batch call's) yield to the others in a micro-batch."""
         jobs = [(engine, q) for q in queries]
         if self.batcher is not None:
-            return await self.batcher.submit(jobs)
+            return await self.batcher.submit(jobs, bulk)
         answers = []
         for a in await self.run(jobs, [0.0] * len(jobs)):
             if isinstance(a, BaseException):

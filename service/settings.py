@@ -25,7 +25,12 @@ class Settings(BaseSettings):
         "How often to look at the bundle root's `current` pointer and hot-reload when it changes; "
         "0 turns watching off."))
     admin_token: SecretStr | None = Field(None, description=(
-        "Bearer token for `POST /admin/reload`; unset disables the endpoint."))
+        "Bearer token for `POST /admin/reload` and the whole manifest from `GET /bundle`; unset "
+        "disables reload (answered 401, as a wrong token is)."))
+    bundle_details_public: bool = Field(False, description=(
+        "`GET /bundle` answers the whole manifest (commit, library versions, data set, offline "
+        "metrics) to anyone; off: the version, item count and index factory, and the whole "
+        "manifest only with the admin token."))
     search_params: dict[str, int] = Field(default_factory=dict, description=(
         "Override the bundle's faiss search knobs, as JSON, e.g. `{\"nprobe\": 64}`."))
 
@@ -67,14 +72,27 @@ class Settings(BaseSettings):
         "the durable log `sine export-clicks` and `sine refresh` train on."))
     click_stream_key: str = Field("sine:clicks", description="Key of the click log's stream.")
     click_stream_max_len: int = Field(10_000_000, ge=0, description=(
-        "Approximate cap on the stream's entries (XADD MAXLEN ~); 0: no cap."))
+        "Entries each stream of the click log keeps (per stream: with `redis_shards` N the log "
+        "is N streams, so up to N times this in all); past it acknowledged entries are trimmed "
+        "(see `click_stream_trim`). 0: no cap."))
     click_stream_max_age_s: float = Field(0.0, ge=0, description=(
-        "Approximate age limit of the stream's entries (XTRIM MINID ~); 0: none."))
+        "Entries older than this (by Redis's clock, against the ids Redis assigns) are trimmed "
+        "once acknowledged (see `click_stream_trim`); 0: no age limit."))
+    click_stream_trim: Literal["exported", "cap"] = Field("exported", description=(
+        "`exported`: trimming never removes an entry the export group has not acknowledged; "
+        "the stream outgrows its cap while the export is behind (`sine_click_log_entries`), and "
+        "without the group nothing is trimmed. `cap`: the cap wins; every unexported entry it "
+        "removes is counted (`sine_click_log_lost_entries`, the export's report and exit "
+        "status 5)."))
     click_export_group: str = Field("sine-export", description=(
         "Consumer group of `sine export-clicks`; `/metrics` reports its lag."))
-    event_key_template: str = Field("sine:event:{event_id}", description=(
+    event_key_template: str = Field("sine:event:{user_id}:{event_id}", description=(
         "Key that remembers a client's `event_id` so that a retried event is stored once; must "
-        "contain `{event_id}`."))
+        "contain `{user_id}` and `{event_id}`: ids are scoped by user, so one user's id never "
+        "silences another's click."))
+    events_token: SecretStr | None = Field(None, description=(
+        "Bearer token `POST /events` requires; unset: any caller that can reach the service may "
+        "record clicks for any user (restrict it with the chart's NetworkPolicy)."))
     event_id_ttl_s: float = Field(86_400.0, gt=0, description=(
         "How long an `event_id` is remembered for retries."))
 
@@ -84,12 +102,31 @@ class Settings(BaseSettings):
     max_user_id_length: int = Field(128, ge=1, description="Longest accepted user id (characters).")
     max_item_id_length: int = Field(128, ge=1, description="Longest accepted item id in `/events`.")
     max_in_flight: int = Field(256, ge=1, description=(
-        "Requests processed at once; beyond it requests are refused at once with 429."))
+        "Single requests (`/recommend`, `/events`) being answered at once, counted from when "
+        "the body is in until the answer; beyond it they are refused at once with 429."))
+    max_batch_in_flight: int = Field(256, ge=1, description=(
+        "Users of `/recommend/batch` calls being answered at once (a batch counts one per "
+        "user); beyond it a batch is refused with 429, and one larger than it runs only alone. "
+        "A pool of its own, so that bulk callers never take what single requests need (which "
+        "also go first in a micro-batch)."))
     max_body_bytes: int = Field(16_384, ge=64, description=(
         "Largest request body of `/recommend`, `/events` and the other routes; a larger one is "
         "refused with 413 (from Content-Length, or once that many bytes have streamed in)."))
     max_batch_body_bytes: int = Field(1_048_576, ge=64, description=(
         "Largest request body of `/recommend/batch`."))
+    header_timeout_s: float = Field(5.0, gt=0, description=(
+        "A request's whole header section must arrive within this many seconds of the "
+        "connection opening (or of its first byte on a kept-alive connection); past it the "
+        "connection is answered 408 and closed."))
+    body_timeout_s: float = Field(10.0, gt=0, description=(
+        "A request's whole body must arrive within this many seconds of its headers; past it "
+        "the answer is 408 and the connection is closed. A request takes no in-flight slot "
+        "before its body is in."))
+    max_header_bytes: int = Field(16_384, ge=1024, description=(
+        "Largest header section (request line and every header); a larger one is answered 431 "
+        "and the connection closed."))
+    keep_alive_s: float = Field(5.0, gt=0, description=(
+        "How long an idle kept-alive connection stays open between requests."))
 
     # compute
     providers: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
@@ -143,8 +180,8 @@ class Settings(BaseSettings):
     @field_validator("event_key_template")
     @classmethod
     def _template_has_event(cls, v: str) -> str:
-        if "{event_id}" not in v:
-            raise ValueError("must contain {event_id}")
+        if "{event_id}" not in v or "{user_id}" not in v:
+            raise ValueError("must contain {user_id} and {event_id} (event ids are per user)")
         return v
 
     @model_validator(mode="after")
@@ -181,13 +218,8 @@ class Settings(BaseSettings):
         """The Redis URL with any password masked, for logs."""
         if not self.redis_url:
             return None
-        from urllib.parse import urlsplit, urlunsplit
-        u = urlsplit(self.redis_url)
-        if u.password is None:
-            return self.redis_url
-        host = u.hostname or ""
-        netloc = f"{u.username or ''}:***@{host}" + (f":{u.port}" if u.port else "")
-        return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+        from .redact import redact_url
+        return redact_url(self.redis_url)
 
 
 class SettingsError(ValueError):

@@ -71,10 +71,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     ds = _dataset(a)
     if a.clicks:
         from model_export import data
-        from model_export.clicklog import read_clicks
-        rows = list(read_clicks(a.clicks))
-        since = (max(r[2] for r in rows) - a.clicks_window_hours * 3600) if rows else 0.0
-        ds = data.extend(ds, [(u, i, ts) for u, i, ts, _ in rows if ts >= since])
+        from model_export.clicklog import newest_click, read_clicks
+        newest = newest_click(a.clicks)
+        if newest is not None:                  # the window alone is read
+            rows = read_clicks(a.clicks, since=newest - a.clicks_window_hours * 3600)
+            ds = data.extend(ds, [(u, i, ts) for u, i, ts, _ in rows])
     print(ds.summary())
     if a.warm_start:                         # the shape of the model it starts from
         from model_export.train import config_from_args, warm_start_source
@@ -151,7 +152,7 @@ def cmd_build_index(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from service.app import serve
+    from service.server import serve
     from service.settings import settings_from
 
     serve(settings_from(bundle=a.bundle, host=a.host, port=a.port, redis_url=a.redis_url))
@@ -215,16 +216,24 @@ def _log_settings(a: argparse.Namespace):
 
 
 def cmd_export_clicks(a: argparse.Namespace) -> int:
-    from model_export.clicklog import export_clicks
+    from model_export.clicklog import EXIT_LOST, export_clicks
     from service.history import Keys
 
     s = _log_settings(a)
     res = export_clicks(s.redis_url, a.out, Keys(s).streams(), s.click_export_group, a.consumer,
                         s.redis_password.get_secret_value() if s.redis_password else None,
-                        cluster=s.redis_cluster)
+                        cluster=s.redis_cluster, claim_idle_s=a.claim_idle_s)
     print(f"read {res.read} entries ({res.taken_over} taken over from an unfinished run), wrote "
           f"{res.written} clicks in {len(res.files)} files, skipped {res.skipped} already "
           f"written, in {res.seconds:.1f} s -> {a.out}")
+    if res.rejected:
+        print(f"warning: {res.rejected} entries are not clicks; set aside in "
+              f"{', '.join(res.rejected_files)}", file=sys.stderr)
+    if res.lost:
+        print(f"error: {res.lost} clicks were lost before they could be exported "
+              f"({res.lost_to_cap} removed unexported by the cap, {res.gap} deleted before the "
+              f"export read them, {res.vanished} deleted after it read them)", file=sys.stderr)
+        return EXIT_LOST
     return 0
 
 
@@ -243,7 +252,8 @@ def cmd_refresh(a: argparse.Namespace) -> int:
         group=s.click_export_group, clicks_dir=a.clicks_dir,
         work_dir=a.work_dir, window_hours=a.window_hours, train_minutes=a.train_minutes,
         max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
-        archive_dir=a.archive_dir, threads=a.threads, seed=a.seed),
+        archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
+        keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
     return report.exit_status
@@ -454,10 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the click log stream through a consumer group and write "
                        "partitioned Parquet (date=/hour=; user_id,item_id,timestamp,event_id), "
                        "each file atomically, acknowledging entries only once written. A rerun "
-                       "after a crash takes over the pending entries and skips those written.")
+                       "after a crash takes over the pending entries and skips those written. "
+                       "Entries that are not clicks are set aside in <out>/rejected/. Exit 5: "
+                       "clicks were lost before they could be exported (removed by the cap, "
+                       "or deleted), each counted.")
     _log_args(c)
     c.add_argument("--out", type=Path, required=True, help="folder of the exported clicks")
     c.add_argument("--consumer", help="consumer name in the group (default export-<host>)")
+    c.add_argument("--claim-idle-s", type=float, default=60.0,
+                   help="take over another consumer's unacknowledged entries once idle this "
+                        "long (default 60): a live exporter's are never taken")
     c.set_defaults(func=cmd_export_clicks)
 
     r = sub.add_parser("refresh", help="export clicks, warm-start, gate and publish a bundle",
@@ -484,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int, default=50, help="the gate's cut-off (default 50)")
     r.add_argument("--archive-dir", type=Path, help="also write <version>.tar.gz here")
     r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--keep-versions", type=_nonnegative, default=5,
+                   help="bundle versions kept under the root, newest first; current, the live "
+                        "and the new one are never removed (0: keep all; default 5)")
+    r.add_argument("--clicks-retention-hours", type=float,
+                   help="delete exported clicks older than this many hours before the newest "
+                        "(default: keep them; partitions older than the window are compacted)")
     r.set_defaults(func=cmd_refresh)
     return p
 

@@ -133,7 +133,8 @@ def test_chart_env_names_are_exactly_the_settings_fields():
     full = env_names(render(files=["autoscaling-values.yaml"]))
     assert full == fields, (fields - full, full - fields)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    managed = {"host", "port", "bundle", "redis_url", "redis_password", "admin_token"}
+    managed = {"host", "port", "bundle", "redis_url", "redis_password", "admin_token",
+               "events_token"}
     assert set(values["settings"]) == set(Settings.model_fields) - managed
     for k, v in values["settings"].items():          # values.yaml documents the real defaults
         f = Settings.model_fields[k]

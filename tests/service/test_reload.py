@@ -81,9 +81,23 @@ def test_admin_reload_swaps_and_refuses_broken(root, serve):
 
 
 def test_reload_disabled_without_token(root, serve):
+    """Disabled answers as a wrong token does: an unauthenticated caller learns nothing."""
     with serve(Settings(bundle=str(root), watch_interval_s=0)) as c:
         r = c.post("/admin/reload", json={}, headers=auth())
-        assert r.status_code == 404 and "SINE_ADMIN_TOKEN" in r.json()["detail"]
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert "SINE_ADMIN_TOKEN" not in r.json()["detail"]
+    with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
+        assert r.json() == c.post("/admin/reload", json={}, headers=auth("wrong")).json()
+
+
+def test_the_token_is_checked_before_the_body(root, serve):
+    with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
+        for body in ({"version": 7, "extra": 1}, "{not json"):
+            kw = {"json": body} if isinstance(body, dict) else {"content": body}
+            r = c.post("/admin/reload", headers={"content-type": "application/json"}, **kw)
+            assert r.status_code == 401, r.text                 # not 422 or 400
+        r = c.post("/admin/reload", json={"version": 7}, headers=auth())
+        assert r.status_code == 422                              # the body, once authenticated
 
 
 def test_reload_under_concurrent_requests_fails_none(root, serve):

@@ -35,9 +35,16 @@ app.kubernetes.io/component: server
 
 {{- define "sine.redisUrl" -}}
 {{- if .Values.redis.internal.enabled -}}
+{{- if and (not .Values.redis.password) (not .Values.existingSecret) -}}
+{{- fail "redis.internal needs a password: set redis.password, or existingSecret with SINE_REDIS_PASSWORD" -}}
+{{- end -}}
 {{- printf "redis://%s-redis:6379/0" (include "sine.fullname" .) -}}
 {{- else -}}
-{{- required "redis.url is required (or set redis.internal.enabled)" .Values.redis.url -}}
+{{- $url := required "redis.url is required (or set redis.internal.enabled)" .Values.redis.url -}}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" $url -}}
+{{- fail "redis.url holds a password, which would land in a ConfigMap: give it as redis.password (or in existingSecret) instead" -}}
+{{- end -}}
+{{- $url -}}
 {{- end -}}
 {{- end -}}
 

@@ -1,0 +1,373 @@
+"""User histories in Redis: one list per user, newest click first, capped at `history_keep`.
+
+A micro-batch reads all its users in one round trip (one LRANGE each) through `ListReader`; on
+a Redis Cluster, one per master, each with its own deadline, and a master that fails costs only
+its own users (`ClusterMap`). An event updates the user's history and appends to the click log
+stream in one atomic script (`RECORD`), which also trims the stream, never past what the export
+group has acknowledged unless the cap is told to win, and then counting what it removed.
+Events, pings and the click log's gauges use redis-py. After a refused or broken connection,
+requests skip that Redis (or master) for `redis_retry_after_ms`, then try again; a connection
+that a restarted Redis closed is reconnected once, at once, instead of failing the call. Every
+error of a client library surfaces as `HistoryError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from ..settings import Settings
+from .cluster import ClusterMap
+from .keys import LOST, Keys
+from .resp import ListReader
+
+T = TypeVar("T")
+
+
+class HistoryError(RuntimeError):
+    """Redis could not answer in time, or answered with an error."""
+
+
+def redis_client(settings: Settings, timeout_s: float) -> Any:
+    """An asyncio client for `redis_url`: a bounded blocking pool, or a cluster client (bulk
+    loading; the request path keeps its own map of a cluster)."""
+    pw = settings.redis_password.get_secret_value() if settings.redis_password else None
+    kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                              decode_responses=True, retry=Retry(NoBackoff(), 1),
+                              retry_on_error=[RedisConnectionError])
+    if pw is not None:
+        kw["password"] = pw
+    url = settings.redis_url
+    if url is None:
+        raise HistoryError("no Redis URL is configured (SINE_REDIS_URL)")
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+        return RedisCluster.from_url(url, **kw)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_pool_size, timeout=timeout_s, **kw)
+    return aioredis.Redis(connection_pool=pool)
+
+
+# One event, atomically: the history update and the click log entry both happen or neither.
+# A script rather than MULTI because an event_id seen before must write nothing, a condition a
+# transaction cannot express; the type checks come first so that no command fails half-way.
+# KEYS: history list, click stream, the stream's counters (`<stream>:trim`) and, when the client
+# sent an id, the event-id key (on a cluster all in one slot: Keys gives them one hash tag).
+# ARGV: item, keep, user, event id, time ms, log on, max len, max age ms, trim mode, export
+# group, id ttl ms.
+# Trimming (only once the stream is over its cap, or its oldest entry past the age limit, by
+# Redis's clock against the ids Redis assigns): never below the export group's oldest pending
+# entry or past its last delivered one. With mode `cap` the cap then wins, exactly, and every
+# entry it removes is added to the counters' `lost`.
+# Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type.
+RECORD = """
+local function typeof(k) return redis.call('TYPE', k).ok end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+-- the first id the group has not acknowledged: every entry below it was delivered and acked
+local function acked_below(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == group then
+      if tonumber(f['pending']) > 0 then
+        return redis.call('XPENDING', stream, group)[2]
+      end
+      local ms, seq = parse(f['last-delivered-id'])
+      if ms == 0 and seq == 0 then return nil end
+      return string.format('%d-%d', ms, seq + 1)
+    end
+  end
+  return nil
+end
+
+local t = typeof(KEYS[1])
+if t ~= 'none' and t ~= 'list' then return {-2, KEYS[1]} end
+local log = ARGV[6] == '1'
+if log then
+  t = typeof(KEYS[2])
+  if t ~= 'none' and t ~= 'stream' then return {-2, KEYS[2]} end
+  t = typeof(KEYS[3])
+  if t ~= 'none' and t ~= 'hash' then return {-2, KEYS[3]} end
+end
+if #KEYS == 4 and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[11]) then
+  return {-1, redis.call('LLEN', KEYS[1])}
+end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+if log then
+  local s = KEYS[2]
+  redis.call('XADD', s, '*', 'user', ARGV[3], 'item', ARGV[1], 'ts', ARGV[5], 'event', ARGV[4])
+  local maxlen, maxage, cap = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9] == 'cap'
+  local over = maxlen > 0 and redis.call('XLEN', s) > maxlen
+  local cut = nil
+  if maxage > 0 then
+    local now = redis.call('TIME')
+    local cutms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - maxage
+    local first = redis.call('XRANGE', s, '-', '+', 'COUNT', 1)
+    if #first > 0 and parse(first[1][1]) < cutms then cut = string.format('%d-0', cutms) end
+  end
+  if over or cut then
+    local safe = acked_below(s, ARGV[10])
+    if safe then
+      local target = safe
+      if cut and not over and less(cut, safe) then target = cut end
+      redis.call('XTRIM', s, 'MINID', cap and '=' or '~', target)
+    end
+    if cap then
+      local lost = 0
+      if maxlen > 0 then lost = lost + redis.call('XTRIM', s, 'MAXLEN', '=', maxlen) end
+      if cut then lost = lost + redis.call('XTRIM', s, 'MINID', '=', cut) end
+      if lost > 0 then redis.call('HINCRBY', KEYS[3], 'lost', lost) end
+    end
+  end
+end
+return {1, redis.call('LLEN', KEYS[1])}
+"""
+RECORD_SHA = hashlib.sha1(RECORD.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    entries: int               # in every stream of the log
+    lag: int                   # not yet read by the export group (all of a stream without it)
+    lost: int                  # unexported entries a cap removed, ever
+
+
+def _timeout(e: BaseException) -> bool:
+    return isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout))
+
+
+class HistoryStore:
+    def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
+        self.s = settings
+        self.keep = settings.history_keep
+        self.timeout = settings.redis_timeout_ms / 1000
+        self.write_timeout = settings.redis_write_timeout_ms / 1000
+        self.retry_after = settings.redis_retry_after_ms / 1000
+        self._down_until = 0.0
+        self._on_error = on_error or (lambda op: None)
+        self.keys = Keys(settings)
+        self._key = self.keys.history
+        self._node_down_until: dict[str, float] = {}      # cluster: per master
+        url = settings.redis_url
+        if url is None:
+            raise HistoryError("no Redis URL is configured (SINE_REDIS_URL)")
+        pw = settings.redis_password.get_secret_value() if settings.redis_password else None
+        longest = max(self.timeout, self.write_timeout)
+        self.cluster = (ClusterMap(url, pw, longest, settings.redis_pool_size)
+                        if settings.redis_cluster else None)
+        self.client = None if self.cluster else redis_client(settings, longest)
+        self.reader = None if self.cluster else ListReader(url, pw, self.timeout)
+
+    def key(self, user_id: str) -> str:
+        return self._key(user_id)
+
+    async def start(self) -> None:
+        """A cluster's first slot map; if no node answers now, it is retried in the background
+        and requests fall back meanwhile."""
+        if self.cluster is not None:
+            try:
+                await self.cluster.load()
+            except Exception:
+                self.cluster.failed()
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, op: str, coro: Coroutine[Any, Any, T], timeout: float | None = None,
+                    node: str | None = None) -> T:
+        if self.cluster is None and not self.available:
+            coro.close()
+            raise HistoryError("Redis failed recently; retrying after a pause")
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                return await coro
+        except Exception as e:
+            # whatever the client library raises is this store's error. A refused or broken
+            # connection pauses Redis (on a cluster that master alone, and the map is re-read
+            # in the background); a timeout does not: it is already bounded, and a stall of this
+            # process (a bundle loading beside it) would otherwise switch personalization off
+            # for everyone
+            if self.cluster is not None:
+                self.cluster.failed()
+                if node is not None and not _timeout(e):
+                    self._node_down_until[node] = time.monotonic() + self.retry_after
+            elif not _timeout(e):
+                self._down_until = time.monotonic() + self.retry_after
+            self._on_error(op)
+            raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
+
+    async def get_many(self, user_ids: list[str]) -> list[list[str] | None]:
+        """Each user's history, newest first ([] when the user has no key), in one round trip;
+        on a cluster one per master, concurrently, and None for the users of a master that
+        failed (only when every one failed is it an error)."""
+        if self.cluster is not None:
+            return await self._get_many_cluster(user_ids)
+        assert self.reader is not None
+        got: list[list[str] | None] = await self._call("read", self.reader.lranges(  # type: ignore[arg-type]
+            [self._key(u) for u in user_ids], self.keep - 1))
+        return got
+
+    async def _get_many_cluster(self, user_ids: list[str]) -> list[list[str] | None]:
+        assert self.cluster is not None
+        keys = [self._key(u) for u in user_ids]
+        by_node: dict[str, list[int]] = {}
+        out: list[list[str] | None] = [None] * len(keys)
+        try:
+            for i, k in enumerate(keys):
+                by_node.setdefault(self.cluster.node_of(k).name, []).append(i)
+        except KeyError as e:                    # no map yet, or a slot no master serves
+            self.cluster.failed()
+            self._on_error("read")
+            raise HistoryError(f"Redis read failed: {e}") from None
+        now = time.monotonic()
+        paused = [name for name in by_node if self._node_down_until.get(name, 0.0) > now]
+        for name in paused:             # a master that failed just now: its users fall back
+            del by_node[name]
+        if not by_node:
+            raise HistoryError("every master of these users failed recently; retrying after a "
+                               "pause")
+
+        async def one(name: str, idx: list[int]) -> list[list[str]]:
+            reader = self.cluster.nodes[name].reader  # type: ignore[union-attr]
+            async with asyncio.timeout(self.timeout):   # each master its own deadline
+                return await reader.lranges([keys[i] for i in idx], self.keep - 1)
+
+        names, groups = list(by_node), list(by_node.values())
+        got = await asyncio.gather(*(one(n, g) for n, g in zip(names, groups)),
+                                   return_exceptions=True)
+        failed = []
+        for name, idx, res in zip(names, groups, got):
+            if isinstance(res, BaseException):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                failed.append(res)
+                if not _timeout(res):
+                    self._node_down_until[name] = now + self.retry_after
+                continue
+            for i, h in zip(idx, res):
+                out[i] = h
+        if failed:
+            self.cluster.failed()
+            self._on_error("read")          # counted, but the healthy masters keep serving
+            if len(failed) == len(groups) and not paused:
+                raise HistoryError(f"Redis read failed: {type(failed[0]).__name__}: "
+                                   f"{failed[0]}") from failed[0]
+        return out
+
+    async def _script(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(RECORD_SHA, len(keys), *keys, *args)
+        except NoScriptError:                # a restarted or new Redis: load it once
+            return await client.eval(RECORD, len(keys), *keys, *args)
+
+    async def append(self, user_id: str, item_id: str,
+                     event_id: str | None = None) -> tuple[int, str, bool]:
+        """Record a click: history and click log together, or neither; an `event_id` this user
+        sent before is not recorded again. Returns (history length, event id, duplicate)."""
+        s = self.s
+        eid = event_id or uuid.uuid4().hex
+        stream = self.keys.stream(user_id)
+        keys = [self.key(user_id), stream, Keys.trim(stream)]
+        if event_id:
+            keys.append(self.keys.event(user_id, event_id))
+        args = [item_id, self.keep, user_id, eid, int(time.time() * 1000),
+                1 if s.click_log else 0, s.click_stream_max_len,
+                int(s.click_stream_max_age_s * 1000), s.click_stream_trim, s.click_export_group,
+                int(s.event_id_ttl_s * 1000)]
+        client, node = self.client, None
+        if self.cluster is not None:
+            try:
+                n = self.cluster.node_of(keys[0])
+            except KeyError as e:
+                self.cluster.failed()
+                raise HistoryError(f"Redis write failed: {e}") from None
+            client, node = n.client, n.name
+
+        async def run() -> tuple[int, str, bool]:
+            status, length = await self._script(client, keys, args)
+            if status == -2:
+                raise RedisError(f"a key of this event holds another type: {length}")
+            return int(length), eid, status == -1
+        return await self._call("write", run(), self.write_timeout, node)
+
+    async def stream_info(self, group: str) -> StreamInfo | None:
+        """The click log's entries, the export group's lag and the entries lost to a cap,
+        summed over its streams, or None when Redis cannot say now. Until the group has read a
+        stream, all of that stream's entries count as lag."""
+        if self.cluster is None and not self.available:
+            return None
+        streams = self.keys.streams()
+
+        async def one(stream: str) -> tuple[int, int, int]:
+            client: Any = (self.client if self.cluster is None
+                           else self.cluster.node_of(stream).client)
+            n = int(await client.xlen(stream))
+            lost = int(await client.hget(Keys.trim(stream), LOST) or 0)
+            if not n:
+                return 0, 0, lost
+            lag = None
+            for g in await client.xinfo_groups(stream):
+                if g.get("name") == group:
+                    # Redis leaves the lag unset when it cannot count it (entries deleted past
+                    # what the group read): then all of the stream, an upper bound
+                    lag = int(g["lag"]) if g.get("lag") is not None else n
+            return n, n if lag is None else lag, lost
+
+        try:
+            async with asyncio.timeout(max(self.timeout, 0.01 * len(streams))):
+                got = await asyncio.gather(*(one(st) for st in streams))
+        except Exception:
+            return None
+        return StreamInfo(sum(g[0] for g in got), sum(g[1] for g in got),
+                          sum(g[2] for g in got))
+
+    async def ping(self) -> None:
+        """Redis answers (on a cluster: every master of the map)."""
+        if self.cluster is None:
+            self._down_until = 0.0          # a probe always tries Redis itself
+            await self._call("ping", self.client.ping())  # type: ignore[union-attr]
+            return
+        masters = self.cluster.masters()
+        if not masters:
+            self.cluster.failed()
+            raise HistoryError("Redis ping failed: the cluster's slot map is not loaded")
+
+        async def all_masters() -> None:
+            got = await asyncio.gather(*(m.client.ping() for m in masters),
+                                       return_exceptions=True)
+            bad = [m.name for m, r in zip(masters, got) if isinstance(r, BaseException)]
+            if bad:
+                raise RedisError(f"masters {', '.join(bad)} do not answer")
+        await self._call("ping", all_masters())
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if self.cluster is not None:
+            await self.cluster.close()
+        if self.client is not None:
+            try:
+                await self.client.aclose()
+            except Exception:
+                pass
