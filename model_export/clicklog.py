@@ -41,6 +41,32 @@ COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
 EXIT_LOST = 5                  # `sine export-clicks`: exported, but clicks were lost before
 
 
+# one stream's XINFO STREAM and XINFO GROUPS at one instant (a script runs alone)
+_SNAPSHOT = "return {redis.call('XINFO', 'STREAM', KEYS[1]), redis.call('XINFO', 'GROUPS', KEYS[1])}"
+# After a run has read a stream to its end: the group's entries-read set to what it is, entries
+# added minus those after its last delivered id (a handful, added meanwhile). Redis counts lag
+# as entries added minus entries read and never forgets an entry removed unread, so without
+# this a loss, once reported, would stay in the lag for good. ARGV: the group.
+_REBASE = """
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local added = 0
+for i = 1, #info, 2 do if info[i] == 'entries-added' then added = info[i + 1] end end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  if f['name'] == ARGV[1] then
+    local last = f['last-delivered-id']
+    local after = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 10000)
+    if after < 10000 then
+      redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', added - after)
+    end
+    return after
+  end
+end
+return -1
+"""
+
+
 class ClickLogError(RuntimeError):
     """The click log cannot be read or written; the message says why."""
 
@@ -180,25 +206,27 @@ class Exporter:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def _group(self) -> dict | None:
-        for g in self.r.xinfo_groups(self.stream):
-            if g.get("name") == self.group:
-                return g
-        return None
+    def _snapshot(self) -> tuple[dict, dict]:
+        """XINFO STREAM and this group's XINFO GROUPS entry, read atomically (one script)."""
+        raw = self.r.eval(_SNAPSHOT, 1, self.stream)
+        stream = dict(zip(raw[0][::2], raw[0][1::2]))
+        groups = [dict(zip(g[::2], g[1::2])) for g in raw[1]]
+        return stream, next((g for g in groups if g.get("name") == self.group), {})
 
-    def _gap(self) -> tuple[int, str, int] | None:
-        """Before reading: (entries deleted unread, at least; the stream's last id; the
-        group's entries-read) when entries past what the group had read were deleted."""
-        info = self.r.xinfo_stream(self.stream)
-        g = self._group() or {}
+    def _gap(self) -> tuple[int, str] | None:
+        """Before reading: (entries the group never read, at least, of those up to the
+        stream's last id; that id), or None. Redis counts the group's lag as entries added
+        minus entries read, so it keeps counting entries trimmed or deleted unread; the live
+        ones this run reads are subtracted from it afterwards."""
+        info, g = self._snapshot()
+        last = str(info.get("last-generated-id") or "0-0")
+        if g.get("lag") is not None:
+            behind = int(g["lag"])
+            return (behind, last) if behind else None
+        # Redis cannot count past a deletion: then only whether one happened, unread
         deleted = str(info.get("max-deleted-entry-id") or "0-0")
         delivered = str(g.get("last-delivered-id") or "0-0")
-        if _id(deleted) <= _id(delivered):
-            return None
-        added, read = info.get("entries-added"), g.get("entries-read")
-        # Redis cannot always count what the group read past a deletion: then at least one
-        behind = int(added) - int(read) if added is not None and read is not None else 1
-        return behind, str(info.get("last-generated-id") or "0-0"), int(read or 0)
+        return (-1, last) if _id(deleted) > _id(delivered) else None
 
     def _run_one(self, res: ExportResult, progress: Callable[[int], None] | None) -> None:
         from redis.exceptions import ResponseError
@@ -237,7 +265,8 @@ class Exporter:
                 if progress is not None:
                     progress(res.read)
         if gap is not None:
-            res.gap += max(1, gap[0] - unread)
+            res.gap += 1 if gap[0] < 0 else max(0, gap[0] - unread)     # -1: at least one
+            self.r.eval(_REBASE, 1, self.stream, self.group)       # reported: out of the lag
         if new_lost > 0:
             res.lost_to_cap += new_lost
             self.r.hincrby(trim, REPORTED, new_lost)

@@ -65,15 +65,17 @@ def own_redis():
 
 @contextmanager
 def served(settings, ready: bool = True):
-    """create_app(settings) behind a real uvicorn on a free port; yields an httpx.Client."""
+    """create_app(settings) behind a real uvicorn (the service's own protocol and options) on a
+    free port; yields an httpx.Client whose `port` is the server's."""
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_options
 
     port = free_port()
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False, lifespan="on"))
+    opts = {**uvicorn_options(settings), "host": "127.0.0.1", "port": port, "access_log": False}
+    server = uvicorn.Server(uvicorn.Config(app, **opts))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 30
@@ -83,6 +85,7 @@ def served(settings, ready: bool = True):
         time.sleep(0.02)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
         c.app = app
+        c.port = port
         if ready:
             assert c.get("/readyz").status_code == 200, c.get("/readyz").text
         try:

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from ..settings import Settings
 from .cluster import ClusterMap
-from .keys import LOST, Keys
+from .keys import LOST, REPORTED, Keys
 from .resp import ListReader
 
 T = TypeVar("T")
@@ -323,15 +323,19 @@ class HistoryStore:
             client: Any = (self.client if self.cluster is None
                            else self.cluster.node_of(stream).client)
             n = int(await client.xlen(stream))
-            lost = int(await client.hget(Keys.trim(stream), LOST) or 0)
+            lost, reported = await client.hmget(Keys.trim(stream), [LOST, REPORTED])
+            lost, unreported = int(lost or 0), int(lost or 0) - int(reported or 0)
             if not n:
                 return 0, 0, lost
             lag = None
             for g in await client.xinfo_groups(stream):
                 if g.get("name") == group:
-                    # Redis leaves the lag unset when it cannot count it (entries deleted past
-                    # what the group read): then all of the stream, an upper bound
-                    lag = int(g["lag"]) if g.get("lag") is not None else n
+                    # Redis counts lag as entries added minus read, the ones a cap removed
+                    # unread included (until the export reports them), and leaves it unset when
+                    # it cannot count (a deletion past what the group read): then all of the
+                    # stream, an upper bound
+                    lag = (max(0, int(g["lag"]) - unreported) if g.get("lag") is not None
+                           else n)
             return n, n if lag is None else lag, lost
 
         try:

@@ -269,3 +269,52 @@ def test_cluster_mode_reaches_the_service_and_the_refresh_job():
     job = kind(out, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     env = {e["name"]: e["value"] for e in job["containers"][0]["env"]}
     assert env["SINE_REDIS_CLUSTER"] == "true" and env["SINE_REDIS_SHARDS"] == "32"
+
+
+def test_redis_passwords_stay_out_of_configmaps_and_notes():
+    with pytest.raises(helm.HelmError, match="redis.url holds a password"):
+        render(overrides={"redis": {"url": "redis://default:hunter2@redis:6379/0"}})
+    with pytest.raises(helm.HelmError, match="redis.internal needs a password"):
+        render(overrides={"redis": {"internal": {"enabled": True}}})
+    values = {"redis": {"url": "rediss://redis.example:6380/0", "password": "hunter2"},
+              "eventsToken": "e-tok"}
+    rendered = render(overrides=values)
+    secret = kind(rendered, "Secret")[0]["stringData"]
+    assert secret == {"SINE_REDIS_PASSWORD": "hunter2", "SINE_EVENTS_TOKEN": "e-tok"}
+    for cm in kind(rendered, "ConfigMap"):
+        assert "hunter2" not in yaml.safe_dump(cm)
+    with helm.Chart.load(str(CHART)) as c:
+        notes = c.render(c.merge_values(values), name="sine", namespace="recsys")
+    notes = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    assert "hunter2" not in notes and "password from the Secret" in notes
+
+
+def test_the_built_in_redis_never_evicts_needs_auth_and_is_fenced():
+    rendered = render(overrides={"redis": {"internal": {"enabled": True}, "password": "pw"}})
+    redis = next(d for d in kind(rendered, "Deployment") if d["metadata"]["name"].endswith("-redis"))
+    c = redis["spec"]["template"]["spec"]["containers"][0]
+    args = c["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDISCLI_AUTH)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in c["env"]}
+    assert env == {"REDISCLI_AUTH": "SINE_REDIS_PASSWORD"}     # the probe's redis-cli uses it
+    policies = {d["metadata"]["name"]: d for d in kind(rendered, "NetworkPolicy")}
+    assert {"sine-sine-retrieval", "sine-sine-retrieval-redis"} <= set(policies)
+    fence = policies["sine-sine-retrieval-redis"]["spec"]["ingress"][0]["from"][0]
+    assert fence["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "sine"}
+
+
+def test_network_policy_is_on_by_default():
+    assert kind(render(), "NetworkPolicy")
+
+
+def test_the_fetch_init_container_gets_its_checks():
+    rendered = render(overrides={"bundle": {"source": "download", "version": "v7", "download": {
+        "url": "https://store.example/b", "sha256": "a" * 64, "timeoutSeconds": 600}}})
+    init = kind(rendered, "Deployment")[0]["spec"]["template"]["spec"]["initContainers"][0]
+    args = build_parser().parse_args(init["args"])
+    assert (args.sha256, args.timeout_s, args.allow_http) == ("a" * 64, 600.0, False)
+    allow = render(overrides={"bundle": {"source": "download", "version": "v7", "download": {
+        "url": "http://store.internal/b", "allowHttp": True}}})
+    init = kind(allow, "Deployment")[0]["spec"]["template"]["spec"]["initContainers"][0]
+    assert build_parser().parse_args(init["args"]).allow_http is True

@@ -150,3 +150,40 @@ def test_export_folder_problems(tmp_path, small_world):
     (e / "queries.npy").unlink()
     with pytest.raises(BundleError, match="queries.npy is missing"):
         make_bundle(e, tmp_path / "root", **QUIET)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["model"].pop("D"), "model.D"),
+    (lambda m: m["model"].update(K="4"), "model.K"),
+    (lambda m: m["items"].pop("vocab_sha256"), "items.vocab_sha256"),
+    (lambda m: m.update(version="../v0"), "not a version name"),
+    (lambda m: m["model"].update(n=0), "must be positive")])
+def test_a_manifest_lacking_a_field_is_a_bundle_error(small_world, tmp_path, change, says):
+    b = copy_bundle(small_world, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    change(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=says):
+        bundle.load(b, deep=False)
+
+
+def test_versions_are_pruned_and_staging_swept(small_world, tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "root"
+    for k in range(6):
+        shutil.copytree(small_world["root"] / "v1", root / f"v{k}")
+        os.utime(root / f"v{k}" / "manifest.json", (1e9 + k, 1e9 + k))     # v0 oldest
+    bundle.set_current(root, "v1")
+    removed = bundle.prune_versions(root, keep=2, protect={"v2"})
+    assert sorted(removed) == ["v0", "v3"]                  # current (v1) and v2 are kept
+    assert sorted(p.name for p in bundle.versions(root)) == ["v1", "v2", "v4", "v5"]
+    assert bundle.prune_versions(root, keep=0) == []        # 0: keep all
+    fresh, stale = bundle.staging_dir(root, "a"), bundle.staging_dir(root, "b")
+    (root / ".staging-c-x.tar.gz").write_bytes(b"half a download")
+    old = time.time() - 7 * 3600
+    os.utime(stale, (old, old))
+    os.utime(root / ".staging-c-x.tar.gz", (old, old))
+    assert sorted(bundle.sweep_staging(root, 6 * 3600)) == sorted([stale.name, ".staging-c-x.tar.gz"])
+    assert fresh.exists() and not stale.exists()

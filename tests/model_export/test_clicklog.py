@@ -1,6 +1,7 @@
 """`sine export-clicks` against a real redis-server and real files: partitioned Parquet written
 atomically, entries acknowledged only after, and a run killed between writing and acknowledging
 that loses no click and writes none twice when run again."""
+import json
 import signal
 import subprocess
 import sys
@@ -75,14 +76,90 @@ def test_a_run_killed_between_write_and_ack_loses_and_doubles_nothing(accepted, 
     assert r.xpending("sine:clicks", "sine-export")["pending"] == 0
 
 
-def test_not_a_click_is_a_clean_error(own_redis, tmp_path, capsys):
-    own_redis.client().xadd("sine:clicks", {"something": "else"})
-    with pytest.raises(ClickLogError, match="is not a click"):
-        export_clicks(own_redis.url, tmp_path / "c")
-    rc = main(["export-clicks", "--redis-url", own_redis.url, "--out", str(tmp_path / "c")])
-    assert rc == 2 and "is not a click" in capsys.readouterr().err
+def test_a_bad_entry_is_set_aside_and_the_export_goes_on(own_redis, tmp_path, capsys):
+    """The finding: one malformed entry stopped every later export while trimming went on."""
+    r = own_redis.client()
+    r.xadd("sine:clicks", {"user": "a", "item": "1", "ts": "1000", "event": "e1"})
+    bad = r.xadd("sine:clicks", {"something": "else"})
+    r.xadd("sine:clicks", {"user": "a", "item": "2", "ts": "nan-ish", "event": "e2"})
+    r.xadd("sine:clicks", {"user": "b", "item": "3", "ts": "2000", "event": "e3"})
+    out = tmp_path / "c"
+    rc = main(["export-clicks", "--redis-url", own_redis.url, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0 and "2 entries are not clicks" in captured.err
+    assert sorted((u, i) for u, i, _, _ in read_clicks(out)) == [("a", "1"), ("b", "3")]
+    (rejected,) = (out / "rejected").glob("*.jsonl")
+    lines = [json.loads(x) for x in rejected.read_text().splitlines()]
+    assert [x["id"] for x in lines][0] == bad and lines[0]["fields"] == {"something": "else"}
+    assert all("not a click" in x["why"] for x in lines)
+    assert r.xpending("sine:clicks", "sine-export")["pending"] == 0    # acknowledged
+    r.xadd("sine:clicks", {"user": "c", "item": "4", "ts": "3000", "event": "e4"})
+    assert export_clicks(own_redis.url, out).written == 1            # later exports go on
     with pytest.raises(ClickLogError, match="no such click log folder"):
         list(read_clicks(tmp_path / "nowhere"))
+
+
+def test_a_gap_is_detected_and_counted(own_redis, tmp_path, capsys):
+    """Entries deleted past what the group had read (an XTRIM by hand, another tool): the
+    export says how many, and exits 5."""
+    r = own_redis.client()
+    for k in range(20):
+        r.xadd("sine:clicks", {"user": "a", "item": str(k), "ts": str(1000 + k), "event": f"e{k}"})
+    out = tmp_path / "c"
+    assert export_clicks(own_redis.url, out).written == 20
+    for k in range(20, 50):
+        r.xadd("sine:clicks", {"user": "a", "item": str(k), "ts": str(1000 + k), "event": f"e{k}"})
+    r.xtrim("sine:clicks", maxlen=10, approximate=False)      # 20 unread entries deleted
+    res = export_clicks(own_redis.url, out)
+    assert res.written == 10 and res.gap == 20 and res.lost == 20
+    for k in range(50, 53):
+        r.xadd("sine:clicks", {"user": "a", "item": str(k), "ts": str(1000 + k), "event": f"e{k}"})
+    assert main(["export-clicks", "--redis-url", own_redis.url, "--out", str(out)]) == 0
+    capsys.readouterr()
+    r.xtrim("sine:clicks", maxlen=0, approximate=False)
+    r.xadd("sine:clicks", {"user": "a", "item": "x", "ts": "1", "event": "ex"})
+    r.xdel("sine:clicks", r.xrange("sine:clicks")[-1][0])
+    assert main(["export-clicks", "--redis-url", own_redis.url, "--out", str(out)]) == 5
+    assert "deleted before the export read them" in capsys.readouterr().err
+
+
+def test_a_live_exporters_entries_are_not_taken(own_redis, tmp_path):
+    r = own_redis.client()
+    for k in range(10):
+        r.xadd("sine:clicks", {"user": "a", "item": str(k), "ts": str(1000 + k), "event": f"e{k}"})
+    r.xgroup_create("sine:clicks", "sine-export", id="0")
+    r.xreadgroup("sine-export", "other-pod", {"sine:clicks": ">"}, count=4)   # it is working
+    res = export_clicks(own_redis.url, tmp_path / "c", consumer="me")
+    assert res.written == 6 and res.taken_over == 0
+    assert r.xpending("sine:clicks", "sine-export")["pending"] == 4         # still the other's
+    res = export_clicks(own_redis.url, tmp_path / "c", consumer="me", claim_idle_s=0)
+    assert res.written == 4 and res.taken_over == 4                         # idle: taken
+
+
+def test_only_the_window_is_read_and_old_partitions_are_compacted(own_redis, tmp_path):
+    from model_export.clicklog import compact_partitions, count_clicks, newest_click
+
+    r = own_redis.client()
+    hour = 3600 * 1000
+    base = 1_700_000_000_000 - 1_700_000_000_000 % hour
+    for k in range(60):              # 6 hours, 10 clicks each, in several files an hour
+        ts = base + (k // 10) * hour + k
+        r.xadd("sine:clicks", {"user": f"u{k % 3}", "item": str(k), "ts": str(ts),
+                               "event": f"e{k}"})
+    out = tmp_path / "c"
+    export_clicks(own_redis.url, out, batch=4)
+    assert len(list(out.rglob("*.parquet"))) > 6
+    newest = newest_click(out)
+    assert newest == (base + 5 * hour + 59) / 1000
+    window = list(read_clicks(out, since=newest - 2 * 3600))     # hours 4 and 5
+    assert sorted(int(i) for _, i, _, _ in window) == list(range(40, 60))
+    compacted, dropped = compact_partitions(out, before=newest - 2 * 3600,
+                                            drop_before=newest - 4 * 3600)
+    assert (compacted, dropped) == (2, 1)            # hours 1-2 merged, hour 0 gone
+    assert count_clicks(out) == 50
+    assert sorted(int(i) for _, i, _, _ in read_clicks(out)) == list(range(10, 60))
+    for d in sorted(out.glob("date=*/hour=*"))[:2]:
+        assert [p.name for p in d.glob("*.parquet")] == ["part-compacted.parquet"]
 
 
 def test_the_command_reports_what_it_did(accepted, own_redis, tmp_path, capsys):

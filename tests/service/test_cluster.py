@@ -2,8 +2,11 @@
 read across slots, events with their click log entry in one slot, retries stored once, the
 export of every shard's stream, and a master killed under load."""
 import concurrent.futures as cf
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,6 +30,18 @@ def fresh_cluster():
     c = EmbeddedCluster(masters=3, replicas=1, node_timeout_ms=1000).start()
     yield c
     c.cleanup()
+
+
+@contextmanager
+def cpu_burners(n: int):
+    """`n` processes spinning on the CPU, for as long as the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def cluster_settings(small_world, c, **kw):
@@ -118,7 +133,7 @@ def test_a_killed_master_degrades_to_fallbacks_and_recovers(small_world, fresh_c
             if e.status_code == 503:
                 assert "Retry-After" in e.headers               # a write the caller retries
 
-    with serve(s) as c, cf.ThreadPoolExecutor(4) as ex:
+    with serve(s) as c, cf.ThreadPoolExecutor(4) as ex, cpu_burners(2):
         jobs = [ex.submit(load, c, users[i::4]) for i in range(4)]
         wait_until(lambda: len(fallbacks) > 20, 20, "load before the kill")
         assert all(f is None for _, f in fallbacks)
@@ -133,11 +148,34 @@ def test_a_killed_master_degrades_to_fallbacks_and_recovers(small_world, fresh_c
             j.result()
     during = [f for t, f in fallbacks if t > killed]
     beside = [f for t, f in others if killed < t < promoted]
-    # the other masters' users: personalized throughout, but for one or two answers during the
-    # failover (seen on a 2-core machine; every failed read logged was on the killed master)
+    # the other masters' users: personalized throughout, with two processes burning the CPU
+    # (their reads never wait on a slot-map refresh or on the dead master's deadline)
     harmed = [f for f in beside if f is not None]
-    assert beside and len(harmed) <= max(2, len(beside) // 50), (len(harmed), len(beside))
+    assert beside and not harmed, (len(harmed), len(beside))
     assert "history_unavailable" in during
     assert set(statuses) == {200}, statuses             # answers never fail
     assert set(event_statuses) <= {200, 503}, event_statuses   # a write cannot be faked
     assert statuses[200] > 100 and event_statuses.get(200, 0) > 100
+
+
+def test_an_unreachable_cluster_gives_no_5xx(small_world, fresh_cluster, serve):
+    """The finding: with every node down, RedisClusterException (not a RedisError) made
+    /events a 500 in 78 of 79 calls, /recommend in 7 of 79, /readyz and /metrics too."""
+    s = cluster_settings(small_world, fresh_cluster, redis_retry_after_ms=100)
+    with serve(s) as c:
+        assert c.post("/events", json={"user_id": "u1", "item_id": "1"}).status_code == 200
+        for n in fresh_cluster.nodes:
+            n.kill()
+        seen: dict[str, set[int]] = {"events": set(), "recommend": set()}
+        for k in range(40):
+            u = f"u{k}"
+            seen["events"].add(c.post("/events", json={"user_id": u, "item_id": "1"}).status_code)
+            r = c.post("/recommend", json={"user_id": u, "n": 5})
+            seen["recommend"].add(r.status_code)
+            if r.status_code == 200:
+                assert r.json()["fallback"] == "history_unavailable"
+        assert seen == {"events": {503}, "recommend": {200}}, seen
+        assert c.get("/readyz").status_code == 200
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/health/redis").status_code == 503
+        assert c.get("/readyz").json()["redis"].startswith("unavailable")

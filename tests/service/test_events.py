@@ -71,17 +71,111 @@ def test_history_and_log_are_written_together_or_not_at_all(events, own_redis, b
         assert r.lrange("sine:history:u", 0, -1) == ["old"]      # the history is untouched
 
 
-def test_the_log_is_capped_and_can_be_off(events, own_redis):
-    with events(click_stream_max_len=50) as c:
-        for i in range(400):
-            c.post("/events", json={"user_id": f"u{i % 7}", "item_id": str(i)})
-        n = own_redis.client().xlen("sine:clicks")
-        assert 50 <= n < 400                                     # trimmed, approximately
-    own_redis.client().delete("sine:clicks")
+def test_the_log_can_be_off(events, own_redis):
     with events(click_log=False) as c:
         assert c.post("/events", json={"user_id": "u", "item_id": "1"}).status_code == 200
         assert own_redis.client().xlen("sine:clicks") == 0
         assert own_redis.client().lindex("sine:history:u", 0) == "1"
+
+
+@pytest.fixture
+def small_nodes(small_world, serve):
+    """A Redis whose stream nodes hold 10 entries (Redis's default is 100), so that the
+    approximate trimming the event script does shows at a few hundred clicks."""
+    from tests.helpers import RedisServer
+
+    r = RedisServer(args=["--stream-node-max-entries", "10"]).start()
+
+    def make(**kw):
+        return serve(Settings(bundle=str(small_world["root"]), redis_url=r.url,
+                              watch_interval_s=0, history_keep=5, **kw))
+    yield r, make
+    r.cleanup()
+
+
+def post(c, n, start=0):
+    for i in range(start, start + n):
+        assert c.post("/events", json={"user_id": f"u{i % 7}", "item_id": str(i)}).status_code \
+            == 200
+
+
+def test_the_cap_never_trims_what_was_not_exported(small_nodes, tmp_path):
+    """The finding: with a cap of 100, 2,050 accepted clicks gave 200 exported rows, and the
+    export reported success."""
+    from model_export.clicklog import export_clicks, read_clicks
+
+    redis, make = small_nodes
+    r = redis.client()
+    with make(click_stream_max_len=50) as c:
+        post(c, 300)                                    # no export group yet: nothing trimmed
+        assert r.xlen("sine:clicks") == 300
+        assert metric(c, "sine_click_log_lag") == 300   # the whole log, until the group exists
+        first = export_clicks(redis.url, tmp_path / "clicks")
+        assert first.written == 300 and first.lost == 0
+        post(c, 300, start=300)                          # acknowledged entries may go now
+        assert 50 <= r.xlen("sine:clicks") <= 300 + 10
+        r.xreadgroup("sine-export", "slow", {"sine:clicks": ">"}, count=100)  # read, not acked
+        post(c, 200, start=600)
+        pending = r.xpending("sine:clicks", "sine-export")
+        assert pending["pending"] == 100
+        assert r.xrange("sine:clicks", pending["min"], pending["min"])   # still there
+        res = export_clicks(redis.url, tmp_path / "clicks", claim_idle_s=0)
+        assert res.lost == 0 and res.written == 500
+        assert metric(c, "sine_click_log_lag") == 0 and metric(c, "sine_click_log_lost_entries") == 0
+    assert len(list(read_clicks(tmp_path / "clicks"))) == 800       # every click accepted
+
+
+def test_the_cap_wins_when_told_and_every_lost_entry_is_counted(small_nodes, tmp_path, capsys):
+    from sine_cli.main import main
+
+    redis, make = small_nodes
+    r = redis.client()
+    with make(click_stream_max_len=50, click_stream_trim="cap") as c:
+        post(c, 300)
+        assert r.xlen("sine:clicks") == 50                          # exactly the cap
+        assert metric(c, "sine_click_log_lost_entries") == 250
+        out = tmp_path / "clicks"
+        assert main(["export-clicks", "--redis-url", redis.url, "--out", str(out)]) == 5
+        err = capsys.readouterr().err
+        assert "250 clicks were lost" in err and "250 removed unexported by the cap" in err
+        post(c, 20, start=300)                # acknowledged ones go first, and are not lost
+        assert main(["export-clicks", "--redis-url", redis.url, "--out", str(out)]) == 0
+        assert metric(c, "sine_click_log_lost_entries") == 250      # nothing more lost
+
+
+def test_age_limits_trim_only_acknowledged_entries(small_nodes, tmp_path):
+    from model_export.clicklog import export_clicks
+
+    redis, make = small_nodes
+    r = redis.client()
+    for k in range(30):                     # entries two hours old by Redis's own clock
+        t = int(r.time()[0]) - 7200
+        r.xadd("sine:clicks", {"user": "old", "item": str(k), "ts": str(t * 1000),
+                               "event": f"o{k}"}, id=f"{t * 1000}-{k}")
+    with make(click_stream_max_age_s=3600) as c:
+        post(c, 5)
+        assert r.xlen("sine:clicks") == 35                          # not exported: kept
+        assert export_clicks(redis.url, tmp_path / "c").written == 35
+        post(c, 5, start=5)
+        assert r.xlen("sine:clicks") < 20                           # acknowledged and old: gone
+        assert all(int(sid.split("-")[0]) > (int(r.time()[0]) - 3600) * 1000
+                   for sid, _ in r.xrange("sine:clicks", count=5)[-5:])
+
+
+def test_event_ids_are_scoped_by_user(events, own_redis, tmp_path):
+    """The finding: a second user sending a first user's event_id got `duplicate: true`, and
+    the click was dropped; with shards the export then skipped one of the two."""
+    from model_export.clicklog import export_clicks, read_clicks
+
+    with events() as c:
+        a = c.post("/events", json={"user_id": "alice", "item_id": "1", "event_id": "e-1"})
+        b = c.post("/events", json={"user_id": "bob", "item_id": "2", "event_id": "e-1"})
+        assert a.json()["duplicate"] is False and b.json()["duplicate"] is False
+        again = c.post("/events", json={"user_id": "bob", "item_id": "2", "event_id": "e-1"})
+        assert again.json()["duplicate"] is True
+    assert export_clicks(own_redis.url, tmp_path / "clicks").written == 2
+    assert sorted((u, i) for u, i, _, _ in read_clicks(tmp_path / "clicks")) == \
+        [("alice", "1"), ("bob", "2")]
 
 
 def test_freshness_gauges(events, own_redis, small_world, tmp_path):
@@ -128,3 +222,16 @@ def test_a_users_keys_share_one_hash_tag():
         assert k.event(u, "e1").startswith(tag + ":") and k.stream(u) in streams
         assert k.stream(u).startswith(tag + ":")
     assert {k.stream(f"user-{i}") for i in range(200)} == set(streams)   # all shards in use
+
+
+def test_an_events_token_guards_the_write_path(events, own_redis):
+    with events(events_token="w-tok") as c:
+        r = c.post("/events", json={"user_id": "u", "item_id": "1"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/events", content="{broken", headers={"content-type": "application/json"})
+        assert r.status_code == 401                          # before the body is even read
+        assert own_redis.client().llen("sine:history:u") == 0
+        ok = c.post("/events", json={"user_id": "u", "item_id": "1"},
+                    headers={"Authorization": "Bearer w-tok"})
+        assert ok.status_code == 200 and own_redis.client().lindex("sine:history:u", 0) == "1"
+        assert c.post("/recommend", json={"user_id": "u", "n": 3}).status_code == 200  # reads open

@@ -55,6 +55,29 @@ def test_batches_are_capped_and_first_come_first_served():
     assert [o[0] for o in out] == [10 * i for i in range(10)]
 
 
+def test_bulk_items_yield_to_single_requests():
+    """A batch call's users wait in their own queue: single requests that come later still go
+    first in the next micro-batch, never behind the whole list."""
+    async def main():
+        rec = Recorder()
+        rec.gate = asyncio.Event()
+        b = Batcher(rec, max_size=4)
+        bulk = asyncio.ensure_future(b.submit(list(range(100, 110)), bulk=True))
+        await asyncio.sleep(0)
+        while not rec.batches:                 # the first batch is running (gate closed)
+            await asyncio.sleep(0)
+        singles = [asyncio.ensure_future(b.submit([i])) for i in range(3)]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        out = await asyncio.gather(bulk, *singles)
+        return rec.batches, out
+    batches, out = run(main())
+    assert batches[0] == [100, 101, 102, 103]
+    assert batches[1] == [0, 1, 2, 104]        # the singles first, the room left for the bulk
+    assert sorted(x for bt in batches for x in bt) == sorted([*range(100, 110), 0, 1, 2])
+    assert out[0] == [10 * i for i in range(100, 110)] and out[1:] == [[0], [10], [20]]
+
+
 def test_arrivals_during_a_running_batch_form_the_next_one():
     async def main():
         rec = Recorder()

@@ -38,6 +38,11 @@ def broken(root, name: str, how: str):
         m["schema_version"] = 99
     elif how == "dims":
         m["model"]["D"] = m["model"]["D"] + 1
+    elif how == "unparsable":        # an encoder ONNX Runtime cannot read, its hash consistent
+        (root / name / "encoder.onnx").write_bytes(b"\x08\x07 not a protobuf")
+        m["files"]["encoder.onnx"] = bundle_mod.sha256_file(root / name / "encoder.onnx")
+    elif how == "no-D":              # a manifest lacking a field the loader reads
+        del m["model"]["D"]
     (root / name / "manifest.json").write_text(json.dumps(m))
 
 
@@ -168,3 +173,50 @@ def test_gpu_paths(root, serve):
         ready = c.get("/readyz").json()
         assert ready["providers"][0] == "CUDAExecutionProvider" and ready["faiss"] == "gpu"
         assert len(c.post("/recommend", json={"user_id": "u", "n": 10}).json()["items"]) == 10
+
+
+@pytest.mark.parametrize("how, says", [("unparsable", "cannot be served"),
+                                       ("no-D", "model.D")])
+def test_any_load_failure_is_a_refused_bundle_and_the_watcher_goes_on(root, serve, how, says):
+    """The finding: an encoder ORT cannot parse, or a manifest without model.D, gave
+    /admin/reload a 500, and with `current` pointed at it the watcher died unseen, so a good
+    version published afterwards was never loaded."""
+    broken(root, "v3", how)
+    s = Settings(bundle=str(root), watch_interval_s=0.1, admin_token="s3cret")
+    with serve(s) as c:
+        r = c.post("/admin/reload", json={"version": "v3"}, headers=auth())
+        assert r.status_code == 409 and says in r.json()["detail"], r.text
+        assert "unchanged (v1)" in r.json()["detail"]
+        bundle_mod.set_current(root, "v3")
+        wait_until(lambda: metric(c, "sine_reloads_total", outcome="refused") == 2,
+                   what="the watcher refusing v3")
+        assert metric(c, "sine_bundle_behind_current") == 1     # current names what is not served
+        assert metric(c, "sine_bundle_watcher_up") == 1
+        seen = metric(c, "sine_bundle_watch_timestamp_seconds")
+        wait_until(lambda: metric(c, "sine_bundle_watch_timestamp_seconds") > seen,
+                   what="the watcher still looking")
+        bundle_mod.set_current(root, "v2")
+        wait_until(lambda: c.post("/recommend", json={"user_id": "u", "n": 3}).json()["version"]
+                   == "v2", what="the good version published afterwards")
+        wait_until(lambda: metric(c, "sine_bundle_behind_current") == 0, what="caught up")
+        assert metric(c, "sine_failures_total", reason="internal") == 0
+
+
+def test_a_broken_manifest_at_start_is_a_clear_reason(root, serve):
+    broken(root, "bad", "no-D")
+    with serve(Settings(bundle=str(root / "bad"), watch_interval_s=0), ready=False) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "model.D" in r.json()["detail"]
+
+
+def test_bundle_details_need_the_admin_token(root, serve):
+    with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
+        public = c.get("/bundle").json()
+        assert public == {"version": "v1", "created": public["created"],
+                          "items": {"count": 300}, "index": {"factory": "Flat"}}
+        assert "git_commit" not in public and "libraries" not in public
+        full = c.get("/bundle", headers=auth()).json()
+        assert {"git_commit", "libraries", "offline_metrics", "dataset"} <= set(full)
+        assert "git_commit" not in c.get("/bundle", headers=auth("wrong")).json()
+    with serve(Settings(bundle=str(root), watch_interval_s=0, bundle_details_public=True)) as c:
+        assert "libraries" in c.get("/bundle").json()

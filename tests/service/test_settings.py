@@ -31,10 +31,23 @@ def test_invalid_values_are_refused():
 
 def test_secrets_stay_out_of_repr_and_logged_url():
     s = Settings(redis_url="rediss://default:hunter2@redis.example:6380/0",
-                 admin_token="tok", redis_password="pw")
+                 admin_token="tok", redis_password="pw", events_token="evt")
     assert "hunter2" not in s.redis_url_redacted() and "***" in s.redis_url_redacted()
     assert "redis.example:6380" in s.redis_url_redacted()
     assert "tok" not in repr(s.admin_token) and "pw" not in repr(s.redis_password)
+    assert "evt" not in repr(s)
+    # redis-py also takes the password as a query parameter
+    q = Settings(redis_url="redis://redis.example:6379/0?password=hunter2&socket_timeout=1")
+    assert "hunter2" not in q.redis_url_redacted()
+    assert "socket_timeout=1" in q.redis_url_redacted() and "password=***" in q.redis_url_redacted()
+
+
+def test_event_ids_are_keyed_by_user():
+    with pytest.raises(ValidationError, match="user_id"):
+        Settings(event_key_template="sine:event:{event_id}")
+    from service.history import Keys
+    k = Keys(Settings())
+    assert k.event("alice", "e1") != k.event("bob", "e1")
 
 
 def test_readme_env_table_is_generated_from_settings():
