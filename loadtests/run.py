@@ -21,6 +21,10 @@ a .png of latency percentiles and throughput over time, and a row of <out>/summa
                 users personalized again within 2 s of the promotion
   reload        a new bundle published mid-run (hot reload: no failed request), then a broken
                 one (refused: the new one keeps serving)
+  hostile       the fixed load alone, then the same with hostile clients beside it (slow-header
+                and slow-body sockets, 64 KiB headers, 256-user batches in a closed loop, from
+                another process): no 5xx, ordinary /recommend p99 within 2x of the load alone,
+                every hostile socket closed by the deadlines (408, 431)
   overload      a server with a small in-flight limit driven far beyond it: 429s answered
                 faster than admitted requests, the server-side p99 of admitted requests bounded
                 (from its own histogram: locust saturates a core here and inflates what the
@@ -68,6 +72,7 @@ class System:
         from model_export import data
         b = bundle_mod.load(bundle, deep=False)
         self.work = work
+        self.settings = settings
         self.root = work / "bundles"
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copytree(b.path, self.root / b.version)
@@ -240,6 +245,12 @@ def failed(rec: dict, endpoints=("POST /recommend", "POST /recommend/batch")) ->
     return sum(n for k, n in rec["errors"].items() if any(k.startswith(e + ": ") for e in endpoints))
 
 
+def server_errors(rec: dict) -> int:
+    """Answers with a 5xx status (locust's failure text is `<status>: <body>`)."""
+    return sum(n for k, n in rec["errors"].items()
+               if k.split(": ", 2)[1:2] and k.split(": ", 2)[1].startswith("5"))
+
+
 def scenario_load(sys_: System, a, out: Path, seconds: float | None = None) -> dict:
     rec = run_locust("load", sys_.server.url, out, [(seconds or a.duration, a.users, a.rate)],
                      system=sys_)
@@ -326,7 +337,7 @@ def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: fl
     from service.history import Keys
     from service.settings import Settings
 
-    sys_ = System(bundle, a.data_dir, work / "cluster", a.server_tree, cluster=True)
+    sys_ = System(bundle, a.data_dir, work / "cluster", a.server_tree, cluster=True, **a.settings)
     cl = sys_.cluster
     keys = Keys(Settings(redis_cluster=True))
     probe = keys.history(Traffic.users[0])
@@ -430,7 +441,7 @@ def quantile(before, after, q: float) -> float:
 
 def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
     sys_ = System(bundle, a.data_dir, work / "overload", a.server_tree,
-                  max_in_flight=a.overload_limit)
+                  **{**a.settings, "max_in_flight": a.overload_limit})
     scrape = {}
 
     def calm():
@@ -472,6 +483,75 @@ def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
         "no 429 once the load drops": bool(calm) and o["calm_429"] == 0}}
 
 
+def scenario_hostile(sys_: System, a, out: Path, work: Path, seconds: float = 30) -> dict:
+    """The same ordinary traffic twice, alone and beside hostile clients."""
+    import subprocess
+
+    users = work / "hostile-users.json"
+    users.write_text(json.dumps(Traffic.users))
+    port = sys_.server.url.rsplit(":", 1)[1]
+    url = sys_.server.url + "/metrics"
+    scrape = [urllib.request.urlopen(url).read().decode()]
+    alone = run_locust("hostile-alone", sys_.server.url, out, [(seconds, a.users, a.rate)],
+                       system=sys_)
+    scrape.append(urllib.request.urlopen(url).read().decode())
+    summary_path = work / "hostile.json"
+    proc = subprocess.Popen([sys.executable, "-m", "loadtests.hostile", "--port", port,
+                             "--seconds", str(seconds), "--users-file", str(users),
+                             "--out", str(summary_path)], cwd=Path(__file__).resolve().parents[1])
+    try:
+        together = run_locust("hostile", sys_.server.url, out, [(seconds, a.users, a.rate)],
+                              system=sys_)
+        proc.wait(timeout=seconds + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    scrape.append(urllib.request.urlopen(url).read().decode())
+    hostile = json.loads(summary_path.read_text())
+    h = [histogram(t, "sine_request_duration_seconds", endpoint="recommend") for t in scrape]
+    timeouts = {k: float(v) for k, v in (("header", 5.0), ("body", 10.0))}
+    for k, v in sys_.settings.items():
+        if k in ("header_timeout_s", "body_timeout_s"):
+            timeouts[k.split("_")[0]] = float(v)
+    fivexx = {name: server_errors(rec) for name, rec in (("alone", alone), ("hostile", together))}
+    hostile_5xx = sum(n for kind in hostile.values() for st, n in kind.get("statuses", {}).items()
+                      if st.startswith("5"))
+
+    def p99(rec: dict) -> float:
+        return rec["endpoints"].get("POST /recommend", {}).get("p99_ms") or float("nan")
+
+    rec = {"alone": {k: v for k, v in alone.items() if k != "series"},
+           "together": {k: v for k, v in together.items() if k != "series"},
+           "hostile": hostile, "deadlines_s": timeouts,
+           "recommend_p99_ms": {"alone": p99(alone), "together": p99(together)},
+           "server_recommend_p99_ms_at_most": {
+               "alone": quantile(h[0], h[1], 0.99) * 1000,
+               "together": quantile(h[1], h[2], 0.99) * 1000},
+           "requests": together["requests"], "failures": together["failures"],
+           "rps": together["rps"], "p50_ms": together["p50_ms"], "p99_ms": together["p99_ms"]}
+    rec["hostile_summary"] = {
+        "recommend_p99_ratio": rec["recommend_p99_ms"]["together"] / rec["recommend_p99_ms"]["alone"],
+        **{f"{k}_closed": v.get("closed", 0) for k, v in hostile.items()}}
+    sh, sb = hostile.get("slow-header", {}), hostile.get("slow-body", {})
+    bh, bt = hostile.get("big-header", {}), hostile.get("batch", {})
+    return {"record": rec, "rules": {
+        "no 5xx (ordinary and hostile)": fivexx["alone"] == 0 and fivexx["hostile"] == 0
+        and hostile_5xx == 0,
+        "no failed ordinary request": together["failures"] == 0 and alone["failures"] == 0,
+        "ordinary /recommend p99 within 2x of the load alone":
+        rec["recommend_p99_ms"]["together"] <= 2 * rec["recommend_p99_ms"]["alone"],
+        "slow-header sockets closed by the header deadline (408)": sh.get("closed", 0) > 0
+        and sh["lifetime_max_s"] <= timeouts["header"] + 1.5
+        and set(sh["statuses"]) == {"408"},
+        "slow-body sockets closed by the body deadline (408)": sb.get("closed", 0) > 0
+        and sb["lifetime_max_s"] <= timeouts["header"] + timeouts["body"] + 1.5
+        and set(sb["statuses"]) == {"408"},
+        "oversized headers refused (431)": bh.get("closed", 0) > 0
+        and set(bh["statuses"]) == {"431"},
+        "256-user batches answered 200 or 429": bt.get("closed", 0) > 0
+        and set(bt["statuses"]) <= {"200", "429"} and bt.get("errors", 0) == 0}}
+
+
 def write_markdown(summary: dict, path: Path, cmd: str) -> None:
     import platform
     lines = ["# Load, soak and fault runs", "",
@@ -495,7 +575,8 @@ def write_markdown(summary: dict, path: Path, cmd: str) -> None:
                          f"{st['failures']} |")
     for name, key in (("soak", "rss"), ("redis-fault", "fault"),
                       ("redis-cluster-failover", "failover"), ("reload", "reload"),
-                      ("overload", "overload"), ("ci-redis-fault", "fault")):
+                      ("overload", "overload"), ("ci-redis-fault", "fault"),
+                      ("hostile", "hostile_summary")):
         if name in summary and key in summary[name]["record"]:
             lines += ["", f"`{name}`: " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
@@ -516,7 +597,7 @@ def main() -> int:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("scenarios", nargs="+",
                    choices=["load", "max", "soak", "redis-fault", "redis-cluster-failover",
-                            "reload", "overload", "ci"])
+                            "reload", "overload", "hostile", "ci"])
     p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder to serve")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="loadtests/results", help="where reports go")
@@ -534,7 +615,14 @@ def main() -> int:
     p.add_argument("--overload-users", type=int, default=64)
     p.add_argument("--overload-p99-ms", type=float, default=100,
                    help="bound on the server-side p99 of admitted /recommend (default 100)")
+    p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a service setting for the server under test (batch_max_bulk=64), to "
+                        "measure a variant side by side")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each scenario this many times; its rules must hold in every run, "
+                        "and each run's figures are kept under `repeats` (default 1)")
     a = p.parse_args()
+    a.settings = dict(kv.split("=", 1) for kv in a.set)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sine-load-"))
@@ -545,28 +633,14 @@ def main() -> int:
     try:
         needs_system = [s for s in a.scenarios if s not in ("overload", "redis-cluster-failover")]
         if needs_system:
-            sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree)
+            sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree, **a.settings)
         for s in a.scenarios:
-            print(f"== {s}", flush=True)
-            if s == "load":
-                res = {"load": scenario_load(sys_, a, out)}
-            elif s == "max":
-                res = {"max": scenario_max(sys_, a, out)}
-            elif s == "soak":
-                mx = summary.get("max", {}).get("record", {}).get("max_rps")
-                res = {"soak": scenario_soak(sys_, a, out, mx)}
-            elif s == "redis-fault":
-                res = {"redis-fault": scenario_redis_fault(sys_, a, out)}
-            elif s == "reload":
-                res = {"reload": scenario_reload(sys_, a, out)}
-            elif s == "overload":
-                res = {"overload": scenario_overload(a.bundle, a, out, work)}
-            elif s == "redis-cluster-failover":
-                res = {s: scenario_cluster_failover(a.bundle, a, out, work)}
-            else:   # ci: shortened load and Redis fault
-                res = {"ci-load": scenario_load(sys_, a, out, seconds=15),
-                       "ci-redis-fault": scenario_redis_fault(sys_, a, out, kill_at=5, down_s=5,
-                                                              total=16)}
+            runs = []
+            for k in range(a.repeat):
+                print(f"== {s}" + (f" ({k + 1} of {a.repeat})" if a.repeat > 1 else ""),
+                      flush=True)
+                runs.append(run_scenario(s, sys_, a, out, work, summary))
+            res = runs[0] if a.repeat == 1 else merge_repeats(runs)
             for name, r in res.items():
                 r["record"].pop("series", None) if name not in ("soak",) else None
                 r["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -584,6 +658,49 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print("all pass rules held" if not failed else f"FAILED: {failed}", flush=True)
     return 1 if failed else 0
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One result per scenario name: the last run's record, every run's rules and figures
+    (`repeats`), and each rule passing only if it held in every run."""
+    out = {}
+    for name in runs[0]:
+        reps = [r[name] for r in runs]
+        last = dict(reps[-1])
+        last["record"] = dict(last["record"])
+        last["record"]["repeats"] = [
+            {"rules": r["rules"], **{k: v for k, v in r["record"].items()
+                                     if k in ("fault", "failover", "hostile_summary", "overload",
+                                              "requests", "failures", "p99_ms")}}
+            for r in reps]
+        last["rules"] = {f"{rule} (all {len(reps)} runs)": all(r["rules"][rule] for r in reps)
+                         for rule in reps[0]["rules"]}
+        out[name] = last
+    return out
+
+
+def run_scenario(s: str, sys_, a, out: Path, work: Path, summary: dict) -> dict:
+    """{result name: {record, rules}} of one run of scenario `s`."""
+    if s == "load":
+        return {"load": scenario_load(sys_, a, out)}
+    if s == "max":
+        return {"max": scenario_max(sys_, a, out)}
+    if s == "soak":
+        mx = summary.get("max", {}).get("record", {}).get("max_rps")
+        return {"soak": scenario_soak(sys_, a, out, mx)}
+    if s == "redis-fault":
+        return {"redis-fault": scenario_redis_fault(sys_, a, out)}
+    if s == "reload":
+        return {"reload": scenario_reload(sys_, a, out)}
+    if s == "hostile":
+        return {"hostile": scenario_hostile(sys_, a, out, work)}
+    if s == "overload":
+        return {"overload": scenario_overload(a.bundle, a, out, work)}
+    if s == "redis-cluster-failover":
+        return {s: scenario_cluster_failover(a.bundle, a, out, work)}
+    # ci: shortened load and Redis fault
+    return {"ci-load": scenario_load(sys_, a, out, seconds=15),
+            "ci-redis-fault": scenario_redis_fault(sys_, a, out, kill_at=5, down_s=5, total=16)}
 
 
 if __name__ == "__main__":

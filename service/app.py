@@ -403,13 +403,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/recommend/batch", response_model=BatchResponse, tags=["retrieval"],
               responses=errors.responses(400, 408, 413, 415, 422, 429, 503))
     async def recommend_batch(req: BatchRequest) -> Response:  # type: ignore[valid-type]
-        """Many users in one call; they share micro-batches (Redis read, encoder, search) and
-        yield to single requests in them. Admitted by its number of users."""
+        """Many users in one call, sharing micro-batches (Redis read, encoder, search). Admitted
+        by its number of users; a large one (bulk) yields to single requests."""
         t0 = time.perf_counter()
         engine = st.serving()
         queries = [query(r) for r in req.requests]  # type: ignore[attr-defined]
-        with admission.admit(len(queries), bulk=True):
-            answers = await recommender.recommend(engine, queries, bulk=True)
+        bulk = len(queries) > s.interactive_batch_users
+        with admission.admit(len(queries), bulk=bulk):
+            answers = await recommender.recommend(engine, queries, bulk=bulk)
         worst: dict[str, float] = {}
         for a in answers:
             for k, v in a.timings.items():

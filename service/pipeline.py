@@ -76,15 +76,18 @@ class Batcher(Generic[T, R]):
     of the loop, during which the previous answers are written and the requests that arrived
     meanwhile are parsed and join it.
 
-    Items submitted as `bulk` (the users of a `/recommend/batch` call) wait in a queue of their
-    own and fill what room a batch has after the others: a single request waits for at most the
-    batch running when it came, never behind a bulk caller's whole list.
+    Items submitted as `bulk` (the users of a large `/recommend/batch` call) wait in a queue of
+    their own and fill what room a batch has after the others, at most `max_bulk` of them: a
+    single request waits for at most the batch running when it came, never behind a bulk
+    caller's whole list, and that batch holds at most `max_bulk` users of bulk work.
     """
 
     def __init__(self, run: Callable[[list[T], list[float]], Awaitable[list[R | BaseException]]],
                  max_size: int, max_wait_s: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None, gather_turns: int = 4):
+                 on_batch: Callable[[int], None] | None = None, gather_turns: int = 4,
+                 max_bulk: int | None = None):
         self.run, self.max_size, self.max_wait = run, max_size, max_wait_s
+        self.max_bulk = max_size if max_bulk is None else max_bulk
         self.gather_turns = gather_turns
         self.on_batch = on_batch or (lambda size: None)
         self.queue: deque[_Waiting[T, R]] = deque()
@@ -122,7 +125,7 @@ class Batcher(Generic[T, R]):
                         await asyncio.sleep(0)
                 first = False
                 take = min(len(self.queue), self.max_size)
-                rest = min(len(self.bulk), self.max_size - take)
+                rest = min(len(self.bulk), self.max_size - take, self.max_bulk)
                 batch = [w for w in chain((self.queue.popleft() for _ in range(take)),
                                           (self.bulk.popleft() for _ in range(rest)))
                          if not w.future.done()]
@@ -276,7 +279,8 @@ class Recommender:
         self.s, self.m, self.store = settings, metrics, store
         self.batcher: Batcher[tuple[Engine, Query], Answer] | None = (
             Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                    metrics.batch_size.observe) if settings.batching else None)
+                    metrics.batch_size.observe, max_bulk=settings.batch_max_bulk)
+            if settings.batching else None)
 
     async def recommend(self, engine: Engine, queries: list[Query],
                         bulk: bool = False) -> list[Answer]:

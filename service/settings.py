@@ -105,10 +105,13 @@ class Settings(BaseSettings):
         "Single requests (`/recommend`, `/events`) being answered at once, counted from when "
         "the body is in until the answer; beyond it they are refused at once with 429."))
     max_batch_in_flight: int = Field(256, ge=1, description=(
-        "Users of `/recommend/batch` calls being answered at once (a batch counts one per "
-        "user); beyond it a batch is refused with 429, and one larger than it runs only alone. "
-        "A pool of its own, so that bulk callers never take what single requests need (which "
-        "also go first in a micro-batch)."))
+        "Users of bulk `/recommend/batch` calls (more than `interactive_batch_users` users) "
+        "being answered at once (a batch counts one per user); beyond it a batch is refused "
+        "with 429, and one larger than it runs only alone. A pool of its own, so that bulk "
+        "callers never take what single requests need."))
+    interactive_batch_users: int = Field(16, ge=0, description=(
+        "A `/recommend/batch` of at most this many users (a ranking stage asking for a page) "
+        "is admitted and scheduled as that many single requests; larger ones are bulk."))
     max_body_bytes: int = Field(16_384, ge=64, description=(
         "Largest request body of `/recommend`, `/events` and the other routes; a larger one is "
         "refused with 413 (from Content-Length, or once that many bytes have streamed in)."))
@@ -140,6 +143,10 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description=(
         "Micro-batch concurrent requests into one encoder run and one faiss search."))
     batch_max_size: int = Field(64, ge=1, description="Most requests in one micro-batch.")
+    batch_max_bulk: int = Field(16, ge=1, description=(
+        "Most users of bulk batch calls in one micro-batch, after the single requests: the "
+        "encoder and the search run on the event loop, so a single request that arrives "
+        "behind bulk work waits for at most this much of it."))
     batch_max_wait_ms: float = Field(0.0, ge=0, description=(
         "How long the first request of a batch waits for others. 0: batch only what queued up "
         "while the previous batch ran."))

@@ -47,3 +47,24 @@ def test_a_failed_threshold_fails_the_run(demo_bundle, tmp_path):
              "--p99-ms", "0.001"], tmp_path)
     assert r.returncode == 1
     assert "[FAIL] load: p99 <= 0.001 ms" in r.stdout
+
+
+def test_the_hostile_clients_are_cut_off_and_counted(small_world, serve):
+    """The hostile scenario's clients against a real server with short deadlines."""
+    import asyncio
+
+    from loadtests.hostile import run as hostile
+    from service.settings import Settings
+
+    s = Settings(bundle=str(small_world["root"]), watch_interval_s=0, header_timeout_s=0.5,
+                 body_timeout_s=0.5)
+    with serve(s) as c:
+        got = asyncio.run(hostile(c.port, 3.0, small_world["ds"].user_ids[:50], slow=5,
+                                  batch_clients=1, batch_users=256))
+        assert c.post("/recommend", json={"user_id": "u", "n": 3}).status_code == 200
+    assert got["slow-header"]["statuses"] == {"408": got["slow-header"]["closed"]}
+    assert got["slow-body"]["statuses"] == {"408": got["slow-body"]["closed"]}
+    assert got["slow-header"]["closed"] >= 10 and got["slow-header"]["lifetime_max_s"] < 1.5
+    assert got["slow-body"]["lifetime_max_s"] < 1.5
+    assert set(got["big-header"]["statuses"]) == {"431"}
+    assert set(got["batch"]["statuses"]) <= {"200", "429"} and got["batch"]["closed"] > 0

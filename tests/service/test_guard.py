@@ -139,7 +139,7 @@ def test_a_body_over_the_limit_closes_the_connection(small_world, serve):
 def test_batches_are_admitted_by_their_users_and_leave_singles_room(small_world, own_redis,
                                                                    serve):
     s = settings(small_world, redis_url=own_redis.url, max_in_flight=4, max_batch_in_flight=6,
-                 redis_timeout_ms=2000)
+                 interactive_batch_users=1, redis_timeout_ms=2000)
     users = [{"user_id": f"b{i}", "n": 3} for i in range(5)]
     with serve(s) as c, cf.ThreadPoolExecutor(4) as ex:
         own_redis.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
@@ -156,6 +156,14 @@ def test_batches_are_admitted_by_their_users_and_leave_singles_room(small_world,
         big = [{"user_id": f"x{i}", "n": 2} for i in range(10)]   # larger than its pool: alone
         r = c.post("/recommend/batch", json={"requests": big})
         assert r.status_code == 200 and len(r.json()["results"]) == 10
+        # a batch of one user is interactive here: the single requests' pool, and their turn
+        own_redis.client().execute_command("CLIENT", "PAUSE", 800, "ALL")
+        held = [ex.submit(c.post, "/recommend", json={"user_id": f"t{i}", "n": 3})
+                for i in range(4)]
+        wait_until(lambda: c.app.state.sine.admission.held[False] == 4, 2, "singles admitted")
+        r = c.post("/recommend/batch", json={"requests": users[:1]})
+        assert r.status_code == 429 and "requests are in flight" in r.json()["detail"]
+        assert [f.result().status_code for f in held] == [200] * 4
 
 
 def test_slow_clients_do_not_stop_the_others_at_the_default_limits(small_world, serve):

@@ -78,6 +78,19 @@ def test_bulk_items_yield_to_single_requests():
     assert out[0] == [10 * i for i in range(100, 110)] and out[1:] == [[0], [10], [20]]
 
 
+def test_a_batch_holds_at_most_max_bulk_items_of_bulk_work():
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_size=8, max_bulk=3)
+        bulk = b.submit(list(range(100, 107)), bulk=True)
+        singles = [b.submit([i]) for i in range(2)]
+        await asyncio.gather(bulk, *singles)
+        return rec.batches
+    batches = run(main())
+    assert batches[0] == [0, 1, 100, 101, 102]
+    assert batches[1:] == [[103, 104, 105], [106]]
+
+
 def test_arrivals_during_a_running_batch_form_the_next_one():
     async def main():
         rec = Recorder()
