@@ -48,6 +48,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -245,6 +246,35 @@ def failed(rec: dict, endpoints=("POST /recommend", "POST /recommend/batch")) ->
     return sum(n for k, n in rec["errors"].items() if any(k.startswith(e + ": ") for e in endpoints))
 
 
+class ReadyProbe:
+    """GET /readyz every `every_s` while the block runs, as a kubelet would: (time, status)."""
+
+    def __init__(self, url: str, every_s: float = 0.25):
+        self.url, self.every, self.seen = url + "/readyz", every_s, []
+
+    def _poll(self):
+        while True:
+            try:
+                status = urllib.request.urlopen(self.url, timeout=2).status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            except OSError:
+                status = 0
+            self.seen.append((time.time(), status))
+            gevent.sleep(self.every)
+
+    def __enter__(self):
+        self.g = gevent.spawn(self._poll)
+        return self
+
+    def __exit__(self, *exc):
+        self.g.kill()
+
+    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict:
+        got = [st for t, st in self.seen if since <= t < until]
+        return {"probes": len(got), "not_200": sum(1 for st in got if st != 200)}
+
+
 def server_errors(rec: dict) -> int:
     """Answers with a 5xx status (locust's failure text is `<status>: <body>`)."""
     return sum(n for k, n in rec["errors"].items()
@@ -306,9 +336,10 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
         sys_.redis.start()
         marks["up"] = time.time()
 
-    rec = run_locust("redis-fault", sys_.server.url, out, [(total, a.users, a.rate)],
-                     events_at={kill_at: kill, kill_at + down_s: back}, system=sys_,
-                     keep_log=True)
+    with ReadyProbe(sys_.server.url) as ready:
+        rec = run_locust("redis-fault", sys_.server.url, out, [(total, a.users, a.rate)],
+                         events_at={kill_at: kill, kill_at + down_s: back}, system=sys_,
+                         keep_log=True)
     known = set(Traffic.users)
     log = [x for x in rec["log"] if x[1] in known]
     during = [x for x in log if marks["down"] + 0.5 <= x[0] < marks["up"]]
@@ -316,7 +347,10 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
     after = [x for x in log if x[0] >= marks["up"]]
     first_ok = next((x[0] for x in after if x[2] is None), None)
     late = [x for x in log if x[0] >= marks["up"] + 2.0]
+    outage = ready.summary(marks["down"], marks["up"])
     rec["fault"] = {"answers_during_outage": len(during), "flagged": flagged,
+                    "readyz_probes_during_outage": outage["probes"],
+                    "readyz_not_200": ready.summary()["not_200"],
                     "personalized_after_s": (first_ok - marks["up"]) if first_ok else None,
                     "unpersonalized_2s_after": sum(1 for x in late if x[2] is not None),
                     "events_refused_503": sum(n for k, n in rec["errors"].items()
@@ -326,6 +360,8 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
     return {"record": rec, "rules": {
         "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
         "outage answers flagged history_unavailable": bool(during) and flagged == len(during),
+        "/readyz 200 throughout (readiness is local)": outage["probes"] > 0
+        and f["readyz_not_200"] == 0,
         "personalized within 2 s of Redis returning": first_ok is not None
         and f["personalized_after_s"] <= 2.0 and f["unpersonalized_2s_after"] == 0}}
 
@@ -337,7 +373,8 @@ def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: fl
     from service.history import Keys
     from service.settings import Settings
 
-    sys_ = System(bundle, a.data_dir, work / "cluster", a.server_tree, cluster=True, **a.settings)
+    sys_ = System(bundle, a.data_dir, Path(tempfile.mkdtemp(dir=work, prefix="cluster-")),
+                  a.server_tree, cluster=True, **a.settings)
     cl = sys_.cluster
     keys = Keys(Settings(redis_cluster=True))
     probe = keys.history(Traffic.users[0])
@@ -357,9 +394,10 @@ def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: fl
         gevent.spawn(watch)
 
     try:
-        rec = run_locust("redis-cluster-failover", sys_.server.url, out,
-                         [(total, a.users, a.rate)], events_at={kill_at: kill}, system=sys_,
-                         keep_log=True)
+        with ReadyProbe(sys_.server.url) as ready:
+            rec = run_locust("redis-cluster-failover", sys_.server.url, out,
+                             [(total, a.users, a.rate)], events_at={kill_at: kill},
+                             system=sys_, keep_log=True)
     finally:
         sys_.stop()
     known = set(Traffic.users)                   # the mix also sends unknown (cold) users
@@ -381,12 +419,16 @@ def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: fl
         "other_personalized_during": sum(1 for x in beside if x[2] is None),
         "other_unpersonalized_at_s": [round(x[0] - down, 2) for x in beside if x[2] is not None],
         "victim_answers_after": len(after),
+        "readyz_probes_during": ready.summary(down, up)["probes"],
+        "readyz_not_200": ready.summary()["not_200"],
         "events_refused_503": sum(n for k, n in rec["errors"].items()
                                   if k.startswith("POST /events:"))}
     f = rec["failover"]
     return {"record": rec, "rules": {
         "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
         "replica promoted within 10 s": f["promoted_after_s"] <= 10,
+        "/readyz 200 throughout (readiness is local)": f["readyz_probes_during"] > 0
+        and f["readyz_not_200"] == 0,
         "victim users' answers flagged history_unavailable while it is down": bool(during)
         and f["victim_flagged_during"] == len(during),
         "other masters' users personalized throughout": bool(beside)
@@ -440,7 +482,8 @@ def quantile(before, after, q: float) -> float:
 
 
 def scenario_overload(bundle: str, a, out: Path, work: Path) -> dict:
-    sys_ = System(bundle, a.data_dir, work / "overload", a.server_tree,
+    sys_ = System(bundle, a.data_dir, Path(tempfile.mkdtemp(dir=work, prefix="overload-")),
+                  a.server_tree,
                   **{**a.settings, "max_in_flight": a.overload_limit})
     scrape = {}
 
@@ -581,6 +624,22 @@ def write_markdown(summary: dict, path: Path, cmd: str) -> None:
             lines += ["", f"`{name}`: " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in summary[name]["record"][key].items())]
+    for name, r in summary.items():
+        reps = r["record"].get("repeats")
+        if not reps:
+            continue
+        key = next((k for k in ("failover", "fault", "hostile_summary", "overload")
+                    if k in reps[0]), None)
+        cols = [k for k, v in (reps[0].get(key) or {}).items()
+                if isinstance(v, (int, float))] if key else []
+        lines += ["", f"`{name}`, each of {len(reps)} runs:", "",
+                  "| run | rules held | " + " | ".join(cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for k, rep in enumerate(reps, 1):
+            held = sum(bool(v) for v in rep["rules"].values())
+            vals = [f"{rep[key][c]:.3g}" if isinstance(rep[key][c], float) else str(rep[key][c])
+                    for c in cols]
+            lines.append(f"| {k} | {held} of {len(rep['rules'])} | " + " | ".join(vals) + " |")
     stages = {n: r["record"].get("stages") for n, r in summary.items() if r["record"].get("stages")}
     if stages:
         lines += ["", "Server-side stage timings (ms, from `Server-Timing`):", "",

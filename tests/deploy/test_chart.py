@@ -318,3 +318,12 @@ def test_the_fetch_init_container_gets_its_checks():
         "url": "http://store.internal/b", "allowHttp": True}}})
     init = kind(allow, "Deployment")[0]["spec"]["template"]["spec"]["initContainers"][0]
     assert build_parser().parse_args(init["args"]).allow_http is True
+
+
+def test_an_image_digest_pins_the_image():
+    d = "sha256:" + "ab" * 32
+    pod = kind(render(overrides={"image": {"digest": d}}), "Deployment")[0]
+    assert pod["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        f"ghcr.io/sine-retrieval/sine-retrieval@{d}"
+    pod = kind(render(), "Deployment")[0]
+    assert pod["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")

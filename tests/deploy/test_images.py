@@ -77,3 +77,39 @@ def test_training_image_runs_refresh():
     assert argv[0] == "sine" and argv[1] == "refresh"
     installs = [r for op, r in ins if op == "RUN" and "pip install" in r]
     assert ".[cpu,train]" in installs[0]
+
+
+def test_python_images_are_pinned_to_a_patched_release():
+    """A floating `python:3.11-slim` can be any 3.11; the tarfile filter fixes of
+    CVE-2025-4517 are in 3.11.13, 3.12.11 and 3.13.4."""
+    floor = {(3, 11): 13, (3, 12): 11, (3, 13): 4}
+    for path in (ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "Dockerfile.train"):
+        for op, rest in instructions(path):
+            if op != "FROM":
+                continue
+            m = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim(?: AS \w+)?", rest)
+            assert m, f"{path.name}: {rest} is not a pinned python release"
+            major, minor, patch = map(int, m.groups())
+            assert patch >= floor.get((major, minor), 0), f"{path.name}: {rest}"
+
+
+def test_the_cpu_lock_covers_every_dependency_and_meets_every_floor():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "deploy" / "requirements-cpu.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    for dep in project["dependencies"] + project["optional-dependencies"]["cpu"]:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"the lock lacks {req.name}"
+        assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} breaks {dep}"
+    install = [r for op, r in instructions(ROOT / "deploy" / "Dockerfile") if op == "RUN"
+               and "pip install" in r][0]
+    assert "-c deploy/requirements-cpu.lock" in install

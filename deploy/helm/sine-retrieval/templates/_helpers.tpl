@@ -30,7 +30,11 @@ app.kubernetes.io/component: server
 
 {{- define "sine.image" -}}
 {{- $img := ternary .Values.gpu.image .Values.image .Values.gpu.enabled -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
 {{- printf "%s:%s" $img.repository $img.tag -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "sine.redisUrl" -}}
