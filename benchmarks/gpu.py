@@ -91,7 +91,7 @@ def check_pipeline(bundle_path: str) -> list[dict] | str:
     """Stage times of one micro-batch on the GPU engine, or why it cannot run here."""
     try:
         from service.engine import EngineError, load_engine
-        from service.pipeline import Query, compute, render, top_n
+        from service.stages import Query, compute, render, top_n, window
     except ImportError as e:                  # the device image may lack faiss or the service
         return f"skipped: {e}"
     try:
@@ -106,7 +106,7 @@ def check_pipeline(bundle_path: str) -> list[dict] | str:
         times: dict[str, list[float]] = {"window": [], "encode": [], "search": [], "filter": []}
         for rep in range(30):
             t0 = time.perf_counter()
-            win = eng.windows(hists)
+            win = window(eng, hists)
             t1 = time.perf_counter()
             c = compute(eng, win.window, np.zeros(B, dtype=bool), 120)
             t2 = time.perf_counter()

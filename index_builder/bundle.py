@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -244,6 +244,41 @@ def sweep_staging(root: Path, older_than_s: float) -> list[str]:
                 p.unlink(missing_ok=True)
             gone.append(p.name)
     return gone
+
+
+@dataclass
+class RefreshReport:
+    """`<root>/refresh.json`: what the last `sine refresh` did (written by the refresh job, read
+    by the service for /metrics and by the next refresh). `outcome` is published, refused or
+    nothing_new; `gate["metrics"]` maps candidate and live to {metric: value}."""
+    outcome: str
+    version: str | None = None
+    live: str | None = None
+    clicks: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    stages_s: dict[str, float] = field(default_factory=dict)
+    retention: dict[str, Any] = field(default_factory=dict)
+    finished: str = ""
+    finished_unix: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefreshReport:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def write_refresh_report(root: Path, report: RefreshReport) -> None:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(root) / REFRESH_REPORT, json.dumps(asdict(report), indent=1).encode())
+
+
+def read_refresh_report(root: Path) -> RefreshReport | None:
+    """The last refresh's report, or None (absent or unreadable)."""
+    try:
+        d = json.loads((Path(root) / REFRESH_REPORT).read_text())
+        return RefreshReport.from_dict(d) if isinstance(d, dict) and "outcome" in d else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 @dataclass

@@ -27,15 +27,15 @@ The outcome, the gate's metrics, the stage times and what retention removed are 
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from index_builder import bundle as bundle_mod
+from index_builder.bundle import RefreshReport
 
 from . import data
 from .clicklog import compact_partitions, count_clicks, export_clicks, newest_click, read_clicks
@@ -69,23 +69,6 @@ class RefreshConfig:
     keep_versions: int = 5                 # 0: keep every version
     clicks_retention_hours: float | None = None   # None: keep every exported click
     staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
-
-
-@dataclass
-class RefreshReport:
-    outcome: str
-    version: str | None = None
-    live: str | None = None
-    clicks: dict = field(default_factory=dict)
-    gate: dict = field(default_factory=dict)
-    stages_s: dict = field(default_factory=dict)
-    retention: dict = field(default_factory=dict)
-    finished: str = ""
-    finished_unix: float = 0.0
-
-    @property
-    def exit_status(self) -> int:
-        return EXIT[self.outcome]
 
 
 def holdout(clicks: list[tuple[str, str, float, str]], since: float
@@ -123,14 +106,14 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
     engine encodes each user's newest clicks (oldest first in `histories`), searches the index
     and drops every item of the history. A target the bundle does not know is a miss."""
     from service.engine import load_engine
-    from service.pipeline import compute, top_n
+    from service.stages import compute, top_n, window
 
     eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
     users = [u for u in targets if histories.get(u)]
     hits, ndcg = 0, 0.0
     for s in range(0, len(users), batch):
         part = users[s: s + batch]
-        win = eng.windows([histories[u][::-1] for u in part])          # newest first
+        win = window(eng, [histories[u][::-1] for u in part])           # newest first
         known = win.known > 0
         rows = np.flatnonzero(known)
         if not len(rows):
@@ -155,12 +138,9 @@ def _seen_until(root: Path, live: bundle_mod.Bundle | None) -> float:
     if live is not None:
         marks.append(live.manifest.get("provenance", {}).get("refresh", {})
                      .get("clicks_until", float("-inf")))
-    try:
-        last = json.loads((root / bundle_mod.REFRESH_REPORT).read_text())
-        if last.get("outcome") in (REFUSED, NOTHING_NEW):
-            marks.append(last.get("clicks", {}).get("until", float("-inf")))
-    except (OSError, ValueError):
-        pass
+    last = bundle_mod.read_refresh_report(root)
+    if last is not None and last.outcome in (REFUSED, NOTHING_NEW):
+        marks.append(last.clicks.get("until", float("-inf")))
     return max(marks)
 
 
@@ -285,7 +265,5 @@ def _finish(root: Path, report: RefreshReport, stages: dict[str, float]) -> Refr
     report.stages_s = stages
     report.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report.finished_unix = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    bundle_mod.write_atomic(root / bundle_mod.REFRESH_REPORT,
-                            json.dumps(asdict(report), indent=1).encode())
+    bundle_mod.write_refresh_report(root, report)
     return report

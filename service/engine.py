@@ -1,15 +1,13 @@
 """One loaded bundle: the ONNX Runtime encoder, the faiss index and the id maps, warmed up.
 
-The encoder's input layout is the bundle's (`[B, n]` int64, most recent click first, 0 = padding
-at the end); `windows()` builds it for a batch of history lists read newest first. Everything
-here works on whole batches of arrays: the request path has no per-item Python loop.
+What the request path does with them is `service.stages`; here are the loading, the devices
+and the lookups the stages share (item vectors, the most popular items).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +23,6 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 class EngineError(RuntimeError):
     """A bundle that cannot be served here: invalid, or not on the device it was asked to use."""
-
-
-@dataclass(slots=True)
-class Windows:
-    """A batch of histories in the encoder's layout, and what else the request path needs."""
-    window: np.ndarray                 # [B, n] int64, most recent first, 0 = padding
-    seen: np.ndarray                   # [B, H] int64 known history ids, newest first, 0-padded
-    known: np.ndarray                  # [B] int64 count of known ids per row
-    unknown: int                       # history entries outside the vocabulary (dropped)
 
 
 @dataclass
@@ -66,41 +55,6 @@ class Engine:
     def n_items(self) -> int:
         return len(self.popular)
 
-    # stage 2: window
-    def windows(self, histories: list[list[str]]) -> Windows:
-        """Histories (newest first, external ids) -> the encoder's windows and the seen ids.
-
-        Unknown ids are dropped; the rest keep their order, so slot 0 is the newest known click.
-        """
-        B = len(histories)
-        lens = np.fromiter(map(len, histories), dtype=np.int64, count=B)
-        flat = np.fromiter(map(self.item_index.get, chain.from_iterable(histories), repeat(0)),
-                           dtype=np.int64, count=int(lens.sum()))            # [sum lens], 0 = unknown
-        rows = np.repeat(np.arange(B), lens)[flat > 0]                       # [known]
-        ids = flat[flat > 0]
-        known = np.bincount(rows, minlength=B)                               # [B]
-        pos = np.arange(len(ids)) - (np.cumsum(known) - known)[rows]         # place within its row
-        seen = np.zeros((B, max(self.n, int(known.max(initial=0)))), dtype=np.int64)
-        seen[rows, pos] = ids                                                # [B, H]
-        return Windows(np.ascontiguousarray(seen[:, : self.n]), seen, known,
-                       int(lens.sum()) - len(ids))
-
-    # stage 3: encode
-    def encode(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[B, n] int64 -> interests [B, K, D], user_vector [B, D], weights [B, K]."""
-        interests, user_vector, weights = self.session.run(
-            ["interests", "user_vector", "weights"], {"item_ids": windows})
-        return interests, user_vector, weights
-
-    # stage 4: search
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
-        # omp_set_num_threads is per calling thread: set it in whichever thread searches
-        faiss.omp_set_num_threads(self.faiss_threads)
-        k = max(1, min(k, self.n_items))
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, ids
-
     def popular_ids(self, n: int, exclude: np.ndarray) -> np.ndarray:
         """The n most popular internal ids outside `exclude` (any shape; 0s ignored).
 
@@ -117,11 +71,13 @@ class Engine:
         return out
 
     def warm_up(self, max_batch: int) -> None:
+        """One encoder run and one search at batch 1 and at the largest batch, before serving."""
+        from .stages import encode, knn
+
         for b in sorted({1, max(1, max_batch)}):
             w = np.zeros((b, self.n), dtype=np.int64)
             w[:, 0] = self.popular[0]
-            _, uv, _ = self.encode(w)
-            self.search(uv, 100)
+            knn(self, encode(self, w).user_vector, 100)
 
 
 def _session(path: Path, providers: str, allow_cpu_fallback: bool,

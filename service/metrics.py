@@ -11,6 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as _values
 
+from index_builder.bundle import RefreshReport
+
 # sub-millisecond resolution where the stages live, up to a second for the tail
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
                  5e-2, 0.1, 0.25, 0.5, 1.0)
@@ -91,14 +93,14 @@ class Metrics:
     def stage_child(self, stage: str) -> Any:
         return self.child(self.stage, stage)
 
-    def set_refresh(self, report: dict[str, Any]) -> None:
+    def set_refresh(self, report: RefreshReport) -> None:
         """Gauges from a `sine refresh` report (`refresh.json`)."""
         _reset(self.refresh)
-        self.refresh.labels(str(report.get("outcome")), str(report.get("version"))).set(1)
-        if isinstance(report.get("finished_unix"), (int, float)):
-            self.refresh_time.set(report["finished_unix"])
+        self.refresh.labels(str(report.outcome), str(report.version)).set(1)
+        if isinstance(report.finished_unix, (int, float)):
+            self.refresh_time.set(report.finished_unix)
         _reset(self.refresh_metric)
-        for which, ms in (report.get("gate") or {}).get("metrics", {}).items():
+        for which, ms in (report.gate or {}).get("metrics", {}).items():
             for name, v in ms.items():
                 if isinstance(v, (int, float)):
                     self.refresh_metric.labels(which, name).set(v)

@@ -1,7 +1,8 @@
 """Request and response bodies. Limits come from Settings, so the models are built per app."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
@@ -50,8 +51,36 @@ class ReloadRequest(BaseModel):
                                                         "omitted: whatever `current` names.")
 
 
-def request_models(s: Settings) -> tuple[Any, Any, Any]:
-    """(RecommendRequest, BatchRequest, EventRequest) with this app's limits."""
+class RecommendBody(BaseModel):
+    """What `POST /recommend` takes; `request_models` puts this app's limits on it."""
+    user_id: str | int
+    n: int
+    exclude_seen: bool = True
+    mode: Literal["aggregate", "per_interest"] = "aggregate"
+    include_interests: bool = False
+
+
+class BatchBody(BaseModel):
+    requests: list[RecommendBody]
+
+
+class EventBody(BaseModel):
+    user_id: str | int
+    item_id: str | int
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies with one app's limits (`max_n`, `max_batch_users`, id lengths): the
+    routes are typed with the bases above and registered with these."""
+    recommend: type[RecommendBody]
+    batch: type[BatchBody]
+    event: type[EventBody]
+
+
+def request_models(s: Settings) -> RequestModels:
+    """The request bodies with this app's limits, each a subclass of its base."""
     UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
     ItemStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_item_id_length)]
     EventStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128)]
@@ -59,7 +88,7 @@ def request_models(s: Settings) -> tuple[Any, Any, Any]:
         description=f"The user's id, at most {s.max_user_id_length} characters; an int is the "
                     f"same user as its decimal string.")]
 
-    class RecommendRequest(BaseModel):
+    class RecommendRequest(RecommendBody):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
             {"user_id": "1", "n": 10},
             {"user_id": 42, "n": 50, "mode": "per_interest", "include_interests": True}]})
@@ -73,18 +102,20 @@ def request_models(s: Settings) -> tuple[Any, Any, Any]:
             "Return the aggregation weights; per_interest items also get their score under "
             "each interest."))
 
-    class BatchRequest(BaseModel):
+    class BatchRequest(BatchBody):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
             {"requests": [{"user_id": "1", "n": 10}, {"user_id": "2", "n": 10}]}]})
-        requests: list[RecommendRequest] = Field(min_length=1, max_length=s.max_batch_users)
+        requests: list[RecommendRequest] = Field(  # type: ignore[assignment]  # narrower items
+            min_length=1, max_length=s.max_batch_users)
 
-    class EventRequest(BaseModel):
+    class EventRequest(EventBody):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
             {"user_id": "1", "item_id": "1193"},
             {"user_id": "1", "item_id": "1193", "event_id": "c0ffee-42"}]})
         user_id: UserId
         item_id: ItemStr | StrictInt = Field(description="The clicked item's external id.")
         event_id: EventStr | None = Field(None, description=(
-            "Optional client id of this event: a retry with the same id is stored once."))
+            "Optional client id of this event: a retry with the same id (from the same user) is "
+            "stored once."))
 
-    return RecommendRequest, BatchRequest, EventRequest
+    return RequestModels(RecommendRequest, BatchRequest, EventRequest)

@@ -241,7 +241,7 @@ def cmd_refresh(a: argparse.Namespace) -> int:
     _need_torch()
     import json
 
-    from model_export.refresh import RefreshConfig, refresh
+    from model_export.refresh import EXIT, RefreshConfig, refresh
     from service.history import Keys
 
     s = _log_settings(a)
@@ -256,7 +256,7 @@ def cmd_refresh(a: argparse.Namespace) -> int:
         keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
-    return report.exit_status
+    return EXIT[report.outcome]
 
 
 def _progress_bar(desc: str, unit: str = "item") -> Callable[[int, int], None]:

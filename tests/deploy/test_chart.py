@@ -171,7 +171,7 @@ def test_deployment_probes_rollout_and_security():
     assert build_parser().parse_args(c["args"]).command == "serve"
     # the probes' paths are real routes of the app
     from service.app import create_app
-    paths = {r.path for r in create_app(Settings(bundle="/nonexistent")).routes}
+    paths = set(create_app(Settings(bundle="/nonexistent")).openapi()["paths"])
     assert {"/livez", "/readyz", "/metrics"} <= paths
 
 

@@ -1,6 +1,6 @@
-"""The request stages as units, without HTTP: the batch policy, windows, compute, the filter with
-its top-up, popularity, the answer's JSON, and whole micro-batches against brute force."""
-import asyncio
+"""The request stages as units, without HTTP: windows, encode and search, the filter with its
+top-up, popularity, the answer's JSON (and its schema), and whole micro-batches of the
+recommender against brute force."""
 import json
 from types import SimpleNamespace
 
@@ -9,176 +9,9 @@ import pytest
 
 from service.engine import Engine, item_json_prefixes, load_engine
 from service.metrics import Metrics
-from service.pipeline import Batcher, Query, Recommender, compute, render, top_n, top_up
+from service.recommender import Recommender
 from service.settings import Settings
-
-# -- the batch policy --------------------------------------------------------------------------
-
-class Recorder:
-    """A batch runner that records its batches; `gate` holds a batch open while it is set."""
-
-    def __init__(self):
-        self.batches: list[list] = []
-        self.gate: asyncio.Event | None = None
-
-    async def __call__(self, items, waited):
-        self.batches.append(list(items))
-        assert len(waited) == len(items) and all(w >= 0 for w in waited)
-        if self.gate is not None:
-            await self.gate.wait()
-        return [x * 10 if x >= 0 else ValueError(f"bad {x}") for x in items]
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def test_what_arrives_in_one_turn_is_one_batch():
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=64)
-        out = await asyncio.gather(*(b.submit([i]) for i in range(5)))
-        return rec.batches, out
-    batches, out = run(main())
-    assert batches == [[0, 1, 2, 3, 4]]
-    assert out == [[0], [10], [20], [30], [40]]
-
-
-def test_batches_are_capped_and_first_come_first_served():
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=4)
-        out = await asyncio.gather(*(b.submit([i]) for i in range(10)))
-        return rec.batches, out
-    batches, out = run(main())
-    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [o[0] for o in out] == [10 * i for i in range(10)]
-
-
-def test_bulk_items_yield_to_single_requests():
-    """A batch call's users wait in their own queue: single requests that come later still go
-    first in the next micro-batch, never behind the whole list."""
-    async def main():
-        rec = Recorder()
-        rec.gate = asyncio.Event()
-        b = Batcher(rec, max_size=4)
-        bulk = asyncio.ensure_future(b.submit(list(range(100, 110)), bulk=True))
-        await asyncio.sleep(0)
-        while not rec.batches:                 # the first batch is running (gate closed)
-            await asyncio.sleep(0)
-        singles = [asyncio.ensure_future(b.submit([i])) for i in range(3)]
-        await asyncio.sleep(0)
-        rec.gate.set()
-        out = await asyncio.gather(bulk, *singles)
-        return rec.batches, out
-    batches, out = run(main())
-    assert batches[0] == [100, 101, 102, 103]
-    assert batches[1] == [0, 1, 2, 104]        # the singles first, the room left for the bulk
-    assert sorted(x for bt in batches for x in bt) == sorted([*range(100, 110), 0, 1, 2])
-    assert out[0] == [10 * i for i in range(100, 110)] and out[1:] == [[0], [10], [20]]
-
-
-def test_a_batch_holds_at_most_max_bulk_items_of_bulk_work():
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=8, max_bulk=3)
-        bulk = b.submit(list(range(100, 107)), bulk=True)
-        singles = [b.submit([i]) for i in range(2)]
-        await asyncio.gather(bulk, *singles)
-        return rec.batches
-    batches = run(main())
-    assert batches[0] == [0, 1, 100, 101, 102]
-    assert batches[1:] == [[103, 104, 105], [106]]
-
-
-def test_arrivals_during_a_running_batch_form_the_next_one():
-    async def main():
-        rec = Recorder()
-        rec.gate = asyncio.Event()
-        b = Batcher(rec, max_size=64)
-        first = asyncio.ensure_future(b.submit([1]))
-        while not rec.batches:                       # the first batch is running
-            await asyncio.sleep(0)
-        later = [asyncio.ensure_future(b.submit([i])) for i in (2, 3)]
-        await asyncio.sleep(0)
-        assert rec.batches == [[1]]                  # held open: nothing else ran
-        rec.gate.set()
-        return await first, await asyncio.gather(*later), rec.batches
-    first, later, batches = run(main())
-    assert first == [10] and later == [[20], [30]]
-    assert batches == [[1], [2, 3]]
-
-
-@pytest.mark.parametrize("turns, expect", [(4, [[1], [2, 3]]), (0, [[1], [2], [3]])])
-def test_under_load_a_batch_waits_a_few_turns_for_late_arrivals(turns, expect):
-    async def main():
-        rec = Recorder()
-        rec.gate = asyncio.Event()
-        b = Batcher(rec, max_size=64, gather_turns=turns)
-        first = asyncio.ensure_future(b.submit([1]))
-        while not rec.batches:
-            await asyncio.sleep(0)
-        queued = asyncio.ensure_future(b.submit([2]))       # waiting when batch 1 ends
-        await asyncio.sleep(0)
-        rec.gate.set()
-        while not first.done():
-            await asyncio.sleep(0)
-        late = asyncio.ensure_future(b.submit([3]))         # turns after batch 1 ended
-        await asyncio.gather(first, queued, late)
-        return rec.batches
-    assert run(main()) == expect
-
-
-def test_a_multi_item_submission_keeps_its_order():
-    async def main():
-        b = Batcher(Recorder(), max_size=3)
-        return await b.submit([5, 6, 7, 8, 9])
-    assert run(main()) == [50, 60, 70, 80, 90]
-
-
-def test_an_item_error_goes_to_that_item_and_a_run_error_to_the_batch():
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=8)
-        good, bad = await asyncio.gather(b.submit([1]), b.submit([-1]), return_exceptions=True)
-
-        async def broken(items, waited):
-            raise RuntimeError("encoder failed")
-        b2 = Batcher(broken, max_size=8)
-        errs = await asyncio.gather(b2.submit([1]), b2.submit([2]), return_exceptions=True)
-        b2.run = rec                                 # the batcher works on after a failure
-        return good, bad, errs, await b2.submit([3])
-    good, bad, errs, after = run(main())
-    assert good == [10] and isinstance(bad, ValueError) and "bad -1" in str(bad)
-    assert [str(e) for e in errs] == ["encoder failed"] * 2
-    assert after == [30]
-
-
-def test_a_caller_that_has_gone_is_skipped():
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=8)
-        gone = asyncio.ensure_future(b.submit([1]))
-        stays = asyncio.ensure_future(b.submit([2]))
-        await asyncio.sleep(0)                       # both queued; the drain has not run
-        gone.cancel()
-        return await stays, rec.batches
-    stays, batches = run(main())
-    assert stays == [20] and batches == [[2]]
-
-
-@pytest.mark.parametrize("wait, expect", [(0.0, [[1], [2]]), (0.2, [[1, 2]])])
-def test_max_wait_holds_a_small_batch_for_company(wait, expect):
-    async def main():
-        rec = Recorder()
-        b = Batcher(rec, max_size=8, max_wait_s=wait)
-        first = asyncio.ensure_future(b.submit([1]))
-        for _ in range(3):                           # a few turns of the loop, not a time
-            await asyncio.sleep(0)
-        await asyncio.gather(first, b.submit([2]))
-        return rec.batches
-    assert run(main()) == expect
-
+from service.stages import Query, compute, render, top_n, top_up, window
 
 # -- stages on the small world's engine ---------------------------------------------------------
 
@@ -196,7 +29,7 @@ def test_windows_drop_unknown_ids_and_keep_newest_first(engine):
     ext = engine.bundle.item_ids()
     long = [ext[i] for i in range(1, 31)]                         # 30 known, newest first
     hists = [[ext[5], "nope", ext[7]], [], ["x", "y"], long]
-    w = engine.windows(hists)
+    w = window(engine, hists)
     n = engine.n
     assert w.window.shape == (4, n) and w.window.dtype == np.int64
     assert list(w.window[0, :3]) == [5, 7, 0] and not w.window[0, 2:].any()
@@ -230,7 +63,7 @@ def test_popular_ids_skip_exclusions_and_never_walk_the_catalog():
 
 
 def test_compute_is_the_encoder_and_exact_search(engine, items):
-    win = engine.windows([[engine.bundle.item_ids()[i] for i in (3, 9, 4)],
+    win = window(engine, [[engine.bundle.item_ids()[i] for i in (3, 9, 4)],
                           [engine.bundle.item_ids()[i] for i in (11, 2)]]).window
     interests, uv, weights = engine.session.run(None, {"item_ids": win})
     c = compute(engine, win, np.array([False, True]), 12)
@@ -387,3 +220,35 @@ def test_only_the_users_whose_history_failed_fall_back(engine, small_world, poli
             assert isinstance(got[j], HistoryUnavailable)
         else:
             assert json.loads(got[j].body)["fallback"] == "history_unavailable"
+
+
+@pytest.mark.parametrize("mode", ["aggregate", "per_interest"])
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("case", ["personalized", "cold_start", "history_unavailable",
+                                  "catalog_exhausted"])
+def test_every_answer_render_builds_is_a_valid_recommendation(engine, small_world, mode,
+                                                              include, case):
+    """`render` builds the JSON by hand for speed; the route declares `Recommendation`."""
+    from service.schemas import Recommendation
+
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False, history_keep=1000), Metrics(),
+                      None)
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[3][::-1]]
+    if case == "cold_start":
+        hist = ["never-seen"]
+    elif case == "catalog_exhausted":
+        hist = ds.item_ids[1:-2]                            # every item but two seen
+    q = Query('u "\u00e9"\n', 10, mode=mode, include_interests=include)
+    down = np.array([case == "history_unavailable"])
+    (got,) = rec.answer(engine, [q], [hist], down)
+    body = Recommendation.model_validate_json(got.body)
+    assert body.user_id == q.user_id and body.mode == mode
+    assert body.fallback == (case if case in ("cold_start", "history_unavailable") else None)
+    assert len(body.items) == (2 if case == "catalog_exhausted" else 10)
+    if case in ("personalized", "catalog_exhausted"):
+        assert body.score_kind == "inner_product"
+        assert (body.interest_weights is not None) == include
+        assert all((it.interest is not None) == (mode == "per_interest") for it in body.items)
+    else:
+        assert body.score_kind == "popularity"

@@ -1,0 +1,176 @@
+"""The served bundle's life: loaded at start-up, reloaded beside the live one and swapped,
+`current` watched, and the freshness gauges read at scrape time.
+
+Whatever fails while a bundle loads refuses it (409 from the admin route, a counter and a log
+line) and the old one keeps serving; the watcher survives every error.
+"""
+from __future__ import annotations
+
+import asyncio
+import calendar
+import gc
+import logging
+import time
+from pathlib import Path
+
+from index_builder import bundle as bundle_mod
+
+from . import errors
+from .engine import Engine, EngineError, load_engine
+from .history import HistoryError
+from .stages import Query, render
+from .state import State
+
+log = logging.getLogger("sine.service")
+
+
+def load(st: State, path: str | Path) -> Engine:
+    """The bundle at `path`, opened and warmed with this app's settings."""
+    s = st.settings
+    return load_engine(path, providers=s.providers, allow_cpu_fallback=s.allow_cpu_fallback,
+                       intra_op_threads=s.intra_op_threads, faiss_gpu=s.faiss_gpu,
+                       search_params=s.search_params, warm_batch=s.batch_max_size,
+                       faiss_threads=s.faiss_threads, index_mmap=s.index_mmap)
+
+
+def reason(e: Exception) -> str:
+    """Why a bundle could not be loaded, for readiness and the refusal."""
+    return str(e) if isinstance(e, (EngineError, bundle_mod.BundleError)) \
+        else f"{type(e).__name__}: {e}"
+
+
+async def start(st: State) -> None:
+    """The configured bundle, loaded before the port opens; a failure is readiness's reason."""
+    try:
+        serve(st, await asyncio.to_thread(load, st, st.settings.bundle))
+    except Exception as e:     # whatever it is, the reason is readiness's detail
+        st.not_ready = reason(e)
+        log.error("bundle not loaded; not ready", extra={"reason": st.not_ready})
+
+
+def serve(st: State, eng: Engine) -> None:
+    """Make `eng` the served bundle."""
+    st.engine, st.not_ready = eng, None
+    m = eng.bundle.manifest
+    st.metrics.set_bundle(eng.version, m["index"]["factory"], eng.n_items)
+    if st.settings.floor_endpoint:
+        n = st.settings.max_n
+        st.floor_body = render(eng, Query("0", n), eng.popular[:n],
+                               eng.popularity[eng.popular[:n]], None)
+    if st.settings.gc_freeze:
+        # what is loaded now lives as long as the bundle: keep it out of the collector's scans
+        gc.collect()
+        gc.freeze()
+
+
+async def reload(st: State, version: str | None = None) -> Engine:
+    """Load, validate and warm a bundle beside the live one, then swap. Whatever fails on the
+    way is a refused bundle (409, counted, logged): the old one keeps serving."""
+    async with st.reload_lock:
+        path = _version_path(st, version)
+        try:
+            eng = await asyncio.to_thread(load, st, path)
+        except Exception as e:       # an encoder ORT cannot parse, a manifest lacking a field...
+            st.metrics.reloads.labels("refused").inc()
+            why = reason(e)
+            log.error("bundle refused", extra={"path": str(path), "reason": why})
+            raise errors.ReloadRefused(f"{why} The served version is unchanged "
+                                       f"({st.engine.version if st.engine else 'none'}).") from e
+        old = st.engine
+        serve(st, eng)                           # in-flight requests keep their reference to `old`
+        st.metrics.reloads.labels("ok").inc()
+        log.info("bundle swapped", extra={"old": old.version if old else None, "new": eng.version})
+        return eng
+
+
+def _version_path(st: State, version: str | None) -> Path:
+    if version is None:
+        return Path(st.settings.bundle)
+    root = st.bundle_root
+    if root is None:
+        raise errors.ReloadRefused(f"{st.settings.bundle} is a single bundle, not a bundle root; "
+                                   "a version cannot be chosen.")
+    try:
+        return root / bundle_mod.check_version(version)
+    except bundle_mod.BundleError as e:
+        raise errors.BadRequest(str(e)) from None
+
+
+async def watch(st: State) -> None:
+    """Follow the root's `current` pointer. Nothing that goes wrong ends the loop: a pointer
+    that cannot be read is retried, a version that cannot be loaded is refused and counted,
+    and a later good version is loaded."""
+    root = st.bundle_root
+    if root is None:
+        return
+    st.metrics.watcher_up.set(1)
+    # what is served, not what `current` says when this task first runs: a version published
+    # between the start-up load and then would otherwise never be loaded
+    last: str | None = st.engine.version if st.engine is not None else None
+    try:
+        while True:
+            await asyncio.sleep(st.settings.watch_interval_s)
+            try:
+                last = await _watch_step(st, root, last)
+            except Exception as e:
+                log.error("bundle watch step failed; watching on", extra={"reason": reason(e)})
+    finally:
+        st.metrics.watcher_up.set(0)
+
+
+async def _watch_step(st: State, root: Path, last: str | None) -> str | None:
+    """One look at `current`: reload when it moved. Returns what it names now."""
+    cur = await asyncio.to_thread(bundle_mod.current_version, root)
+    st.metrics.watch_time.set(time.time())
+    _behind(st, cur)
+    if cur == last:
+        return cur
+    log.info("current pointer moved", extra={"current": cur})
+    try:
+        await reload(st)
+    except errors.ServiceError:
+        pass            # logged and counted in reload(); keep serving the old version
+    _behind(st, cur)
+    return cur
+
+
+def _behind(st: State, current: str) -> None:
+    served = st.engine.version if st.engine is not None else None
+    st.metrics.behind_current.set(int(current != served))
+
+
+async def redis_ok(st: State) -> str | None:
+    """None when Redis answers a ping, else why not (`sine_redis_up` follows)."""
+    if st.store is None:
+        return "not configured"
+    try:
+        await st.store.ping()
+    except HistoryError as e:
+        st.metrics.redis_up.set(0)
+        return str(e)
+    st.metrics.redis_up.set(1)
+    return None
+
+
+async def freshness(st: State) -> None:
+    """The gauges read when /metrics is scraped: Redis up, the bundle's age, the click log's
+    length, the exporter's lag and the entries the cap removed unexported, the last refresh."""
+    m = st.metrics
+    if st.engine is not None:
+        created = st.engine.bundle.manifest.get("created")
+        if created:
+            born = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+            m.bundle_age.set(time.time() - born)
+    if st.store is not None:
+        await redis_ok(st)
+        if st.settings.click_log:
+            stream = await st.store.stream_info(st.settings.click_export_group)
+            if stream is not None:
+                m.stream_length.set(stream.entries)
+                m.stream_lag.set(stream.lag)
+                m.stream_lost.set(stream.lost)
+    root = st.bundle_root
+    if root is not None:
+        report = bundle_mod.read_refresh_report(root)
+        if report is not None:
+            m.set_refresh(report)

@@ -1,0 +1,168 @@
+"""The request path, strung together: a micro-batch of queries through the stages of
+`service.stages`, with the cold-start and unavailable-history fallbacks and every stage timed.
+
+The requests that arrive in one turn of the event loop form a micro-batch (`Batcher`, at most
+`batch_max_size`): one Redis round trip for all their histories, one encoder run, one faiss
+search, and a filter over `[B, k]` arrays. Without batching every request is a batch of one
+through the same code.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .batcher import Batcher
+from .engine import Engine
+from .errors import HistoryUnavailable, ServiceError
+from .history import HistoryStore
+from .metrics import Metrics
+from .settings import Settings
+from .stages import (
+    COLD_START,
+    HISTORY_UNAVAILABLE,
+    Answer,
+    Computed,
+    Query,
+    Windows,
+    compute,
+    history,
+    render,
+    top_n,
+    top_up,
+    window,
+)
+
+Job = tuple[Engine, Query]
+
+
+class Recommender:
+    def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
+        self.s, self.m, self.store = settings, metrics, store
+        self.strict = settings.on_history_unavailable == "error"
+        self.batcher: Batcher[Job, Answer] | None = (
+            Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
+                    metrics.batch_size.observe, max_bulk=settings.batch_max_bulk)
+            if settings.batching else None)
+
+    async def recommend(self, engine: Engine, queries: list[Query],
+                        bulk: bool = False) -> list[Answer]:
+        """Answers in the order asked; a ServiceError (strict history mode) is raised. `bulk`
+        queries (a large batch call's) yield to the others in a micro-batch."""
+        jobs = [(engine, q) for q in queries]
+        if self.batcher is not None:
+            return await self.batcher.submit(jobs, bulk)
+        answers = []
+        for a in await self.run(jobs, [0.0] * len(jobs)):
+            if isinstance(a, BaseException):
+                raise a
+            answers.append(a)
+        return answers
+
+    async def run(self, jobs: list[Job], waited: list[float]) -> list[Answer | BaseException]:
+        """One micro-batch: one Redis round trip, then per engine (two only across a reload) one
+        window, encoder run, search and filter over all its personalized queries."""
+        t0 = time.perf_counter()
+        try:
+            hists, unavailable = await history(self.store, [q.user_id for _, q in jobs],
+                                               self.strict)
+        except ServiceError as e:
+            return [e] * len(jobs)
+        t_hist = time.perf_counter() - t0
+        out: list[Answer | BaseException | None] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for i, (eng, _) in enumerate(jobs):
+            groups.setdefault(id(eng), []).append(i)
+        for idx in groups.values():
+            part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
+                               [hists[i] for i in idx],
+                               None if unavailable is None else unavailable[idx])
+            for i, answered in zip(idx, part):
+                out[i] = answered
+        stage = self.m.stage_child
+        for a, w in zip(out, waited):
+            if isinstance(a, Answer):
+                a.timings = {"queue": w, "history": t_hist, **a.timings}
+                for name, dt in a.timings.items():
+                    stage(name).observe(dt)
+        return out  # type: ignore[return-value]   # every slot is filled
+
+    def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
+               unavailable: np.ndarray | None) -> list[Answer | BaseException]:
+        """Stages 2-6 for queries that share an engine; `unavailable` [Q] marks the queries
+        whose history could not be read."""
+        t0 = time.perf_counter()
+        win = window(engine, hists)
+        t_win = time.perf_counter() - t0
+        if win.unknown:
+            self.m.unknown_items.inc(win.unknown)
+        out: list[Answer | BaseException | None] = [None] * len(queries)
+        down = unavailable if unavailable is not None else np.zeros(len(queries), bool)
+        personal = np.flatnonzero((win.known > 0) & ~down)
+        if len(personal) < len(queries):
+            self._fallbacks(engine, queries, win, down, t_win, out)
+        if len(personal):
+            self._personalized(engine, [queries[j] for j in personal], win, personal, t_win, out)
+        return out  # type: ignore[return-value]   # every slot is filled
+
+    def _fallbacks(self, engine: Engine, queries: list[Query], win: Windows, down: np.ndarray,
+                   t_win: float, out: list[Answer | BaseException | None]) -> None:
+        """Popular items for the queries without a usable history (or, strict, a 503)."""
+        t1 = time.perf_counter()
+        cold = [j for j in range(len(queries)) if down[j] or win.known[j] == 0]
+        answered = []
+        for j in cold:
+            reason = HISTORY_UNAVAILABLE if down[j] else COLD_START
+            self.m.fallbacks.labels(reason).inc()
+            if down[j] and self.strict:
+                out[j] = HistoryUnavailable("The history store cannot read this user's "
+                                            "history now.", {"Retry-After": "1"})
+                continue
+            ids = engine.popular[: queries[j].n]
+            a = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason), {})
+            out[j] = a
+            answered.append(a)
+        t_pop = t_win + time.perf_counter() - t1
+        for a in answered:
+            a.timings["popularity"] = t_pop
+
+    def _personalized(self, engine: Engine, qs: list[Query], win: Windows, rows: np.ndarray,
+                      t_win: float, out: list[Answer | BaseException | None]) -> None:
+        excl = np.array([q.exclude_seen for q in qs])
+        exclude = np.where(excl[:, None], win.seen[rows], 0)          # [P, H]
+        n_excl = np.where(excl, win.known[rows], 0)                   # [P]
+        want = np.array([q.n for q in qs])
+        per_interest = np.array([q.mode == "per_interest" for q in qs])
+        c = compute(engine, win.window[rows], per_interest, int((want + n_excl).max()))
+        t0 = time.perf_counter()
+        answers: list[tuple[int, Answer]] = []
+        for part, members in enumerate((c.aggregate, c.per_interest)):
+            if len(members):
+                answers += self._filter(engine, qs, c, part, members, exclude, n_excl, want, rows)
+        timings = {"encode": t_win + c.timings["encode"], "search": c.timings["search"],
+                   "filter": time.perf_counter() - t0}
+        for i, a in answers:
+            a.timings = timings
+            out[i] = a
+
+    @staticmethod
+    def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, members: np.ndarray,
+                exclude: np.ndarray, n_excl: np.ndarray, want: np.ndarray,
+                rows: np.ndarray) -> list[tuple[int, Answer]]:
+        """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest)."""
+        top = top_n(c.scores[part], c.ids[part], exclude[members], int(want[members].max()))
+        answers = []
+        for p, j in enumerate(members):
+            q = qs[j]
+            have = min(int(top.count[p]), q.n)
+            ids, scores, source = top.ids[p, :have], top.scores[p, :have], top.source[p, :have]
+            need = min(q.n, engine.n_items - int(n_excl[j])) - have
+            if need > 0:           # an ANN index returned fewer than asked: top up exactly
+                vecs = c.interests[j] if part else c.user_vector[j: j + 1]
+                extra, s, r = top_up(engine, ids, exclude[j], need, vecs)
+                ids, scores = np.concatenate([ids, extra]), np.concatenate([scores, s])
+                source = np.concatenate([source, r])
+            body = render(engine, q, ids, scores, None, source,
+                          c.weights[j] if q.include_interests else None, c.interests[j])
+            answers.append((int(rows[j]), Answer(body, {})))
+        return answers

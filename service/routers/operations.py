@@ -1,0 +1,68 @@
+"""Probes, metrics and the served bundle: `/livez`, `/readyz`, `/health/redis`, `/metrics`,
+`/bundle`."""
+from typing import Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .. import errors, lifecycle
+from ..deps import StateDep
+from ..guard import bearer_ok
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None, responses=errors.responses(503))
+async def readyz(st: StateDep) -> dict[str, Any] | JSONResponse:
+    """Ready when a warmed bundle is served: what this pod alone decides. Redis is not a
+    condition (without it every pod answers from popularity, flagged; a Redis outage
+    must not take every endpoint out of service); its state is in the body, in
+    `GET /health/redis` and in `sine_redis_up`."""
+    if st.engine is None:
+        return errors.problem(503, "Not ready", f"bundle: {st.not_ready}", "not-ready",
+                              "/readyz", {"Retry-After": "5"})
+    eng = st.engine
+    why = await lifecycle.redis_ok(st)
+    return {"status": "ready", "version": eng.version, "providers": eng.providers,
+            "faiss": eng.faiss_device, "items": eng.n_items,
+            "graph": eng.bundle.manifest["onnx"].get("graph", "plain"),
+            "redis": "ok" if why is None else
+            ("not configured" if st.store is None else f"unavailable: {why}")}
+
+
+@router.get("/health/redis", response_model=None, responses=errors.responses(503))
+async def health_redis(st: StateDep) -> dict[str, str] | JSONResponse:
+    """Whether Redis answers a ping now (for operators and alerts; not readiness)."""
+    why = await lifecycle.redis_ok(st)
+    if why is not None:
+        return errors.problem(503, "Redis unavailable", f"redis: {why}", "redis-unavailable",
+                              "/health/redis")
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(st: StateDep) -> Response:
+    st.metrics.in_flight.set(st.admission.in_flight)
+    await lifecycle.freshness(st)
+    return Response(st.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/bundle", responses=errors.responses(503))
+async def bundle_info(st: StateDep, authorization: str | None = Header(None)) -> dict[str, Any]:
+    """The served bundle: its version, item count and index; the whole manifest (commit,
+    libraries, data set, offline metrics) with the admin token or
+    SINE_BUNDLE_DETAILS_PUBLIC."""
+    m = st.serving().bundle.manifest
+    s = st.settings
+    if s.bundle_details_public or bearer_ok(authorization, s.admin_token):
+        return m
+    return {"version": m["version"], "created": m.get("created"),
+            "items": {"count": m["items"]["count"]},
+            "index": {"factory": m["index"]["factory"]}}

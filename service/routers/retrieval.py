@@ -1,0 +1,65 @@
+"""`POST /recommend`, `POST /recommend/batch` (and the benchmarks' `/floor`)."""
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from .. import errors
+from ..deps import StateDep
+from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
+from ..stages import Query, server_timing
+from . import bind
+
+JSON = "application/json"
+ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
+
+
+def query(r: RecommendBody) -> Query:
+    return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests)
+
+
+async def recommend(req: RecommendBody, st: StateDep) -> Response:
+    """Top-n candidates for one user from their newest clicks in Redis."""
+    t0 = time.perf_counter()
+    engine = st.serving()
+    with st.admission.admit(1):
+        (answer,) = await st.recommender.recommend(engine, [query(req)])
+    st.metrics.child(st.metrics.request, "recommend").observe(time.perf_counter() - t0)
+    return Response(answer.body, media_type=JSON,
+                    headers={"Server-Timing": answer.server_timing()})
+
+
+async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
+    """Many users in one call, sharing micro-batches (Redis read, encoder, search). Admitted by
+    its number of users; a large one (bulk) yields to single requests."""
+    t0 = time.perf_counter()
+    engine = st.serving()
+    queries = [query(r) for r in req.requests]
+    bulk = len(queries) > st.settings.interactive_batch_users
+    with st.admission.admit(len(queries), bulk=bulk):
+        answers = await st.recommender.recommend(engine, queries, bulk=bulk)
+    worst: dict[str, float] = {}
+    for a in answers:
+        for k, v in a.timings.items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    st.metrics.child(st.metrics.request, "recommend_batch").observe(time.perf_counter() - t0)
+    return Response(b'{"results":[' + b",".join(a.body for a in answers) + b"]}",
+                    media_type=JSON, headers={"Server-Timing": server_timing(worst)})
+
+
+async def floor(req: RecommendBody, st: StateDep) -> Response:
+    """A prebuilt answer of `/recommend`'s size: the HTTP stack's floor, for benchmarks."""
+    with st.admission.admit(1):
+        return Response(st.floor_body, media_type=JSON)
+
+
+def router(models: RequestModels, floor_endpoint: bool = False) -> APIRouter:
+    r = APIRouter(tags=["retrieval"])
+    r.add_api_route("/recommend", bind(recommend, req=models.recommend), methods=["POST"],
+                    response_model=Recommendation, responses=ERRORS)
+    r.add_api_route("/recommend/batch", bind(recommend_batch, req=models.batch),
+                    methods=["POST"], response_model=BatchResponse, responses=ERRORS)
+    if floor_endpoint:              # built only when asked for
+        r.add_api_route("/floor", bind(floor, req=models.recommend), methods=["POST"],
+                        include_in_schema=False)
+    return r

@@ -1,0 +1,254 @@
+"""The request path's stages, each in one place, over whole micro-batches:
+
+    1 history -> 2 window -> 3 encode -> 4 search -> 5 filter -> 6 answer
+
+Each is a function of arrays (stage 1 of the history store), testable without HTTP; each
+stage's time goes to `sine_stage_duration_seconds{stage}` and the `Server-Timing` header under
+the stage's name. `service.recommender` strings them together; the engine (`service.engine`)
+only holds what a bundle loaded. The offline gate and benchmarks call the same functions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import chain, repeat
+from typing import TYPE_CHECKING, Literal
+
+import faiss
+import numpy as np
+import orjson
+
+from .errors import HistoryUnavailable
+from .history import HistoryError, HistoryStore
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+Mode = Literal["aggregate", "per_interest"]
+COLD_START, HISTORY_UNAVAILABLE = "cold_start", "history_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    user_id: str
+    n: int
+    exclude_seen: bool = True
+    mode: Mode = "aggregate"
+    include_interests: bool = False
+
+
+@dataclass(slots=True)
+class Answer:
+    body: bytes                                    # the JSON answer
+    timings: dict[str, float]                      # stage -> seconds, for Server-Timing
+
+    def server_timing(self) -> str:
+        return server_timing(self.timings)
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """The `Server-Timing` header of stage -> seconds: `history;dur=0.412, encode;dur=...`."""
+    return ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
+
+
+# -- stage 1: history --------------------------------------------------------------------------
+
+async def history(store: HistoryStore | None, user_ids: list[str], strict: bool
+                  ) -> tuple[list[list[str]], np.ndarray | None]:
+    """Histories newest first ([] = none), and which of them are unavailable ([U] bool; None:
+    all read). On a cluster a down master costs only its own users' histories. `strict`
+    (`on_history_unavailable=error`): a store that cannot answer at all is a 503."""
+    if store is None:
+        return [[] for _ in user_ids], None
+    try:
+        got = await store.get_many(user_ids)
+    except HistoryError as e:
+        if strict:
+            raise HistoryUnavailable(f"The history store is unavailable ({e}).",
+                                     {"Retry-After": "1"}) from e
+        return [[] for _ in user_ids], np.ones(len(user_ids), bool)
+    down = [h is None for h in got]
+    if not any(down):
+        return got, None  # type: ignore[return-value]
+    return [h or [] for h in got], np.array(down)
+
+
+# -- stage 2: window ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Windows:
+    """A batch of histories in the encoder's layout, and what else the request path needs."""
+    window: np.ndarray                 # [B, n] int64, most recent first, 0 = padding
+    seen: np.ndarray                   # [B, H] int64 known history ids, newest first, 0-padded
+    known: np.ndarray                  # [B] int64 count of known ids per row
+    unknown: int                       # history entries outside the vocabulary (dropped)
+
+
+def window(engine: Engine, histories: list[list[str]]) -> Windows:
+    """Histories (newest first, external ids) -> the encoder's windows and the seen ids.
+
+    Unknown ids are dropped; the rest keep their order, so slot 0 is the newest known click."""
+    B = len(histories)
+    lens = np.fromiter(map(len, histories), dtype=np.int64, count=B)
+    flat = np.fromiter(map(engine.item_index.get, chain.from_iterable(histories), repeat(0)),
+                       dtype=np.int64, count=int(lens.sum()))            # [sum lens], 0 = unknown
+    rows = np.repeat(np.arange(B), lens)[flat > 0]                       # [known]
+    ids = flat[flat > 0]
+    known = np.bincount(rows, minlength=B)                               # [B]
+    pos = np.arange(len(ids)) - (np.cumsum(known) - known)[rows]         # place within its row
+    seen = np.zeros((B, max(engine.n, int(known.max(initial=0)))), dtype=np.int64)
+    seen[rows, pos] = ids                                                # [B, H]
+    return Windows(np.ascontiguousarray(seen[:, : engine.n]), seen, known,
+                   int(lens.sum()) - len(ids))
+
+
+# -- stage 3: encode ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Encoded:
+    interests: np.ndarray              # [P, K, D]
+    user_vector: np.ndarray            # [P, D]
+    weights: np.ndarray                # [P, K]
+    seconds: float
+
+
+def encode(engine: Engine, windows: np.ndarray) -> Encoded:
+    """One ONNX Runtime run: [P, n] int64 -> interests, the user vector, the Eq. 7 weights."""
+    t0 = time.perf_counter()
+    interests, user_vector, weights = engine.session.run(
+        ["interests", "user_vector", "weights"], {"item_ids": windows})   # [P, K, D], [P, D], [P, K]
+    return Encoded(interests, user_vector, weights, time.perf_counter() - t0)
+
+
+# -- stage 4: search ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Computed:
+    interests: np.ndarray              # [P, K, D]
+    user_vector: np.ndarray            # [P, D]
+    weights: np.ndarray                # [P, K]
+    aggregate: np.ndarray              # [A] rows searched with their user vector
+    per_interest: np.ndarray           # [I] rows searched with each of their K interests
+    scores: tuple[np.ndarray, np.ndarray]   # [A, 1, k], [I, K, k], best first
+    ids: tuple[np.ndarray, np.ndarray]      # the same shapes: internal ids, -1 where short
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def knn(engine: Engine, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
+    # omp_set_num_threads is per calling thread: set it in whichever thread searches
+    faiss.omp_set_num_threads(engine.faiss_threads)
+    k = max(1, min(k, engine.n_items))
+    scores, ids = engine.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, ids
+
+
+def search(engine: Engine, e: Encoded, per_interest: np.ndarray, k: int) -> Computed:
+    """One faiss search for the top `k` of every query vector: the user vector of each row, or
+    each of its K interests where `per_interest` [P]."""
+    t0 = time.perf_counter()
+    P, K, D = e.interests.shape
+    agg, per = np.flatnonzero(~per_interest), np.flatnonzero(per_interest)
+    queries = e.user_vector if not len(per) else np.concatenate(
+        [e.user_vector[agg], e.interests[per].reshape(-1, D)])          # [A + I K, D]
+    scores, ids = knn(engine, queries, k)                               # [A + I K, k]
+    A, k = len(agg), scores.shape[1]
+    return Computed(e.interests, e.user_vector, e.weights, agg, per,
+                    (scores[:A, None], scores[A:].reshape(len(per), K, k)),
+                    (ids[:A, None], ids[A:].reshape(len(per), K, k)),
+                    {"encode": e.seconds, "search": time.perf_counter() - t0})
+
+
+def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: int) -> Computed:
+    """Stages 3 and 4 in one call (the offline gate and benchmarks)."""
+    return search(engine, encode(engine, windows), per_interest, k)
+
+
+# -- stage 5: filter ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Top:
+    ids: np.ndarray                    # [P, n] internal ids, best first; valid where < count
+    scores: np.ndarray                 # [P, n] float32
+    source: np.ndarray                 # [P, n] which query vector (interest) found each one
+    count: np.ndarray                  # [P] valid entries per row
+
+
+def top_n(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, n: int) -> Top:
+    """Per row: drop -1 and the ids in `exclude`, merge the Q lists by best score (an id found by
+    several query vectors keeps its best), and keep the first n.
+
+    scores, ids [P, Q, k] as faiss returns them (each list sorted, best first); exclude [P, H]
+    internal ids (0 = none). All rows at once, in numpy."""
+    P, Q, k = ids.shape
+    flat_ids = ids.reshape(P, Q * k)                                  # [P, C]
+    flat_scores = scores.reshape(P, Q * k)
+    bad = flat_ids < 0
+    if exclude.size and Q * k * exclude.shape[1] <= 65_536:          # a short history: compare all
+        bad |= (flat_ids[:, :, None] == exclude[:, None, :]).any(-1)  # [P, C, H] -> [P, C]
+    elif exclude.size:
+        stride = int(max(flat_ids.max(initial=0), exclude.max(initial=0))) + 2
+        off = np.arange(P, dtype=np.int64)[:, None] * stride          # rows never collide
+        bad |= np.isin(flat_ids + off, exclude + off)
+    if Q == 1:                                                        # already best first
+        pick = np.argsort(bad, axis=1, kind="stable")[:, :n]          # [P, n] good ones, in order
+        return Top(np.take_along_axis(flat_ids, pick, 1), np.take_along_axis(flat_scores, pick, 1),
+                   np.zeros_like(pick), np.minimum(k - bad.sum(1), n))
+    order = np.argsort(np.where(bad, -np.inf, -flat_scores), axis=1, kind="stable")
+    ranked = np.take_along_axis(flat_ids, order, 1)                   # [P, C] best first
+    bad = np.take_along_axis(bad, order, 1)
+    by_id = np.argsort(ranked, axis=1, kind="stable")                 # equal ids side by side,
+    same = np.take_along_axis(ranked, by_id, 1)                       # the best of them first
+    dup = np.zeros_like(bad)
+    dup[:, 1:] = same[:, 1:] == same[:, :-1]
+    np.put_along_axis(bad, by_id, np.take_along_axis(bad, by_id, 1) | dup, 1)
+    pick = np.argsort(bad, axis=1, kind="stable")[:, :n]              # [P, n] good ones, in order
+    cols = np.take_along_axis(order, pick, 1)                         # [P, n] candidate columns
+    count = np.minimum((~bad).sum(1), n)
+    return Top(np.take_along_axis(flat_ids, cols, 1), np.take_along_axis(flat_scores, cols, 1),
+               cols // k, count)
+
+
+def top_up(engine: Engine, row_ids: np.ndarray, exclude: np.ndarray, need: int,
+           queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ANN index returned fewer than asked: the `need` most popular items not yet answered or
+    excluded, with their exact scores under `queries` [Q, D] (best query vector)."""
+    extra = engine.popular_ids(need, np.concatenate([row_ids, exclude.ravel()]))
+    per = engine.vectors(extra) @ queries.T                           # [e, Q]
+    return extra, per.max(axis=1).astype(np.float32), per.argmax(axis=1)
+
+
+# -- stage 6: answer ---------------------------------------------------------------------------
+
+def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
+           fallback: str | None = None, source: np.ndarray | None = None,
+           weights: np.ndarray | None = None, interests: np.ndarray | None = None) -> bytes:
+    """The JSON answer of one query from its arrays: ids [n], scores [n] float32, source [n]
+    (the interest of each item, per_interest only), weights [K], interests [K, D].
+
+    Items are joined in C (the prefixes are precomputed per item, the scores serialized by
+    orjson as one array); only `per_interest` answers format a field per item."""
+    if len(ids):
+        score = orjson.dumps(scores.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+        parts = [engine.item_json[ids].tolist(), score[1:-1].split(b",")]
+        if q.mode == "per_interest" and source is not None:
+            parts.append([b',"interest":%d' % r for r in source.tolist()])
+            if q.include_interests and interests is not None:
+                per_k = engine.vectors(ids) @ interests.T             # [n, K]
+                rows = orjson.dumps(per_k.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+                parts.append([b',"interest_scores":[' + r + b"]"
+                              for r in rows[2:-2].split(b"],[")])
+        width = len(parts) + 1                                        # the fields, then "},"
+        pieces = [b"},"] * (width * len(ids))
+        for j, part in enumerate(parts):
+            pieces[j::width] = part
+        items = b"".join(pieces)[:-1]
+    else:
+        items = b""
+    head = b'{"user_id":%b,"version":%b,"mode":"%b","fallback":%b,"score_kind":"%b","items":[' % (
+        orjson.dumps(q.user_id), orjson.dumps(engine.version), q.mode.encode(),
+        b'"%b"' % fallback.encode() if fallback else b"null",
+        b"popularity" if fallback else b"inner_product")
+    w: bytes = (orjson.dumps(weights.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
+                if q.include_interests and weights is not None else b"null")
+    return head + items + b'],"interest_weights":' + w + b"}"

@@ -1,0 +1,50 @@
+"""What one app holds while it runs: built once by `create_app`, read by the routes through
+`service.deps` and by the bundle lifecycle."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from index_builder import bundle as bundle_mod
+
+from . import errors
+from .admission import Admission
+from .engine import Engine
+from .history import HistoryStore
+from .metrics import Metrics
+from .recommender import Recommender
+from .settings import Settings
+
+
+@dataclass
+class State:
+    settings: Settings
+    metrics: Metrics
+    store: HistoryStore | None
+    recommender: Recommender
+    admission: Admission
+    engine: Engine | None = None
+    not_ready: str | None = "the bundle is still loading"
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    watcher: asyncio.Task[None] | None = None
+    floor_body: bytes = b""
+
+    @classmethod
+    def of(cls, settings: Settings) -> State:
+        metrics = Metrics()
+        store = (HistoryStore(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
+                 if settings.redis_url else None)
+        return cls(settings, metrics, store, Recommender(settings, metrics, store),
+                   Admission(settings.max_in_flight, settings.max_batch_in_flight))
+
+    @property
+    def bundle_root(self) -> Path | None:
+        p = Path(self.settings.bundle)
+        return p if (p / bundle_mod.CURRENT).exists() else None
+
+    def serving(self) -> Engine:
+        if self.engine is None:
+            raise errors.NotReady(f"No bundle is being served: {self.not_ready}.",
+                                  {"Retry-After": "5"})
+        return self.engine
