@@ -13,7 +13,7 @@ in the results file whose run folder is gone are kept as they are.
 Beside HR and NDCG, each trained row gets (`extra_metrics`): per-interest retrieval (the
 service's `mode=per_interest`: K searches merged by best score), the beyond-accuracy figures of
 its top-50 lists in both modes (catalog coverage, label diversity, novelty), and for SINE the
-interest diagnostics (`model_export.evaluate.interest_diagnostics`). `--set NAME=VALUE` changes
+interest diagnostics (`model_export.evaluation.evaluate.interest_diagnostics`). `--set NAME=VALUE` changes
 one model setting of every variant run (a sweep point; name its rows with `--tag`).
 """
 from __future__ import annotations
@@ -58,9 +58,9 @@ AIM = {"ml-1m": {"HR@10": 21.5, "NDCG@10": 11.0, "HR@50": 49.0, "NDCG@50": 17.0}
 
 def run_variant(name: str, ds, args, command: str) -> dict:
     from model_export.data import split
-    from model_export.evaluate import beyond_accuracy, evaluate_popularity
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import evaluate_checkpoint, model_config
+    from model_export.evaluation.evaluate import beyond_accuracy, evaluate_popularity
+    from model_export.training import TrainConfig, train
+    from model_export.training.workflow import evaluate_checkpoint, model_config
 
     out = Path(args.runs_dir) / ds.name / (f"{name}-{args.tag}" if args.tag else name)
     t0 = time.perf_counter()
@@ -103,8 +103,8 @@ def run_variant(name: str, ds, args, command: str) -> dict:
 def keep_history_metrics(ck_path: Path, ds) -> dict:
     """Test metrics without excluding the user's past items (RecBole's and the authors' protocol)."""
     from model_export.data import split
-    from model_export.evaluate import evaluate_model
-    from model_export.train import load_checkpoint, model_from_checkpoint
+    from model_export.evaluation.evaluate import evaluate_model
+    from model_export.training import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
     return evaluate_model(model, ds, split(ds, model.config.n), "test", exclude_history=False)
@@ -113,9 +113,9 @@ def keep_history_metrics(ck_path: Path, ds) -> dict:
 def extra_metrics(ck_path: Path, ds) -> dict:
     """Per-interest test metrics, top-N list figures in both modes, interest diagnostics."""
     from model_export.data import split
-    from model_export.evaluate import beyond_accuracy, evaluate_model, interest_diagnostics
-    from model_export.sine import SINE
-    from model_export.train import load_checkpoint, model_from_checkpoint
+    from model_export.evaluation.evaluate import beyond_accuracy, evaluate_model, interest_diagnostics
+    from model_export.models.sine import SINE
+    from model_export.training import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
     sp = split(ds, model.config.n)
@@ -130,7 +130,7 @@ def extra_metrics(ck_path: Path, ds) -> dict:
 def reevaluate(dataset: str, ds, runs_dir: Path) -> None:
     """Add the keep-history and extra metrics to finished runs whose checkpoint is still there."""
     from model_export.data import split
-    from model_export.evaluate import beyond_accuracy
+    from model_export.evaluation.evaluate import beyond_accuracy
 
     for p in sorted((runs_dir / dataset).glob("*/result.json")):
         r = json.loads(p.read_text())

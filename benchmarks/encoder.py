@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     import torch
 
     from model_export.export import check_parity, export_onnx
-    from model_export.sine import SINE, FoldedSINE, SINEConfig
-    from model_export.train import load_checkpoint, model_from_checkpoint
+    from model_export.models.sine import SINE, FoldedSINE, SINEConfig
+    from model_export.training import load_checkpoint, model_from_checkpoint
 
     if a.checkpoint:
         model = model_from_checkpoint(load_checkpoint(a.checkpoint))

@@ -94,9 +94,9 @@ def main() -> None:
 
     from index_builder.make import make_bundle
     from model_export.export import export
-    from model_export.refresh import RefreshConfig, refresh, score_bundle
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import model_config
+    from model_export.freshness.refresh import RefreshConfig, refresh, score_bundle
+    from model_export.training import TrainConfig, train
+    from model_export.training.workflow import model_config
 
     ml = data.load("ml-1m", a.data_dir)
     base, replay, target = cut(ml, a.share)

@@ -20,8 +20,8 @@ def build_bundle(ds, root: Path, minutes: float, log=print) -> None:
     """Train briefly, export, index, publish under `root` (makes it `current`)."""
     from index_builder.make import make_bundle
     from model_export.export import export
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import model_config
+    from model_export.training import TrainConfig, train
+    from model_export.training.workflow import model_config
 
     run = root.parent / "train"
     shutil.rmtree(run, ignore_errors=True)

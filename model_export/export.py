@@ -5,7 +5,7 @@ the convention of `model_export.data.window`, which the service's `Engine.window
 `interests` [B, K, D], `user_vector` [B, D] and `weights` [B, K]. Only the batch axis is dynamic;
 all weights live inside the one file.
 
-SASRec checkpoints (`model_export.sasrec`) export the same way, with K = 1, as the plain graph.
+SASRec checkpoints (`model_export.models.sasrec`) export the same way, with K = 1, as the plain graph.
 The graph of a SINE is `FoldedSINE` (per-item tables of the item-side products, gathered per user) where
 its tables fit `fold_budget_mb`, else the plain `SINE`; `graph` forces one. Either way it is
 checked against the trained PyTorch model, and the manifest records which graph it is and what its
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import Split
-from .sine import SINE, FoldedSINE
+from .models.sine import SINE, FoldedSINE
 
 OPSET = 18
 INPUT = "item_ids"
@@ -131,8 +131,8 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, model.pt
     (weights, config and vocabulary, for a warm start) and export.json."""
     from .data import split
-    from .evaluate import evaluate_model
-    from .train import atomic_save, atomic_write_text, load_checkpoint, model_from_checkpoint
+    from .evaluation.evaluate import evaluate_model
+    from .training import atomic_save, atomic_write_text, load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(ck_path, ds)
     model = model_from_checkpoint(ck)

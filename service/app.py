@@ -81,8 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, on_error=lambda reason: metrics.failures.labels(reason).inc())
     _docs(app)
     models = request_models(s)
-    app.include_router(retrieval.router(models, floor_endpoint=s.floor_endpoint))
-    app.include_router(events.router(models))
-    app.include_router(operations.router)
-    app.include_router(admin.router)
+    # straight onto the app, not include_router: an included router is a dispatch hop per request
+    retrieval.register(app, models, floor_endpoint=s.floor_endpoint)
+    events.register(app, models)
+    operations.register(app)
+    admin.register(app)
     return app

@@ -9,13 +9,16 @@ from .settings import Settings
 from .state import State
 
 
-def get_state(request: Request) -> State:
+# async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on
+# every request for what is an attribute read
+async def get_state(request: Request) -> State:
     st: State = request.app.state.sine
     return st
 
 
-def get_settings(request: Request) -> Settings:
-    return get_state(request).settings
+async def get_settings(request: Request) -> Settings:
+    st: State = request.app.state.sine
+    return st.settings
 
 
 StateDep = Annotated[State, Depends(get_state)]

@@ -6,7 +6,8 @@ uvicorn's httptools protocol with both:
 
 - **header deadline**: the request line and headers must be complete within `header_timeout_s`
   of the connection opening, or of the first byte of a later request on a kept-alive
-  connection; past it the client gets a 408 and the connection is closed;
+  connection; past it the client gets a 408 and the connection is closed (a sweep of the
+  connections a few times per deadline, not a timer per request);
 - **header cap**: past `max_header_bytes` of request line and headers the client gets a 431 and
   the connection is closed, before more is read.
 
@@ -69,19 +70,22 @@ class GuardedHttpTools(HttpToolsProtocol):
         limits = self.app_state.get(LIMITS) if isinstance(self.app_state, dict) else None
         self.limits: ConnectionLimits = limits or ConnectionLimits()
         self._header_bytes = 0
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_since: float | None = None     # when the awaited header section began
         self._refused: str | None = None
 
-    # the deadline runs from the connection (or a request's first byte) to its last header
+    # the deadline runs from the connection (or a request's first byte) to its last header.
+    # No timer per request: one sweep of the server's connections a few times per deadline
     def _arm(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.limits.header_timeout_s,
-                                                      self._headers_late)
+        if self._headers_since is None:
+            self._headers_since = self.loop.time()
+        _Sweeper.of(self.server_state, self.loop, self.limits.header_timeout_s)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._headers_since = None
+
+    def late(self, now: float) -> bool:
+        return (self._headers_since is not None
+                and now - self._headers_since > self.limits.header_timeout_s)
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         self._disarm()
@@ -95,8 +99,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.transport.write(_problem(status, title, reason, detail))
         self.transport.close()
 
-    def _headers_late(self) -> None:
-        self._header_timer = None
+    def headers_late(self) -> None:
         self._refuse(408, "header-timeout", f"The request's headers did not arrive within "
                      f"{self.limits.header_timeout_s:g} s (SINE_HEADER_TIMEOUT_S).")
 
@@ -143,6 +146,28 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+
+
+class _Sweeper:
+    """Closes the connections of one server whose headers are late, checking them every
+    quarter of the header deadline (so a late one goes within 1.25 deadlines)."""
+
+    def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float):
+        self.server_state, self.loop = server_state, loop
+        self.every = max(0.01, timeout_s / 4)
+        loop.call_later(self.every, self.sweep)
+
+    @classmethod
+    def of(cls, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        if getattr(server_state, "_sine_sweeper", None) is None:
+            server_state._sine_sweeper = cls(server_state, loop, timeout_s)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.server_state.connections):
+            if isinstance(conn, GuardedHttpTools) and conn.late(now):
+                conn.headers_late()
+        self.loop.call_later(self.every, self.sweep)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

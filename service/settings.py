@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .keys import DEFAULT_GROUP, DEFAULT_STREAM
+
 ENV_PREFIX = "SINE_"
 DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for balance
 
@@ -70,7 +72,7 @@ class Settings(BaseSettings):
     click_log: bool = Field(True, description=(
         "Append every accepted event to a Redis Stream too, atomically with the history update: "
         "the durable log `sine export-clicks` and `sine refresh` train on."))
-    click_stream_key: str = Field("sine:clicks", description="Key of the click log's stream.")
+    click_stream_key: str = Field(DEFAULT_STREAM, description="Key of the click log's stream.")
     click_stream_max_len: int = Field(10_000_000, ge=0, description=(
         "Entries each stream of the click log keeps (per stream: with `redis_shards` N the log "
         "is N streams, so up to N times this in all); past it acknowledged entries are trimmed "
@@ -84,7 +86,7 @@ class Settings(BaseSettings):
         "without the group nothing is trimmed. `cap`: the cap wins; every unexported entry it "
         "removes is counted (`sine_click_log_lost_entries`, the export's report and exit "
         "status 5)."))
-    click_export_group: str = Field("sine-export", description=(
+    click_export_group: str = Field(DEFAULT_GROUP, description=(
         "Consumer group of `sine export-clicks`; `/metrics` reports its lag."))
     event_key_template: str = Field("sine:event:{user_id}:{event_id}", description=(
         "Key that remembers a client's `event_id` so that a retried event is stored once; must "

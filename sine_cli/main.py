@@ -15,8 +15,8 @@ DATA_DIR_ENV = "SINE_DATA_DIR"
 
 # The errors a command raises for bad input or a bad environment: printed as one line, exit 2.
 # An error class can only have been raised once its module is loaded, so none is imported here.
-USER_ERRORS = {"model_export.data": "DataError", "model_export.train": "CheckpointError",
-               "model_export.clicklog": "ClickLogError",
+USER_ERRORS = {"model_export.data": "DataError", "model_export.training": "CheckpointError",
+               "model_export.freshness.clicklog": "ClickLogError",
                "model_export.export": "ExportError", "index_builder.bundle": "BundleError",
                "index_builder.build": "IndexBuildError", "service.settings": "SettingsError",
                "service.history": "HistoryError", "devtools.local": "LocalError"}
@@ -65,20 +65,20 @@ def _dataset(a: argparse.Namespace):
 
 def cmd_train(a: argparse.Namespace) -> int:
     _need_torch()
-    from model_export.train import TrainConfig
-    from model_export.workflow import model_config, train_and_report
+    from model_export.training import TrainConfig
+    from model_export.training.workflow import model_config, train_and_report
 
     ds = _dataset(a)
     if a.clicks:
         from model_export import data
-        from model_export.clicklog import newest_click, read_clicks
+        from model_export.data import newest_click, read_clicks
         newest = newest_click(a.clicks)
         if newest is not None:                  # the window alone is read
             rows = read_clicks(a.clicks, since=newest - a.clicks_window_hours * 3600)
             ds = data.extend(ds, [(u, i, ts) for u, i, ts, _ in rows])
     print(ds.summary())
     if a.warm_start:                         # the shape of the model it starts from
-        from model_export.train import config_from_args, warm_start_source
+        from model_export.training import config_from_args, warm_start_source
         shape = warm_start_source(a.warm_start)["model_args"]
         mcfg = config_from_args({**shape, "n_items": ds.n_items})
     elif a.arch == "sasrec":
@@ -109,7 +109,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     _need_torch()
-    from model_export.workflow import evaluate_checkpoint
+    from model_export.training.workflow import evaluate_checkpoint
 
     ds = _dataset(a)
     out = Path(a.report_dir) if a.report_dir else Path(a.checkpoint).parent
@@ -216,7 +216,7 @@ def _log_settings(a: argparse.Namespace):
 
 
 def cmd_export_clicks(a: argparse.Namespace) -> int:
-    from model_export.clicklog import EXIT_LOST, export_clicks
+    from model_export.freshness.clicklog import EXIT_LOST, export_clicks
     from service.history import Keys
 
     s = _log_settings(a)
@@ -241,7 +241,7 @@ def cmd_refresh(a: argparse.Namespace) -> int:
     _need_torch()
     import json
 
-    from model_export.refresh import EXIT, RefreshConfig, refresh
+    from model_export.freshness.refresh import EXIT, RefreshConfig, refresh
     from service.history import Keys
 
     s = _log_settings(a)
@@ -275,7 +275,7 @@ def _progress_bar(desc: str, unit: str = "item") -> Callable[[int, int], None]:
 
 
 def _print_metrics(result: dict) -> None:
-    from model_export.report import metrics_table
+    from model_export.evaluation.report import metrics_table
     for which, rows in result["metrics"].items():
         print(f"\n{which} (percent)\n{metrics_table(rows)}")
     c = result.get("concepts") or {}

@@ -34,11 +34,11 @@ def small_world(tmp_path_factory):
     from index_builder.make import make_bundle
     from model_export import data
     from model_export.export import export
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import model_config
+    from model_export.training import TrainConfig, train
+    from model_export.training.workflow import model_config
 
     base = tmp_path_factory.mktemp("world")
-    ds = data.synthetic(n_users=400, n_items=300, n_categories=12, length=(6, 20), seed=11)
+    ds = data.synthetic(n_users=400, n_items=300, n_categories=12, length=(6, 20), seed=12)
     train(ds, model_config(ds, D=32, K=3, L=16),
           TrainConfig(batch_size=64, max_epochs=2, lr=3e-3, seed=3, threads=2), base / "run",
           progress=False)

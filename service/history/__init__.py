@@ -6,8 +6,8 @@
 - `store`: `HistoryStore`, the reads, the event script and the click log's gauges;
 - `bulk`: `sine load-histories`.
 """
+from ..keys import ENTRY_FIELDS, Keys
 from .bulk import bulk_load, load_histories
-from .keys import ENTRY_FIELDS, Keys
 from .resp import ListReader
 from .store import RECORD, HistoryError, HistoryStore, StreamInfo, redis_client
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from ..keys import Keys
 from ..settings import Settings
-from .keys import Keys
 from .store import HistoryError, redis_client
 
 

@@ -27,9 +27,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from ..keys import LOST, REPORTED, Keys
 from ..settings import Settings
 from .cluster import ClusterMap
-from .keys import LOST, REPORTED, Keys
 from .resp import ListReader
 
 T = TypeVar("T")

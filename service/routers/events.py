@@ -2,14 +2,13 @@
 import time
 
 import orjson
-from fastapi import APIRouter
 from fastapi.responses import Response
 
 from .. import errors
 from ..deps import StateDep
 from ..history import HistoryError
 from ..schemas import EventBody, EventResponse, RequestModels
-from . import bind
+from . import Router, bind
 
 
 async def events(req: EventBody, st: StateDep) -> Response:
@@ -35,9 +34,7 @@ async def events(req: EventBody, st: StateDep) -> Response:
                     media_type="application/json")
 
 
-def router(models: RequestModels) -> APIRouter:
-    r = APIRouter(tags=["history"])
-    r.add_api_route("/events", bind(events, req=models.event), methods=["POST"],
-                    response_model=EventResponse,
-                    responses=errors.responses(400, 401, 408, 413, 415, 422, 429, 503))
-    return r
+def register(app: Router, models: RequestModels) -> None:
+    app.add_api_route("/events", bind(events, req=models.event), methods=["POST"],
+                      response_model=EventResponse, tags=["history"],
+                      responses=errors.responses(400, 401, 408, 413, 415, 422, 429, 503))

@@ -1,25 +1,23 @@
 """Probes, metrics and the served bundle: `/livez`, `/readyz`, `/health/redis`, `/metrics`,
 `/bundle`."""
+from enum import Enum
 from typing import Any
 
-from fastapi import APIRouter, Header
+from fastapi import Header
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import errors, lifecycle
 from ..deps import StateDep
 from ..guard import bearer_ok
+from . import Router
 
-router = APIRouter(tags=["operations"])
 
-
-@router.get("/livez")
 async def livez() -> dict[str, str]:
     """The process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None, responses=errors.responses(503))
 async def readyz(st: StateDep) -> dict[str, Any] | JSONResponse:
     """Ready when a warmed bundle is served: what this pod alone decides. Redis is not a
     condition (without it every pod answers from popularity, flagged; a Redis outage
@@ -37,7 +35,6 @@ async def readyz(st: StateDep) -> dict[str, Any] | JSONResponse:
             ("not configured" if st.store is None else f"unavailable: {why}")}
 
 
-@router.get("/health/redis", response_model=None, responses=errors.responses(503))
 async def health_redis(st: StateDep) -> dict[str, str] | JSONResponse:
     """Whether Redis answers a ping now (for operators and alerts; not readiness)."""
     why = await lifecycle.redis_ok(st)
@@ -47,14 +44,12 @@ async def health_redis(st: StateDep) -> dict[str, str] | JSONResponse:
     return {"status": "ok"}
 
 
-@router.get("/metrics")
 async def prometheus(st: StateDep) -> Response:
     st.metrics.in_flight.set(st.admission.in_flight)
     await lifecycle.freshness(st)
     return Response(st.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/bundle", responses=errors.responses(503))
 async def bundle_info(st: StateDep, authorization: str | None = Header(None)) -> dict[str, Any]:
     """The served bundle: its version, item count and index; the whole manifest (commit,
     libraries, data set, offline metrics) with the admin token or
@@ -66,3 +61,16 @@ async def bundle_info(st: StateDep, authorization: str | None = Header(None)) ->
     return {"version": m["version"], "created": m.get("created"),
             "items": {"count": m["items"]["count"]},
             "index": {"factory": m["index"]["factory"]}}
+
+
+
+def register(app: Router) -> None:
+    tags: list[str | Enum] = ["operations"]
+    app.add_api_route("/livez", livez, methods=["GET"], tags=tags)
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=tags, response_model=None,
+                      responses=errors.responses(503))
+    app.add_api_route("/health/redis", health_redis, methods=["GET"], tags=tags,
+                      response_model=None, responses=errors.responses(503))
+    app.add_api_route("/metrics", prometheus, methods=["GET"], tags=tags)
+    app.add_api_route("/bundle", bundle_info, methods=["GET"], tags=tags,
+                      responses=errors.responses(503))

@@ -1,17 +1,18 @@
 """`POST /recommend`, `POST /recommend/batch` (and the benchmarks' `/floor`)."""
 import time
+from enum import Enum
 
-from fastapi import APIRouter
 from fastapi.responses import Response
 
 from .. import errors
 from ..deps import StateDep
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
 from ..stages import Query, server_timing
-from . import bind
+from . import Router, bind
 
 JSON = "application/json"
 ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
+TAGS: list[str | Enum] = ["retrieval"]
 
 
 def query(r: RecommendBody) -> Query:
@@ -53,13 +54,11 @@ async def floor(req: RecommendBody, st: StateDep) -> Response:
         return Response(st.floor_body, media_type=JSON)
 
 
-def router(models: RequestModels, floor_endpoint: bool = False) -> APIRouter:
-    r = APIRouter(tags=["retrieval"])
-    r.add_api_route("/recommend", bind(recommend, req=models.recommend), methods=["POST"],
-                    response_model=Recommendation, responses=ERRORS)
-    r.add_api_route("/recommend/batch", bind(recommend_batch, req=models.batch),
-                    methods=["POST"], response_model=BatchResponse, responses=ERRORS)
+def register(app: Router, models: RequestModels, floor_endpoint: bool = False) -> None:
+    app.add_api_route("/recommend", bind(recommend, req=models.recommend), methods=["POST"],
+                      response_model=Recommendation, responses=ERRORS, tags=TAGS)
+    app.add_api_route("/recommend/batch", bind(recommend_batch, req=models.batch),
+                      methods=["POST"], response_model=BatchResponse, responses=ERRORS, tags=TAGS)
     if floor_endpoint:              # built only when asked for
-        r.add_api_route("/floor", bind(floor, req=models.recommend), methods=["POST"],
-                        include_in_schema=False)
-    return r
+        app.add_api_route("/floor", bind(floor, req=models.recommend), methods=["POST"],
+                          include_in_schema=False)

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from model_export import data
-from model_export.clicklog import ClickLogError, export_clicks, read_clicks
+from model_export.data import ClickLogError, read_clicks
+from model_export.freshness.clicklog import export_clicks
 from service.settings import Settings
 from sine_cli.main import main
 
@@ -60,7 +61,7 @@ def test_a_run_killed_between_write_and_ack_loses_and_doubles_nothing(accepted, 
                                                                        tmp_path):
     out = tmp_path / "clicks"
     crash = ("import os, sys\n"
-             "from model_export import clicklog\n"
+             "from model_export.freshness import clicklog\n"
              "clicklog.Exporter.ack = lambda self, ids: os.kill(os.getpid(), 9)\n"
              f"clicklog.export_clicks({own_redis.url!r}, {str(out)!r}, batch=50)\n")
     p = subprocess.run([sys.executable, "-c", crash], cwd=ROOT, capture_output=True)
@@ -137,7 +138,8 @@ def test_a_live_exporters_entries_are_not_taken(own_redis, tmp_path):
 
 
 def test_only_the_window_is_read_and_old_partitions_are_compacted(own_redis, tmp_path):
-    from model_export.clicklog import compact_partitions, count_clicks, newest_click
+    from model_export.data import count_clicks, newest_click
+    from model_export.freshness.clicklog import compact_partitions
 
     r = own_redis.client()
     hour = 3600 * 1000

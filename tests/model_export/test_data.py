@@ -163,7 +163,7 @@ def test_streamed_logs_equal_the_row_by_row_reader(tmp_path, fmt, monkeypatch):
     import pyarrow.parquet as pq
 
     rows = _random_log()
-    expect = data._sequences_from_events(
+    expect = data.sequences_from_events(
         "x", [(u, i, t, "?") for u, i, t in rows], 3, True)
     text = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{int(t)}\n" for u, i, t in rows)
     table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
@@ -182,10 +182,11 @@ def test_streamed_logs_equal_the_row_by_row_reader(tmp_path, fmt, monkeypatch):
             (path / f"date=2026-01-0{k + 1}").mkdir(parents=True)
             part = table.slice(k * 1400, 1400)
             pq.write_table(part, path / f"date=2026-01-0{k + 1}" / "part-0.parquet")
-    monkeypatch.setattr(data, "STREAM_BATCH_ROWS", 700)      # many batches, ids across them
+    from model_export.data import clicklogs
+    monkeypatch.setattr(clicklogs, "STREAM_BATCH_ROWS", 700)      # many batches, ids across them
     calls = []
-    real = data._sequences_from_events
-    monkeypatch.setattr(data, "_sequences_from_events",
+    real = data.sequences_from_events
+    monkeypatch.setattr(clicklogs, "sequences_from_events",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     got = (data.load_click_folder(path, drop_short=True) if fmt == "folder"
            else load_click_log(path, drop_short=True))

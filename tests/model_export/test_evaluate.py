@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_export.evaluate import metrics_from_ranks, nmi, rank_targets
+from model_export.evaluation.evaluate import metrics_from_ranks, nmi, rank_targets
 
 
 def brute_force_rank(scores: np.ndarray, target: int, exclude: set[int]) -> int:
@@ -51,7 +51,7 @@ def test_nmi_extremes_and_a_hand_computed_value():
 def _sine_and_data(K=3):
     from model_export import data
     from model_export.data import split
-    from model_export.sine import SINE, SINEConfig
+    from model_export.models.sine import SINE, SINEConfig
 
     ds = data.synthetic(n_users=120, n_items=80, n_categories=6, length=(6, 15), seed=5)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def _sine_and_data(K=3):
 
 
 def test_per_interest_lists_are_the_services_merge_of_exact_searches():
-    from model_export.evaluate import exclusions, scorer, top_lists
+    from model_export.evaluation.evaluate import exclusions, scorer, top_lists
     from service.stages import top_n
 
     model, ds, sp = _sine_and_data()
@@ -83,7 +83,7 @@ def test_per_interest_lists_are_the_services_merge_of_exact_searches():
 
 
 def test_per_interest_ranks_by_the_best_interest():
-    from model_export.evaluate import evaluate_model, evaluate_scores, exclusions
+    from model_export.evaluation.evaluate import evaluate_model, evaluate_scores, exclusions
 
     model, ds, sp = _sine_and_data()
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_per_interest_ranks_by_the_best_interest():
 
 def test_list_metrics_by_hand():
     from model_export.data import Dataset, Split
-    from model_export.evaluate import list_metrics
+    from model_export.evaluation.evaluate import list_metrics
 
     ds = Dataset("toy", [np.array([1, 2, 3])], ["u"], ["<pad>", "a", "b", "c", "d"],
                  labels={1: "x", 2: "x", 3: "y", 4: "z"})
@@ -117,7 +117,7 @@ def test_list_metrics_by_hand():
 
 
 def test_popularity_lists_cover_only_the_top():
-    from model_export.evaluate import beyond_accuracy
+    from model_export.evaluation.evaluate import beyond_accuracy
 
     _, ds, sp = _sine_and_data()
     m = beyond_accuracy(None, ds, sp, N=5)
@@ -126,7 +126,7 @@ def test_popularity_lists_cover_only_the_top():
 
 
 def test_interest_diagnostics():
-    from model_export.evaluate import interest_diagnostics
+    from model_export.evaluation.evaluate import interest_diagnostics
 
     model, ds, sp = _sine_and_data(K=3)
     d = interest_diagnostics(model, ds, sp)

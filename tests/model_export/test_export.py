@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model_export.export import OUTPUTS, check_parity, choose_graph, export, export_onnx
-from model_export.sine import SINE, FoldedSINE, SINEConfig
-from model_export.train import load_checkpoint, model_from_checkpoint
+from model_export.models.sine import SINE, FoldedSINE, SINEConfig
+from model_export.training import load_checkpoint, model_from_checkpoint
 
 
 def session(path):
@@ -130,8 +130,8 @@ def test_ml1m_top50_agrees_between_onnxruntime_and_pytorch(data_dir, tmp_path):
     """A briefly trained ML-1M model: ORT and torch retrieve the same top-50 for >= 99.9% of users."""
     from model_export import data
     from model_export.data import split
-    from model_export.train import TrainConfig, train
-    from model_export.workflow import model_config
+    from model_export.training import TrainConfig, train
+    from model_export.training.workflow import model_config
     from tests.conftest import require_data
     require_data("ml-1m", "sequences_original_ids.txt.gz")
     ds = data.load("ml-1m", data_dir)

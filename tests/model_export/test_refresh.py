@@ -10,10 +10,10 @@ import torch
 
 from index_builder import bundle as bundle_mod
 from model_export import data
-from model_export.refresh import holdout
-from model_export.sine import SINE
-from model_export.train import CheckpointError, TrainConfig, load_checkpoint, train, warm_start, warm_start_source
-from model_export.workflow import model_config
+from model_export.freshness.refresh import holdout
+from model_export.models.sine import SINE
+from model_export.training import CheckpointError, TrainConfig, load_checkpoint, train, warm_start, warm_start_source
+from model_export.training.workflow import model_config
 from service.settings import Settings
 from sine_cli.main import main
 from tests.helpers import metric, wait_until

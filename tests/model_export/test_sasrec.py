@@ -7,11 +7,11 @@ import torch
 
 from model_export import data
 from model_export.data import split
-from model_export.evaluate import evaluate_model, evaluate_popularity
+from model_export.evaluation.evaluate import evaluate_model, evaluate_popularity
 from model_export.export import choose_graph, export
-from model_export.sasrec import SASRec, SASRecConfig
-from model_export.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
-from model_export.workflow import model_config
+from model_export.models.sasrec import SASRec, SASRecConfig
+from model_export.training import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from model_export.training.workflow import model_config
 from service.settings import Settings
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_export.sine import SINE, LogUniformSampler, SINEConfig
+from model_export.models.sine import SINE, LogUniformSampler, SINEConfig
 
 
 def small(**kw) -> SINE:

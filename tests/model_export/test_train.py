@@ -8,8 +8,8 @@ import torch
 from index_builder import bundle
 from model_export import data
 from model_export.data import split
-from model_export.evaluate import evaluate_popularity
-from model_export.train import (
+from model_export.evaluation.evaluate import evaluate_popularity
+from model_export.training import (
     CheckpointError,
     TrainConfig,
     atomic_save,
@@ -17,7 +17,7 @@ from model_export.train import (
     model_from_checkpoint,
     train,
 )
-from model_export.workflow import evaluate_checkpoint, model_config
+from model_export.training.workflow import evaluate_checkpoint, model_config
 
 SMALL = dict(D=32, K=3, L=12)
 
@@ -129,7 +129,7 @@ class _Payload:
 def test_a_pickle_that_runs_code_is_refused_and_never_run(small_world, tmp_path):
     """Warm start reads a bundle's model.pt; whoever can write to the bundle store must not get
     code execution in the refresh job from it."""
-    from model_export.train import warm_start_source
+    from model_export.training import warm_start_source
 
     marker = tmp_path / "pwned"
     ck = torch.load(small_world["checkpoint"], weights_only=True)

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 import pytest
 
 from devtools.local import EmbeddedCluster
-from model_export.clicklog import export_clicks, read_clicks
+from model_export.data import read_clicks
+from model_export.freshness.clicklog import export_clicks
 from service.history import Keys, load_histories
 from service.settings import Settings
 from tests.helpers import wait_until

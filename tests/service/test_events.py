@@ -102,7 +102,8 @@ def post(c, n, start=0):
 def test_the_cap_never_trims_what_was_not_exported(small_nodes, tmp_path):
     """The finding: with a cap of 100, 2,050 accepted clicks gave 200 exported rows, and the
     export reported success."""
-    from model_export.clicklog import export_clicks, read_clicks
+    from model_export.data import read_clicks
+    from model_export.freshness.clicklog import export_clicks
 
     redis, make = small_nodes
     r = redis.client()
@@ -144,7 +145,7 @@ def test_the_cap_wins_when_told_and_every_lost_entry_is_counted(small_nodes, tmp
 
 
 def test_age_limits_trim_only_acknowledged_entries(small_nodes, tmp_path):
-    from model_export.clicklog import export_clicks
+    from model_export.freshness.clicklog import export_clicks
 
     redis, make = small_nodes
     r = redis.client()
@@ -165,7 +166,8 @@ def test_age_limits_trim_only_acknowledged_entries(small_nodes, tmp_path):
 def test_event_ids_are_scoped_by_user(events, own_redis, tmp_path):
     """The finding: a second user sending a first user's event_id got `duplicate: true`, and
     the click was dropped; with shards the export then skipped one of the two."""
-    from model_export.clicklog import export_clicks, read_clicks
+    from model_export.data import read_clicks
+    from model_export.freshness.clicklog import export_clicks
 
     with events() as c:
         a = c.post("/events", json={"user_id": "alice", "item_id": "1", "event_id": "e-1"})

@@ -89,8 +89,8 @@ def test_export_and_build_index_from_the_command_line(small_world, tmp_path, cap
 @pytest.mark.slow
 def test_train_warm_started_from_a_bundle_on_data_plus_clicks(small_world, own_redis, tmp_path,
                                                               capsys):
-    from model_export.clicklog import export_clicks
-    from model_export.train import load_checkpoint
+    from model_export.freshness.clicklog import export_clicks
+    from model_export.training import load_checkpoint
     r = own_redis.client()
     for n in range(40):                                  # clicks on a new item and known ones
         r.xadd("sine:clicks", {"user": f"c{n % 8}", "item": "brand-new" if n % 2 else str(n),

@@ -21,33 +21,12 @@ in the original. Differences from the original code, each for the harness's sake
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..configs import SASRecConfig
 from .sine import NEG, ItemSoftmax
-
-
-@dataclass
-class SASRecConfig:
-    n_items: int               # M; embedding rows are M + 1 (row 0 = padding)
-    D: int = 128               # embedding size (SINE's)
-    n: int = 20                # sequence length (SINE's)
-    blocks: int = 2            # self-attention blocks (the original's ML-1M setting)
-    heads: int = 1             # attention heads (the original: 1)
-    dropout: float = 0.2       # the original's ML-1M rate
-    arch: str = "sasrec"
-    K: int = 1                 # one vector: the bundle's K
-    ln_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.D % self.heads:
-            raise ValueError(f"D = {self.D} must be a multiple of heads = {self.heads}")
-        if self.K != 1:
-            raise ValueError("SASRec has one user vector: K must be 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class Block(nn.Module):

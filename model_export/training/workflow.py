@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
-from . import train as training
-from .data import Dataset, split
-from .evaluate import concept_analysis, evaluate_model, evaluate_popularity
-from .report import plot_curves, render
-from .sasrec import SASRecConfig
-from .sine import SINE, SINEConfig
-from .train import ModelConfig, TrainConfig, TrainResult, atomic_write_text, train
+from ..configs import SASRecConfig, SINEConfig
+from ..data import Dataset, split
+from ..evaluation.evaluate import concept_analysis, evaluate_model, evaluate_popularity
+from ..evaluation.report import plot_curves, render
+from ..models.sine import SINE
+from . import checkpoints as training
+from .checkpoints import ModelConfig, atomic_write_text
+from .loop import TrainConfig, TrainResult, train
 
 # Table 3 of the paper; other data sets take the MovieLens setting
 PRESETS = {"ml-1m": {"K": 4, "L": 50}, "amazon-beauty": {"K": 4, "L": 500}}
@@ -82,7 +83,7 @@ def train_and_report(ds: Dataset, mcfg: ModelConfig, tcfg: TrainConfig, out_dir:
     Under torchrun only rank 0 reports; the other ranks return an empty report."""
     import torch.distributed as td
 
-    from .train import dist_context
+    from .distributed import dist_context
 
     res = train(ds, mcfg, tcfg, out_dir, resume=resume, progress=progress, log=log,
                 warm_start_from=warm_start_from)

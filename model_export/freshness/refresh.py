@@ -29,107 +29,20 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from index_builder import bundle as bundle_mod
 from index_builder.bundle import RefreshReport
 
-from . import data
-from .clicklog import compact_partitions, count_clicks, export_clicks, newest_click, read_clicks
+from .. import data
+from ..configs import RefreshConfig
+from ..data.clicklogs import count_clicks, newest_click, read_clicks
+from .clicklog import compact_partitions, export_clicks
+from .gate import histories, holdout, score_bundle
 
 PUBLISHED, REFUSED, NOTHING_NEW = "published", "refused", "nothing_new"
 # exit statuses of `sine refresh` (2 is any error, as for every command)
 EXIT = {PUBLISHED: 0, REFUSED: 3, NOTHING_NEW: 4}
-
-
-@dataclass
-class RefreshConfig:
-    bundle_root: Path
-    dataset: str                          # the base data set: a name or a click-log path
-    redis_url: str
-    clicks_dir: Path
-    work_dir: Path
-    data_dir: str | None = None
-    redis_password: str | None = None
-    streams: tuple[str, ...] = ("sine:clicks",)   # service.history.Keys(settings).streams()
-    redis_cluster: bool = False
-    group: str = "sine-export"
-    window_hours: float = 24.0 * 7
-    train_minutes: float = 10.0
-    max_epochs: int = 20
-    from_scratch: bool = False
-    tolerance: float = 0.005               # HR@k, as a fraction (0.005 = half a point)
-    k: int = 50
-    archive_dir: Path | None = None
-    threads: int | None = None
-    seed: int = 42
-    keep_versions: int = 5                 # 0: keep every version
-    clicks_retention_hours: float | None = None   # None: keep every exported click
-    staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
-
-
-def holdout(clicks: list[tuple[str, str, float, str]], since: float
-            ) -> tuple[list[tuple[str, str, float]], dict[str, str]]:
-    """(training clicks, {user: held-out item}): each user active since `since` gives up their
-    last click to the gate."""
-    last: dict[str, tuple[float, str, str]] = {}
-    for u, i, ts, eid in clicks:
-        if ts >= since and (u not in last or (ts, eid) > (last[u][0], last[u][2])):
-            last[u] = (ts, i, eid)
-    held = {(u, eid) for u, (_, _, eid) in last.items()}       # event ids are per user
-    train = [(u, i, ts) for u, i, ts, eid in clicks if (u, eid) not in held]
-    return train, {u: i for u, (_, i, _) in last.items()}
-
-
-def histories(base: data.Dataset, clicks: list[tuple[str, str, float]],
-              users: dict[str, str] | list[str]) -> dict[str, list[str]]:
-    """Each user's clicks oldest first, as a request would see them: the base sequence, then
-    the new clicks in time order (users with too few clicks for training included)."""
-    want = set(users)
-    mine: dict[str, list[tuple[float, str]]] = {}
-    for u, i, ts in clicks:
-        if u in want:
-            mine.setdefault(u, []).append((ts, i))
-    out = {u: [base.item_ids[int(j)] for j in s] for u, s in zip(base.user_ids, base.sequences)
-           if u in want}
-    for u in want:
-        out[u] = out.get(u, []) + [i for _, i in sorted(mine.get(u, []))]
-    return out
-
-
-def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dict[str, str],
-                 k: int = 50, batch: int = 256) -> dict[str, float]:
-    """HR@k and NDCG@k of a bundle on held-out clicks, answered as the service answers: its
-    engine encodes each user's newest clicks (oldest first in `histories`), searches the index
-    and drops every item of the history. A target the bundle does not know is a miss."""
-    from service.engine import load_engine
-    from service.stages import compute, top_n, window
-
-    eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
-    users = [u for u in targets if histories.get(u)]
-    hits, ndcg = 0, 0.0
-    for s in range(0, len(users), batch):
-        part = users[s: s + batch]
-        win = window(eng, [histories[u][::-1] for u in part])           # newest first
-        known = win.known > 0
-        rows = np.flatnonzero(known)
-        if not len(rows):
-            continue
-        c = compute(eng, win.window[rows], np.zeros(len(rows), dtype=bool),
-                    int(k + win.known[rows].max()))
-        top = top_n(c.scores[0], c.ids[0], win.seen[rows], k)
-        for p, r in enumerate(rows):
-            want = eng.item_index.get(targets[part[r]])
-            got = top.ids[p, : int(top.count[p])].tolist()
-            if want is not None and want in got:
-                rank = got.index(want)
-                hits += 1
-                ndcg += 1.0 / np.log2(rank + 2)
-    n = max(len(users), 1)
-    return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "users": len(users)}
 
 
 def _seen_until(root: Path, live: bundle_mod.Bundle | None) -> float:
@@ -154,9 +67,9 @@ def _live(root: Path) -> bundle_mod.Bundle | None:
 def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
     from index_builder.make import make_bundle
 
-    from .export import export
-    from .train import TrainConfig, train
-    from .workflow import model_config
+    from ..export import export
+    from ..training import TrainConfig, train
+    from ..training.workflow import model_config
 
     root = Path(cfg.bundle_root)
     stages: dict[str, float] = {}

@@ -10,9 +10,14 @@ how many of them an export has reported (`reported`).
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
-from ..settings import Settings
+if TYPE_CHECKING:
+    from .settings import Settings
 
+# the log's defaults: `Settings` and the offline tools read them from here
+DEFAULT_STREAM = "sine:clicks"
+DEFAULT_GROUP = "sine-export"
 # a click log entry's fields: the user, the item, the service's time (ms), the event id (the
 # client's, or one made for it; unique per user)
 ENTRY_FIELDS = ("user", "item", "ts", "event")
@@ -26,6 +31,12 @@ class Keys:
         self._history = settings.redis_key_template.format
         self._event = settings.event_key_template.format
         self._stream = settings.click_stream_key
+
+    @classmethod
+    def streams_of(cls, stream: str = DEFAULT_STREAM, shards: int = 0) -> list[str]:
+        """Every stream of a click log kept under `stream` in `shards` hash-tag shards (what
+        the exporter reads, without a service configuration)."""
+        return [stream] if not shards else [cls._tag(k) + stream for k in range(shards)]
 
     @staticmethod
     def _tag(shard: int) -> str:
@@ -46,9 +57,7 @@ class Keys:
 
     def streams(self) -> list[str]:
         """Every stream of the click log."""
-        if not self.n:
-            return [self._stream]
-        return [self._tag(k) + self._stream for k in range(self.n)]
+        return self.streams_of(self._stream, self.n)
 
     @staticmethod
     def trim(stream: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .data import Dataset, Split
+from ..data import Dataset, Split
 
 KS = (10, 50, 100)
 

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from index_builder.bundle import atomic_open
-from service.history.keys import ENTRY_FIELDS, LOST, REPORTED, Keys
+from service.keys import DEFAULT_GROUP, DEFAULT_STREAM, ENTRY_FIELDS, LOST, REPORTED, Keys
 from service.redact import redact_url
 
-COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
+from ..data.clicklogs import COLUMNS, ClickLogError, partition
+
 EXIT_LOST = 5                  # `sine export-clicks`: exported, but clicks were lost before
+CLAIM_IDLE_S = 60.0            # another consumer's pending entries are taken once idle this long
 
 
 # one stream's XINFO STREAM and XINFO GROUPS at one instant (a script runs alone)
@@ -67,10 +69,6 @@ return -1
 """
 
 
-class ClickLogError(RuntimeError):
-    """The click log cannot be read or written; the message says why."""
-
-
 @dataclass
 class ExportResult:
     read: int = 0                  # stream entries handled (new and taken over)
@@ -91,11 +89,6 @@ class ExportResult:
         (a gap, entries that vanished) are two views of the same loss where the cap made it:
         the larger is the count."""
         return max(self.lost_to_cap, self.gap + self.vanished)
-
-
-def _partition(ts: float) -> str:
-    t = time.gmtime(ts)
-    return f"date={time.strftime('%Y-%m-%d', t)}/hour={t.tm_hour:02d}"
 
 
 def _ids_in(folder: Path) -> set[tuple[str, str]]:
@@ -130,7 +123,7 @@ class Exporter:
     """One run of the export; `ack` is the step after a file is safely on disk."""
 
     def __init__(self, client, streams: list[str] | str, group: str, consumer: str, out: Path,
-                 batch: int = 5000, claim_idle_s: float = 60.0):
+                 batch: int = 5000, claim_idle_s: float = CLAIM_IDLE_S):
         self.r, self.group, self.consumer = client, group, consumer
         self.streams = [streams] if isinstance(streams, str) else list(streams)
         self.stream = self.streams[0]
@@ -176,7 +169,7 @@ class Exporter:
             self._reject(bad, res)
         by_part: dict[str, list[tuple[str, str, float, str, str]]] = {}
         for row in rows:
-            by_part.setdefault(_partition(row[2]), []).append(row)
+            by_part.setdefault(partition(row[2]), []).append(row)
         for part, prow in by_part.items():
             known = self._known.get(part)
             if known is None:
@@ -272,11 +265,11 @@ class Exporter:
             self.r.hincrby(trim, REPORTED, new_lost)
 
 
-def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = "sine:clicks",
-                  group: str = "sine-export", consumer: str | None = None,
+def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = DEFAULT_STREAM,
+                  group: str = DEFAULT_GROUP, consumer: str | None = None,
                   password: str | None = None, batch: int = 5000,
                   progress: Callable[[int], None] | None = None,
-                  cluster: bool = False, claim_idle_s: float = 60.0) -> ExportResult:
+                  cluster: bool = False, claim_idle_s: float = CLAIM_IDLE_S) -> ExportResult:
     """`sine export-clicks`: everything the streams hold that the group has not exported;
     `cluster`: `redis_url` is a node of a Redis Cluster."""
     import redis
@@ -299,57 +292,6 @@ def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = "s
         raise ClickLogError(f"the click log at {redact_url(redis_url)}: {e}") from None
     finally:
         client.close()
-
-
-def read_clicks(folder: Path | str, since: float | None = None
-                ) -> Iterator[tuple[str, str, float, str]]:
-    """(user_id, item_id, timestamp, event_id) of an exported folder, each (user, event) once,
-    in no particular order; `since` keeps the clicks at or after that time (seconds) and reads
-    only those (a filter pushed into the Parquet scan)."""
-    import pyarrow.dataset as pads
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ClickLogError(f"{folder}: no such click log folder.")
-    ds = _dataset(folder)
-    if not ds.files:
-        return
-    seen: set[tuple[str, str]] = set()
-    filt = pads.field("timestamp") >= since if since is not None else None
-    for b in ds.to_batches(columns=list(COLUMNS), filter=filt):
-        for u, i, ts, eid in zip(*(b.column(c).to_pylist() for c in COLUMNS)):
-            if (u, eid) in seen:
-                continue
-            seen.add((u, eid))
-            yield u, i, ts, eid
-
-
-def newest_click(folder: Path | str) -> float | None:
-    """The time of the newest exported click (only the timestamp column is read)."""
-    import pyarrow.compute as pc
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ClickLogError(f"{folder}: no such click log folder.")
-    ds = _dataset(folder)
-    if not ds.files:
-        return None
-    t = ds.to_table(columns=["timestamp"])
-    return None if t.num_rows == 0 else float(pc.max(t.column("timestamp")).as_py())
-
-
-def _dataset(folder: Path):
-    import pyarrow.dataset as pads
-
-    # the Parquet files only (rejected/ holds JSON lines, a write in progress a .tmp name)
-    files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
-    return pads.dataset(files, format="parquet")
-
-
-def count_clicks(folder: Path | str) -> int:
-    """Rows of an exported folder, from the Parquet footers (no data is read)."""
-    ds = _dataset(Path(folder))
-    return int(ds.count_rows()) if ds.files else 0
 
 
 def _partitions(folder: Path) -> Iterator[tuple[Path, float]]:

@@ -44,34 +44,14 @@ prototype rows, each centred over its D coordinates (DeCov, the paper's ref. [5]
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..configs import SINEConfig
+
 NEG = -1e9  # finite: a fully masked row must give a uniform softmax, not NaN
-
-
-@dataclass
-class SINEConfig:
-    n_items: int               # M, real items; embedding rows are M + 1 (row 0 = padding)
-    D: int = 128               # embedding size
-    n: int = 20                # sequence length (most recent n clicks)
-    K: int = 4                 # activated intentions per user (Table 3)
-    L: int = 50                # prototype pool size (Table 3)
-    tau: float = 0.1           # Eq. 7 temperature (paper: 0.1)
-    tau_assign: float = 0.1    # Eq. 3 temperature on the cosine (deviation 1)
-    literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
-    share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
-    aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
-    ln_eps: float = 1e-5
-
-    def __post_init__(self):
-        if not 1 <= self.K <= self.L:
-            raise ValueError(f"need 1 <= K <= L, got K={self.K}, L={self.L}")
-        if self.aggregation not in ("adaptive", "mean"):
-            raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -91,7 +71,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class ItemSoftmax:
     """Eq. 9 for any encoder whose item table `H` (row 0 = padding) also scores items by v . H_j:
-    SINE, and SASRec (`model_export.sasrec`) trained by the same trainer."""
+    SINE, and SASRec (`model_export.models.sasrec`) trained by the same trainer."""
 
     H: nn.Embedding
 

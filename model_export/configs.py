@@ -1,0 +1,114 @@
+"""Every configuration of the offline side, as plain dataclasses with no torch: the models'
+(`SINEConfig`, `SASRecConfig`), training's, the export's and the refresh cycle's. The `sine`
+command takes its defaults from here, so they are written once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.keys import DEFAULT_GROUP, DEFAULT_STREAM
+
+WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --clicks`) uses
+
+
+@dataclass
+class SINEConfig:
+    n_items: int               # M, real items; embedding rows are M + 1 (row 0 = padding)
+    D: int = 128               # embedding size
+    n: int = 20                # sequence length (most recent n clicks)
+    K: int = 4                 # activated intentions per user (Table 3)
+    L: int = 50                # prototype pool size (Table 3)
+    tau: float = 0.1           # Eq. 7 temperature (paper: 0.1)
+    tau_assign: float = 0.1    # Eq. 3 temperature on the cosine (deviation 1)
+    literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
+    share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
+    aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if not 1 <= self.K <= self.L:
+            raise ValueError(f"need 1 <= K <= L, got K={self.K}, L={self.L}")
+        if self.aggregation not in ("adaptive", "mean"):
+            raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int               # M; embedding rows are M + 1 (row 0 = padding)
+    D: int = 128               # embedding size (SINE's)
+    n: int = 20                # sequence length (SINE's)
+    blocks: int = 2            # self-attention blocks (the original's ML-1M setting)
+    heads: int = 1             # attention heads (the original: 1)
+    dropout: float = 0.2       # the original's ML-1M rate
+    arch: str = "sasrec"
+    K: int = 1                 # one vector: the bundle's K
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.D % self.heads:
+            raise ValueError(f"D = {self.D} must be a multiple of heads = {self.heads}")
+        if self.K != 1:
+            raise ValueError("SASRec has one user vector: K must be 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+FULL_SOFTMAX_MAX_ITEMS = 50_000
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 1e-3
+    lam: float = 0.5                 # Eq. 11 lambda, weight of the covariance regularizer
+    loss: str = "auto"               # "full", "sampled", or "auto" (full up to 50k items)
+    num_negatives: int = 1280        # shared sampled negatives per batch (sampled loss)
+    max_epochs: int = 30
+    patience: int = 3                # epochs without a validation gain before stopping
+    select_metric: str = "NDCG@10"   # validation metric for early stopping
+    max_minutes: float | None = None  # wall-clock budget for the whole run
+    seed: int = 42
+    threads: int | None = None
+    eval_batch_size: int = 1024
+    device: str = "cpu"
+
+    def resolved_loss(self, n_items: int) -> str:
+        if self.loss == "auto":
+            return "full" if n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be auto, full or sampled, not {self.loss!r}")
+        return self.loss
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18                   # ONNX opset (>= 17)
+    n_queries: int = 2000             # real user vectors kept for the index's recall check
+    graph: str = "auto"               # "auto", "folded" or "plain"
+    fold_budget_mb: float = 1024.0    # the largest item tables `auto` folds
+
+
+@dataclass
+class RefreshConfig:
+    bundle_root: Path
+    dataset: str                          # the base data set: a name or a click-log path
+    redis_url: str
+    clicks_dir: Path
+    work_dir: Path
+    data_dir: str | None = None
+    redis_password: str | None = None
+    streams: tuple[str, ...] = (DEFAULT_STREAM,)   # service.keys.Keys.streams_of(...)
+    redis_cluster: bool = False
+    group: str = DEFAULT_GROUP
+    window_hours: float = WINDOW_HOURS
+    train_minutes: float = 10.0
+    max_epochs: int = 20
+    from_scratch: bool = False
+    tolerance: float = 0.005               # HR@k, as a fraction (0.005 = half a point)
+    k: int = 50
+    archive_dir: Path | None = None
+    threads: int | None = None
+    seed: int = 42
+    keep_versions: int = 5                 # 0: keep every version
+    clicks_retention_hours: float | None = None   # None: keep every exported click
+    staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
