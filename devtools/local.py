@@ -18,8 +18,10 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from index_builder.bundle import SineError
 
-class LocalError(RuntimeError):
+
+class LocalError(SineError, RuntimeError):
     pass
 
 

@@ -19,31 +19,21 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from .bundle import set_search_params
+from .bundle import SineError, set_search_params
+from .options import DEFAULTS
 
-# `auto`: exact search up to this many items; above, IVF with about 4 sqrt(N) lists (a power of
-# two) over 8-bit scalar-quantized vectors. Measured side by side in benchmarks/results/index.md
-# (2 cores, one thread per query): exact search costs 6.6 ms p99 at 100,000 items, over a 5 ms
-# budget. At 100,000 and 1,000,000 items IVF,SQ8 reaches recall@100 >= 0.95 with the lowest p99
-# of the indexes tried and a quarter of the memory of IVF,Flat; HNSW32 needs efSearch 512 at
-# 100,000 and stays below 0.95 at 1,000,000 even with efSearch 1024; PQ32 tops out near 0.59.
-# SQ8 scores are approximate: candidates for a ranking stage, not final scores.
-#
-# Past `memory_budget_mb` (1 GiB by default) of SQ8 codes and ids (d + 8 bytes an item) `auto`
-# still builds IVF,SQ8 and says to shard. IVF-PQ with exact re-ranking (`IVF4096,PQ32x8,RFlat`,
-# tuned here over k_factor_rf and nprobe) was measured as the alternative at 10M items
-# (benchmarks/results/index-10m.md): recall@100 0.955 against SQ8's 0.977, p99 30 ms against
-# 13.5, and although only 0.5 GiB of it is anonymous memory when memory-mapped, random reads of
-# its 5 GiB of raw vectors pulled the whole file into the page cache within 300 queries (cold
-# p99 98 ms). It is a factory to ask for, not a way to fit a small pod.
-AUTO_EXACT_MAX_ITEMS = 50_000
-AUTO_MEMORY_BUDGET_MB = 1024.0      # the chart's 2 GiB pod limit, less the process and room
+# `auto`: exact search up to `auto_exact_max_items`; above, IVF with about 4 sqrt(N) lists (a
+# power of two) over 8-bit scalar-quantized vectors, the lowest p99 at recall@100 >= 0.95 of the
+# indexes measured (benchmarks/results/index.md, index-10m.md: why not HNSW, PQ or IVF-PQ with
+# re-ranking). Past `memory_budget_mb` of codes and ids it still builds and says to shard.
+AUTO_EXACT_MAX_ITEMS = DEFAULTS.auto_exact_max_items
+AUTO_MEMORY_BUDGET_MB = DEFAULTS.memory_budget_mb
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 REFINE_LADDER = [2, 4, 8, 16, 32]              # k_factor_rf, tried with each nprobe
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(SineError, RuntimeError):
     """The index cannot be built or does not meet the recall floor; the message says why."""
 
 
@@ -199,8 +189,9 @@ def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: floa
     return chosen, rec, curve
 
 
-def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, factory: str = "auto",
-                   k: int = 100, floor: float = 0.95, params: dict | None = None,
+def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, *,
+                   factory: str = DEFAULTS.factory, k: int = DEFAULTS.recall_k,
+                   floor: float = DEFAULTS.recall_floor, params: dict | None = None,
                    gpu: bool = False, progress=None, log=print,
                    memory_budget_mb: float | None = None) -> BuiltIndex:
     """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""

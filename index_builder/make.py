@@ -12,14 +12,16 @@ import numpy as np
 from . import bundle
 from .build import build_and_gate
 from .bundle import git_commit
+from .options import DEFAULTS
 
 EXPORT_FILES = ("encoder.onnx", "item_ids.json", "popularity.npy")
 
 
-def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 100,
-                floor: float = 0.95, params: dict | None = None, gpu: bool = False,
-                version: str | None = None, make_current: bool = True, progress=None,
-                log=print, memory_budget_mb: float | None = None) -> bundle.Bundle:
+def make_bundle(export_dir: Path, root: Path, *, factory: str = DEFAULTS.factory,
+                k: int = DEFAULTS.recall_k, floor: float = DEFAULTS.recall_floor,
+                params: dict | None = None, gpu: bool = False, version: str | None = None,
+                make_current: bool = True, progress=None, log=print,
+                memory_budget_mb: float | None = None) -> bundle.Bundle:
     export_dir, root = Path(export_dir), Path(root)
     info_path = export_dir / "export.json"
     if not info_path.exists():
@@ -31,8 +33,8 @@ def make_bundle(export_dir: Path, root: Path, factory: str = "auto", k: int = 10
     xb = np.load(export_dir / "items.npy")
     xq = np.load(export_dir / "queries.npy")
     ids = np.arange(1, len(xb) + 1, dtype=np.int64)          # faiss id = internal item id
-    built = build_and_gate(xb, ids, xq, factory, k, floor, params, gpu, progress, log,
-                           memory_budget_mb)
+    built = build_and_gate(xb, ids, xq, factory=factory, k=k, floor=floor, params=params,
+                           gpu=gpu, progress=progress, log=log, memory_budget_mb=memory_budget_mb)
     created = time.gmtime()
     version = version or (time.strftime("%Y%m%dT%H%M%SZ", created) + "-"
                           + info["items"]["vocab_sha256"][:8])

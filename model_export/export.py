@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index_builder.bundle import SineError
+
 from .data import Split
 from .models.sine import SINE, FoldedSINE
 
@@ -34,7 +36,7 @@ INPUT = "item_ids"
 OUTPUTS = ("interests", "user_vector", "weights")
 
 
-class ExportError(RuntimeError):
+class ExportError(SineError, RuntimeError):
     """The exported graph does not reproduce the trained model; nothing is kept."""
 
 

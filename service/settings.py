@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index_builder.bundle import SineError
+
 from .keys import DEFAULT_GROUP, DEFAULT_STREAM
 
 ENV_PREFIX = "SINE_"
@@ -231,7 +233,7 @@ class Settings(BaseSettings):
         return redact_url(self.redis_url)
 
 
-class SettingsError(ValueError):
+class SettingsError(SineError, ValueError):
     """Settings that do not validate; the message names each field and what is wrong."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .clicklogs import (
     ClickLogError,
     count_clicks,
+    extend_with_clicks,
     load_click_folder,
     load_click_log,
     newest_click,
@@ -36,7 +37,7 @@ from .synthetic import SyntheticClicks, synthetic, synthetic_mix, write_syntheti
 DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic", "synthetic-mix")
 
 __all__ = ["DATASETS", "ClickLogError", "DataError", "Dataset", "Split", "SyntheticClicks",
-           "count_clicks", "dataset_info", "default_data_dir", "extend", "from_external",
+           "count_clicks", "dataset_info", "extend_with_clicks", "default_data_dir", "extend", "from_external",
            "histories", "in_time_order", "load", "load_beauty", "load_click_folder",
            "load_click_log", "load_ml1m", "load_ml100k", "newest_click", "parquet_files",
            "parse_ts", "read_clicks", "sequences_from_events", "split", "synthetic",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index_builder.bundle import SineError
+
 from .dataset import DataError, Dataset, open_text, sequences_from_events, vocab_rank
 
 STREAM_BATCH_ROWS = 1 << 20
@@ -262,7 +264,7 @@ def parse_ts(v, where: str) -> float:
 COLUMNS = ("user_id", "item_id", "timestamp", "event_id")
 
 
-class ClickLogError(RuntimeError):
+class ClickLogError(SineError, RuntimeError):
     """The click log cannot be read or written; the message says why."""
 
 
@@ -322,3 +324,15 @@ def count_clicks(folder: Path | str) -> int:
     """Rows of an exported folder, from the Parquet footers (no data is read)."""
     ds = parquet_files(Path(folder))
     return int(ds.count_rows()) if ds.files else 0
+
+
+def extend_with_clicks(ds: Dataset, folder: Path | str, window_hours: float) -> Dataset:
+    """`ds` with the clicks of an exported folder from its last `window_hours` (before the
+    newest one) appended; only that window is read."""
+    from .dataset import extend
+
+    newest = newest_click(folder)
+    if newest is None:
+        return ds
+    rows = read_clicks(folder, since=newest - window_hours * 3600)
+    return extend(ds, ((u, i, ts) for u, i, ts, _ in rows))

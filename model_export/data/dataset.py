@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.bundle import vocab_sha256
+from index_builder.bundle import SineError, vocab_sha256
 
 
-class DataError(ValueError):
+class DataError(SineError, ValueError):
     """A data file cannot be used; the message names the file, the line and what to do."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from index_builder.bundle import write_atomic
+from index_builder.bundle import SineError, write_atomic
 
 from ..configs import SASRecConfig, SINEConfig
 from ..data import Dataset
@@ -25,7 +25,7 @@ from ..models.sine import SINE
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SineError, ValueError):
     """A checkpoint cannot be used with this data or code; the message says why and what to do."""
 
 

@@ -27,6 +27,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from index_builder.bundle import SineError
+
 from ..keys import LOST, REPORTED, Keys
 from ..settings import Settings
 from .cluster import ClusterMap
@@ -35,7 +37,7 @@ from .resp import ListReader
 T = TypeVar("T")
 
 
-class HistoryError(RuntimeError):
+class HistoryError(SineError, RuntimeError):
     """Redis could not answer in time, or answered with an error."""
 
 

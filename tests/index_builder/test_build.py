@@ -45,7 +45,7 @@ def test_flat_index_equals_brute_force_and_keeps_ids():
 def test_ann_is_tuned_to_the_smallest_knob_that_meets_the_floor(factory, knob):
     xb, xq = clustered(3000)
     ids = np.arange(1, 3001)
-    b = build_and_gate(xb, ids, xq, factory, k=50, floor=0.9, log=lambda *a: None)
+    b = build_and_gate(xb, ids, xq, factory=factory, k=50, floor=0.9, log=lambda *a: None)
     assert knob in b.search_params and b.recall >= 0.9
     values = [p[knob] for p, _ in b.recall_curve]
     assert values[-1] == b.search_params[knob]
@@ -57,7 +57,7 @@ def test_ann_is_tuned_to_the_smallest_knob_that_meets_the_floor(factory, knob):
 def test_recall_gate_refuses_a_bad_index():
     xb, xq = clustered(3000)
     with pytest.raises(IndexBuildError, match=r"recall@100 0\.\d+ of 'IVF64,PQ4' is below the floor 0.95"):
-        build_and_gate(xb, np.arange(1, 3001), xq, "IVF64,PQ4", params={"nprobe": 1},
+        build_and_gate(xb, np.arange(1, 3001), xq, factory="IVF64,PQ4", params={"nprobe": 1},
                        log=lambda *a: None)
 
 
@@ -104,7 +104,7 @@ def test_a_catalog_past_the_memory_budget_is_told_to_shard():
     assert over_budget("IVF16384,SQ8", 10_000_000, 128, memory_budget_mb=2048) is None
     xb, xq = clustered(3000)
     said = []
-    build_and_gate(xb, np.arange(1, 3001), xq, "IVF16,SQ8", k=20, floor=0.5,
+    build_and_gate(xb, np.arange(1, 3001), xq, factory="IVF16,SQ8", k=20, floor=0.5,
                    memory_budget_mb=0.1, log=said.append)
     assert any(m.startswith("warning:") and "shards" in m for m in said)
 
@@ -112,11 +112,11 @@ def test_a_catalog_past_the_memory_budget_is_told_to_shard():
 def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
     xb, xq = clustered(6000, d=32)
     ids = np.arange(101, 6101)
-    b = build_and_gate(xb, ids, xq, "IVF32,PQ4x8,RFlat", k=50, floor=0.95, log=lambda *a: None)
+    b = build_and_gate(xb, ids, xq, factory="IVF32,PQ4x8,RFlat", k=50, floor=0.95, log=lambda *a: None)
     assert b.recall >= 0.95 and "k_factor_rf" in b.search_params
     tried = [p for p, _ in b.recall_curve]
     assert tried[0]["k_factor_rf"] == 2                         # the cheapest first
-    plain = build_and_gate(xb, ids, xq, "IVF32,PQ4x8", k=50, floor=0.0, params={"nprobe": 32},
+    plain = build_and_gate(xb, ids, xq, factory="IVF32,PQ4x8", k=50, floor=0.0, params={"nprobe": 32},
                            log=lambda *a: None)
     assert b.recall > plain.recall + 0.2                        # the re-ranking is what pays
     _, got = b.index.search(xq[:20], 50)
@@ -131,7 +131,7 @@ def test_the_service_maps_a_re_ranking_index_read_only(tmp_path):
     xb, xq = clustered(4000, d=32)
     from index_builder.bundle import set_search_params
 
-    b = build_and_gate(xb, np.arange(1, 4001), xq, "IVF16,PQ4x8,RFlat", k=20, floor=0.9,
+    b = build_and_gate(xb, np.arange(1, 4001), xq, factory="IVF16,PQ4x8,RFlat", k=20, floor=0.9,
                        log=lambda *a: None)
     idx = b.index
     faiss.write_index(idx, str(tmp_path / "i.faiss"))

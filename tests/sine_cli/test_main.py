@@ -107,3 +107,18 @@ def test_train_warm_started_from_a_bundle_on_data_plus_clicks(small_world, own_r
     assert "brand-new" in ck["item_ids"] and ck["model_args"]["D"] == 32    # its shape kept
     assert main(["train", "--dataset", "synthetic", "--warm-start", str(small_world["root"]),
                  "--resume", str(out / "last.pt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_serving_only_install_lists_every_command_and_says_what_is_missing():
+    """The serving image has no model_export and no torch: `sine serve` still parses, and the
+    training commands say what they need instead of failing on import."""
+    hide = ("import sys; sys.modules['model_export'] = None; sys.modules['torch'] = None; "
+            "from sine_cli.main import main; sys.exit(main(sys.argv[1:]))")
+    run = lambda *args: subprocess.run([sys.executable, "-c", hide, *args], capture_output=True,
+                                       text=True)
+    out = run("--help")
+    assert out.returncode == 0 and "serve" in out.stdout and "train" in out.stdout, out.stderr
+    out = run("serve", "--help")
+    assert out.returncode == 0 and "--bundle" in out.stdout
+    out = run("train", "--dataset", "synthetic")
+    assert out.returncode == 2 and "needs model_export" in out.stderr, out.stderr
