@@ -244,8 +244,9 @@ def extra_sections(rows: dict) -> list[str]:
                "-log2 of an item's share of training clicks, bits):", "",
                "| model | mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
         for r, mode, m in beyond:
-            cells = [f"{100 * m[c]:.2f}" if c.split("@")[0] in ("HR", "coverage", "diversity")
-                     else f"{m[c]:.2f}" if c in m else "-" for c in cols]
+            cells = ["-" if c not in m                       # a log without item labels
+                     else f"{100 * m[c]:.2f}" if c.split("@")[0] in ("HR", "coverage", "diversity")
+                     else f"{m[c]:.2f}" for c in cols]
             md.append(f"| {r['label']} | {mode} | " + " | ".join(cells) + " |")
     diag = {k: r for k, r in rows.items() if "diagnostics" in r}
     if diag:

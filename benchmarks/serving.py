@@ -98,6 +98,41 @@ def med(rows: list[dict], key: str) -> tuple[float, float, float]:
     return statistics.median(v), min(v), max(v)
 
 
+def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns: list[int],
+            tmp: Path) -> dict:
+    """Every server of `modes` up together, then interleaved rounds of wrk against each."""
+    ds = data.load("ml-1m", a.data_dir)
+    lua = write_lua(ds.user_ids, tmp)
+    results: dict = {}
+    with Stack(data.histories(ds, holdout=1)) as stack:
+        servers: dict[str, Server] = {}
+        for mode in modes:
+            base = mode == "baseline" and a.baseline_bundle
+            servers[mode] = stack.serve(
+                bundle_mod.load(a.baseline_bundle, deep=False).path if base else b.path,
+                log_path=tmp / f"{mode}.log",
+                tree=a.baseline_tree if mode == "baseline" else None,
+                floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
+                max_in_flight=1024, redis_timeout_ms=1000,
+                **({"gc_freeze": False} if mode == "no-gc-freeze" else {}))
+            wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
+        runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
+        for _ in range(a.rounds):
+            for mode, srv in servers.items():
+                for c in conns:
+                    for ep in ("floor", "recommend"):
+                        r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
+                        runs[(mode, c, ep)].append(r)
+                        print(f"{mode} c={c} {ep}: {r['rps']:.0f} rps p50 {r['p50_ms']:.2f} "
+                              f"p99 {r['p99_ms']:.2f} ms err {r['errors']}", flush=True)
+        for mode, srv in servers.items():
+            results[mode] = {"runs": {f"{c}/{ep}": runs[(mode, c, ep)] for c in conns
+                                      for ep in ("floor", "recommend")},
+                             "stages_ms": server_stats(srv.url),
+                             "rss_mib": srv.rss_bytes() / 2**20}
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default="runs/demo/bundles")
@@ -121,36 +156,8 @@ def main() -> None:
     if "baseline" in modes and a.baseline_tree is None:
         raise SystemExit("--modes baseline needs --baseline-tree")
     b = bundle_mod.load(a.bundle, deep=False)
-    ds = data.load("ml-1m", a.data_dir)
     tmp = Path(tempfile.mkdtemp())
-    lua = write_lua(ds.user_ids, tmp)
-    results: dict = {}
-    with Stack(data.histories(ds, holdout=1)) as stack:
-        servers: dict[str, Server] = {}
-        for mode in modes:
-            base = mode == "baseline" and a.baseline_bundle
-            servers[mode] = stack.serve(
-                bundle_mod.load(a.baseline_bundle, deep=False).path if base else b.path,
-                log_path=tmp / f"{mode}.log",
-                tree=a.baseline_tree if mode == "baseline" else None,
-                floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
-                max_in_flight=1024, redis_timeout_ms=1000,
-                **({"gc_freeze": False} if mode == "no-gc-freeze" else {}))
-            wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
-        runs = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
-        for _ in range(a.rounds):
-            for mode, srv in servers.items():
-                for c in conns:
-                    for ep in ("floor", "recommend"):
-                        r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
-                        runs[(mode, c, ep)].append(r)
-                        print(f"{mode} c={c} {ep}: {r['rps']:.0f} rps p50 {r['p50_ms']:.2f} "
-                              f"p99 {r['p99_ms']:.2f} ms err {r['errors']}", flush=True)
-        for mode, srv in servers.items():
-            results[mode] = {"runs": {f"{c}/{ep}": runs[(mode, c, ep)] for c in conns
-                                      for ep in ("floor", "recommend")},
-                             "stages_ms": server_stats(srv.url),
-                             "rss_mib": srv.rss_bytes() / 2**20}
+    results = measure(a, b, modes, conns, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
     cmd = (f"python -m benchmarks.serving --bundle {a.bundle} --rounds {a.rounds} "

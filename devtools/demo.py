@@ -97,6 +97,11 @@ def run_demo(dataset: str, data_dir: str | None, workdir: Path, minutes: float, 
             assert server.proc is not None
             while server.proc.poll() is None:
                 time.sleep(0.5)
+            if server.proc.returncode == 0:
+                # a clean shutdown: Ctrl-C in a terminal reaches the server (the whole process
+                # group) before or as it reaches this loop; a signal to it alone does the same
+                log("\nthe service stopped; stopping the rest ...")
+                return 0
             raise LocalError(f"the server exited (code {server.proc.returncode}); "
                              f"see {workdir / 'server.log'}")
         return 0

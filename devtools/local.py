@@ -22,6 +22,7 @@ from index_builder.bundle import SineError
 
 
 class LocalError(SineError, RuntimeError):
+    """A local process (redis-server, a cluster, the server) could not be started or reached."""
     pass
 
 
@@ -51,6 +52,7 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        assert self.exe is not None                     # checked in __init__
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, *self.args],
@@ -263,6 +265,8 @@ class Server:
             time.sleep(0.2)
 
     def rss_bytes(self) -> int:
+        if self.proc is None:
+            raise LocalError("the server is not running")
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from .bundle import SineError, set_search_params
+from .bundle import Progress, SineError, set_search_params
 from .options import DEFAULTS
 
 # `auto`: exact search up to `auto_exact_max_items`; above, IVF with about 4 sqrt(N) lists (a
@@ -39,14 +40,15 @@ class IndexBuildError(SineError, RuntimeError):
 
 @dataclass
 class BuiltIndex:
+    """A built index with what its gate measured: the factory, knobs, recall and build time."""
     index: faiss.Index
     factory: str
-    search_params: dict = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
     recall: float = 1.0
     recall_k: int = 100
     n_queries: int = 0
     build_seconds: float = 0.0
-    recall_curve: list = field(default_factory=list)   # (param value, recall) tried
+    recall_curve: list[tuple[dict[str, int], float]] = field(default_factory=list)  # tried
     gpu: bool = False
 
 
@@ -101,7 +103,7 @@ def knob_name(index: faiss.Index) -> str | None:
 
 
 def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = False,
-          train_size: int = 200_000, seed: int = 0, progress=None) -> faiss.Index:
+          train_size: int = 200_000, seed: int = 0, progress: Progress | None = None) -> faiss.Index:
     """An inner-product index over `xb` [N, d] float32 keeping `ids` [N] int64: trained on a
     sample of `train_size` vectors, then filled in chunks (`progress(done, total)` after each)."""
     if gpu and faiss_gpu_count() == 0:
@@ -120,7 +122,7 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = Fa
     except RuntimeError:
         ivf = None
     is_ivf = ivf is not None
-    if is_ivf and ivf.nlist > n:
+    if ivf is not None and ivf.nlist > n:
         raise IndexBuildError(f"{factory!r} asks for {ivf.nlist} lists but there are only {n} "
                               "items; use fewer lists or 'Flat'.")
     if gpu:
@@ -160,16 +162,16 @@ def recall_at_k(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int) -> f
 
 
 def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: float
-         ) -> tuple[dict, float, list]:
+         ) -> tuple[dict[str, int], float, list[tuple[dict[str, int], float]]]:
     """The cheapest search knobs that reach `floor`: raise the knob step by step; with a refine
     stage, for each k_factor_rf from the smallest, the nprobe ladder up to the first that
     reaches it. Returns (params, recall, every (params, recall) tried)."""
     knob = knob_name(index)
-    curve: list = []
+    curve: list[tuple[dict[str, int], float]] = []
     if knob is None:
         rec = recall_at_k(index, xq, gt, k)
         return {}, rec, [({}, rec)]
-    chosen: dict = {}
+    chosen: dict[str, int] = {}
     rec = 0.0
     for kf in (REFINE_LADDER if is_refine(index) else [None]):
         last = 0.0
@@ -191,8 +193,9 @@ def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: floa
 
 def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, *,
                    factory: str = DEFAULTS.factory, k: int = DEFAULTS.recall_k,
-                   floor: float = DEFAULTS.recall_floor, params: dict | None = None,
-                   gpu: bool = False, progress=None, log=print,
+                   floor: float = DEFAULTS.recall_floor, params: dict[str, int] | None = None,
+                   gpu: bool = False, progress: Progress | None = None,
+                   log: Callable[[str], object] = print,
                    memory_budget_mb: float | None = None) -> BuiltIndex:
     """Build, then measure recall@k on `xq`; tune the search knob up to the floor or refuse."""
     resolved = resolve_factory(factory, len(xb), xb.shape[1])

@@ -289,6 +289,7 @@ def read_refresh_report(root: Path) -> RefreshReport | None:
 
 @dataclass
 class Bundle:
+    """One validated bundle version: its folder and its manifest."""
     path: Path
     manifest: dict[str, Any]
 

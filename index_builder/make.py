@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -19,8 +20,9 @@ EXPORT_FILES = ("encoder.onnx", "item_ids.json", "popularity.npy")
 
 def make_bundle(export_dir: Path, root: Path, *, factory: str = DEFAULTS.factory,
                 k: int = DEFAULTS.recall_k, floor: float = DEFAULTS.recall_floor,
-                params: dict | None = None, gpu: bool = False, version: str | None = None,
-                make_current: bool = True, progress=None, log=print,
+                params: dict[str, int] | None = None, gpu: bool = False,
+                version: str | None = None, make_current: bool = True,
+                progress: bundle.Progress | None = None, log: Callable[[str], object] = print,
                 memory_budget_mb: float | None = None) -> bundle.Bundle:
     export_dir, root = Path(export_dir), Path(root)
     info_path = export_dir / "export.json"

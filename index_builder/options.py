@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """The build's choices: the factory, the recall check and floor, the memory budget."""
     factory: str = "auto"              # a faiss factory string, or auto (see build.resolve_factory)
     recall_k: int = 100                # k of the recall check
     recall_floor: float = 0.95         # below it at recall_k, the index is refused

@@ -31,6 +31,7 @@ def _status(data: bytes) -> int:
 
 
 class Tally:
+    """What the server did to each hostile socket: its lifetime and the status it answered."""
     def __init__(self) -> None:
         self.lifetimes: dict[str, list[float]] = {}
         self.statuses: dict[str, dict[int, int]] = {}

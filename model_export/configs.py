@@ -13,6 +13,7 @@ WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --cl
 
 @dataclass
 class SINEConfig:
+    """SINE's hyperparameters, named after the paper's symbols (Table 3 defaults)."""
     n_items: int               # M, real items; embedding rows are M + 1 (row 0 = padding)
     D: int = 128               # embedding size
     n: int = 20                # sequence length (most recent n clicks)
@@ -34,6 +35,7 @@ class SINEConfig:
 
 @dataclass
 class SASRecConfig:
+    """The SASRec baseline's shape; K is 1 so that it exports as a one-vector bundle."""
     n_items: int               # M; embedding rows are M + 1 (row 0 = padding)
     D: int = 128               # embedding size (SINE's)
     n: int = 20                # sequence length (SINE's)
@@ -58,6 +60,7 @@ FULL_SOFTMAX_MAX_ITEMS = 50_000
 
 @dataclass
 class TrainConfig:
+    """The optimizer, the loss, the budget and the early stopping of one training run."""
     batch_size: int = 128
     lr: float = 1e-3
     lam: float = 0.5                 # Eq. 11 lambda, weight of the covariance regularizer
@@ -82,6 +85,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
+    """What `sine export` writes: the ONNX opset, the graph and the recall-check queries."""
     opset: int = 18                   # ONNX opset (>= 17)
     n_queries: int = 2000             # real user vectors kept for the index's recall check
     graph: str = "auto"               # "auto", "folded" or "plain"
@@ -90,6 +94,7 @@ class ExportConfig:
 
 @dataclass
 class RefreshConfig:
+    """One refresh cycle: where the bundles, clicks and base data are, and its budgets."""
     bundle_root: Path
     dataset: str                          # the base data set: a name or a click-log path
     redis_url: str

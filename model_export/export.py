@@ -29,7 +29,10 @@ import torch
 from index_builder.bundle import SineError
 
 from .data import Split
+from .models.sasrec import SASRec
 from .models.sine import SINE, FoldedSINE
+
+Encoder = SINE | SASRec
 
 OPSET = 18
 INPUT = "item_ids"
@@ -58,7 +61,7 @@ def choose_graph(model: torch.nn.Module, graph: str = "auto", fold_budget_mb: fl
     return "folded" if table <= fold_budget_mb * 2**20 else "plain"
 
 
-def export_onnx(model: SINE, path: Path, opset: int = OPSET) -> Path:
+def export_onnx(model: Encoder | FoldedSINE, path: Path, opset: int = OPSET) -> Path:
     """Trace the encoder into one self-contained ONNX file with a dynamic batch axis."""
     model = model.eval()
     n = model.config.n
@@ -72,16 +75,17 @@ def export_onnx(model: SINE, path: Path, opset: int = OPSET) -> Path:
         prog = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT],
                                  output_names=list(OUTPUTS), opset_version=opset,
                                  dynamic_shapes={"item_ids": {0: batch}}, verbose=False)
+    assert prog is not None                      # the dynamo exporter returns its program
     prog.save(str(path), external_data=False)
     return path
 
 
-def item_table(model: SINE) -> np.ndarray:
+def item_table(model: Encoder) -> np.ndarray:
     return model.item_table().detach().cpu().numpy().astype(np.float32)   # [M, D]
 
 
 @torch.no_grad()
-def validation_queries(model: SINE, sp: Split, max_users: int = 2000, seed: int = 0) -> np.ndarray:
+def validation_queries(model: Encoder, sp: Split, max_users: int = 2000, seed: int = 0) -> np.ndarray:
     """User vectors [q, D] from the validation histories of up to `max_users` random users."""
     U = len(sp.valid_targets)
     rows = np.sort(np.random.default_rng(seed).choice(U, size=min(max_users, U), replace=False))
@@ -89,7 +93,7 @@ def validation_queries(model: SINE, sp: Split, max_users: int = 2000, seed: int 
     return v.numpy().astype(np.float32)
 
 
-def check_parity(model: SINE, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:
+def check_parity(model: Encoder, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:
     """Max |ORT - torch| per output on random padded batches (with a length-1 row); `model` is
     the trained (unfolded) reference."""
     import onnxruntime as ort
@@ -141,7 +145,7 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = choose_graph(model, graph, fold_budget_mb)
-    encoder = FoldedSINE(model) if chosen == "folded" else model
+    encoder = FoldedSINE(model) if chosen == "folded" and isinstance(model, SINE) else model
     onnx_path = export_onnx(encoder, out_dir / "encoder.onnx", opset)
     parity = check_parity(model, onnx_path)
     bad = {k: v for k, v in parity.items() if v > PARITY_TOL[k]}
@@ -162,8 +166,8 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
             "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),
                      "input_layout": "[B, n] int64, most recent click first, 0 = padding at the end",
                      "parity_max_abs_diff": parity, "graph": chosen,
-                     "table_bytes_per_item": FoldedSINE.table_bytes_per_item(model.config)
-                     if chosen == "folded" else 0,
+                     "table_bytes_per_item": FoldedSINE.table_bytes_per_item(encoder.config)
+                     if isinstance(encoder, FoldedSINE) else 0,
                      "fold_budget_mb": fold_budget_mb},
             "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
             "offline_metrics": metrics, "checkpoint": {"best_epoch": ck["best_epoch"],

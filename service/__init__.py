@@ -1,0 +1,1 @@
+"""The online side: the FastAPI retrieval service (see ARCHITECTURE.md for its modules)."""

@@ -17,6 +17,7 @@ from .errors import Overloaded
 
 
 class Admission:
+    """Units in flight per pool (single requests, bulk batch users), each with its limit."""
     def __init__(self, limit: int, bulk_limit: int):
         self.limits = {False: limit, True: bulk_limit}
         self.held = {False: 0, True: 0}           # units held now, single and bulk

@@ -27,6 +27,7 @@ class EngineError(RuntimeError):
 
 @dataclass
 class Engine:
+    """A loaded bundle: the encoder session, the faiss index and the id maps."""
     bundle: bundle_mod.Bundle
     session: Any                       # onnxruntime.InferenceSession
     index: Any                         # what searches run on (a GPU copy when on GPU)

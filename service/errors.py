@@ -16,6 +16,7 @@ PROBLEM = "application/problem+json"
 
 
 class ServiceError(Exception):
+    """An error with its HTTP status, title and problem slug; the handlers map it in one place."""
     status = 500
     title = "Internal error"
     slug = "internal"
@@ -27,30 +28,37 @@ class ServiceError(Exception):
 
 
 class BadRequest(ServiceError):
+    """A request whose content is invalid (422)."""
     status, title, slug = 422, "Invalid request", "invalid-request"
 
 
 class NotReady(ServiceError):
+    """No bundle is served yet (503)."""
     status, title, slug = 503, "Not ready", "not-ready"
 
 
 class HistoryUnavailable(ServiceError):
+    """The history store cannot answer (503)."""
     status, title, slug = 503, "History store unavailable", "history-unavailable"
 
 
 class Unauthorized(ServiceError):
+    """A missing or wrong bearer token (401)."""
     status, title, slug = 401, "Unauthorized", "unauthorized"
 
 
 class ReloadRefused(ServiceError):
+    """A bundle that cannot be loaded; the old one keeps serving (409)."""
     status, title, slug = 409, "Bundle refused", "reload-refused"
 
 
 class Disabled(ServiceError):
+    """A feature switched off by the settings (404)."""
     status, title, slug = 404, "Not enabled", "disabled"
 
 
 class Overloaded(ServiceError):
+    """More work in flight than the pool admits (429)."""
     status, title, slug = 429, "Too many requests in flight", "overloaded"
 
 

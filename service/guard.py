@@ -44,6 +44,7 @@ def _is_json(content_type: bytes) -> bool:
 
 
 class Guard:
+    """ASGI middleware: tokens, body limits and content type, the body read under a deadline."""
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
         self.app, self.s, self.metrics = app, settings, metrics
         self.limits = {"/recommend/batch": settings.max_batch_body_bytes}

@@ -26,6 +26,7 @@ LOST, REPORTED = "lost", "reported"
 
 
 class Keys:
+    """The key scheme of one configuration: history, event ids and the log's streams."""
     def __init__(self, settings: Settings):
         self.n = settings.shards
         self._history = settings.redis_key_template.format

@@ -11,6 +11,7 @@ _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", 
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message and the record's extras."""
     def format(self, r: logging.LogRecord) -> str:
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.created))
                + f".{int(r.msecs):03d}Z", "level": r.levelname.lower(), "logger": r.name,

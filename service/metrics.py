@@ -20,6 +20,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
+    """The app's Prometheus metrics, in one registry of its own."""
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.request = Histogram("sine_request_duration_seconds", "Request duration by endpoint.",

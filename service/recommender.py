@@ -37,6 +37,7 @@ Job = tuple[Engine, Query]
 
 
 class Recommender:
+    """The request path: micro-batches of queries through the stages, with the fallbacks."""
     def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
         self.s, self.m, self.store = settings, metrics, store
         self.strict = settings.on_history_unavailable == "error"

@@ -10,6 +10,7 @@ from .settings import Settings
 
 
 class Item(BaseModel):
+    """One candidate: its external id and score (and, per interest, which one found it)."""
     item_id: str
     score: float = Field(description="On the scale `score_kind` names: an inner product with the "
                                      "query vector (about -10 to 10), or a training click count.")
@@ -19,6 +20,7 @@ class Item(BaseModel):
 
 
 class Recommendation(BaseModel):
+    """The answer of `POST /recommend`."""
     user_id: str
     version: str = Field(description="The bundle version that answered.")
     mode: Literal["aggregate", "per_interest"]
@@ -34,10 +36,12 @@ class Recommendation(BaseModel):
 
 
 class BatchResponse(BaseModel):
+    """The answer of `POST /recommend/batch`: one recommendation per user, in order."""
     results: list[Recommendation]
 
 
 class EventResponse(BaseModel):
+    """The answer of `POST /events`."""
     user_id: str
     history_length: int
     event_id: str = Field(description="The event's id: the client's, or one made for it.")
@@ -46,6 +50,7 @@ class EventResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
+    """The body of `POST /admin/reload`."""
     model_config = ConfigDict(extra="forbid")
     version: StrictStr | None = Field(None, description="A version under the bundle root; "
                                                         "omitted: whatever `current` names.")
@@ -61,10 +66,12 @@ class RecommendBody(BaseModel):
 
 
 class BatchBody(BaseModel):
+    """What `POST /recommend/batch` takes; `request_models` puts this app's limits on it."""
     requests: list[RecommendBody]
 
 
 class EventBody(BaseModel):
+    """What `POST /events` takes; `request_models` puts this app's limits on it."""
     user_id: str | int
     item_id: str | int
     event_id: str | None = None

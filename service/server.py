@@ -40,6 +40,7 @@ LIMITS = "sine.connection_limits"       # the lifespan state key uvicorn passes 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
+    """The header deadline and size cap every connection gets, and who counts refusals."""
     header_timeout_s: float = 5.0
     max_header_bytes: int = 16_384
     on_refused: Callable[[str], None] | None = None     # counts each closed connection by reason

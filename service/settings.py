@@ -19,6 +19,7 @@ DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for 
 
 
 class Settings(BaseSettings):
+    """Every option of the service, each read from `SINE_<FIELD>`."""
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # bundle

@@ -30,6 +30,7 @@ COLD_START, HISTORY_UNAVAILABLE = "cold_start", "history_unavailable"
 
 @dataclass(frozen=True, slots=True)
 class Query:
+    """One user's question: who, how many, and how to search."""
     user_id: str
     n: int
     exclude_seen: bool = True
@@ -39,6 +40,7 @@ class Query:
 
 @dataclass(slots=True)
 class Answer:
+    """One query's JSON answer and its stage times."""
     body: bytes                                    # the JSON answer
     timings: dict[str, float]                      # stage -> seconds, for Server-Timing
 
@@ -106,6 +108,7 @@ def window(engine: Engine, histories: list[list[str]]) -> Windows:
 
 @dataclass(slots=True)
 class Encoded:
+    """The encoder's outputs for a batch of windows."""
     interests: np.ndarray              # [P, K, D]
     user_vector: np.ndarray            # [P, D]
     weights: np.ndarray                # [P, K]
@@ -124,6 +127,7 @@ def encode(engine: Engine, windows: np.ndarray) -> Encoded:
 
 @dataclass(slots=True)
 class Computed:
+    """Stages 3-4 for a batch: the encoder's outputs and each query vector's search results."""
     interests: np.ndarray              # [P, K, D]
     user_vector: np.ndarray            # [P, D]
     weights: np.ndarray                # [P, K]
@@ -168,6 +172,7 @@ def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: in
 
 @dataclass(slots=True)
 class Top:
+    """The filtered top n of each row, best first, with the interest that found each item."""
     ids: np.ndarray                    # [P, n] internal ids, best first; valid where < count
     scores: np.ndarray                 # [P, n] float32
     source: np.ndarray                 # [P, n] which query vector (interest) found each one

@@ -19,6 +19,7 @@ from .settings import Settings
 
 @dataclass
 class State:
+    """Everything one app holds while it runs."""
     settings: Settings
     metrics: Metrics
     store: HistoryStore | None

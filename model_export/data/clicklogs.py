@@ -167,7 +167,6 @@ def load_click_log(path: Path, drop_short: bool = False, stream: bool = True) ->
     timestamps) is read row by row, which names the offending line; `stream=False` reads
     every file so (the reference the streamed path is tested and measured against)."""
     path = Path(path)
-    need = LOG_COLUMNS
     if not path.exists():
         raise DataError(f"{path}: file not found.")
     is_parquet = path.suffix.lower() in (".parquet", ".pq")
@@ -177,49 +176,55 @@ def load_click_log(path: Path, drop_short: bool = False, stream: bool = True) ->
                          else (lambda r: f"{path}:{r + 2}"))
         if ds is not None:
             return ds
-    if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow).") from e
-        table = pq.read_table(path)
-        missing = [c for c in need if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names}. "
-                            "A click log needs user_id,item_id,timestamp.")
-        cols = {c: table.column(c).to_pylist() for c in need}
+    rows = _parquet_rows(path) if is_parquet else _csv_rows(path)
+    return sequences_from_events(path.stem, rows, 3, drop_short)
 
-        def rows():
-            for n, (u, i, ts) in enumerate(zip(cols["user_id"], cols["item_id"], cols["timestamp"])):
-                if u is None or i is None or ts is None:
-                    raise DataError(f"{path}: row {n + 1}: empty user_id, item_id or timestamp")
-                yield str(u), str(i), parse_ts(ts, f"{path}: row {n + 1}"), f"{path}: row {n + 1}"
-    else:
-        def rows():
-            with open_text(path) as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                if header is None:
-                    raise DataError(f"{path}: the file is empty; expected a header "
-                                    "user_id,item_id,timestamp and one row per click.")
-                header = [h.strip() for h in header]
-                missing = [c for c in need if c not in header]
-                if missing:
-                    raise DataError(f"{path}:1: missing column(s) {missing}; the header is "
-                                    f"{header}. A click log needs user_id,item_id,timestamp.")
-                cu, ci, ct = (header.index(c) for c in need)
-                for lineno, row in enumerate(reader, 2):
-                    if not row:
-                        continue
-                    if len(row) != len(header):
-                        raise DataError(f"{path}:{lineno}: {len(row)} fields, the header has "
-                                        f"{len(header)}")
-                    u, i = row[cu].strip(), row[ci].strip()
-                    if not u or not i:
-                        raise DataError(f"{path}:{lineno}: empty user_id or item_id")
-                    where = f"{path}:{lineno}"
-                    yield u, i, parse_ts(row[ct], where), where
-    return sequences_from_events(path.stem, rows(), 3, drop_short)
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, str, float, str]]:
+    """A Parquet log row by row, each named for errors."""
+    need = LOG_COLUMNS
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow).") from e
+    table = pq.read_table(path)
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names}. "
+                        "A click log needs user_id,item_id,timestamp.")
+    cols = {c: table.column(c).to_pylist() for c in need}
+    for n, (u, i, ts) in enumerate(zip(cols["user_id"], cols["item_id"], cols["timestamp"])):
+        if u is None or i is None or ts is None:
+            raise DataError(f"{path}: row {n + 1}: empty user_id, item_id or timestamp")
+        yield str(u), str(i), parse_ts(ts, f"{path}: row {n + 1}"), f"{path}: row {n + 1}"
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, str, float, str]]:
+    """A CSV log row by row, each named for errors (`path:line`)."""
+    need = LOG_COLUMNS
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: the file is empty; expected a header "
+                            "user_id,item_id,timestamp and one row per click.")
+        header = [h.strip() for h in header]
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {missing}; the header is "
+                            f"{header}. A click log needs user_id,item_id,timestamp.")
+        cu, ci, ct = (header.index(c) for c in need)
+        for lineno, row in enumerate(reader, 2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{lineno}: {len(row)} fields, the header has "
+                                f"{len(header)}")
+            u, i = row[cu].strip(), row[ci].strip()
+            if not u or not i:
+                raise DataError(f"{path}:{lineno}: empty user_id or item_id")
+            where = f"{path}:{lineno}"
+            yield u, i, parse_ts(row[ct], where), where
 
 
 def load_click_folder(path: Path, drop_short: bool = False) -> Dataset:

@@ -34,6 +34,7 @@ class DataError(SineError, ValueError):
 
 @dataclass
 class Dataset:
+    """One chronological sequence of internal item ids per user, and the id maps."""
     name: str
     sequences: list[np.ndarray]            # per user, internal ids, oldest first
     user_ids: list[str]                    # external user id per sequence

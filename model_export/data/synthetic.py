@@ -23,6 +23,7 @@ from .dataset import Dataset, from_external
 
 @dataclass(frozen=True)
 class SyntheticClicks:
+    """The planted-interest click process, its parameters and its vectorized draws."""
     n_items: int = 500
     n_categories: int = 20
     interests: tuple[int, int] = (2, 4)          # categories per user, at least, at most

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from index_builder.bundle import atomic_open
 from service.keys import DEFAULT_GROUP, DEFAULT_STREAM, ENTRY_FIELDS, LOST, REPORTED, Keys
@@ -71,6 +72,7 @@ return -1
 
 @dataclass
 class ExportResult:
+    """What one export did: entries read, rows written and skipped, and what was lost."""
     read: int = 0                  # stream entries handled (new and taken over)
     written: int = 0               # rows written to Parquet
     skipped: int = 0               # rows already in their partition (a crashed run's)
@@ -275,6 +277,7 @@ def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = DE
     import redis
     from redis.exceptions import RedisError
 
+    client: Any
     try:
         if cluster:
             from redis.cluster import RedisCluster

@@ -30,6 +30,7 @@ from .sine import NEG, ItemSoftmax
 
 
 class Block(nn.Module):
+    """One pre-LN causal self-attention block with its feed-forward layer."""
     def __init__(self, c: SASRecConfig):
         super().__init__()
         self.heads = c.heads
@@ -55,6 +56,7 @@ class Block(nn.Module):
 
 
 class SASRec(ItemSoftmax, nn.Module):
+    """The single-vector SASRec encoder, with SINE's inputs and outputs (K = 1)."""
 
     def __init__(self, config: SASRecConfig):
         super().__init__()

@@ -99,6 +99,7 @@ class ItemSoftmax:
 
 
 class SINE(ItemSoftmax, nn.Module):
+    """The SINE encoder (§3.2-3.3): K interest vectors and their aggregate from a click window."""
 
     def __init__(self, config: SINEConfig):
         super().__init__()
@@ -128,9 +129,9 @@ class SINE(ItemSoftmax, nn.Module):
             self.H.weight[0].zero_()
         for p in (self.P, self.C):
             nn.init.normal_(p, std=std)
-        for p in (self.W1, self.W3, self.W3_apt):
-            if p is not None:
-                nn.init.xavier_uniform_(p)
+        for w in (self.W1, self.W3, self.W3_apt):
+            if w is not None:
+                nn.init.xavier_uniform_(w)
         for k in range(self.config.K):
             nn.init.xavier_uniform_(self.Wk1.data[k])
         bound = math.sqrt(3.0 / D)
@@ -236,6 +237,12 @@ class FoldedSINE(SINE):
     are folded the same way. Outputs equal SINE's up to float rounding. Made from a trained model for export;
     the tables cost `table_bytes_per_item` of memory per item.
     """
+
+    HW1: torch.Tensor                  # [M + 1, D]     the buffers made below
+    HW3: torch.Tensor                  # [M + 1, D]
+    HWk1: torch.Tensor                 # [M + 1, K*D]
+    PWk1: torch.Tensor                 # [n, K*D]
+    CW3: torch.Tensor                  # [L, D]
 
     def __init__(self, model: SINE):
         super().__init__(model.config)

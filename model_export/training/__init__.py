@@ -1,6 +1,7 @@
 """Training: the loop (`loop`: early stopping, time budgets, torchrun), checkpoints and warm
 starts (`checkpoints`), the torchrun collectives (`distributed`), and train-then-report
 (`workflow`)."""
+from ..configs import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from .checkpoints import (
                           CHECKPOINT_FORMAT,
                           CheckpointError,
@@ -16,7 +17,7 @@ from .checkpoints import (
                           warm_start,
                           warm_start_source,
 )
-from .loop import FULL_SOFTMAX_MAX_ITEMS, RunState, TrainConfig, TrainResult, train
+from .loop import RunState, TrainResult, train
 
 __all__ = ["CHECKPOINT_FORMAT", "FULL_SOFTMAX_MAX_ITEMS", "CheckpointError", "Encoder",
            "ModelConfig", "RunState", "TrainConfig", "TrainResult", "atomic_save",

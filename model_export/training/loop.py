@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..configs import FULL_SOFTMAX_MAX_ITEMS, TrainConfig  # noqa: F401  (re-exported)
+from ..configs import TrainConfig
 from ..data import DataError, Dataset, dataset_info, split
 from ..evaluation.evaluate import evaluate_model
 from ..models.sine import LogUniformSampler
@@ -40,6 +40,7 @@ from .distributed import Dist, any_rank, dist_context, from_main
 
 @dataclass
 class TrainResult:
+    """How a training run ended: its best epoch, best validation metrics and history."""
     best_epoch: int
     best_valid: dict
     epochs_run: int
@@ -62,6 +63,7 @@ class RunState:
 
 @dataclass
 class EpochStats:
+    """One epoch's summed losses, its batch count and its seconds."""
     loss: float                      # the likelihood part of Eq. 11, summed over batches
     reg: float                       # the Eq. 10 regularizer, summed
     batches: int

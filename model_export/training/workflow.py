@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..configs import SASRecConfig, SINEConfig
+from ..configs import SASRecConfig, SINEConfig, TrainConfig
 from ..data import Dataset, split
 from ..evaluation.evaluate import concept_analysis, evaluate_model, evaluate_popularity
 from ..evaluation.report import plot_curves, render
 from ..models.sine import SINE
 from . import checkpoints as training
 from .checkpoints import ModelConfig, atomic_write_text
-from .loop import TrainConfig, TrainResult, train
+from .loop import TrainResult, train
 
 # Table 3 of the paper; other data sets take the MovieLens setting
 PRESETS = {"ml-1m": {"K": 4, "L": 50}, "amazon-beauty": {"K": 4, "L": 500}}
@@ -33,7 +34,7 @@ def model_config(ds: Dataset, arch: str = "sine", **overrides) -> ModelConfig:
         return SASRecConfig(n_items=ds.n_items, **{**SASREC_PRESETS.get(ds.name, {}), **given})
     if arch != "sine":
         raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
-    args = {"K": 4, "L": 50, **PRESETS.get(ds.name, {})}
+    args: dict[str, Any] = {"K": 4, "L": 50, **PRESETS.get(ds.name, {})}
     args.update(given)
     if ds.name not in PRESETS and "L" not in overrides:
         args["L"] = min(args["L"], ds.n_items)

@@ -31,6 +31,7 @@ CALM_S = 1.0                    # no failure for this long: the map is left alon
 
 @dataclass
 class Node:
+    """One master of the cluster: its reader and its redis-py client."""
     name: str                   # host:port
     reader: ListReader
     client: Any                 # redis.asyncio.Redis on this node only
@@ -42,6 +43,7 @@ class Node:
 
 
 class ClusterMap:
+    """The cluster's slot-to-master map and one client pair per master."""
     def __init__(self, url: str, password: str | None, timeout_s: float, pool_size: int):
         opts: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self.url, self.password, self.timeout, self.pool_size = url, password, timeout_s, pool_size

@@ -149,6 +149,7 @@ RECORD_SHA = hashlib.sha1(RECORD.encode()).hexdigest()
 
 @dataclass(frozen=True)
 class StreamInfo:
+    """The click log's figures for /metrics."""
     entries: int               # in every stream of the log
     lag: int                   # not yet read by the export group (all of a stream without it)
     lost: int                  # unexported entries a cap removed, ever
@@ -159,6 +160,7 @@ def _timeout(e: BaseException) -> bool:
 
 
 class HistoryStore:
+    """Reads of users' histories, the event script and the click log's gauges."""
     def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
         self.s = settings
         self.keep = settings.history_keep

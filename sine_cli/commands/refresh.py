@@ -22,7 +22,7 @@ def add(sub: Any) -> None:
                        "(current, and a .tar.gz with --archive-dir) only if its HR@k is not worse "
                        "by more than --tolerance. Exit 0: published; 3: refused by the gate; 4: "
                        "nothing new; 2: an error. The report goes to <bundle-root>/refresh.json.")
-    data_args(r, D["seed"])
+    data_args(r, RefreshConfig.seed)
     log_args(r)
     r.add_argument("--bundle-root", type=Path, required=True, help="the live bundle root")
     r.add_argument("--clicks-dir", type=Path, required=True,

@@ -58,3 +58,20 @@ def test_sine_and_sasrec_rows_carry_per_interest_lists_and_diagnostics(tmp_path)
     md = (res / "accuracy-synthetic.md").read_text()
     assert "Per-interest retrieval" in md and "Interest diagnostics" in md
     assert "| SASRec (2 blocks, single vector, same harness), D = 16 | per_interest |" not in md
+
+
+def test_a_log_without_item_labels_reports_what_it_can(tmp_path):
+    """The README recommends this check on one's own log, which has no genres or categories."""
+    from model_export import data
+
+    ds = data.synthetic(n_users=200, n_items=80, n_categories=5, seed=3)
+    log = tmp_path / "my_log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{u},{ds.item_ids[int(i)]},{t}\n" for u, s in zip(ds.user_ids, ds.sequences)
+        for t, i in enumerate(s)))
+    res = tmp_path / "results"
+    assert accuracy.main(["--dataset", str(log), "--variants", "popularity", "--runs-dir",
+                          str(tmp_path / "runs"), "--results-dir", str(res)]) == 0
+    md = next(res.glob("accuracy-*.md")).read_text()
+    row = [ln for ln in md.splitlines() if ln.startswith("| Popularity (training counts) | popularity |")]
+    assert row and row[0].split("|")[5].strip() == "-"           # diversity: no labels

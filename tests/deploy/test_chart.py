@@ -18,9 +18,7 @@ CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
 CI_VALUES = ROOT / "deploy" / "helm" / "ci"
 K8S_VERSION = "1.33.0"          # the Kubernetes version the manifests are validated against
 CRDS = {"ServiceMonitor"}       # not in the core schemas: checked by hand below
-YAMLLINT = YamlLintConfig("extends: default\nrules:\n  line-length: {max: 120}\n"
-                          "  document-start: disable\n  comments: {min-spaces-from-content: 1}\n"
-                          "  braces: {max-spaces-inside: 1}\n  brackets: {max-spaces-inside: 1}\n")
+YAMLLINT = YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))   # the project's own rules
 VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autoscaling-values.yaml"],
               "refresh": ["refresh-values.yaml"]}
 
@@ -327,3 +325,18 @@ def test_an_image_digest_pins_the_image():
         f"ghcr.io/sine-retrieval/sine-retrieval@{d}"
     pod = kind(render(), "Deployment")[0]
     assert pod["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")
+
+
+def test_one_version_string_everywhere():
+    """pyproject's version is the package's, the API's and the chart's appVersion."""
+    import tomllib
+
+    from service.app import create_app
+    from service.version import __version__
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert __version__ == version == chart["appVersion"]
+    assert create_app(Settings(bundle="/nonexistent")).version == version
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["tag"].startswith(version + "-")

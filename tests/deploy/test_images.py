@@ -44,7 +44,7 @@ def test_dockerfile(path):
     assert argv[0] == "sine"
     assert build_parser().parse_args(argv[1:]).command == "serve"
     health = [r for op, r in ins if op == "HEALTHCHECK"][-1]
-    assert "/livez" in health
+    assert "service.healthcheck" in health          # /livez on SINE_PORT, not a fixed port
     installs = [r for op, r in ins if op == "RUN" and "pip install" in r]
     extra = "gpu" if path.name.endswith(".gpu") else "cpu"
     assert installs and f".[{extra}]" in installs[0]
@@ -113,3 +113,14 @@ def test_the_cpu_lock_covers_every_dependency_and_meets_every_floor():
     install = [r for op, r in instructions(ROOT / "deploy" / "Dockerfile") if op == "RUN"
                and "pip install" in r][0]
     assert "-c deploy/requirements-cpu.lock" in install
+
+
+def test_the_healthcheck_follows_sine_port(small_world, serve, monkeypatch):
+    from service import healthcheck
+    from service.settings import Settings
+
+    with serve(Settings(bundle=str(small_world["root"]), watch_interval_s=0)) as c:
+        monkeypatch.setenv("SINE_PORT", str(c.port))          # not 8000
+        assert healthcheck.main() == 0
+    monkeypatch.setenv("SINE_PORT", str(c.port))
+    assert healthcheck.main(timeout_s=0.5) == 1               # the server is gone

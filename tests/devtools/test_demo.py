@@ -1,4 +1,11 @@
 """`sine demo` end to end on synthetic data: build, serve, answer, stop; then reuse the bundle."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from devtools.local import free_port
@@ -29,3 +36,24 @@ def test_demo_with_an_unreachable_redis_is_a_clean_error(tmp_path, capsys):
                "0.1", "--no-wait", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
     assert rc == 2 and "Redis at redis://127.0.0.1" in capsys.readouterr().err
     assert bundle.current_version(tmp_path / "bundles")      # the bundle was still kept
+
+
+def test_ctrl_c_stops_everything_without_an_error(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: the server and the demo."""
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "sine_cli", "demo", "--dataset", "synthetic",
+                          "--workdir", str(tmp_path), "--train-minutes", "0.1", "--port",
+                          str(port)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    out = ""
+    while "Ctrl-C stops" not in out:
+        line = p.stdout.readline()
+        assert line or p.poll() is None, p.stderr.read()
+        out += line
+        assert time.monotonic() < deadline, out
+    os.killpg(p.pid, signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 0, (rest, err)
+    assert "error" not in err.lower(), err
