@@ -11,12 +11,13 @@ at a time, so a log of 10^8 clicks costs a chunk's memory.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from index_builder.bundle import atomic_open
 
 from .dataset import Dataset, from_external
 
@@ -127,28 +128,25 @@ def write_synthetic_log(path: Path | str, n_interactions: int, n_items: int = 10
     gen = SyntheticClicks(n_items, n_categories, (2, 4), length, stay, seed)
     schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                         ("timestamp", pa.int64())])
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = (pacsv.CSVWriter(str(tmp), schema) if path.suffix.lower() == ".csv"
-              else pq.ParquetWriter(str(tmp), schema))
     written = 0
     users = n_interactions // max(1, length[0]) + 1          # enough: the chunks stop early
-    try:
-        for owner, items, ts, _ in gen.chunks(users, chunk_users):
-            # whole users, until the clicks asked for are reached
-            ends = np.r_[np.flatnonzero(np.diff(owner)) + 1, len(owner)]         # [U]
-            keep = int(ends[min(np.searchsorted(ends, n_interactions - written), len(ends) - 1)])
-            writer.write_table(pa.table({"user_id": pa.array(owner[:keep].astype(str)),
-                                         "item_id": pa.array(items[:keep].astype(str)),
-                                         "timestamp": pa.array(ts[:keep])}, schema=schema))
-            written += keep
-            if progress is not None:
-                progress(written, n_interactions)
-            if written >= n_interactions:
-                break
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        writer = (pacsv.CSVWriter(f, schema) if path.suffix.lower() == ".csv"
+                  else pq.ParquetWriter(f, schema))
+        try:
+            for owner, items, ts, _ in gen.chunks(users, chunk_users):
+                # whole users, until the clicks asked for are reached
+                ends = np.r_[np.flatnonzero(np.diff(owner)) + 1, len(owner)]     # [U]
+                keep = int(ends[min(np.searchsorted(ends, n_interactions - written),
+                                    len(ends) - 1)])
+                writer.write_table(pa.table({"user_id": pa.array(owner[:keep].astype(str)),
+                                             "item_id": pa.array(items[:keep].astype(str)),
+                                             "timestamp": pa.array(ts[:keep])}, schema=schema))
+                written += keep
+                if progress is not None:
+                    progress(written, n_interactions)
+                if written >= n_interactions:
+                    break
+        finally:
+            writer.close()
     return written

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from index_builder.bundle import atomic_open
 from service.keys import DEFAULT_GROUP, DEFAULT_STREAM, ENTRY_FIELDS, LOST, REPORTED, Keys
@@ -274,18 +273,12 @@ def export_clicks(redis_url: str, out: Path | str, streams: list[str] | str = DE
                   cluster: bool = False, claim_idle_s: float = CLAIM_IDLE_S) -> ExportResult:
     """`sine export-clicks`: everything the streams hold that the group has not exported;
     `cluster`: `redis_url` is a node of a Redis Cluster."""
-    import redis
     from redis.exceptions import RedisError
 
-    client: Any
+    from service.history.clients import sync_client
+
     try:
-        if cluster:
-            from redis.cluster import RedisCluster
-            client = RedisCluster.from_url(redis_url, password=password, decode_responses=True,
-                                           socket_timeout=30)
-        else:
-            client = redis.Redis.from_url(redis_url, password=password, decode_responses=True,
-                                          socket_timeout=30)
+        client = sync_client(redis_url, password=password, timeout_s=30, cluster=cluster)
     except (RedisError, OSError) as e:
         raise ClickLogError(f"the click log at {redact_url(redis_url)}: {e}") from None
     try:

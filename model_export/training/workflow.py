@@ -97,4 +97,7 @@ def train_and_report(ds: Dataset, mcfg: ModelConfig, tcfg: TrainConfig, out_dir:
         return res, evaluate_checkpoint(Path(out_dir) / "best.pt", ds, out_dir)
     finally:
         if td.is_available() and td.is_initialized():
+            # every rank leaves together: a rank that tore gloo down while rank 0 still evaluated
+            # aborted in its listener thread under load
+            td.barrier()
             td.destroy_process_group()

@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.crc import key_slot
 
+from .clients import node_client
 from .resp import ListReader
 
 SLOTS = 16384
@@ -59,15 +57,8 @@ class ClusterMap:
         self._last_failure = 0.0
 
     def _client(self, host: str, port: int) -> Any:
-        kw: dict[str, Any] = dict(
-            host=host, port=port, username=self.username, password=self.password,
-            socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-            decode_responses=True, retry=Retry(NoBackoff(), 0), max_connections=self.pool_size,
-            timeout=self.timeout)
-        if self.tls:
-            kw["connection_class"] = aioredis.SSLConnection
-        pool = aioredis.BlockingConnectionPool(**kw)
-        return aioredis.Redis(connection_pool=pool)
+        return node_client(host, port, username=self.username, password=self.password,
+                           timeout_s=self.timeout, tls=self.tls, pool_size=self.pool_size)
 
     def _node(self, name: str) -> Node:
         node = self.nodes.get(name)

@@ -20,10 +20,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -31,6 +27,7 @@ from index_builder.bundle import SineError
 
 from ..keys import LOST, REPORTED, Keys
 from ..settings import Settings
+from .clients import async_client
 from .cluster import ClusterMap
 from .resp import ListReader
 
@@ -44,21 +41,12 @@ class HistoryError(SineError, RuntimeError):
 def redis_client(settings: Settings, timeout_s: float) -> Any:
     """An asyncio client for `redis_url`: a bounded blocking pool, or a cluster client (bulk
     loading; the request path keeps its own map of a cluster)."""
-    pw = settings.redis_password.get_secret_value() if settings.redis_password else None
-    kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                              decode_responses=True, retry=Retry(NoBackoff(), 1),
-                              retry_on_error=[RedisConnectionError])
-    if pw is not None:
-        kw["password"] = pw
     url = settings.redis_url
     if url is None:
         raise HistoryError("no Redis URL is configured (SINE_REDIS_URL)")
-    if settings.redis_cluster:
-        from redis.asyncio.cluster import RedisCluster
-        return RedisCluster.from_url(url, **kw)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_pool_size, timeout=timeout_s, **kw)
-    return aioredis.Redis(connection_pool=pool)
+    pw = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return async_client(url, password=pw, timeout_s=timeout_s, cluster=settings.redis_cluster,
+                        pool_size=settings.redis_pool_size)
 
 
 # One event, atomically: the history update and the click log entry both happen or neither.
