@@ -40,7 +40,16 @@ VARIANTS = {
     "literal": {"literal": True},
     "sampled": {"loss": "sampled"},
     "sasrec": {"arch": "sasrec"},
+    "ia-argmax": {"interest_weight": 1.0, "interest_loss": "argmax"},
+    "ia-sample": {"interest_weight": 1.0, "interest_loss": "sample"},
+    "ia-lse": {"interest_weight": 1.0, "interest_loss": "logsumexp"},
+    "cos": {"cos_penalty": 0.5},
+    "wkl": {"weight_kl": 1.0},
+    "distinct": {"interest_weight": 1.0, "interest_loss": "logsumexp", "cos_penalty": 0.5,
+                 "weight_kl": 1.0},
 }
+TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
+                  "weight_kl_T")   # `--set` names that go to TrainConfig, not the model
 LABELS = {
     "popularity": "Popularity (training counts)",
     "sine": "SINE (this project, default)",
@@ -50,6 +59,12 @@ LABELS = {
     "literal": "SINE, Eq. 3/7 literal LN dot products",
     "sampled": "SINE, sampled softmax (1280 log-uniform negatives)",
     "sasrec": "SASRec (2 blocks, single vector, same harness)",
+    "ia-argmax": "SINE + its best interest's item loss (argmax, beta 1)",
+    "ia-sample": "SINE + a sampled interest's item loss (BaM, T 1, beta 1)",
+    "ia-lse": "SINE + logsumexp-over-interests item loss (beta 1)",
+    "cos": "SINE + interest cosine penalty (alpha 0.5)",
+    "wkl": "SINE + Eq. 7 weights taught the target's interest (KL, gamma 1, T 0.5)",
+    "distinct": "SINE + logsumexp loss, cosine penalty 0.5, weight KL 1",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 PAPER = {"ml-1m": {"HR@10": 16.34, "NDCG@10": 7.06, "HR@50": 45.79, "NDCG@50": 13.50}}
@@ -75,11 +90,12 @@ def run_variant(name: str, ds, args, command: str) -> dict:
         loss = over.pop("loss", args.loss)
         arch = over.pop("arch", "sine")
         over.update(args.set or {})
+        terms = {k: over.pop(k) for k in TRAIN_SETTINGS if k in over}
         mcfg = model_config(ds, arch, **over)
         tcfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, lam=lam, loss=loss,
                            max_epochs=args.epochs, patience=args.patience,
                            max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
-                           device=args.device)
+                           device=args.device, **terms)
         tr = train(ds, mcfg, tcfg, out, progress=not args.no_progress)
         ev = evaluate_checkpoint(out / "best.pt", ds, out, with_popularity=False)
         res = {"test": ev["metrics"]["test"][ev["model_name"]],
@@ -113,8 +129,14 @@ def keep_history_metrics(ck_path: Path, ds) -> dict:
 def extra_metrics(ck_path: Path, ds) -> dict:
     """Per-interest test metrics, top-N list figures in both modes, interest diagnostics."""
     from model_export.data import split
-    from model_export.evaluation.evaluate import beyond_accuracy, evaluate_model, interest_diagnostics
+    from model_export.evaluation.evaluate import (
+        beyond_accuracy,
+        evaluate_merge,
+        evaluate_model,
+        interest_diagnostics,
+    )
     from model_export.models.sine import SINE
+    from service.merge import MERGES
     from model_export.training import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
@@ -124,6 +146,7 @@ def extra_metrics(ck_path: Path, ds) -> dict:
                             for m in ("aggregate", "per_interest")}}
     if isinstance(model, SINE):
         out["diagnostics"] = interest_diagnostics(model, ds, sp)
+        out["test_merges"] = {how: evaluate_merge(model, ds, sp, how) for how in MERGES}
     return out
 
 
@@ -303,7 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--reevaluate", action="store_true",
                    help="add keep-history test metrics to finished runs that still have best.pt")
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE",
-                   help="a model setting for every variant run (K, L, tau, tau_assign, dropout, ...)")
+                   help="a model or interest-term setting for every variant run (K, L, tau, "
+                        f"tau_assign, dropout, ..., {', '.join(TRAIN_SETTINGS)})")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.set = dict(args.set or [])

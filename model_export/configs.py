@@ -56,6 +56,7 @@ class SASRecConfig:
 
 
 FULL_SOFTMAX_MAX_ITEMS = 50_000
+INTEREST_LOSSES = ("argmax", "sample", "logsumexp")
 
 
 @dataclass
@@ -74,6 +75,24 @@ class TrainConfig:
     threads: int | None = None
     eval_batch_size: int = 1024
     device: str = "cpu"
+    # interest-aware terms added to Eq. 11, each off at 0 (see `model_export.training.interests`)
+    interest_loss: str = "argmax"    # the item loss on interests: argmax, sample or logsumexp
+    interest_weight: float = 0.0     # beta: its weight beside Eq. 9 on the aggregate
+    interest_T: float = 1.0          # `sample`: k drawn from softmax(T <phi_k, h_target>)
+    cos_penalty: float = 0.0         # alpha: mean pairwise cosine of a user's K interests
+    weight_kl: float = 0.0           # gamma: KL from the target's interest to the Eq. 7 weights
+    weight_kl_T: float = 0.5         # that target's temperature on cos(phi_k, h_target)
+
+    def __post_init__(self):
+        if self.interest_loss not in INTEREST_LOSSES:
+            raise ValueError(f"interest_loss must be one of {', '.join(INTEREST_LOSSES)}, "
+                             f"not {self.interest_loss!r}")
+        for name in ("interest_weight", "cos_penalty", "weight_kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("interest_T", "weight_kl_T"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def resolved_loss(self, n_items: int) -> str:
         if self.loss == "auto":

@@ -16,6 +16,7 @@ from .batcher import Batcher
 from .engine import Engine
 from .errors import HistoryUnavailable, ServiceError
 from .history import HistoryStore
+from .merge import merge, top_n
 from .metrics import Metrics
 from .settings import Settings
 from .stages import (
@@ -28,7 +29,6 @@ from .stages import (
     compute,
     history,
     render,
-    top_n,
     top_up,
     window,
 )
@@ -137,9 +137,13 @@ class Recommender:
         c = compute(engine, win.window[rows], per_interest, int((want + n_excl).max()))
         t0 = time.perf_counter()
         answers: list[tuple[int, Answer]] = []
-        for part, members in enumerate((c.aggregate, c.per_interest)):
-            if len(members):
-                answers += self._filter(engine, qs, c, part, members, exclude, n_excl, want, rows)
+        if len(c.aggregate):
+            answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
+                                    n_excl, want, rows)
+        how = np.array([qs[j].merge for j in c.per_interest])
+        for name in np.unique(how):                                   # one merge at a time
+            answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
+                                    n_excl, want, rows, str(name))
         timings = {"encode": t_win + c.timings["encode"], "search": c.timings["search"],
                    "filter": time.perf_counter() - t0}
         for i, a in answers:
@@ -147,11 +151,16 @@ class Recommender:
             out[i] = a
 
     @staticmethod
-    def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, members: np.ndarray,
+    def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, pos: np.ndarray,
                 exclude: np.ndarray, n_excl: np.ndarray, want: np.ndarray,
-                rows: np.ndarray) -> list[tuple[int, Answer]]:
-        """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest)."""
-        top = top_n(c.scores[part], c.ids[part], exclude[members], int(want[members].max()))
+                rows: np.ndarray, how: str = "max") -> list[tuple[int, Answer]]:
+        """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest,
+        merged `how`) at positions `pos` of that mode's search results."""
+        members = (c.aggregate, c.per_interest)[part][pos]
+        n = int(want[members].max())
+        top = (top_n(c.scores[0][pos], c.ids[0][pos], exclude[members], n) if part == 0 else
+               merge(how, c.scores[1][pos], c.ids[1][pos], c.weights[members], exclude[members],
+                     want[members]))
         answers = []
         for p, j in enumerate(members):
             q = qs[j]

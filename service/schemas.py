@@ -4,7 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    model_validator,
+)
 
 from .settings import Settings
 
@@ -62,6 +71,7 @@ class RecommendBody(BaseModel):
     n: int
     exclude_seen: bool = True
     mode: Literal["aggregate", "per_interest"] = "aggregate"
+    merge: Literal["max", "weighted", "quota"] | None = None
     include_interests: bool = False
 
 
@@ -98,16 +108,27 @@ def request_models(s: Settings) -> RequestModels:
     class RecommendRequest(RecommendBody):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
             {"user_id": "1", "n": 10},
-            {"user_id": 42, "n": 50, "mode": "per_interest", "include_interests": True}]})
+            {"user_id": 42, "n": 50, "mode": "per_interest", "include_interests": True},
+            {"user_id": 42, "n": 50, "mode": "per_interest", "merge": "quota"}]})
         user_id: UserId
         n: StrictInt = Field(ge=1, le=s.max_n, description=f"How many items, 1 to {s.max_n}.")
         exclude_seen: StrictBool = Field(True, description="Drop items in the user's history.")
         mode: Literal["aggregate", "per_interest"] = Field(
             "aggregate", description="`aggregate`: search with the Eq. 8 user vector; "
                                      "`per_interest`: search with each interest and merge by score.")
+        merge: Literal["max", "weighted", "quota"] | None = Field(None, description=(
+            "per_interest: how the K lists become one. `max`: by best raw score; `weighted`: by "
+            "score + log of the interest's Eq. 7 weight; `quota`: each interest fills its "
+            f"weight's share of n. Omitted: `{s.interest_merge}` (SINE_INTEREST_MERGE)."))
         include_interests: StrictBool = Field(False, description=(
             "Return the aggregation weights; per_interest items also get their score under "
             "each interest."))
+
+        @model_validator(mode="after")
+        def _merge_needs_interests(self) -> RecommendRequest:
+            if self.merge is not None and self.mode != "per_interest":
+                raise ValueError("merge applies to mode=per_interest only")
+            return self
 
     class BatchRequest(BatchBody):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         "as `history_unavailable`), then try again. Timeouts do not pause Redis."))
     on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
         "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
+    interest_merge: Literal["max", "weighted", "quota"] = Field("max", description=(
+        "How `mode=per_interest` merges the K lists when a request names no `merge`: `max` "
+        "(best raw score), `weighted` (score + log of the interest's Eq. 7 weight) or `quota` "
+        "(each interest fills its weight's share of n)."))
     history_keep: int = Field(20, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
         "newest `seq_len` of them; `exclude_seen` drops all kept ones."))

@@ -36,6 +36,7 @@ class Query:
     exclude_seen: bool = True
     mode: Mode = "aggregate"
     include_interests: bool = False
+    merge: str = "max"                 # per_interest: a service.merge.MERGES name
 
 
 @dataclass(slots=True)
@@ -168,51 +169,7 @@ def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: in
     return search(engine, encode(engine, windows), per_interest, k)
 
 
-# -- stage 5: filter ---------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class Top:
-    """The filtered top n of each row, best first, with the interest that found each item."""
-    ids: np.ndarray                    # [P, n] internal ids, best first; valid where < count
-    scores: np.ndarray                 # [P, n] float32
-    source: np.ndarray                 # [P, n] which query vector (interest) found each one
-    count: np.ndarray                  # [P] valid entries per row
-
-
-def top_n(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, n: int) -> Top:
-    """Per row: drop -1 and the ids in `exclude`, merge the Q lists by best score (an id found by
-    several query vectors keeps its best), and keep the first n.
-
-    scores, ids [P, Q, k] as faiss returns them (each list sorted, best first); exclude [P, H]
-    internal ids (0 = none). All rows at once, in numpy."""
-    P, Q, k = ids.shape
-    flat_ids = ids.reshape(P, Q * k)                                  # [P, C]
-    flat_scores = scores.reshape(P, Q * k)
-    bad = flat_ids < 0
-    if exclude.size and Q * k * exclude.shape[1] <= 65_536:          # a short history: compare all
-        bad |= (flat_ids[:, :, None] == exclude[:, None, :]).any(-1)  # [P, C, H] -> [P, C]
-    elif exclude.size:
-        stride = int(max(flat_ids.max(initial=0), exclude.max(initial=0))) + 2
-        off = np.arange(P, dtype=np.int64)[:, None] * stride          # rows never collide
-        bad |= np.isin(flat_ids + off, exclude + off)
-    if Q == 1:                                                        # already best first
-        pick = np.argsort(bad, axis=1, kind="stable")[:, :n]          # [P, n] good ones, in order
-        return Top(np.take_along_axis(flat_ids, pick, 1), np.take_along_axis(flat_scores, pick, 1),
-                   np.zeros_like(pick), np.minimum(k - bad.sum(1), n))
-    order = np.argsort(np.where(bad, -np.inf, -flat_scores), axis=1, kind="stable")
-    ranked = np.take_along_axis(flat_ids, order, 1)                   # [P, C] best first
-    bad = np.take_along_axis(bad, order, 1)
-    by_id = np.argsort(ranked, axis=1, kind="stable")                 # equal ids side by side,
-    same = np.take_along_axis(ranked, by_id, 1)                       # the best of them first
-    dup = np.zeros_like(bad)
-    dup[:, 1:] = same[:, 1:] == same[:, :-1]
-    np.put_along_axis(bad, by_id, np.take_along_axis(bad, by_id, 1) | dup, 1)
-    pick = np.argsort(bad, axis=1, kind="stable")[:, :n]              # [P, n] good ones, in order
-    cols = np.take_along_axis(order, pick, 1)                         # [P, n] candidate columns
-    count = np.minimum((~bad).sum(1), n)
-    return Top(np.take_along_axis(flat_ids, cols, 1), np.take_along_axis(flat_scores, cols, 1),
-               cols // k, count)
-
+# -- stage 5: filter (the merges in service.merge) ---------------------------------------------
 
 def top_up(engine: Engine, row_ids: np.ndarray, exclude: np.ndarray, need: int,
            queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

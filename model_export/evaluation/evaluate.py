@@ -93,6 +93,47 @@ def scorer(model, mode: str = "aggregate") -> Callable[[np.ndarray], torch.Tenso
     return score
 
 
+@torch.no_grad()
+def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
+                   batch_size: int = 256, ks=KS) -> dict[str, float]:
+    """HR and NDCG@k of `mode=per_interest` as the service answers it: each interest's exact top
+    max(ks) (history excluded, the target never), merged by the service's own code
+    (`service.merge.merge`, `how` one of its MERGES) into a list of k for each k (a quota list
+    of 10 is not the head of one of 100)."""
+    from service.merge import merge
+
+    model.eval()
+    inputs, targets = _split_rows(sp, which)
+    ex = exclusions(ds, which)
+    table = model.H.weight                                             # [M + 1, D]
+    top = min(max(ks), ds.n_items)
+    hits = {k: [] for k in ks}
+    gains = {k: [] for k in ks}
+    for i in range(0, len(targets), batch_size):
+        sl = slice(i, i + batch_size)
+        phi, _, e = model(torch.from_numpy(inputs[sl]).long().to(table.device))   # [b, K, D], [b, K]
+        b, K, _ = phi.shape
+        t = torch.from_numpy(targets[sl]).long()                       # [b]
+        scores = (phi @ table.t()).cpu()                               # [b, K, M + 1]
+        flat = masked(scores.reshape(b * K, -1), [x for x in ex[sl] for _ in range(K)],
+                      keep=t.repeat_interleave(K))                     # [b K, M + 1]
+        s, ids = torch.topk(flat, top, dim=1)                          # [b K, top]
+        s, ids = s.reshape(b, K, top).numpy(), ids.reshape(b, K, top).numpy()
+        none = np.zeros((b, 0), dtype=np.int64)
+        for k in ks:
+            lst = merge(how, s, ids, e.cpu().numpy(), none, k).ids[:, :k]   # [b, k]
+            at = lst == targets[sl][:, None]                           # [b, k]
+            found = at.any(1)
+            rank = at.argmax(1)
+            hits[k].append(found)
+            gains[k].append(np.where(found, 1.0 / np.log2(rank + 2.0), 0.0))
+    out = {}
+    for k in ks:
+        out[f"HR@{k}"] = float(np.concatenate(hits[k]).mean()) if hits[k] else 0.0
+        out[f"NDCG@{k}"] = float(np.concatenate(gains[k]).mean()) if gains[k] else 0.0
+    return out
+
+
 def _split_rows(sp: Split, which: str) -> tuple[np.ndarray, np.ndarray]:
     return (sp.valid_inputs, sp.valid_targets) if which == "valid" else \
         (sp.test_inputs, sp.test_targets)
@@ -244,13 +285,15 @@ def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
 def interest_diagnostics(model, ds: Dataset, sp: Split, batch_size: int = 1024) -> dict:
     """On the test inputs of a SINE: the mean pairwise cosine of a user's K interests, the
     entropy of the aggregation weights e (Eq. 7) over log K (1 = uniform, 0 = one interest),
-    the effective number of interests exp(H(e)), prototype usage (how many of the L prototypes
+    the effective number of interests exp(H(e)), the entropy of each click's Eq. 3 assignment
+    P_{k|t} over log K (near 1: the interests can differ only through Eq. 4), prototype usage (how many of the L prototypes
     any user activates, and the effective number exp(H) of their usage), and, where the data
     has item labels, the NMI between each history click's label and the prototype its Eq. 3
     assignment picks (on planted data: did SINE recover the planted interests?)."""
     model.eval()
     K, L = model.config.K, model.config.L
     cos_sum, e_ent, e_max, n_users = 0.0, [], [], 0
+    a_ent: list[np.ndarray] = []                                       # H(P_{k|t}) per click
     usage = np.zeros(L, dtype=np.int64)
     clicks_label: list[str] = []
     clicks_proto: list[int] = []
@@ -267,6 +310,7 @@ def interest_diagnostics(model, ds: Dataset, sp: Split, batch_size: int = 1024) 
         e_max.append(e_np.max(1))
         np.add.at(usage, idx.flatten().numpy(), 1)
         n_users += len(rows)
+        a_ent.append(_entropy(P_kt.numpy()[mask.numpy()]) / (np.log(K) if K > 1 else 1.0))
         if ds.labels:
             pick = idx.gather(1, P_kt.argmax(-1))                      # [b, n] prototype per click
             m = mask.numpy()
@@ -283,6 +327,7 @@ def interest_diagnostics(model, ds: Dataset, sp: Split, batch_size: int = 1024) 
            "weight_entropy": float(ent.mean()),
            "effective_interests": float(np.exp(ent * (np.log(K) if K > 1 else 0.0)).mean()),
            "max_weight": float(np.concatenate(e_max).mean()),
+           "assignment_entropy": float(np.concatenate(a_ent).mean()) if a_ent else None,
            "prototypes_used": int((usage > 0).sum()),
            "prototypes_effective": float(np.exp(_entropy(share)))}
     if clicks_label:

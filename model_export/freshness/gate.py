@@ -41,7 +41,8 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
     engine encodes each user's newest clicks (oldest first in `histories`), searches the index
     and drops every item of the history. A target the bundle does not know is a miss."""
     from service.engine import load_engine
-    from service.stages import compute, top_n, window
+    from service.merge import top_n
+    from service.stages import compute, window
 
     eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
     users = [u for u in targets if histories.get(u)]

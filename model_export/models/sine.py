@@ -80,19 +80,30 @@ class ItemSoftmax:
         return self.H.weight[1:]                                       # [M, D]
 
     def full_softmax_loss(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Eq. 9 exactly: softmax over all M items."""
-        logits = v @ self.item_table().t()                             # [B, M]
+        """Eq. 9 exactly: softmax over all M items. `v` [B, D], or interests [B, K, D] scoring
+        item j by logsumexp_k phi_k . H_j (a soft form of the service's best-interest merge)."""
+        logits = v @ self.item_table().t()                             # [B, M] or [B, K, M]
+        if logits.dim() == 3:
+            logits = torch.logsumexp(logits, dim=1)                    # [B, M]
         return F.cross_entropy(logits, target - 1)
 
     def sampled_softmax_loss(self, v: torch.Tensor, target: torch.Tensor, sampler: LogUniformSampler,
                              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed."""
+        """Eq. 9 with shared sampled negatives, logQ-corrected, accidental hits removed; `v` as
+        in `full_softmax_loss`."""
         neg, log_q_neg = sampler.sample(generator)                     # [S], [S]
         neg, log_q_neg = neg.to(v.device), log_q_neg.to(v.device)
         H_pos = self.H(target)                                         # [B, D]
         H_neg = self.H(neg)                                            # [S, D]
-        pos = (v * H_pos).sum(-1, keepdim=True) - sampler.log_q(target.cpu()).to(v.device).unsqueeze(-1)  # [B, 1]
-        negs = v @ H_neg.t() - log_q_neg.unsqueeze(0)                  # [B, S]
+        if v.dim() == 3:
+            pos_k = (v * H_pos.unsqueeze(1)).sum(-1)                   # [B, K]
+            pos = torch.logsumexp(pos_k, dim=1, keepdim=True)          # [B, 1]
+            negs = torch.logsumexp(v @ H_neg.t(), dim=1)               # [B, K, S] -> [B, S]
+        else:
+            pos = (v * H_pos).sum(-1, keepdim=True)                    # [B, 1]
+            negs = v @ H_neg.t()                                       # [B, S]
+        pos = pos - sampler.log_q(target.cpu()).to(v.device).unsqueeze(-1)
+        negs = negs - log_q_neg.unsqueeze(0)
         negs = negs.masked_fill(neg.unsqueeze(0) == target.unsqueeze(1), NEG)
         logits = torch.cat([pos, negs], dim=1)                         # [B, 1 + S]
         return F.cross_entropy(logits, torch.zeros_like(target))

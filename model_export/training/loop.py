@@ -36,6 +36,7 @@ from .checkpoints import (
     warm_start_source,
 )
 from .distributed import Dist, any_rank, dist_context, from_main
+from .interests import interest_terms
 
 
 @dataclass
@@ -68,6 +69,7 @@ class EpochStats:
     reg: float                       # the Eq. 10 regularizer, summed
     batches: int
     seconds: float
+    terms: dict[str, float] = field(default_factory=dict)   # the interest terms that are on, summed
 
 
 class _Objective(torch.nn.Module):
@@ -75,18 +77,22 @@ class _Objective(torch.nn.Module):
     (the softmax over the item table included) inside its forward."""
 
     def __init__(self, model: Encoder, sampler: LogUniformSampler | None, gen: torch.Generator,
-                 lam: float):
+                 cfg: TrainConfig):
         super().__init__()
-        self.model, self.sampler, self.gen, self.lam = model, sampler, gen, lam
+        self.model, self.sampler, self.gen, self.cfg = model, sampler, gen, cfg
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        _, v, _ = self.model(x)                                        # [B, D]
+        phi, v, e = self.model(x)                                      # [B, K, D], [B, D], [B, K]
         if self.sampler is None:
             like = self.model.full_softmax_loss(v, y)
         else:
             like = self.model.sampled_softmax_loss(v, y, self.sampler, self.gen)
         reg = self.model.covariance_loss()
-        return like + self.lam * reg, like.detach(), reg.detach()     # Eq. 11
+        loss = like + self.cfg.lam * reg                               # Eq. 11
+        terms = interest_terms(self.model, phi, e, y, self.cfg, self.sampler, self.gen)
+        for t in terms.values():
+            loss = loss + t
+        return loss, like.detach(), reg.detach(), {k: t.detach() for k, t in terms.items()}
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -124,7 +130,7 @@ class _Run:
     def wrap(self) -> None:
         """The objective the epochs step, once the starting point is in the model (under
         torchrun, DistributedDataParallel around it)."""
-        self.objective = _Objective(self.model, self.sampler, self.gen, self.cfg.lam)
+        self.objective = _Objective(self.model, self.sampler, self.gen, self.cfg)
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.objective = DistributedDataParallel(
@@ -194,16 +200,19 @@ class _Run:
         bar = bar_cls(total=N // cfg.batch_size, desc=f"epoch {epoch + 1}/{cfg.max_epochs}",
                       unit="batch", leave=False, mininterval=1.0) if bar_cls else None
         loss_sum, reg_sum, n_b, t_ep = 0.0, 0.0, 0, time.perf_counter()
+        term_sums: dict[str, float] = {}
         for b in _batches(N, cfg.batch_size, rng):
             b = b[dist.rank::dist.world]                               # this rank's slice
             x = torch.from_numpy(sp.train_inputs[b]).long().to(self.dev)  # [B / world, n]
             y = torch.from_numpy(sp.train_targets[b]).to(self.dev)         # [B / world]
-            loss, like, reg = self.objective(x, y)  # type: ignore[misc]  # wrap() came first
+            loss, like, reg, terms = self.objective(x, y)  # type: ignore[misc]  # wrap() came first
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             loss_sum += like.item()
             reg_sum += reg.item()
+            for name, t in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + t.item()
             n_b += 1
             if bar is not None:
                 bar.update(1)
@@ -215,12 +224,15 @@ class _Run:
                 break
         if bar is not None:
             bar.close()
-        stats = EpochStats(loss_sum, reg_sum, n_b, time.perf_counter() - t_ep)
+        stats = EpochStats(loss_sum, reg_sum, n_b, time.perf_counter() - t_ep, term_sums)
         if dist.world > 1:                           # the epoch's losses over every rank
             import torch.distributed as td
-            sums = torch.tensor([stats.loss, stats.reg], dtype=torch.float64)
+            names = sorted(stats.terms)
+            sums = torch.tensor([stats.loss, stats.reg, *(stats.terms[k] for k in names)],
+                                dtype=torch.float64)
             td.all_reduce(sums)
-            stats.loss, stats.reg = (sums / dist.world).tolist()
+            stats.loss, stats.reg, *rest = (sums / dist.world).tolist()
+            stats.terms = dict(zip(names, rest))
         return stats
 
     def validate(self, epoch: int, stats: EpochStats, t0: float) -> bool:
@@ -234,6 +246,7 @@ class _Run:
                "train_seconds": stats.seconds,
                "samples_per_s": stats.batches * cfg.batch_size / max(stats.seconds, 1e-9),
                "elapsed_s": time.perf_counter() - t0,
+               **{f"term_{k}": v / n_b for k, v in stats.terms.items()},
                **{f"valid_{k}": v for k, v in valid.items()}}
         st.history.append(row)
         improved = score > st.best_score
@@ -280,7 +293,7 @@ def train(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
     t0 = time.perf_counter() - st.elapsed_before
     N = len(run.sp.train_targets)
     log(f"{ds.summary()}; {N:,} training samples, {N // cfg.batch_size:,} steps/epoch, "
-        f"loss={run.loss_kind}, {describe(model_cfg)} lambda={cfg.lam}")
+        f"loss={run.loss_kind}, {describe(model_cfg)} lambda={cfg.lam}{_terms_on(cfg)}")
     run.wrap()
     if cfg.max_epochs == 0 and resume is None:
         return run.as_it_is(t0)
@@ -300,6 +313,17 @@ def train(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
     return TrainResult(best_epoch=st.best_epoch, best_valid=st.best_valid,
                        epochs_run=len(st.history), seconds=time.perf_counter() - t0,
                        history=st.history, stopped_because=st.stopped)
+
+
+def _terms_on(cfg: TrainConfig) -> str:
+    on = []
+    if cfg.interest_weight > 0:
+        on.append(f"interest {cfg.interest_loss} beta={cfg.interest_weight}")
+    if cfg.cos_penalty > 0:
+        on.append(f"cosine alpha={cfg.cos_penalty}")
+    if cfg.weight_kl > 0:
+        on.append(f"weight KL gamma={cfg.weight_kl} T={cfg.weight_kl_T}")
+    return "; " + ", ".join(on) if on else ""
 
 
 def _tqdm():

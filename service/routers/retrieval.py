@@ -15,8 +15,9 @@ ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
 
-def query(r: RecommendBody) -> Query:
-    return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests)
+def query(r: RecommendBody, default_merge: str) -> Query:
+    return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests,
+                 r.merge or default_merge)
 
 
 async def recommend(req: RecommendBody, st: StateDep) -> Response:
@@ -24,7 +25,7 @@ async def recommend(req: RecommendBody, st: StateDep) -> Response:
     t0 = time.perf_counter()
     engine = st.serving()
     with st.admission.admit(1):
-        (answer,) = await st.recommender.recommend(engine, [query(req)])
+        (answer,) = await st.recommender.recommend(engine, [query(req, st.settings.interest_merge)])
     st.metrics.child(st.metrics.request, "recommend").observe(time.perf_counter() - t0)
     return Response(answer.body, media_type=JSON,
                     headers={"Server-Timing": answer.server_timing()})
@@ -35,7 +36,7 @@ async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
     its number of users; a large one (bulk) yields to single requests."""
     t0 = time.perf_counter()
     engine = st.serving()
-    queries = [query(r) for r in req.requests]
+    queries = [query(r, st.settings.interest_merge) for r in req.requests]
     bulk = len(queries) > st.settings.interactive_batch_users
     with st.admission.admit(len(queries), bulk=bulk):
         answers = await st.recommender.recommend(engine, queries, bulk=bulk)

@@ -10,7 +10,13 @@ from ..common import CliError, data_args, dataset, need_torch, print_metrics
 
 
 def add(sub: Any) -> None:
-    from model_export.configs import WINDOW_HOURS, SASRecConfig, SINEConfig, TrainConfig
+    from model_export.configs import (
+        INTEREST_LOSSES,
+        WINDOW_HOURS,
+        SASRecConfig,
+        SINEConfig,
+        TrainConfig,
+    )
 
     SINE = {f.name: f.default for f in fields(SINEConfig)}
     SASREC = {f.name: f.default for f in fields(SASRecConfig)}
@@ -68,6 +74,24 @@ def add(sub: Any) -> None:
     g.add_argument("--device", default=TRAIN.device, help="cpu or cuda (default cpu)")
     g.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = t.add_argument_group("interest-aware terms (SINE; each off at 0, added to Eq. 11)")
+    g.add_argument("--interest-weight", type=float, default=TRAIN.interest_weight,
+                   help="beta: weight of an item loss on the interests themselves beside Eq. 9 "
+                        f"on the aggregate (default {TRAIN.interest_weight:g}: off)")
+    g.add_argument("--interest-loss", choices=list(INTEREST_LOSSES), default=TRAIN.interest_loss,
+                   help="argmax: the target against its best-matching interest; sample: an "
+                        "interest drawn from softmax(T <phi_k, h>); logsumexp: items scored by "
+                        f"logsumexp over the interests (default {TRAIN.interest_loss})")
+    g.add_argument("--interest-T", type=float, default=TRAIN.interest_T,
+                   help=f"T of --interest-loss sample (default {TRAIN.interest_T:g})")
+    g.add_argument("--cos-penalty", type=float, default=TRAIN.cos_penalty,
+                   help="alpha: weight of the mean pairwise cosine of a user's interests "
+                        f"(default {TRAIN.cos_penalty:g}: off)")
+    g.add_argument("--weight-kl", type=float, default=TRAIN.weight_kl,
+                   help="gamma: weight of the KL that teaches the Eq. 7 weights the target's "
+                        f"interest (default {TRAIN.weight_kl:g}: off)")
+    g.add_argument("--weight-kl-T", type=float, default=TRAIN.weight_kl_T,
+                   help=f"temperature of that KL's target (default {TRAIN.weight_kl_T:g})")
     g = t.add_argument_group("fresh data")
     g.add_argument("--warm-start", type=Path, metavar="CHECKPOINT_OR_BUNDLE",
                    help="start from a trained model (a best.pt, or a bundle holding model.pt) "
@@ -100,20 +124,30 @@ def _model(a: argparse.Namespace, ds: Any) -> Any:
                         aggregation=a.aggregation)
 
 
+def _train_config(a: argparse.Namespace) -> Any:
+    from model_export.configs import TrainConfig
+
+    return TrainConfig(batch_size=a.batch_size, lr=a.lr, lam=a.lam, loss=a.loss,
+                       num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
+                       max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device,
+                       interest_loss=a.interest_loss, interest_weight=a.interest_weight,
+                       interest_T=a.interest_T, cos_penalty=a.cos_penalty,
+                       weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T)
+
+
 def run(a: argparse.Namespace) -> int:
     need_torch()
     from model_export import data
-    from model_export.configs import TrainConfig
     from model_export.training.workflow import train_and_report
 
     ds = dataset(a)
     if a.clicks:
         ds = data.extend_with_clicks(ds, a.clicks, a.clicks_window_hours)
     print(ds.summary())
-    mcfg = _model(a, ds)
-    tcfg = TrainConfig(batch_size=a.batch_size, lr=a.lr, lam=a.lam, loss=a.loss,
-                       num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
-                       max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device)
+    try:                                      # the configs check their values
+        mcfg, tcfg = _model(a, ds), _train_config(a)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     out = Path(a.out or f"runs/{ds.name}")
     if a.resume and a.warm_start:
         raise CliError("--resume continues a run; --warm-start begins one: give one of them")
