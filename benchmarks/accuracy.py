@@ -136,8 +136,8 @@ def extra_metrics(ck_path: Path, ds) -> dict:
         interest_diagnostics,
     )
     from model_export.models.sine import SINE
-    from service.merge import MERGES
     from model_export.training import load_checkpoint, model_from_checkpoint
+    from service.merge import MERGES
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
     sp = split(ds, model.config.n)

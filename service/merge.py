@@ -79,7 +79,8 @@ def top_n(scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, n: int,
 
 def log_weights(weights: np.ndarray) -> np.ndarray:
     """weights [P, K] -> log e [P, K, 1], floored so that a zero weight stays finite."""
-    return np.log(np.clip(weights, 1e-12, None)).astype(np.float32)[:, :, None]
+    out: np.ndarray = np.log(np.clip(weights, 1e-12, None)).astype(np.float32)
+    return out[:, :, None]
 
 
 def shares(weights: np.ndarray, n: int) -> np.ndarray:
@@ -91,7 +92,8 @@ def shares(weights: np.ndarray, n: int) -> np.ndarray:
     order = np.argsort(-(exact - base), axis=1, kind="stable")        # largest remainder first
     bonus = np.arange(weights.shape[1])[None, :] < short[:, None]     # [P, K] in that order
     np.put_along_axis(base, order, np.take_along_axis(base, order, 1) + bonus, 1)
-    return base
+    out: np.ndarray = base
+    return out
 
 
 def quota(scores: np.ndarray, ids: np.ndarray, weights: np.ndarray, exclude: np.ndarray,

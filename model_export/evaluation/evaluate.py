@@ -107,8 +107,8 @@ def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
     ex = exclusions(ds, which)
     table = model.H.weight                                             # [M + 1, D]
     top = min(max(ks), ds.n_items)
-    hits = {k: [] for k in ks}
-    gains = {k: [] for k in ks}
+    hits: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    gains: dict[int, list[np.ndarray]] = {k: [] for k in ks}
     for i in range(0, len(targets), batch_size):
         sl = slice(i, i + batch_size)
         phi, _, e = model(torch.from_numpy(inputs[sl]).long().to(table.device))   # [b, K, D], [b, K]
@@ -117,8 +117,9 @@ def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
         scores = (phi @ table.t()).cpu()                               # [b, K, M + 1]
         flat = masked(scores.reshape(b * K, -1), [x for x in ex[sl] for _ in range(K)],
                       keep=t.repeat_interleave(K))                     # [b K, M + 1]
-        s, ids = torch.topk(flat, top, dim=1)                          # [b K, top]
-        s, ids = s.reshape(b, K, top).numpy(), ids.reshape(b, K, top).numpy()
+        best = torch.topk(flat, top, dim=1)                            # [b K, top]
+        s = best.values.reshape(b, K, top).numpy()                     # [b, K, top]
+        ids = best.indices.reshape(b, K, top).numpy()
         none = np.zeros((b, 0), dtype=np.int64)
         for k in ks:
             lst = merge(how, s, ids, e.cpu().numpy(), none, k).ids[:, :k]   # [b, k]
@@ -286,10 +287,11 @@ def interest_diagnostics(model, ds: Dataset, sp: Split, batch_size: int = 1024) 
     """On the test inputs of a SINE: the mean pairwise cosine of a user's K interests, the
     entropy of the aggregation weights e (Eq. 7) over log K (1 = uniform, 0 = one interest),
     the effective number of interests exp(H(e)), the entropy of each click's Eq. 3 assignment
-    P_{k|t} over log K (near 1: the interests can differ only through Eq. 4), prototype usage (how many of the L prototypes
-    any user activates, and the effective number exp(H) of their usage), and, where the data
-    has item labels, the NMI between each history click's label and the prototype its Eq. 3
-    assignment picks (on planted data: did SINE recover the planted interests?)."""
+    P_{k|t} over log K (near 1: the interests can differ only through Eq. 4), prototype
+    usage (how many of the L prototypes any user activates, and the effective number exp(H)
+    of their usage), and, where the data has item labels, the NMI between each history
+    click's label and the prototype its Eq. 3 assignment picks (on planted data: did SINE
+    recover the planted interests?)."""
     model.eval()
     K, L = model.config.K, model.config.L
     cos_sum, e_ent, e_max, n_users = 0.0, [], [], 0

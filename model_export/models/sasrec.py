@@ -20,10 +20,9 @@ in the original. Differences from the original code, each for the harness's sake
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..configs import SASRecConfig
 from .sine import NEG, ItemSoftmax
@@ -48,9 +47,13 @@ class Block(nn.Module):
         h, d = self.heads, D // self.heads
         q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)               # 3 x [B, n, D]
         q, k, v = (t.reshape(B, n, h, d).transpose(1, 2) for t in (q, k, v))   # [B, h, n, d]
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d)                 # [B, h, n, n]
-        att = torch.softmax(att.masked_fill(~allowed.unsqueeze(1), NEG), dim=-1)
-        y = (self.drop(att) @ v).transpose(1, 2).reshape(B, n, D)      # [B, n, D]
+        # an additive mask with a finite NEG: a pad query's row (no allowed key) stays a
+        # uniform softmax instead of the NaN a boolean mask gives
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, NEG).unsqueeze(1)                                 # [B, 1, n, n]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.drop.p if self.training else 0.0)   # [B, h, n, d]
+        y = y.transpose(1, 2).reshape(B, n, D)                         # [B, n, D]
         x = x + self.drop(self.proj(y))
         return x + self.drop(self.ff(self.ln2(x)))                     # [B, n, D]
 

@@ -60,7 +60,7 @@ def _sine_and_data(K=3):
 
 def test_per_interest_lists_are_the_services_merge_of_exact_searches():
     from model_export.evaluation.evaluate import exclusions, scorer, top_lists
-    from service.stages import top_n
+    from service.merge import top_n
 
     model, ds, sp = _sine_and_data()
     N = 10

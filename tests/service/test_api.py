@@ -176,6 +176,8 @@ def test_events_append_cap_and_no_lost_writes(world):
     ({"n": 5}, 422, "user_id"),
     ({"user_id": "a", "n": 5, "mode": "both"}, 422, "mode"),
     ({"user_id": "a", "n": 5, "colour": "red"}, 422, "colour"),
+    ({"user_id": "a", "n": 5, "mode": "per_interest", "merge": "median"}, 422, "merge"),
+    ({"user_id": "a", "n": 5, "merge": "quota"}, 422, "merge applies to mode=per_interest"),
     ([1, 2], 422, "body"),
 ])
 def test_bad_requests_are_explained(world, body, status, field):

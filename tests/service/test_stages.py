@@ -1,5 +1,5 @@
 """The request stages as units, without HTTP: windows, encode and search, the filter with its
-top-up, popularity, the answer's JSON (and its schema), and whole micro-batches of the
+top-up (the merges in test_merge), popularity, the answer's JSON (and its schema), and whole micro-batches of the
 recommender against brute force."""
 import json
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ from service.engine import Engine, item_json_prefixes, load_engine
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.settings import Settings
-from service.stages import Query, compute, render, top_n, top_up, window
+from service.stages import Query, compute, render, top_up, window
 
 # -- stages on the small world's engine ---------------------------------------------------------
 
@@ -78,50 +78,6 @@ def test_compute_is_the_encoder_and_exact_search(engine, items):
         np.testing.assert_allclose(c.scores[1][0, k], np.sort(interests[1, k] @ items.T)[::-1][:12],
                                    rtol=1e-5, atol=1e-5)
     assert set(c.timings) == {"encode", "search"}
-
-
-def brute_top(scores, ids, exclude, n):
-    """One row at a time, in plain Python: best score per id, minus -1 and exclusions."""
-    out = []
-    for s_row, i_row, ex in zip(scores, ids, exclude):
-        best: dict[int, tuple[float, int]] = {}
-        for q, (sq, iq) in enumerate(zip(s_row, i_row)):
-            for s, i in zip(sq.tolist(), iq.tolist()):
-                if i < 0 or i in set(ex.tolist()) - {0}:
-                    continue
-                if i not in best or s > best[i][0]:
-                    best[i] = (s, q)
-        out.append(sorted(best.items(), key=lambda kv: -kv[1][0])[:n])
-    return out
-
-
-@pytest.mark.parametrize("Q", [1, 4])
-@pytest.mark.parametrize("H", [8, 600])          # short histories compared whole, long ones sorted
-def test_top_n_equals_brute_force_on_seeded_lists(Q, H):
-    rng = np.random.default_rng(Q)
-    P, k, M = 16, 30, 60
-    scores = -np.sort(-rng.standard_normal((P, Q, k)).astype(np.float32), axis=2)
-    ids = rng.integers(1, M + 1, size=(P, Q, k))
-    if Q == 1:                                                    # one list holds an id once
-        ids = np.stack([rng.permutation(M)[:k] + 1 for _ in range(P)])[:, None]
-    ids[:, :, -3:] = -1                                           # the index ran short
-    exclude = np.where(rng.random((P, H)) < 0.7 * 8 / H, rng.integers(1, M + 1, (P, H)), 0)
-    top = top_n(scores, ids, exclude, 20)
-    for p, want in enumerate(brute_top(scores, ids, exclude, 20)):
-        c = int(top.count[p])
-        assert c == len(want)
-        assert list(top.ids[p, :c]) == [i for i, _ in want]
-        np.testing.assert_allclose(top.scores[p, :c], [s for _, (s, _) in want])
-        assert list(top.source[p, :c]) == [q for _, (_, q) in want]
-
-
-def test_top_n_counts_what_is_left_after_exclusion():
-    scores = np.array([[[0.9, 0.8, 0.7, 0.6]]], np.float32)
-    ids = np.array([[[4, 2, 9, -1]]])
-    top = top_n(scores, ids, np.array([[2, 0]]), 3)
-    assert int(top.count[0]) == 2 and list(top.ids[0, :2]) == [4, 9]
-    top = top_n(scores, ids, np.zeros((1, 0), np.int64), 3)
-    assert int(top.count[0]) == 3 and list(top.ids[0]) == [4, 2, 9]
 
 
 def test_top_up_adds_popular_items_with_exact_scores(engine, items):
@@ -197,6 +153,34 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
                                    scores[np.array(order) - 1], rtol=1e-4, atol=1e-4)
         assert body["fallback"] is None and body["score_kind"] == "inner_product"
         assert set(got.timings) == {"encode", "search", "filter"}
+
+
+@pytest.mark.parametrize("how", ["weighted", "quota"])
+def test_per_interest_answers_are_the_merge_of_exact_searches(engine, items, small_world, how):
+    """A batch mixing merges (and n) answers each query with `service.merge` over each
+    interest's exact list, the Eq. 7 weights taken from the encoder."""
+    from service.merge import merge
+
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False), Metrics(), None)
+    hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] for u in range(4)]
+    queries = [Query("a", 9, mode="per_interest", merge=how), Query("b", 4, mode="per_interest"),
+               Query("c", 15, mode="per_interest", merge=how), Query("d", 6)]
+    for q, h, got in zip(queries, hists, rec.answer(engine, queries, hists, None)):
+        if q.mode != "per_interest" or q.merge != how:
+            continue
+        known = [engine.item_index[x] for x in h]
+        win = np.zeros((1, engine.n), np.int64)
+        win[0, : min(engine.n, len(known))] = known[: engine.n]
+        interests, _, weights = engine.session.run(None, {"item_ids": win})
+        per = interests[0] @ items.T                                   # [K, M]
+        ids = np.argsort(-per, axis=1, kind="stable")                  # [K, M] 0-based
+        want = merge(how, np.take_along_axis(per, ids, 1)[None], ids[None] + 1, weights,
+                     np.array([known]), q.n)
+        body = json.loads(got.body)
+        assert [it["item_id"] for it in body["items"]] == \
+            [ds.item_ids[int(i)] for i in want.ids[0, : q.n]]
+        assert [it["interest"] for it in body["items"]] == want.source[0, : q.n].tolist()
 
 
 @pytest.mark.parametrize("policy", ["fallback", "error"])

@@ -36,6 +36,16 @@ def test_sasrec_refuses_sines_options(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--K", "9", "--L", "8"], "need 1 <= K <= L"),
+    (["--interest-T", "0"], "interest_T must be > 0"),
+    (["--cos-penalty", "-1"], "cos_penalty must be >= 0")])
+def test_out_of_range_settings_are_clean_errors(tmp_path, capsys, flags, said):
+    rc = main(["train", "--dataset", "synthetic", "--out", str(tmp_path / "r"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and "Traceback" not in err
+
+
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     rc = main(["evaluate", "--dataset", "synthetic", "--checkpoint", str(tmp_path / "nope.pt")])
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
