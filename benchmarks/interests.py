@@ -100,8 +100,9 @@ def fmt(p: float | None, users: int) -> str:
     return "-" if p is None else f"{100 * p:.2f} ± {100 * se(p, users):.2f}"
 
 
-def write(results: dict, stem: str, meta: dict) -> Path:
-    jpath = RESULTS / f"{stem}.json"
+def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    jpath = results_dir / f"{stem}.json"
     jpath.write_text(json.dumps({"meta": meta, "datasets": results}, indent=1))
     md = [f"# Multi-interest screen ({meta['tag']})", "",
           f"{meta['finished']}; commit {meta['git_commit'][:10]}; {meta['machine'].get('cpu', '?')}; "
@@ -134,7 +135,7 @@ def write(results: dict, stem: str, meta: dict) -> Path:
                       f"{num(d['assignment_entropy'])} | {num(d['assignment_nmi'])} | "
                       f"{r['epochs']} ({r['best_epoch']}) | {r['seconds']} |")
         md.append("")
-    (RESULTS / f"{stem}.md").write_text("\n".join(md))
+    (results_dir / f"{stem}.md").write_text("\n".join(md))
     return jpath
 
 
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="passed to every run (benchmarks.accuracy --set)")
     p.add_argument("--tag", default="screen", help="names the runs and the results file")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "interests")
-    p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--collect-only", action="store_true",
+                   help="write the results file from the runs already under --runs-dir")
     a = p.parse_args(argv)
     command = "python -m benchmarks.interests " + " ".join(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         run_jobs(cmds, a.jobs, a.runs_dir / "_logs" / a.tag)
     meta = {"tag": a.tag, "command": command, "git_commit": git_commit(), "machine": machine("cpu"),
             "finished": now(), "jobs": a.jobs, "max_minutes": a.max_minutes}
-    path = write(collect(a.runs_dir, a.tag), f"accuracy-interests-{a.tag}", meta)
+    path = write(collect(a.runs_dir, a.tag), f"accuracy-interests-{a.tag}", meta, a.results_dir)
     print(path.with_suffix(".md").read_text())
     return 0
 
