@@ -83,12 +83,14 @@ def log_weights(weights: np.ndarray) -> np.ndarray:
     return out[:, :, None]
 
 
-def shares(weights: np.ndarray, n: int) -> np.ndarray:
+def shares(weights: np.ndarray, n: int | np.ndarray) -> np.ndarray:
     """Places per interest: n e_k rounded by largest remainders, weights [P, K] -> [P, K] ints
-    summing to n."""
-    exact = np.clip(weights, 0.0, None) * n / np.clip(weights.sum(1, keepdims=True), 1e-12, None)
+    summing to n (one n, or each row's [P])."""
+    ns = np.broadcast_to(np.asarray(n, dtype=np.int64), weights.shape[:1])
+    w = np.clip(weights, 0.0, None)
+    exact = w * ns[:, None] / np.clip(w.sum(1, keepdims=True), 1e-12, None)
     base = np.floor(exact).astype(np.int64)                           # [P, K]
-    short = n - base.sum(1)                                           # [P] places still to give
+    short = ns - base.sum(1)                                          # [P] places still to give
     order = np.argsort(-(exact - base), axis=1, kind="stable")        # largest remainder first
     bonus = np.arange(weights.shape[1])[None, :] < short[:, None]     # [P, K] in that order
     np.put_along_axis(base, order, np.take_along_axis(base, order, 1) + bonus, 1)
@@ -99,45 +101,40 @@ def shares(weights: np.ndarray, n: int) -> np.ndarray:
 def quota(scores: np.ndarray, ids: np.ndarray, weights: np.ndarray, exclude: np.ndarray,
           n: int | np.ndarray) -> Top:
     """The quota merge (module docstring): scores, ids [P, K, k], weights [P, K]; `n` one list
-    length, or each row's [P] (a row's shares depend on its own n)."""
+    length, or each row's [P] (a row's shares depend on its own n). K vectorized steps, one
+    per interest in decreasing weight, then one fill for the rows left short."""
     P, K, k = ids.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (P,))
+    W = int(ns.max(initial=0))
     bad = unwanted(ids.reshape(P, K * k), exclude).reshape(P, K, k)
-    width = int(ns.max(initial=0))
-    out_ids = np.zeros((P, width), dtype=ids.dtype)
-    out_scores = np.zeros((P, width), dtype=np.float32)
-    out_source = np.zeros((P, width), dtype=np.int64)
+    room = shares(weights, ns)                                        # [P, K]
+    out_ids = np.full((P, W), -1, dtype=np.int64)                     # the picks so far
+    out_scores = np.full((P, W), -np.inf, dtype=np.float32)
+    out_source = np.zeros((P, W), dtype=np.int64)
     count = np.zeros(P, dtype=np.int64)
-    for p in range(P):
-        n = int(ns[p])
-        quotas = shares(weights[p: p + 1], n)[0]                      # [K]
-        taken: set[int] = set()
-        got: list[tuple[float, int, int]] = []                        # (score, id, interest)
-        for kk in np.argsort(-weights[p], kind="stable"):
-            room = int(quotas[kk])
-            for j in range(k):
-                if room == 0:
-                    break
-                i = int(ids[p, kk, j])
-                if not bad[p, kk, j] and i not in taken:
-                    taken.add(i)
-                    got.append((float(scores[p, kk, j]), i, int(kk)))
-                    room -= 1
-        if len(got) < n:                      # places left over: the best remaining candidates
-            flat = np.argsort(-np.where(bad[p], -np.inf, scores[p]).ravel(), kind="stable")
-            for c in flat:
-                if len(got) == n:
-                    break
-                kk, j = divmod(int(c), k)
-                i = int(ids[p, kk, j])
-                if not bad[p, kk, j] and i not in taken:
-                    taken.add(i)
-                    got.append((float(scores[p, kk, j]), i, kk))
-        got.sort(key=lambda t: -t[0])
-        count[p] = len(got)
-        for r, (s, i, kk) in enumerate(got):
-            out_scores[p, r], out_ids[p, r], out_source[p, r] = s, i, kk
-    return Top(out_ids, out_scores, out_source, count)
+    rows = np.arange(P)
+    for kk in np.argsort(-weights, axis=1, kind="stable").T:          # [P]: each row's next interest
+        cand = ids[rows, kk]                                          # [P, k]
+        ok = ~bad[rows, kk] & ~(cand[:, :, None] == out_ids[:, None, :]).any(-1)   # [P, k]
+        rank = np.cumsum(ok, axis=1)                                  # [P, k]
+        pick = ok & (rank <= room[rows, kk][:, None])
+        r, c = np.nonzero(pick)
+        at = count[r] + rank[r, c] - 1
+        out_ids[r, at], out_scores[r, at], out_source[r, at] = cand[r, c], scores[r, kk[r], c], kk[r]
+        count += pick.sum(1)
+    short = np.flatnonzero(count < ns)
+    if len(short):                            # places left over: the best remaining candidates
+        taken = np.concatenate([exclude[short], np.where(out_ids[short] < 0, 0, out_ids[short])], 1)
+        fill = top_n(scores[short], ids[short], taken, W)
+        need = np.minimum(ns[short] - count[short], fill.count)       # [S]
+        r, j = np.nonzero(np.arange(W)[None, :] < need[:, None])
+        at, rr = count[short][r] + j, short[r]
+        out_ids[rr, at], out_scores[rr, at], out_source[rr, at] = \
+            fill.ids[r, j], fill.scores[r, j], fill.source[r, j]
+        count[short] += need
+    order = np.argsort(-out_scores, axis=1, kind="stable")            # [P, W] best first
+    return Top(np.take_along_axis(out_ids, order, 1), np.take_along_axis(out_scores, order, 1),
+               np.take_along_axis(out_source, order, 1), count)
 
 
 def merge(how: str, scores: np.ndarray, ids: np.ndarray, weights: np.ndarray,
