@@ -47,6 +47,7 @@ VARIANTS = {
     "wkl": {"weight_kl": 1.0},
     "distinct": {"interest_weight": 1.0, "interest_loss": "logsumexp", "cos_penalty": 0.5,
                  "weight_kl": 1.0},
+    "wkl-cos": {"weight_kl": 1.0, "cos_penalty": 0.1},
 }
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
                   "weight_kl_T")   # `--set` names that go to TrainConfig, not the model
@@ -65,6 +66,7 @@ LABELS = {
     "cos": "SINE + interest cosine penalty (alpha 0.5)",
     "wkl": "SINE + Eq. 7 weights taught the target's interest (KL, gamma 1, T 0.5)",
     "distinct": "SINE + logsumexp loss, cosine penalty 0.5, weight KL 1",
+    "wkl-cos": "SINE + weight KL 1 and cosine penalty 0.1",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 PAPER = {"ml-1m": {"HR@10": 16.34, "NDCG@10": 7.06, "HR@50": 45.79, "NDCG@50": 13.50}}
