@@ -34,7 +34,7 @@ def job_command(dataset: str, config: str, seed: int, a: argparse.Namespace) -> 
     cmd = [sys.executable, "-m", "benchmarks.accuracy", "--dataset", dataset, "--variants",
            config, "--seed", str(seed), "--max-minutes", str(a.max_minutes), "--threads",
            str(a.threads), "--no-progress", "--runs-dir", str(a.runs_dir), "--results-dir",
-           str(a.runs_dir / "_merged"), "--tag", f"{a.tag}-s{seed}"]
+           str(a.runs_dir / "_merged"), "--tag", f"{a.tag}-s{seed}", "--epochs", str(a.epochs)]
     if a.data_dir:
         cmd += ["--data-dir", a.data_dir]
     for s in a.set or []:
@@ -76,8 +76,12 @@ def row_of(r: dict) -> dict:
            "epochs": r["epochs"], "best_epoch": r["best_epoch"], "users": users,
            "aggregate": {k: v for k, v in r["test"].items()},
            "merges": r.get("test_merges", {}),
-           "diagnostics": {k: d.get(k) for k in ("interest_cosine", "weight_entropy",
-                                                 "assignment_entropy", "assignment_nmi")},
+           "valid_by_epoch": [{"HR@50": h.get("valid_HR@50"), "NDCG@10": h.get("valid_NDCG@10"),
+                               "samples_per_s": h.get("samples_per_s")}
+                              for h in r.get("history") or []],
+           "diagnostics": {**{k: d.get(k) for k in ("interest_cosine", "weight_entropy",
+                                                    "assignment_entropy", "assignment_nmi")},
+                           "prototype_nmi": r.get("concepts", {}).get("nmi")},
            "train_args": {k: r["train_args"].get(k) for k in
                           ("interest_loss", "interest_weight", "cos_penalty", "weight_kl")},
            "model_args": {k: r["model_args"].get(k) for k in ("K", "tau", "tau_assign")},
@@ -111,14 +115,17 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> 
           "standard error over test users. `agg`: the Eq. 8 user vector; `max`, `weighted`, "
           "`quota`: `mode=per_interest` merged by `service.merge`. Diagnostics: mean pairwise "
           "cosine of a user's interests; entropy of the Eq. 7 weights and of the Eq. 3 "
-          "assignment over log K (1 = uniform); NMI of a click's assigned prototype against its "
-          "label. Each run trained with early stopping inside the same wall-clock budget, "
-          f"{meta['jobs']} runs side by side on one thread each.", ""]
+          "assignment over log K (1 = uniform); assign NMI: a history click's Eq. 3 prototype "
+          "against its label; prototype NMI: each item's nearest prototype against its label. "
+          f"Each run trained with early stopping for at most {meta['epochs']} epochs and "
+          f"{meta['max_minutes']:g} minutes, {meta['jobs']} runs side by side on one thread each.",
+          ""]
     for ds, rows in results.items():
         md += [f"## {ds}", "",
                "| configuration | seed | agg HR@50 | agg HR@100 | max HR@50 | weighted HR@50 | "
-               "quota HR@50 | max HR@100 | cosine | weight H | assign H | NMI | epochs | s |",
-               "|---" * 14 + "|"]
+               "quota HR@50 | max HR@100 | cosine | weight H | assign H | assign NMI | "
+               "prototype NMI | epochs | s |",
+               "|---" * 15 + "|"]
         for r in sorted(rows, key=lambda r: (r["variant"], r["seed"])):
             u, m, d = r["users"], r["merges"], r["diagnostics"]
 
@@ -133,7 +140,17 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> 
                       f"{fmt(g('quota', 'HR@50'), u)} | {fmt(g('max', 'HR@100'), u)} | "
                       f"{num(d['interest_cosine'])} | {num(d['weight_entropy'])} | "
                       f"{num(d['assignment_entropy'])} | {num(d['assignment_nmi'])} | "
+                      f"{num(d.get('prototype_nmi'))} | "
                       f"{r['epochs']} ({r['best_epoch']}) | {r['seconds']} |")
+        md += ["", "Equal epochs: validation HR@50 of the aggregate after each epoch (training "
+               "samples per second in brackets, one thread, beside another run):", "",
+               "| configuration | seed | " + " | ".join(f"epoch {e + 1}" for e in range(
+                   max(len(r["valid_by_epoch"]) for r in rows))) + " |",
+               "|---|---|" + "---|" * max(len(r["valid_by_epoch"]) for r in rows)]
+        for r in sorted(rows, key=lambda r: (r["variant"], r["seed"])):
+            md.append(f"| {r['label']} | {r['seed']} | " + " | ".join(
+                f"{100 * h['HR@50']:.2f} ({h['samples_per_s']:,.0f}/s)"
+                for h in r["valid_by_epoch"]) + " |")
         md.append("")
     (results_dir / f"{stem}.md").write_text("\n".join(md))
     return jpath
@@ -146,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmarks.accuracy variants")
     p.add_argument("--seeds", default="42")
     p.add_argument("--max-minutes", type=float, default=3.0)
+    p.add_argument("--epochs", type=int, default=30,
+                   help="at most this many epochs (equal epochs: a small number and a large "
+                        "--max-minutes)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir")
@@ -159,13 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     command = "python -m benchmarks.interests " + " ".join(
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    launch = a.runs_dir / "_logs" / a.tag / "launch.json"   # what started the runs
     if not a.collect_only:
         cmds = [(f"{ds}-{c}-s{s}", job_command(ds, c, int(s), a))
                 for s in a.seeds.split(",") for ds in a.datasets.split(",")
                 for c in a.configs.split(",")]
-        run_jobs(cmds, a.jobs, a.runs_dir / "_logs" / a.tag)
-    meta = {"tag": a.tag, "command": command, "git_commit": git_commit(), "machine": machine("cpu"),
-            "finished": now(), "jobs": a.jobs, "max_minutes": a.max_minutes}
+        launch.parent.mkdir(parents=True, exist_ok=True)
+        launch.write_text(json.dumps({"command": command, "jobs": a.jobs,
+                                      "max_minutes": a.max_minutes, "epochs": a.epochs}))
+        run_jobs(cmds, a.jobs, launch.parent)
+    started = json.loads(launch.read_text()) if launch.exists() else {
+        "command": command, "jobs": a.jobs, "max_minutes": a.max_minutes, "epochs": a.epochs}
+    meta = {"tag": a.tag, **started, "git_commit": git_commit(), "machine": machine("cpu"),
+            "finished": now()}
     path = write(collect(a.runs_dir, a.tag), f"accuracy-interests-{a.tag}", meta, a.results_dir)
     print(path.with_suffix(".md").read_text())
     return 0
