@@ -21,6 +21,7 @@ PACKAGES = ("service", "index_builder", "model_export", "sine_cli", "devtools", 
 TORCH_OK = {"model_export/models/sine.py", "model_export/models/sasrec.py",
             "model_export/training/checkpoints.py", "model_export/training/loop.py",
             "model_export/training/distributed.py", "model_export/training/workflow.py",
+            "model_export/training/interests.py",
             "model_export/evaluation/evaluate.py", "model_export/export.py",
             "benchmarks/encoder.py", "benchmarks/gpu.py", "benchmarks/common.py"}
 
