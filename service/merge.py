@@ -15,12 +15,12 @@ numpy only (no faiss, no ONNX Runtime), so that the offline evaluation merges wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 Merge = Literal["max", "weighted", "quota"]
-MERGES: tuple[str, ...] = ("max", "weighted", "quota")
+MERGES: tuple[str, ...] = get_args(Merge)
 
 
 @dataclass(slots=True)

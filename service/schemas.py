@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from .merge import Merge
 from .settings import Settings
 
 
@@ -71,7 +72,7 @@ class RecommendBody(BaseModel):
     n: int
     exclude_seen: bool = True
     mode: Literal["aggregate", "per_interest"] = "aggregate"
-    merge: Literal["max", "weighted", "quota"] | None = None
+    merge: Merge | None = None
     include_interests: bool = False
 
 
@@ -116,7 +117,7 @@ def request_models(s: Settings) -> RequestModels:
         mode: Literal["aggregate", "per_interest"] = Field(
             "aggregate", description="`aggregate`: search with the Eq. 8 user vector; "
                                      "`per_interest`: search with each interest and merge by score.")
-        merge: Literal["max", "weighted", "quota"] | None = Field(None, description=(
+        merge: Merge | None = Field(None, description=(
             "per_interest: how the K lists become one. `max`: by best raw score; `weighted`: by "
             "score + log of the interest's Eq. 7 weight; `quota`: each interest fills its "
             f"weight's share of n. Omitted: `{s.interest_merge}` (SINE_INTEREST_MERGE)."))

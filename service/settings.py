@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index_builder.bundle import SineError
 
 from .keys import DEFAULT_GROUP, DEFAULT_STREAM
+from .merge import Merge
 
 ENV_PREFIX = "SINE_"
 DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for balance
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
         "as `history_unavailable`), then try again. Timeouts do not pause Redis."))
     on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
         "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
-    interest_merge: Literal["max", "weighted", "quota"] = Field("max", description=(
+    interest_merge: Merge = Field("max", description=(
         "How `mode=per_interest` merges the K lists when a request names no `merge`: `max` "
         "(best raw score), `weighted` (score + log of the interest's Eq. 7 weight) or `quota` "
         "(each interest fills its weight's share of n)."))

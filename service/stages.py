@@ -20,6 +20,7 @@ import orjson
 
 from .errors import HistoryUnavailable
 from .history import HistoryError, HistoryStore
+from .merge import Merge
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -36,7 +37,7 @@ class Query:
     exclude_seen: bool = True
     mode: Mode = "aggregate"
     include_interests: bool = False
-    merge: str = "max"                 # per_interest: a service.merge.MERGES name
+    merge: Merge = "max"               # per_interest: how the K lists become one
 
 
 @dataclass(slots=True)

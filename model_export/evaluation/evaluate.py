@@ -107,8 +107,7 @@ def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
     ex = exclusions(ds, which)
     table = model.H.weight                                             # [M + 1, D]
     top = min(max(ks), ds.n_items)
-    hits: dict[int, list[np.ndarray]] = {k: [] for k in ks}
-    gains: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    ranks: dict[int, list[np.ndarray]] = {k: [] for k in ks}       # k where the list misses
     for i in range(0, len(targets), batch_size):
         sl = slice(i, i + batch_size)
         phi, _, e = model(torch.from_numpy(inputs[sl]).long().to(table.device))   # [b, K, D], [b, K]
@@ -120,18 +119,13 @@ def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
         best = torch.topk(flat, top, dim=1)                            # [b K, top]
         s = best.values.reshape(b, K, top).numpy()                     # [b, K, top]
         ids = best.indices.reshape(b, K, top).numpy()
-        none = np.zeros((b, 0), dtype=np.int64)
+        w, none = e.cpu().numpy(), np.zeros((b, 0), dtype=np.int64)
         for k in ks:
-            lst = merge(how, s, ids, e.cpu().numpy(), none, k).ids[:, :k]   # [b, k]
-            at = lst == targets[sl][:, None]                           # [b, k]
-            found = at.any(1)
-            rank = at.argmax(1)
-            hits[k].append(found)
-            gains[k].append(np.where(found, 1.0 / np.log2(rank + 2.0), 0.0))
-    out = {}
+            at = merge(how, s, ids, w, none, k).ids[:, :k] == targets[sl][:, None]   # [b, k]
+            ranks[k].append(np.where(at.any(1), at.argmax(1), k))
+    out: dict[str, float] = {}
     for k in ks:
-        out[f"HR@{k}"] = float(np.concatenate(hits[k]).mean()) if hits[k] else 0.0
-        out[f"NDCG@{k}"] = float(np.concatenate(gains[k]).mean()) if gains[k] else 0.0
+        out.update(metrics_from_ranks(np.concatenate(ranks[k]) if ranks[k] else np.zeros(0), (k,)))
     return out
 
 

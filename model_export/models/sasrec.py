@@ -41,16 +41,13 @@ class Block(nn.Module):
                                 nn.Linear(c.D, c.D))
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x [B, n, D]; allowed [B, n, n]: query slot i may attend key slot j."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, n, D]; bias [B, 1, n, n]: 0 where query slot i may attend key slot j, NEG
+        where not (`SASRec.hidden`)."""
         B, n, D = x.shape
         h, d = self.heads, D // self.heads
         q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)               # 3 x [B, n, D]
         q, k, v = (t.reshape(B, n, h, d).transpose(1, 2) for t in (q, k, v))   # [B, h, n, d]
-        # an additive mask with a finite NEG: a pad query's row (no allowed key) stays a
-        # uniform softmax instead of the NaN a boolean mask gives
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~allowed, NEG).unsqueeze(1)                                 # [B, 1, n, n]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.drop.p if self.training else 0.0)   # [B, h, n, d]
         y = y.transpose(1, 2).reshape(B, n, D)                         # [B, n, D]
@@ -86,8 +83,12 @@ class SASRec(ItemSoftmax, nn.Module):
         slots = torch.arange(n, device=item_ids.device)
         older = slots.unsqueeze(0) >= slots.unsqueeze(1)               # [n, n]: key j >= query i
         allowed = older.unsqueeze(0) & mask.unsqueeze(1)               # [B, n, n]
+        # additive, with a finite NEG: a pad query's row (no allowed key) stays a uniform
+        # softmax instead of the NaN a boolean mask gives; one for every block
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, NEG).unsqueeze(1)                                 # [B, 1, n, n]
         for block in self.blocks:
-            x = block(x, allowed) * mask.unsqueeze(-1)                 # [B, n, D]
+            x = block(x, bias) * mask.unsqueeze(-1)                    # [B, n, D]
         return x
 
     def forward(self, item_ids: torch.Tensor):

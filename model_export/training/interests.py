@@ -46,11 +46,14 @@ def interest_terms(model, phi: torch.Tensor, e: torch.Tensor, y: torch.Tensor, c
                    sampler: LogUniformSampler | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """The weighted terms that are on, each a scalar: phi [B, K, D], e [B, K], y [B] targets."""
     out: dict[str, torch.Tensor] = {}
+    if not (cfg.interest_weight or cfg.cos_penalty or cfg.weight_kl):
+        return out                            # the default: nothing added to a step
+    h = model.H(y)                                                     # [B, D] the targets
     if cfg.interest_weight > 0:
         if cfg.interest_loss == "logsumexp":
             q = phi                                                    # [B, K, D]
         else:
-            k = target_interest(phi, model.H(y), cfg.interest_loss, cfg.interest_T)   # [B]
+            k = target_interest(phi, h, cfg.interest_loss, cfg.interest_T)   # [B]
             q = phi[torch.arange(len(y), device=phi.device), k]        # [B, D]
         like = (model.full_softmax_loss(q, y) if sampler is None
                 else model.sampled_softmax_loss(q, y, sampler, gen))
@@ -60,7 +63,7 @@ def interest_terms(model, phi: torch.Tensor, e: torch.Tensor, y: torch.Tensor, c
     if cfg.weight_kl > 0 and phi.shape[1] > 1:
         T = cfg.weight_kl_T
         with torch.no_grad():
-            cos = (unit(phi) @ unit(model.H(y)).unsqueeze(-1)).squeeze(-1)   # [B, K]
+            cos = (unit(phi) @ unit(h).unsqueeze(-1)).squeeze(-1)      # [B, K]
             t = torch.softmax(cos / T, dim=1)                          # [B, K]
         kl = (t * (torch.log(t.clamp_min(1e-12)) - torch.log(e.clamp_min(1e-12)))).sum(1)   # [B]
         out["weight_kl"] = cfg.weight_kl * T * T * kl.mean()

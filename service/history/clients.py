@@ -11,11 +11,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 
-def _options(timeout_s: float, password: str | None, retries: int) -> dict[str, Any]:
+def _options(timeout_s: float, password: str | None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                              decode_responses=True, retry=Retry(NoBackoff(), retries))
-    if retries:
-        kw["retry_on_error"] = [RedisConnectionError]
+                              decode_responses=True)
     if password is not None:
         kw["password"] = password
     return kw
@@ -26,7 +24,8 @@ def async_client(url: str, *, password: str | None, timeout_s: float, cluster: b
     """An asyncio client for `url`: a bounded blocking pool (callers wait for a connection within
     the timeout), or, with `cluster`, redis-py's cluster client. Broken connections are
     retried once, at once."""
-    kw = _options(timeout_s, password, retries=1)
+    kw = {**_options(timeout_s, password), "retry": Retry(NoBackoff(), 1),
+          "retry_on_error": [RedisConnectionError]}
     if cluster:
         from redis.asyncio.cluster import RedisCluster
         return RedisCluster.from_url(url, **kw)
@@ -39,7 +38,7 @@ def node_client(host: str, port: int, *, username: str | None, password: str | N
                 timeout_s: float, tls: bool, pool_size: int) -> Any:
     """An asyncio client for one node (a cluster's master), never retried by redis-py: a failure
     is the caller's to count and route around."""
-    kw = _options(timeout_s, password, retries=0)
+    kw = {**_options(timeout_s, password), "retry": Retry(NoBackoff(), 0)}
     if tls:
         kw["connection_class"] = aioredis.SSLConnection
     pool = aioredis.BlockingConnectionPool(host=host, port=port, username=username,
@@ -51,8 +50,7 @@ def sync_client(url: str, *, password: str | None, timeout_s: float, cluster: bo
     """A synchronous client (the offline tools): plain, or redis-py's cluster client."""
     import redis
 
-    kw = _options(timeout_s, password, retries=0)
-    kw.pop("retry")
+    kw = _options(timeout_s, password)
     if cluster:
         from redis.cluster import RedisCluster
         return RedisCluster.from_url(url, **kw)

@@ -6,6 +6,7 @@ from fastapi.responses import Response
 
 from .. import errors
 from ..deps import StateDep
+from ..merge import Merge
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
 from ..stages import Query, server_timing
 from . import Router, bind
@@ -15,7 +16,7 @@ ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
 
-def query(r: RecommendBody, default_merge: str) -> Query:
+def query(r: RecommendBody, default_merge: Merge) -> Query:
     return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests,
                  r.merge or default_merge)
 
