@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Build the images with podman, on a machine that may reach no container registry.
+#
+#   deploy/build-images.sh [cpu|train|all]     (default: cpu)
+#
+# The Dockerfiles are used unchanged. Their base, python:3.11.13-slim, is taken from local
+# storage, else pulled, else made here from Debian's archive with mmdebstrap (bookworm's
+# python3 3.11, under the same name), so that `podman build --pull=never` finds it. Where the
+# PyTorch CPU index cannot be reached, the training image takes a CPU torch wheel from a local
+# folder (SINE_WHEELS, default: pip's find-links) through deploy/wheels/.
+#
+# Environment: SINE_IMAGE_TAG (default: the project's version), SINE_IMAGE_REPO (default
+# localhost/sine-retrieval), SINE_BUILD_DIR (default build/images: the stand-in base and the
+# timing file), CONTAINERS_CONF (default deploy/podman/containers.conf: runc, lowered ulimits).
+# Prints and writes build/images/build.json: each image's build seconds and size in bytes.
+# Normal users keep `docker build -f deploy/Dockerfile .`, which pulls the real base.
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+
+what="${1:-cpu}"
+case "$what" in cpu | train | all) ;; *) echo "usage: $0 [cpu|train|all]" >&2; exit 2 ;; esac
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)"
+tag="${SINE_IMAGE_TAG:-$version}"
+repo="${SINE_IMAGE_REPO:-localhost/sine-retrieval}"
+out="${SINE_BUILD_DIR:-build/images}"
+mkdir -p "$out"
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}"
+base="$(sed -n 's/^FROM \([^ ]*\).*/\1/p' deploy/Dockerfile | head -1)"
+
+need() { command -v "$1" >/dev/null || { echo "$0: $1 is not installed ($2)" >&2; exit 3; }; }
+need podman "apt-get install podman runc"
+
+ensure_base() {
+  if podman image exists "$base"; then return; fi
+  if timeout 60 podman pull -q "docker.io/library/$base" >/dev/null 2>&1; then return; fi
+  need mmdebstrap "apt-get install mmdebstrap"
+  echo "no registry: making $base from Debian's archive (mmdebstrap)" >&2
+  # the machine's CA bundle goes in, so that pip inside the build trusts what the host trusts
+  local hook='mkdir -p "$1/usr/local/share/ca-certificates/host"
+    cp /etc/ssl/certs/ca-certificates.crt "$1/usr/local/share/ca-certificates/host/host.crt"
+    chroot "$1" update-ca-certificates >/dev/null 2>&1'
+  mmdebstrap --quiet --variant=minbase \
+    --include=python3,python3-venv,python-is-python3,ca-certificates \
+    --customize-hook="$hook" bookworm "$out/base.tar"
+  podman import -q "$out/base.tar" "$base" >/dev/null
+  rm -f "$out/base.tar"
+}
+
+build() {  # name dockerfile [build args...]
+  local name="$1" file="$2" t0 t1 size
+  shift 2
+  t0=$(date +%s.%N)
+  # --format docker keeps HEALTHCHECK, which the OCI format drops
+  podman build -q --pull=never --layers=false --format docker -f "$file" -t "$repo:$tag-$name" "$@" . >/dev/null
+  t1=$(date +%s.%N)
+  size=$(podman image inspect --format '{{.Size}}' "$repo:$tag-$name")
+  echo "{\"image\": \"$repo:$tag-$name\", \"dockerfile\": \"$file\", \"build_s\": $(awk "BEGIN {printf \"%.1f\", $t1 - $t0}"), \"size_bytes\": $size}"
+}
+
+ensure_base
+results=()
+if [ "$what" != train ]; then
+  results+=("$(build cpu deploy/Dockerfile)")
+fi
+if [ "$what" != cpu ]; then
+  index="https://download.pytorch.org/whl/cpu"
+  if ! curl -s -m 10 -o /dev/null "$index/"; then
+    index=""
+    wheels="${SINE_WHEELS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}"
+    torch="$(ls "$wheels"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)"
+    [ -n "$torch" ] || { echo "$0: neither $index nor a torch-*+cpu wheel in SINE_WHEELS" >&2; exit 3; }
+    cp -u "$torch" deploy/wheels/
+  fi
+  results+=("$(build train deploy/Dockerfile.train --build-arg "TORCH_INDEX_URL=$index")")
+fi
+printf '%s\n' "${results[@]}"
+printf '[%s]\n' "$(IFS=,; echo "${results[*]}")" > "$out/build.json"
