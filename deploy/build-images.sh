@@ -9,8 +9,9 @@
 # PyTorch CPU index cannot be reached, the training image takes a CPU torch wheel from a local
 # folder (SINE_WHEELS, default: pip's find-links) through deploy/wheels/.
 #
-# Environment: SINE_IMAGE_TAG (default: the project's version), SINE_IMAGE_REPO (default
-# localhost/sine-retrieval), SINE_BUILD_DIR (default build/images: the stand-in base and the
+# Tags, as the chart's defaults name them: <repo>:<version> (the service, CPU) and
+# <repo>:<version>-train. Environment: SINE_IMAGE_TAG (default: the project's version),
+# SINE_IMAGE_REPO (default localhost/sine-retrieval), SINE_BUILD_DIR (default build/images: the stand-in base and the
 # timing file), CONTAINERS_CONF (default deploy/podman/containers.conf: runc, lowered ulimits).
 # Prints and writes build/images/build.json: each image's build seconds and size in bytes.
 # Normal users keep `docker build -f deploy/Dockerfile .`, which pulls the real base.
@@ -47,21 +48,22 @@ ensure_base() {
   rm -f "$out/base.tar"
 }
 
-build() {  # name dockerfile [build args...]
-  local name="$1" file="$2" t0 t1 size
+build() {  # image dockerfile [build args...]
+  local image="$1" file="$2" t0 t1 size
   shift 2
   t0=$(date +%s.%N)
-  # --format docker keeps HEALTHCHECK, which the OCI format drops
-  podman build -q --pull=never --layers=false --format docker -f "$file" -t "$repo:$tag-$name" "$@" . >/dev/null
+  # --format docker keeps HEALTHCHECK, which the OCI format drops; --layers=false commits the
+  # result only, not every step (a third of the training image's build time)
+  podman build -q --pull=never --layers=false --format docker -f "$file" -t "$image" "$@" . >/dev/null
   t1=$(date +%s.%N)
-  size=$(podman image inspect --format '{{.Size}}' "$repo:$tag-$name")
-  echo "{\"image\": \"$repo:$tag-$name\", \"dockerfile\": \"$file\", \"build_s\": $(awk "BEGIN {printf \"%.1f\", $t1 - $t0}"), \"size_bytes\": $size}"
+  size=$(podman image inspect --format '{{.Size}}' "$image")
+  echo "{\"image\": \"$image\", \"dockerfile\": \"$file\", \"build_s\": $(awk "BEGIN {printf \"%.1f\", $t1 - $t0}"), \"size_bytes\": $size}"
 }
 
 ensure_base
 results=()
 if [ "$what" != train ]; then
-  results+=("$(build cpu deploy/Dockerfile)")
+  results+=("$(build "$repo:$tag" deploy/Dockerfile)")
 fi
 if [ "$what" != cpu ]; then
   index="https://download.pytorch.org/whl/cpu"
@@ -72,7 +74,7 @@ if [ "$what" != cpu ]; then
     [ -n "$torch" ] || { echo "$0: neither $index nor a torch-*+cpu wheel in SINE_WHEELS" >&2; exit 3; }
     cp -u "$torch" deploy/wheels/
   fi
-  results+=("$(build train deploy/Dockerfile.train --build-arg "TORCH_INDEX_URL=$index")")
+  results+=("$(build "$repo:$tag-train" deploy/Dockerfile.train --build-arg "TORCH_INDEX_URL=$index")")
 fi
 printf '%s\n' "${results[@]}"
 printf '[%s]\n' "$(IFS=,; echo "${results[*]}")" > "$out/build.json"

@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         log.info("starting", extra={"bundle": s.bundle, "redis": s.redis_url_redacted(),
-                                    "providers": s.providers, "batching": s.batching})
+                                    "providers": s.providers, "batching": s.batching,
+                                    "traces": s.otel_traces_exporter})
         await lifecycle.start(st)
         if st.store is not None:
             await st.store.start()
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             st.watcher.cancel()
         if st.store:
             await st.store.close()
+        if st.tracing:
+            st.tracing.shutdown()
         log.info("stopped")
 
     app = FastAPI(title="sine-retrieval", version=__version__, docs_url=None, redoc_url=None,
@@ -77,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Every error is an RFC 9457 `application/problem+json`.",
                   lifespan=lifespan)
     app.state.sine = st
-    app.add_middleware(Guard, settings=s, metrics=metrics)
+    app.add_middleware(Guard, settings=s, metrics=metrics, tracing=st.tracing)
     errors.install(app, on_error=lambda reason: metrics.failures.labels(reason).inc())
     _docs(app)
     models = request_models(s)

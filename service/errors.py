@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .tracing import REQUEST_ID
+
 log = logging.getLogger("sine.service")
 PROBLEM = "application/problem+json"
 
@@ -89,6 +91,8 @@ class Problem(BaseModel):
     status: int = Field(examples=[422])
     detail: str = Field(examples=["n: Input should be less than or equal to 100"])
     instance: str | None = Field(None, examples=["/recommend"])
+    request_id: str | None = Field(None, examples=["4bf92f3577b34da6a3ce929d0e0e4736"],
+                                   description="The request's `X-Request-ID`, as echoed.")
     errors: list[dict[str, str]] | None = Field(
         None, description="422 only: one entry a field, `{field, message}`.")
 
@@ -118,6 +122,9 @@ def problem(status: int, title: str, detail: str, slug: str, instance: str | Non
                             "detail": detail}
     if instance:
         body["instance"] = instance
+    rid = REQUEST_ID.get()
+    if rid is not None:
+        body["request_id"] = rid
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import errors
 from .metrics import Metrics
 from .settings import Settings
+from .tracing import CURRENT_SPAN, HEADER, REQUEST_ID, Tracing, request_id
 
 log = logging.getLogger("sine.service")
 # an answer sent before the body was read whole: the rest of it must not be taken for the next
@@ -45,8 +46,9 @@ def _is_json(content_type: bytes) -> bool:
 
 class Guard:
     """ASGI middleware: tokens, body limits and content type, the body read under a deadline."""
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
-        self.app, self.s, self.metrics = app, settings, metrics
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
+                 tracing: Tracing | None = None):
+        self.app, self.s, self.metrics, self.tracing = app, settings, metrics, tracing
         self.limits = {"/recommend/batch": settings.max_batch_body_bytes}
         self.default_limit = settings.max_body_bytes
         self.tokens = ({"/events": settings.events_token} if settings.events_token is not None
@@ -56,6 +58,20 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])          # the last of repeated headers: enough here
+        rid = request_id(headers.get(HEADER))
+        REQUEST_ID.set(rid)                       # this request's task only: logs and problems
+        if self.tracing is None:
+            return await self._guarded(scope, receive, _echo_id(send, rid.encode()), headers)
+        span = self.tracing.request(scope["method"], scope["path"], scope["headers"], rid)
+        CURRENT_SPAN.set(span)
+        try:
+            return await self._guarded(scope, receive, _echo_id(send, rid.encode(), span,
+                                                               self.tracing), headers)
+        finally:
+            span.end()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send,
+                       headers: dict[bytes, bytes]) -> None:
         refusal = self._unauthorized(scope["path"], headers)
         if refusal is None and scope["method"] == "POST":
             refusal = self._refused_by_headers(scope["path"], headers)
@@ -108,6 +124,18 @@ class Guard:
         self.metrics.failures.labels(slug).inc()
         await errors.problem(status, errors.TITLES[status], detail, slug, scope["path"],
                              headers)(scope, receive, send)
+
+
+def _echo_id(send: Send, rid: bytes, span: object = None,
+             tracing: Tracing | None = None) -> Send:
+    """`send` that adds `X-Request-ID` to the answer (and its status to the request's span)."""
+    async def echo(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            msg["headers"] = [*msg.get("headers", ()), (HEADER, rid)]
+            if tracing is not None:
+                tracing.answered(span, msg["status"])  # type: ignore[arg-type]
+        await send(msg)
+    return echo
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

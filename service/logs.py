@@ -1,4 +1,5 @@
-"""Structured JSON logs on stderr, one object a line. Secrets never reach a record: settings hold
+"""Structured JSON logs on stderr, one object a line, with the `request_id` of the request being
+answered when there is one (`service.tracing`). Secrets never reach a record: settings hold
 them as SecretStr and the Redis URL is logged redacted."""
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 import sys
 import time
+
+from .tracing import REQUEST_ID
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -16,6 +19,9 @@ class JsonFormatter(logging.Formatter):
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.created))
                + f".{int(r.msecs):03d}Z", "level": r.levelname.lower(), "logger": r.name,
                "msg": r.getMessage()}
+        rid = REQUEST_ID.get()
+        if rid is not None:
+            out["request_id"] = rid
         out.update({k: v for k, v in vars(r).items() if k not in _STD})
         if r.exc_info:
             out["error"] = self.formatException(r.exc_info)

@@ -21,7 +21,8 @@ DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for 
 
 class Settings(BaseSettings):
     """Every option of the service, each read from `SINE_<FIELD>`."""
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid",
+                                      populate_by_name=True)
 
     # bundle
     bundle: str = Field("runs/demo/bundles", description=(
@@ -182,6 +183,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level (JSON logs on stderr).")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
+    otel_traces_exporter: Literal["none", "otlp", "console"] = Field(
+        "none", validation_alias="OTEL_TRACES_EXPORTER", description=(
+            "OpenTelemetry's own variable, read as it is (no `SINE_` prefix): `otlp` sends one "
+            "span per request, with a child per stage, over OTLP/HTTP to "
+            "`OTEL_EXPORTER_OTLP_ENDPOINT` (the SDK reads the other `OTEL_*` variables); "
+            "`console` prints them; `none` (the default here, unlike the SDK's): no traces."))
     shutdown_grace_s: float = Field(10.0, ge=0, description=(
         "On SIGTERM, how long in-flight requests may take to finish."))
     floor_endpoint: bool = Field(False, description=(
@@ -227,8 +234,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(v, SecretStr):
                 v = v.get_secret_value()
-            env[ENV_PREFIX + name.upper()] = (json.dumps(v) if isinstance(v, (dict, list, bool))
-                                              else str(v))
+            env[env_name(name)] = (json.dumps(v) if isinstance(v, (dict, list, bool))
+                                   else str(v))
         return env
 
     def redis_url_redacted(self) -> str | None:
@@ -252,6 +259,13 @@ def settings_from(**overrides: Any) -> Settings:
         raise SettingsError(f"invalid settings: {msgs}") from None
 
 
+def env_name(field: str) -> str:
+    """The environment variable a field is read from: `SINE_<FIELD>`, or its alias (the
+    OpenTelemetry variables keep their standard names)."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + field.upper()
+
+
 def env_table() -> str:
     """The README's environment table, one row per Settings field."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
@@ -263,7 +277,7 @@ def env_table() -> str:
         else:
             default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
         desc = (f.description or "").replace("|", "\\|")
-        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{default}` | {desc} |")
+        rows.append(f"| `{env_name(name)}` | `{default}` | {desc} |")
     return "\n".join(rows)
 
 

@@ -15,6 +15,7 @@ from .history import HistoryStore
 from .metrics import Metrics
 from .recommender import Recommender
 from .settings import Settings
+from .tracing import Tracing
 
 
 @dataclass
@@ -30,6 +31,7 @@ class State:
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
     floor_body: bytes = b""
+    tracing: Tracing | None = None        # None unless OTEL_TRACES_EXPORTER asks for traces
 
     @classmethod
     def of(cls, settings: Settings) -> State:
@@ -37,7 +39,8 @@ class State:
         store = (HistoryStore(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
                  if settings.redis_url else None)
         return cls(settings, metrics, store, Recommender(settings, metrics, store),
-                   Admission(settings.max_in_flight, settings.max_batch_in_flight))
+                   Admission(settings.max_in_flight, settings.max_batch_in_flight),
+                   tracing=Tracing.of(settings.otel_traces_exporter))
 
     @property
     def bundle_root(self) -> Path | None:

@@ -9,6 +9,7 @@ from ..deps import StateDep
 from ..merge import Merge
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
 from ..stages import Query, server_timing
+from ..tracing import CURRENT_SPAN
 from . import Router, bind
 
 JSON = "application/json"
@@ -26,8 +27,11 @@ async def recommend(req: RecommendBody, st: StateDep) -> Response:
     t0 = time.perf_counter()
     engine = st.serving()
     with st.admission.admit(1):
+        t_ns = time.time_ns()
         (answer,) = await st.recommender.recommend(engine, [query(req, st.settings.interest_merge)])
     st.metrics.child(st.metrics.request, "recommend").observe(time.perf_counter() - t0)
+    if st.tracing is not None and (span := CURRENT_SPAN.get()) is not None:
+        st.tracing.stages(span, t_ns, answer.timings, **{"sine.mode": req.mode})
     return Response(answer.body, media_type=JSON,
                     headers={"Server-Timing": answer.server_timing()})
 
@@ -40,12 +44,15 @@ async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
     queries = [query(r, st.settings.interest_merge) for r in req.requests]
     bulk = len(queries) > st.settings.interactive_batch_users
     with st.admission.admit(len(queries), bulk=bulk):
+        t_ns = time.time_ns()
         answers = await st.recommender.recommend(engine, queries, bulk=bulk)
     worst: dict[str, float] = {}
     for a in answers:
         for k, v in a.timings.items():
             worst[k] = max(worst.get(k, 0.0), v)
     st.metrics.child(st.metrics.request, "recommend_batch").observe(time.perf_counter() - t0)
+    if st.tracing is not None and (span := CURRENT_SPAN.get()) is not None:
+        st.tracing.stages(span, t_ns, worst, **{"sine.users": len(queries)})
     return Response(b'{"results":[' + b",".join(a.body for a in answers) + b"]}",
                     media_type=JSON, headers={"Server-Timing": server_timing(worst)})
 

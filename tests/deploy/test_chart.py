@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
 CI_VALUES = ROOT / "deploy" / "helm" / "ci"
 K8S_VERSION = "1.33.0"          # the Kubernetes version the manifests are validated against
-CRDS = {"ServiceMonitor"}       # not in the core schemas: checked by hand below
+CRDS = {"ServiceMonitor", "PrometheusRule"}   # not in the core schemas: checked by hand below
 YAMLLINT = YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))   # the project's own rules
 VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autoscaling-values.yaml"],
               "refresh": ["refresh-values.yaml"]}
@@ -30,7 +30,8 @@ def render(chart: Path = CHART, files=(), overrides: dict | None = None) -> dict
         values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
     values = _merge(values, overrides or {})
     with helm.Chart.load(str(chart)) as c:
-        out = c.render(c.merge_values(values), name="sine", namespace="recsys")
+        # the user's values as given: Helm coalesces them with the defaults (a null deletes)
+        out = c.render(values, name="sine", namespace="recsys")
     return {k: [d for d in yaml.safe_load_all(v) if d] for k, v in out.items()
             if not k.endswith(".txt")}
 
@@ -82,7 +83,9 @@ def test_yamllint_on_rendered_manifests_and_values(name):
         for f in VALUE_SETS[name]:
             values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
         out = c.render(c.merge_values(values), name="sine", namespace="recsys")
-    texts = {k: v for k, v in out.items() if not k.endswith(".txt") and v.strip()}
+    # the dashboard's ConfigMap carries a JSON document (checked as JSON, with its PromQL)
+    texts = {k: v for k, v in out.items() if not k.endswith((".txt", "dashboard-configmap.yaml"))
+             and v.strip()}
     texts["values.yaml"] = (CHART / "values.yaml").read_text()
     texts["Chart.yaml"] = (CHART / "Chart.yaml").read_text()
     for f in CI_VALUES.glob("*.yaml"):
@@ -118,21 +121,29 @@ def test_a_broken_chart_fails_the_checks(tmp_path):
 def env_names(rendered) -> set[str]:
     names = set()
     for cm in kind(rendered, "ConfigMap"):
-        names |= set(cm["data"])
+        if cm["metadata"]["name"] == "sine-sine-retrieval":      # not the dashboard's
+            names |= set(cm["data"])
     for s in kind(rendered, "Secret"):
         names |= set(s.get("stringData") or {})
     return names
 
 
+# what the chart renders beside the settings: the OTel SDK's own variables, with tracing on
+OTEL_SDK = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME",
+            "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+
+
 def test_chart_env_names_are_exactly_the_settings_fields():
-    fields = {f"SINE_{n.upper()}" for n in Settings.model_fields}
+    from service.settings import env_name
+
+    fields = {env_name(n) for n in Settings.model_fields}
     default = env_names(render())
     assert default <= fields, default - fields
     full = env_names(render(files=["autoscaling-values.yaml"]))
-    assert full == fields, (fields - full, full - fields)
+    assert full == fields | OTEL_SDK, (fields - full, full - fields)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     managed = {"host", "port", "bundle", "redis_url", "redis_password", "admin_token",
-               "events_token"}
+               "events_token", "otel_traces_exporter"}    # the last: tracing.enabled
     assert set(values["settings"]) == set(Settings.model_fields) - managed
     for k, v in values["settings"].items():          # values.yaml documents the real defaults
         f = Settings.model_fields[k]
@@ -145,6 +156,7 @@ def test_settings_from_the_configmap_are_accepted_by_the_service(monkeypatch):
         monkeypatch.setenv(k, v)
     s = Settings()
     assert s.host == "0.0.0.0" and s.port == 8000 and s.search_params == {"nprobe": 64}
+    assert s.otel_traces_exporter == "otlp"
     assert s.redis_url == "redis://sine-sine-retrieval-redis:6379/0"
 
 
@@ -178,7 +190,8 @@ def test_gpu_values():
     pod = kind(rendered, "Deployment")[0]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert c["image"].endswith("-gpu")
+    assert c["image"] == "ghcr.io/sine-retrieval/sine-retrieval:0.1.0-gpu"
+    assert pod["runtimeClassName"] == "nvidia"
     assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     init = pod["initContainers"][0]
@@ -238,11 +251,16 @@ def test_the_refresh_job_runs_one_cycle_at_a_time_on_the_bundle_volume():
         render(overrides={"refresh": {"enabled": True}})
 
 
-def test_deploy_readme_lists_every_value():
+def test_the_schema_and_the_values_table_are_in_step_with_values_yaml():
+    from devtools import chart_values
+
+    assert chart_values.main([]) == 0, "run python -m devtools.chart_values --write"
+    table = (CHART / "README.md").read_text().split(chart_values.START, 1)[1]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    table = (ROOT / "deploy" / "README.md").read_text().split("### Values", 1)[1]
     for key in values:
-        assert f"`{key}" in table, f"deploy/README.md's values table lacks {key}"
+        assert f"| `{key}" in table, f"the chart README's values table lacks {key}"
+    for key in values["settings"]:
+        assert f"| `settings.{key}` |" in table
 
 
 def test_cpu_requests_follow_the_workers_unless_set():
@@ -324,7 +342,9 @@ def test_an_image_digest_pins_the_image():
     assert pod["spec"]["template"]["spec"]["containers"][0]["image"] == \
         f"ghcr.io/sine-retrieval/sine-retrieval@{d}"
     pod = kind(render(), "Deployment")[0]
-    assert pod["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")
+    assert pod["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0")
+    pod = kind(render(overrides={"image": {"tag": "0.2.0-rc1"}}), "Deployment")[0]
+    assert pod["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.2.0-rc1")
 
 
 def test_one_version_string_everywhere():
@@ -338,5 +358,10 @@ def test_one_version_string_everywhere():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert __version__ == version == chart["appVersion"]
     assert create_app(Settings(bundle="/nonexistent")).version == version
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["image"]["tag"].startswith(version + "-")
+    # the image tags default to the appVersion, with -gpu and -train for those images
+    rendered = render(files=["refresh-values.yaml"])
+    images = {c["image"] for d in kind(rendered, "Deployment") + kind(rendered, "Pod")
+              for c in d["spec"].get("template", {}).get("spec", d["spec"])["containers"]}
+    cron = kind(rendered, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert f"ghcr.io/sine-retrieval/sine-retrieval:{version}" in images
+    assert cron["containers"][0]["image"].endswith(f":{version}-train")

@@ -76,7 +76,7 @@ def test_the_service_image_serves_a_personalized_answer(built, small_world, redi
     podman("run", "-d", "--name", name, "--network", "host", *CHART_SECURITY,
            "-v", f"{bundles}:/bundles:ro", "-e", f"SINE_PORT={port}", "-e", "SINE_HOST=127.0.0.1",
            "-e", f"SINE_REDIS_URL=redis://127.0.0.1:{redis_server.port}/0",
-           f"{built}-cpu")
+           built)
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -114,7 +114,7 @@ def test_an_unhealthy_port_fails_the_healthcheck(built, tmp_path):
     port = free_port()
     name = f"sine-test-idle-{port}"
     podman("run", "-d", "--name", name, "--network", "host", *CHART_SECURITY,
-           "-e", f"SINE_PORT={port}", "--entrypoint", "sleep", f"{built}-cpu", "60")
+           "-e", f"SINE_PORT={port}", "--entrypoint", "sleep", built, "60")
     try:
         assert podman("healthcheck", "run", name, check=False).returncode != 0
     finally:

@@ -28,13 +28,53 @@ app.kubernetes.io/component: server
 {{- default (include "sine.fullname" .) .Values.existingSecret -}}
 {{- end -}}
 
-{{- define "sine.image" -}}
-{{- $img := ternary .Values.gpu.image .Values.image .Values.gpu.enabled -}}
+{{- /* (list image-values tag-suffix root): repository@digest, else repository:tag, where an
+empty tag is the chart's appVersion and the suffix (-gpu, -train) */ -}}
+{{- define "sine.imageRef" -}}
+{{- $img := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $root := index . 2 -}}
 {{- if $img.digest -}}
 {{- printf "%s@%s" $img.repository $img.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $img.repository $img.tag -}}
+{{- printf "%s:%s" $img.repository (default (printf "%s%s" $root.Chart.AppVersion $suffix) $img.tag) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "sine.image" -}}
+{{- if .Values.gpu.enabled -}}
+{{- include "sine.imageRef" (list .Values.gpu.image "-gpu" .) -}}
+{{- else -}}
+{{- include "sine.imageRef" (list .Values.image "" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sine.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "sine.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* the pod-level fields every pod of the chart's own images shares */ -}}
+{{- define "sine.podSpecCommon" -}}
+serviceAccountName: {{ include "sine.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "sine.redisUrl" -}}
@@ -61,13 +101,5 @@ app.kubernetes.io/component: server
 {{- end -}}
 
 {{- define "sine.securityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.securityContext -}}
 {{- end -}}
