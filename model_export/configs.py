@@ -59,6 +59,10 @@ FULL_SOFTMAX_MAX_ITEMS = 50_000
 INTEREST_LOSSES = ("argmax", "sample", "logsumexp")
 
 
+NEW_ITEM_INITS = ("mean", "neighbours")
+GATE_NEW_ITEMS = ("exclude", "count")
+
+
 @dataclass
 class TrainConfig:
     """The optimizer, the loss, the budget and the early stopping of one training run."""
@@ -82,8 +86,17 @@ class TrainConfig:
     cos_penalty: float = 0.0         # alpha: mean pairwise cosine of a user's K interests
     weight_kl: float = 0.0           # gamma: KL from the target's interest to the Eq. 7 weights
     weight_kl_T: float = 0.5         # that target's temperature on cos(phi_k, h_target)
+    # warm starts: items the starting model does not know (`training.checkpoints.warm_start`)
+    new_item_init: str = "mean"      # mean: the old rows' mean; neighbours: the mean of the rows
+    #                                  of the items clicked just before and after it
+    new_item_oversample: int = 1     # windows whose target is a new item, this many times an epoch
 
     def __post_init__(self):
+        if self.new_item_init not in NEW_ITEM_INITS:
+            raise ValueError(f"new_item_init must be one of {', '.join(NEW_ITEM_INITS)}, "
+                             f"not {self.new_item_init!r}")
+        if self.new_item_oversample < 1:
+            raise ValueError(f"new_item_oversample must be >= 1, got {self.new_item_oversample}")
         if self.interest_loss not in INTEREST_LOSSES:
             raise ValueError(f"interest_loss must be one of {', '.join(INTEREST_LOSSES)}, "
                              f"not {self.interest_loss!r}")
@@ -136,3 +149,9 @@ class RefreshConfig:
     keep_versions: int = 5                 # 0: keep every version
     clicks_retention_hours: float | None = None   # None: keep every exported click
     staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
+    new_item_init: str = "mean"            # TrainConfig.new_item_init for the warm start
+    new_item_oversample: int = 1           # TrainConfig.new_item_oversample
+    # held-out clicks on items the live bundle does not know: "exclude" leaves them out of the
+    # gate's comparison (the live one cannot score them: counting them is a free win for the
+    # candidate), "count" scores them as the live bundle's misses
+    gate_new_items: str = "exclude"

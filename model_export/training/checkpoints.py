@@ -13,6 +13,7 @@ import pickle
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from index_builder.bundle import SineError, write_atomic
@@ -125,14 +126,19 @@ def warm_start_source(path: Path | str) -> dict:
 WARM_START_NOISE = 0.1      # new item rows: the old rows' mean plus this much of their spread
 
 
-def warm_start(model: Encoder, ck: dict, ds: Dataset, seed: int = 0) -> tuple[int, int]:
+def warm_start(model: Encoder, ck: dict, ds: Dataset, seed: int = 0,
+               init: str = "mean") -> torch.Tensor:
     """Start `model` (built for `ds`, whose vocabulary may have grown) from a trained one.
 
     Every parameter but the item table is copied. An item the old model knew keeps its row
     (matched by external id: internal ids are re-ranked by popularity on every data set). A new
-    item starts at the mean of the old item rows plus Gaussian noise of `WARM_START_NOISE` times
-    their per-coordinate standard deviation: near the centre of the item space, where its first
-    training steps can move it, rather than at a random far point. Returns (kept, new) items."""
+    item starts, with `init="mean"`, at the mean of the old item rows plus Gaussian noise of
+    `WARM_START_NOISE` times their per-coordinate standard deviation: near the centre of the
+    item space, where its first training steps can move it, rather than at a random far point.
+    With `init="neighbours"` it starts at the mean of the old rows of the items clicked just
+    before and just after it in `ds`'s sequences, weighted by how often (plus the same noise),
+    which puts it among what its clickers watch; a new item with no known neighbour falls back
+    to the global mean. Returns the new items' mask over `ds`'s internal ids [M + 1]."""
     old_cfg = dict(ck["model_args"])
     new_cfg = asdict(model.config)
     if {k: v for k, v in old_cfg.items() if k != "n_items"} != \
@@ -148,8 +154,12 @@ def warm_start(model: Encoder, ck: dict, ds: Dataset, seed: int = 0) -> tuple[in
     g = torch.Generator().manual_seed(seed)
     mean, std = old_H[1:].mean(0), old_H[1:].std(0)                    # [D], [D]
     with torch.no_grad():
-        H = mean + WARM_START_NOISE * std * torch.randn(len(ds.item_ids), old_H.shape[1],
-                                                        generator=g)  # [M + 1, D]
+        noise = WARM_START_NOISE * std * torch.randn(len(ds.item_ids), old_H.shape[1],
+                                                     generator=g)     # [M + 1, D]
+        H = mean + noise                                               # [M + 1, D]
+        if init == "neighbours":
+            near, has = _neighbour_rows(ds, old_H, new_ids, known)     # [M + 1, D], [M + 1]
+            H[has] = near[has] + noise[has]
         H[known] = old_H[new_ids[known]]
         H[0] = 0.0
         rest = {k: v for k, v in state.items() if k != "H.weight"}
@@ -157,5 +167,27 @@ def warm_start(model: Encoder, ck: dict, ds: Dataset, seed: int = 0) -> tuple[in
         if set(missing) != {"H.weight"} or unexpected:
             raise CheckpointError(f"warm start: parameters differ ({missing}, {unexpected}).")
         model.H.weight.copy_(H.to(model.H.weight.device))
-    kept = int(known.sum())
-    return kept, ds.n_items - kept
+    fresh = ~known
+    fresh[0] = False
+    return fresh
+
+
+def _neighbour_rows(ds: Dataset, old_H: torch.Tensor, new_ids: torch.Tensor,
+                    known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the count-weighted mean old row of each item's known neighbours in the sequences, which
+    items have one). Neighbours: the item clicked just before and just after, per click."""
+    seqs = [np.asarray(s, dtype=np.int64) for s in ds.sequences if len(s) > 1]
+    if not seqs:
+        return torch.zeros_like(old_H[:1]).expand(len(new_ids), -1), torch.zeros(
+            len(new_ids), dtype=torch.bool)
+    a = torch.from_numpy(np.concatenate([s[:-1] for s in seqs]))      # [P] clicked first
+    b = torch.from_numpy(np.concatenate([s[1:] for s in seqs]))       # [P] clicked next
+    item = torch.cat([a, b])                                          # [2P] each item ...
+    other = torch.cat([b, a])                                         # [2P] ... and its neighbour
+    keep = ~known[item] & (item > 0) & known[other]                   # new item, known neighbour
+    item, other = item[keep], other[keep]
+    sums = torch.zeros(len(new_ids), old_H.shape[1])                  # [M + 1, D]
+    sums.index_add_(0, item, old_H[new_ids[other]])
+    counts = torch.zeros(len(new_ids)).index_add_(0, item, torch.ones(len(item)))  # [M + 1]
+    has = counts > 0
+    return sums / counts.clamp(min=1)[:, None], has

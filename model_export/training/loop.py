@@ -109,6 +109,7 @@ class _Run:
         self.ds, self.model_cfg, self.cfg, self.out_dir, self.dist, self.log = \
             ds, model_cfg, cfg, out_dir, dist, log
         self.sp = split(ds, model_cfg.n)
+        self.order: np.ndarray | None = None     # the windows an epoch draws, when oversampled
         if len(self.sp.train_targets) < cfg.batch_size:
             raise DataError(f"{ds.name}: {len(self.sp.train_targets)} training samples, fewer "
                             f"than one batch of {cfg.batch_size}; lower --batch-size or use more "
@@ -154,8 +155,17 @@ class _Run:
         self.log(f"resumed from {path} at epoch {self.state.start_epoch}")
 
     def warm(self, source: Path | str) -> None:
-        kept, new = warm_start(self.model, warm_start_source(source), self.ds, self.cfg.seed)
-        self.log(f"warm start from {source}: {kept:,} items kept their rows, {new:,} new")
+        fresh = warm_start(self.model, warm_start_source(source), self.ds, self.cfg.seed,
+                           init=self.cfg.new_item_init)
+        new = int(fresh.sum())
+        self.log(f"warm start from {source}: {self.ds.n_items - new:,} items kept their rows, "
+                 f"{new:,} new ({self.cfg.new_item_init} rows)")
+        if self.cfg.new_item_oversample > 1 and new:
+            # every window whose target is a new item, that many more times an epoch
+            hit = np.flatnonzero(fresh.numpy()[self.sp.train_targets])
+            extra = np.repeat(hit, self.cfg.new_item_oversample - 1)
+            self.order = np.concatenate([np.arange(len(self.sp.train_targets)), extra])
+            self.log(f"  {len(hit):,} windows end in a new item: {len(extra):,} more an epoch")
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -196,12 +206,15 @@ class _Run:
         cfg, dist, sp = self.cfg, self.dist, self.sp
         self.model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
-        N = len(sp.train_targets)
+        order = self.order
+        N = len(order) if order is not None else len(sp.train_targets)
         bar = bar_cls(total=N // cfg.batch_size, desc=f"epoch {epoch + 1}/{cfg.max_epochs}",
                       unit="batch", leave=False, mininterval=1.0) if bar_cls else None
         loss_sum, reg_sum, n_b, t_ep = 0.0, 0.0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for b in _batches(N, cfg.batch_size, rng):
+            if order is not None:
+                b = order[b]                                           # windows, oversampled
             b = b[dist.rank::dist.world]                               # this rank's slice
             x = torch.from_numpy(sp.train_inputs[b]).long().to(self.dev)  # [B / world, n]
             y = torch.from_numpy(sp.train_targets[b]).to(self.dev)         # [B / world]

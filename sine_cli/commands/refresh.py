@@ -12,7 +12,7 @@ from ..common import data_args, log_args, log_settings, need_torch, nonnegative
 
 
 def add(sub: Any) -> None:
-    from model_export.configs import RefreshConfig
+    from model_export.configs import GATE_NEW_ITEMS, NEW_ITEM_INITS, RefreshConfig
 
     D = {f.name: f.default for f in fields(RefreshConfig)}
     r = sub.add_parser("refresh", help="export clicks, warm-start, gate and publish a bundle",
@@ -50,6 +50,17 @@ def add(sub: Any) -> None:
     r.add_argument("--clicks-retention-hours", type=float,
                    help="delete exported clicks older than this many hours before the newest "
                         "(default: keep them; partitions older than the window are compacted)")
+    r.add_argument("--new-item-init", choices=NEW_ITEM_INITS, default=D["new_item_init"],
+                   help="a new item's starting row: the old rows' mean, or the mean of the rows "
+                        "of the items clicked just before and after it (default "
+                        f"{D['new_item_init']})")
+    r.add_argument("--new-item-oversample", type=int, default=D["new_item_oversample"],
+                   help="draw each training window that ends in a new item this many times an "
+                        f"epoch (default {D['new_item_oversample']})")
+    r.add_argument("--gate-new-items", choices=GATE_NEW_ITEMS, default=D["gate_new_items"],
+                   help="held-out clicks on items the live bundle does not know: exclude them "
+                        "from the gate's comparison, or count them as its misses (default "
+                        f"{D['gate_new_items']})")
     r.set_defaults(func=run)
 
 
@@ -68,7 +79,9 @@ def run(a: argparse.Namespace) -> int:
         work_dir=a.work_dir, window_hours=a.window_hours, train_minutes=a.train_minutes,
         max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
-        keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours),
+        keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours,
+        new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
+        gate_new_items=a.gate_new_items),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
     return EXIT[report.outcome]
