@@ -12,6 +12,7 @@ from ..common import CliError, data_args, dataset, need_torch, print_metrics
 def add(sub: Any) -> None:
     from model_export.configs import (
         INTEREST_LOSSES,
+        NEW_ITEM_INITS,
         WINDOW_HOURS,
         SASRecConfig,
         SINEConfig,
@@ -96,7 +97,14 @@ def add(sub: Any) -> None:
     g.add_argument("--warm-start", type=Path, metavar="CHECKPOINT_OR_BUNDLE",
                    help="start from a trained model (a best.pt, or a bundle holding model.pt) "
                         "instead of the initialization; its items keep their rows, new items start "
-                        "at the mean of the old rows plus noise; the model flags are taken from it")
+                        "as --new-item-init says; the model flags are taken from it")
+    g.add_argument("--new-item-init", choices=NEW_ITEM_INITS, default=TRAIN.new_item_init,
+                   help="with --warm-start, a new item's first row: the old rows' mean plus "
+                        "noise, or the mean of the rows of the items clicked just before and after "
+                        f"it (default {TRAIN.new_item_init})")
+    g.add_argument("--new-item-oversample", type=int, default=TRAIN.new_item_oversample,
+                   help="with --warm-start, draw each window that ends in a new item this many "
+                        f"times an epoch (default {TRAIN.new_item_oversample})")
     g.add_argument("--clicks", type=Path, metavar="FOLDER",
                    help="append the clicks of a `sine export-clicks` folder to --dataset")
     g.add_argument("--clicks-window-hours", type=float, default=WINDOW_HOURS,
@@ -132,7 +140,8 @@ def _train_config(a: argparse.Namespace) -> Any:
                        max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device,
                        interest_loss=a.interest_loss, interest_weight=a.interest_weight,
                        interest_T=a.interest_T, cos_penalty=a.cos_penalty,
-                       weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T)
+                       weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T,
+                       new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample)
 
 
 def run(a: argparse.Namespace) -> int:
