@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         total = time.monotonic() - t0
         rows = json.loads((Path(tmp) / "build.json").read_text())
     payload = {"command": "python -m benchmarks.images " + " ".join(argv or []),
-               "commit": git_commit(ROOT), "machine": machine(), "when": now(),
+               "commit": git_commit(), "machine": machine(), "when": now(),
                "base": base, "base_made_here": not a.keep_base, "total_s": round(total, 1),
                "images": rows}
     md = ["# Container images, built with podman from nothing", "",
