@@ -56,8 +56,9 @@ def test_readme_env_table_is_generated_from_settings():
     assert m, "README lacks the env-table markers"
     assert m.group(1).strip() == env_table().strip(), \
         "README env table is stale: regenerate it with `python -m service.settings`"
+    from service.settings import env_name
     for name in Settings.model_fields:
-        assert f"`SINE_{name.upper()}`" in m.group(1)
+        assert f"`{env_name(name)}`" in m.group(1)
 
 
 def test_settings_survive_the_trip_to_a_worker(monkeypatch):
