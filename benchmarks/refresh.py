@@ -14,9 +14,15 @@ users interleaved as traffic would bring them. Then:
    on a copy of the stale bundle root: export the click log, warm-start on base + replayed
    clicks, gate, publish. Levers: `mean` (a new item's row starts at the mean of the old rows,
    as before), `neighbours` (at the mean of the rows of the items clicked just before and after
-   it), `neighbours+oversample` (and each window ending in a new item drawn
-   `--oversample` times an epoch). The gate runs with tolerance 1 so that every candidate is
-   kept for scoring; whether it would have passed at the default tolerance is reported.
+   it), `mean+oversample` and `neighbours+oversample` (each window ending in a new item drawn
+   `--oversample` times an epoch). `--runs lever@minutes,...` picks cycles instead of the
+   whole levers x budgets grid. The gate runs with tolerance 1 so that every candidate is kept
+   for scoring; whether it would have passed at the default tolerance is reported.
+
+`--reuse-stale` keeps the work folder's stale bundle (trained by an earlier run with the same
+data set, cut and seed) and adds the new cycles to that data set's rows in the results file,
+so that every row is scored against the same stale model. Each data set has its own section
+in `refresh.{json,md}`; a run replaces only its own.
 
 Every bundle is scored on the test targets as the service answers (history = base + replayed
 clicks, every seen item excluded): HR@10/50 over all users, and for the targets that are
@@ -26,7 +32,9 @@ held-back items with 5 or more replayed clicks that any test user gets in a top 
 from an item's first click to its first retrieval, counted as if the cycle started when the
 replay ended (replay end minus the item's first click, plus the cycle's duration).
 
-    python -m benchmarks.refresh --base-minutes 6 --budgets 3,10
+    python -m benchmarks.refresh --base-minutes 5 --budgets 3,10
+    python -m benchmarks.refresh --dataset amazon-beauty --share 0.7 \
+        --runs mean@3,neighbours+oversample@10 --work runs/bench-refresh-beauty
 """
 from __future__ import annotations
 
@@ -46,8 +54,9 @@ from devtools.local import Stack
 from model_export import data
 
 N_BANDS = 5
+# lever: (new_item_init, new_item_oversample; None = --oversample)
 LEVERS = {"mean": ("mean", 1), "neighbours": ("neighbours", 1),
-          "neighbours+oversample": ("neighbours", None)}
+          "mean+oversample": ("mean", None), "neighbours+oversample": ("neighbours", None)}
 
 
 def popularity_bands(ds) -> dict[str, int]:
@@ -201,12 +210,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench-refresh"))
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="refresh")
+    p.add_argument("--runs", help="lever@minutes,... instead of the --levers x --budgets grid")
+    p.add_argument("--reuse-stale", action="store_true",
+                   help="keep the work folder's stale bundle and add to this data set's rows")
     a = p.parse_args()
-    budgets = [float(b) for b in a.budgets.split(",")]
-    levers = a.levers.split(",")
-    for lv in levers:
-        if lv not in LEVERS:
-            raise SystemExit(f"unknown lever {lv!r}; choose from {', '.join(LEVERS)}")
+    cycles = plan(a)
 
     from index_builder.make import make_bundle
     from model_export.export import export
@@ -223,8 +231,16 @@ def main() -> None:
         for x in v:
             replay_clicks[x] = replay_clicks.get(x, 0) + 1
     work = a.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    earlier = earlier_rows(Path(a.out) / f"{a.stem}.json", a, held) if a.reuse_stale else None
+    if earlier is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    else:
+        # a fresh Redis gets the replay again: its export must not meet the earlier one's
+        shutil.rmtree(work / "clicks", ignore_errors=True)
+        for lever, minutes in cycles:
+            for d in (f"bundles-{lever}-{minutes:g}min", f"w-{lever}-{minutes:g}min"):
+                shutil.rmtree(work / d, ignore_errors=True)
     base_csv = work / f"{a.dataset}-base.csv"
     with open(base_csv, "w") as f:
         f.write("user_id,item_id,timestamp\n")
@@ -234,13 +250,16 @@ def main() -> None:
     assert not held & set(ds.item_ids), "a held-back item reached the base data"
     timings: dict = {}
     t0 = time.perf_counter()
-    train(ds, model_config(ds), TrainConfig(max_epochs=20, max_minutes=a.base_minutes,
-                                            patience=2, threads=a.threads, seed=a.seed),
-          work / "base-train", progress=False)
-    export(work / "base-train" / "best.pt", ds, work / "base-export", log=lambda *x: None)
-    stale = make_bundle(work / "base-export", work / "stale", version="stale",
-                        log=lambda *x: None)
-    timings["stale_bundle_s"] = time.perf_counter() - t0
+    if earlier is None:
+        train(ds, model_config(ds), TrainConfig(max_epochs=20, max_minutes=a.base_minutes,
+                                                patience=2, threads=a.threads, seed=a.seed),
+              work / "base-train", progress=False)
+        export(work / "base-train" / "best.pt", ds, work / "base-export", log=lambda *x: None)
+        make_bundle(work / "base-export", work / "stale", version="stale", log=lambda *x: None)
+        timings["stale_bundle_s"] = time.perf_counter() - t0
+    else:
+        timings["stale_bundle_s"] = earlier["timings"].get("stale_bundle_s")
+    stale_path = work / "stale" / "stale"
 
     first_click: dict[str, float] = {}
     runs: list[dict] = []
@@ -251,33 +270,33 @@ def main() -> None:
         replay_end = time.time()
         timings["replay"] = {"events": n_events, "seconds": secs, "per_s": n_events / secs}
         print(f"replayed {n_events} events in {secs:.0f} s", flush=True)
-        for lever in levers:
+        for lever, minutes in cycles:
             init, over = LEVERS[lever]
-            for minutes in budgets:
-                name = f"{lever}-{minutes:g}min"
-                root = work / f"bundles-{name}"
-                shutil.copytree(work / "stale", root)
-                # one clicks folder for every cycle: the first exports the log, the others find
-                # it exported and read the same window
-                rep = refresh(RefreshConfig(
-                    bundle_root=root, work_dir=work / f"w-{name}", dataset=str(base_csv),
-                    redis_url=stack.redis_url, clicks_dir=work / "clicks",
-                    train_minutes=minutes, max_epochs=50, threads=a.threads, seed=a.seed,
-                    tolerance=1.0, new_item_init=init,
-                    new_item_oversample=over or a.oversample), log=lambda *x: None)
-                g = rep.gate["metrics"]
-                runs.append({"name": name, "lever": lever, "minutes": minutes,
-                             "version": rep.version, "root": str(root),
-                             "cycle_s": sum(rep.stages_s.values()), "stages_s": rep.stages_s,
-                             "gate": rep.gate,
-                             "passes_default_tolerance": g["candidate"]["HR@50"]
-                             >= g["live"]["HR@50"] - 0.005})
-                print(name, rep.outcome, {k: round(v["HR@50"], 4) for k, v in g.items()},
-                      flush=True)
+            name = f"{lever}-{minutes:g}min"
+            root = work / f"bundles-{name}"
+            shutil.copytree(work / "stale", root)
+            # one clicks folder for every cycle: the first exports the log, the others find
+            # it exported and read the same window
+            rep = refresh(RefreshConfig(
+                bundle_root=root, work_dir=work / f"w-{name}", dataset=str(base_csv),
+                redis_url=stack.redis_url, clicks_dir=work / "clicks",
+                train_minutes=minutes, max_epochs=50, threads=a.threads, seed=a.seed,
+                tolerance=1.0, new_item_init=init,
+                new_item_oversample=over or a.oversample), log=lambda *x: None)
+            g = rep.gate["metrics"]
+            runs.append({"name": name, "lever": lever, "minutes": minutes,
+                         "version": rep.version, "root": str(root),
+                         "cycle_s": sum(rep.stages_s.values()), "stages_s": rep.stages_s,
+                         "gate": rep.gate,
+                         "passes_default_tolerance": g["candidate"]["HR@50"]
+                         >= g["live"]["HR@50"] - 0.005,
+                         "commit": git_commit(), "command": command(a)})
+            print(name, rep.outcome, {k: round(v["HR@50"], 4) for k, v in g.items()},
+                  flush=True)
 
     hist = {u: base[u] + replay[u] for u in target}     # all a request would see
     users = sorted(target)
-    results = {"stale": new_item_scores(top_lists(stale.path, hist, users), target, held,
+    results = {"stale": new_item_scores(top_lists(stale_path, hist, users), target, held,
                                         bands, replay_clicks)}
     for r in runs:
         sc = new_item_scores(top_lists(Path(r["root"]) / r["version"], hist, users), target,
@@ -289,20 +308,79 @@ def main() -> None:
         results[r["name"]] = sc
         print(r["name"], {k: sc[k] for k in ("HR@50", "new_hr50", "new_item_hr50_ratio",
                                              "retrieved_share")}, flush=True)
-    report(a, full, held, replay_clicks, n_events, timings, runs, results)
+    if earlier is not None:
+        rerun = {r["name"] for r in runs}
+        kept = [r for r in earlier["runs"] if r["name"] not in rerun]
+        runs = kept + runs
+        results.update({r["name"]: earlier["results"][r["name"]] for r in kept})
+    report(a, held, replay_clicks, n_events, timings, runs, results)
+
+
+def plan(a) -> list[tuple[str, float]]:
+    """(lever, minutes) per cycle, from --runs or the --levers x --budgets grid."""
+    if a.runs:
+        cycles = []
+        for part in a.runs.split(","):
+            lever, _, minutes = part.partition("@")
+            try:
+                cycles.append((lever, float(minutes)))
+            except ValueError:
+                raise SystemExit(f"--runs: {part!r} is not lever@minutes") from None
+    else:
+        cycles = [(lv, float(b)) for lv in a.levers.split(",") for b in a.budgets.split(",")]
+    for lever, _ in cycles:
+        if lever not in LEVERS:
+            raise SystemExit(f"unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
+    return cycles
+
+
+def command(a) -> str:
+    what = f"--runs {a.runs}" if a.runs else f"--budgets {a.budgets} --levers {a.levers}"
+    return (f"python -m benchmarks.refresh --dataset {a.dataset} --share {a.share} "
+            f"--hold-back {a.hold_back} --base-minutes {a.base_minutes} {what} "
+            f"--oversample {a.oversample} --seed {a.seed}"
+            + (" --reuse-stale" if a.reuse_stale else ""))
+
+
+def load_sections(path: Path) -> dict:
+    """{data set: its payload} from the results file; a file of one data set's run (the
+    earlier layout) is that data set's section."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if "datasets" in old:
+        return old["datasets"]
+    for r in old["runs"]:
+        r.setdefault("commit", old["commit"])
+        r.setdefault("command", old["command"])
+    return {old["dataset"]: old}
+
+
+def earlier_rows(path: Path, a, held: set[str]) -> dict | None:
+    """This data set's earlier section when its stale bundle can be reused: same held-back
+    items, and the bundle still in the work folder."""
+    sec = load_sections(path).get(a.dataset)
+    if sec is None or set(sec["held_back"]) != held or not (a.work / "stale" / "stale").is_dir():
+        raise SystemExit(f"--reuse-stale: no earlier {a.dataset} run with the same held-back "
+                         f"items in {path}, or its stale bundle is gone from {a.work}/stale")
+    return sec
 
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def report(a, full, held, replay_clicks, n_events, timings, runs, results) -> None:
-    cmd = (f"python -m benchmarks.refresh --dataset {a.dataset} --base-minutes {a.base_minutes} "
-           f"--budgets {a.budgets} --levers {a.levers} --oversample {a.oversample}")
+def report(a, held, replay_clicks, n_events, timings, runs, results) -> None:
+    cmd = command(a)
     st = results["stale"]
-    md = [f"# New items after one refresh: {a.dataset} (simulated in time by position)", "",
+    md = [f"## {a.dataset}", "",
           f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
-          f"`{cmd}`", "",
+          f"`{cmd}`", ""]
+    earlier = sorted({(r["commit"], r["command"]) for r in runs if r.get("command") != cmd})
+    md += [f"Rows not from this run came from commit {c[:10]}: `{k}`." for c, k in earlier]
+    md += ["" if earlier else None]
+    md = [x for x in md if x is not None]
+    md += [
           f"Each user's first {a.share:.0%} of clicks (at least 3) are the base data. "
           f"{len(held)} items ({a.hold_back:.0%}, drawn evenly across {N_BANDS} popularity bands) "
           f"are held back: their base clicks are dropped, so the stale model never saw them. Of "
@@ -353,13 +431,22 @@ def report(a, full, held, replay_clicks, n_events, timings, runs, results) -> No
         md.append(f"| {r['name']} | {_pct(g['candidate']['HR@50'])} | {_pct(g['live']['HR@50'])} "
                   f"| {_pct(r['gate']['holdout_new_item_share'])} | {_pct(on_new)} | "
                   f"{r['cycle_s']:.0f} |")
-    payload = {"command": cmd, "commit": git_commit(), "machine": machine(), "when": now(),
+    section = {"command": cmd, "commit": git_commit(), "machine": machine(), "when": now(),
                "dataset": a.dataset, "held_back": sorted(held), "timings": timings,
                "runs": runs, "results": {k: {kk: vv for kk, vv in v.items() if kk != "retrieved"}
                                          for k, v in results.items()},
                "new_item_hr50_ratio": {r["name"]: results[r["name"]]["new_item_hr50_ratio"]
-                                       for r in runs}}
-    write_results(a.out, a.stem, payload, md)
+                                       for r in runs},
+               "markdown": md}
+    sections = load_sections(Path(a.out) / f"{a.stem}.json")
+    sections[a.dataset] = section
+    payload = {"new_item_hr50_ratio": {d: v["new_item_hr50_ratio"] for d, v in sections.items()},
+               "datasets": sections}
+    lines = ["# New items after one refresh (simulated in time by position)", ""]
+    for d, v in sections.items():
+        lines += v.get("markdown") or [f"## {d}", "", f"`{v['command']}`: see the JSON.", ""]
+        lines.append("")
+    write_results(a.out, a.stem, payload, lines[:-1])
 
 def get_json(url: str) -> dict:
     import urllib.request
