@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from model_export.configs import NEW_ITEM_INITS
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
 VALUES, SCHEMA, README = CHART / "values.yaml", CHART / "values.schema.json", CHART / "README.md"
@@ -44,6 +46,8 @@ RULES: dict[str, dict[str, Any]] = {
     "gpu.count": {"type": "integer", "minimum": 1},
     "refresh.trainMinutes": NON_NEGATIVE, "refresh.windowHours": NON_NEGATIVE,
     "refresh.tolerance": NON_NEGATIVE,
+    "refresh.newItemInit": {"enum": list(NEW_ITEM_INITS)},
+    "refresh.newItemOversample": {"type": "integer", "minimum": 1},
     "refresh.activeDeadlineSeconds": {"type": "integer", "minimum": 1},
     "refresh.backoffLimit": {"type": "integer", "minimum": 0},
     "tracing.sampler": {"enum": ["always_on", "always_off", "traceidratio",

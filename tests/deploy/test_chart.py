@@ -236,6 +236,7 @@ def test_the_refresh_job_runs_one_cycle_at_a_time_on_the_bundle_volume():
     from sine_cli.main import build_parser
     a = build_parser().parse_args(c["args"])                # a real `sine refresh` command
     assert a.command == "refresh" and str(a.bundle_root) == "/bundles" and a.dataset == "ml-1m"
+    assert (a.new_item_init, a.new_item_oversample) == ("neighbours", 8)
     assert c["resources"]["limits"]["memory"] and c["securityContext"]["runAsNonRoot"]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert "readOnly" not in mounts["bundles"]               # it publishes there
@@ -247,6 +248,11 @@ def test_the_refresh_job_runs_one_cycle_at_a_time_on_the_bundle_volume():
     with pytest.raises(helm.HelmError, match="needs bundle.source=pvc"):
         render(files=["refresh-values.yaml"], overrides={"bundle": {"source": "download",
                                                                     "version": "v1"}})
+    job = kind(render(files=["refresh-values.yaml"], overrides={"refresh": {
+        "newItemInit": "mean", "newItemOversample": 1}}), "CronJob")[0]
+    a = build_parser().parse_args(
+        job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert (a.new_item_init, a.new_item_oversample) == ("mean", 1)
     with pytest.raises(helm.HelmError, match="refresh.dataset is required"):
         render(overrides={"refresh": {"enabled": True}})
 

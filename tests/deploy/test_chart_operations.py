@@ -38,6 +38,8 @@ def lint(values: dict) -> list[str]:
     ({"ingress": {"hosts": [{"host": "x"}]}}, "paths"),
     ({"service": {"port": 70000}}, "port"),
     ({"prometheusRule": {"errorRatio": 5}}, "errorRatio"),
+    ({"refresh": {"newItemInit": "random"}}, "newItemInit"),
+    ({"refresh": {"newItemOversample": 0}}, "newItemOversample"),
 ])
 def test_a_wrong_value_fails_lint_and_says_which(wrong, says):
     problems = lint(wrong)
