@@ -11,7 +11,12 @@ NDCG, per-interest retrieval under each merge of `service.merge` (the service's 
 the interest diagnostics (pairwise cosine, Eq. 7 weight entropy, Eq. 3 assignment entropy, NMI
 against item labels). Every HR carries its binomial standard error over test users,
 sqrt(p (1 - p) / U); a difference of two rows is significant at 2 standard errors when it
-exceeds 2 sqrt(se_a^2 + se_b^2) (unpaired, so conservative).
+exceeds 2 sqrt(se_a^2 + se_b^2) (unpaired, so conservative). Where a configuration ran with
+several seeds, a table of seed means sets each beside K = 1 (`k1`) the same way, with the
+per-seed differences as the spread.
+
+Rows already in the results file of the same `--tag` whose (data set, configuration, seed) is
+not among the runs found are kept as they are, so a second seed can be launched on its own.
 """
 from __future__ import annotations
 
@@ -100,6 +105,64 @@ def collect(runs_dir: Path, tag: str) -> dict[str, list[dict]]:
     return out
 
 
+def keep_earlier(found: dict[str, list[dict]], path: Path) -> tuple[dict[str, list[dict]], list]:
+    """`found` plus the rows of the results file at `path` that no run found replaces, and the
+    commands that launched those earlier rows."""
+    if not path.exists():
+        return found, []
+    old = json.loads(path.read_text())
+    out = {ds: list(rows) for ds, rows in found.items()}
+    commands = []
+    for ds, rows in old.get("datasets", {}).items():
+        have = {(r["variant"], r["seed"]) for r in out.get(ds, [])}
+        kept = [r for r in rows if (r["variant"], r["seed"]) not in have]
+        if kept:
+            out.setdefault(ds, []).extend(kept)
+            commands.append(old["meta"].get("command"))
+    for c in old.get("meta", {}).get("earlier_commands", []):
+        commands.append(c)
+    return out, sorted({c for c in commands if c})
+
+
+def seed_means(rows: list[dict]) -> list[str]:
+    """Markdown rows: each configuration's mean over seeds beside K = 1's, when some ran with
+    more than one seed: HR@50 and HR@100 of the aggregate and of each merge."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    if "k1" not in by or max(len(v) for v in by.values()) < 2:
+        return []
+
+    base = {r["seed"]: r for r in by["k1"]}
+    out = ["Seed means beside K = 1 (`k1`): the difference of the means, in units of the "
+           "unpaired standard error sqrt(se_a^2 + se_b^2) of one run each, then the per-seed "
+           "differences (seeds both ran with):", "",
+           "| configuration | seeds | mode | HR@50 | vs K = 1 | per seed | HR@100 | vs K = 1 | "
+           "per seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for variant, rs in sorted(by.items()):
+        users = rs[0]["users"]
+        modes = ["agg"] + ([] if variant == "k1" else   # K = 1: every merge is the aggregate
+                           sorted({k for r in rs for k in (r["merges"] or {})}))
+        for mode in modes:
+            cells = []
+            for metric in ("HR@50", "HR@100"):
+                vals = {r["seed"]: (r["aggregate"][metric] if mode == "agg"
+                                    else (r["merges"].get(mode) or {}).get(metric)) for r in rs}
+                if any(v is None for v in vals.values()):
+                    cells += ["-", "-", "-"]
+                    continue
+                mean = sum(vals.values()) / len(vals)
+                ref = {sd: base[sd]["aggregate"][metric] for sd in base}   # K = 1: one list
+                kmean = sum(ref.values()) / len(ref)
+                err = math.sqrt(se(mean, users) ** 2 + se(kmean, users) ** 2)
+                per = [f"{100 * (vals[sd] - ref[sd]):+.2f}" for sd in sorted(vals) if sd in ref]
+                cells += [f"{100 * mean:.2f}", f"{100 * (mean - kmean):+.2f} "
+                          f"({(mean - kmean) / err:+.1f} SE)" if variant != "k1" else "-",
+                          ", ".join(per) if variant != "k1" else "-"]
+            out.append(f"| {rs[0]['label']} | {len(rs)} | {mode} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def fmt(p: float | None, users: int) -> str:
     return "-" if p is None else f"{100 * p:.2f} ± {100 * se(p, users):.2f}"
 
@@ -110,7 +173,12 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> 
     jpath.write_text(json.dumps({"meta": meta, "datasets": results}, indent=1))
     md = [f"# Multi-interest screen ({meta['tag']})", "",
           f"{meta['finished']}; commit {meta['git_commit'][:10]}; {meta['machine'].get('cpu', '?')}; "
-          f"`{meta['command']}`", "",
+          f"`{meta['command']}`", ""]
+    md += [f"Rows of earlier launches kept from the file: `{c}`." for c in
+           meta.get("earlier_commands", [])]
+    md += ["" if meta.get("earlier_commands") else None]
+    md = [x for x in md if x is not None]
+    md += [
           "Test split, leave-one-out, full ranking, history excluded, in percent ± the binomial "
           "standard error over test users. `agg`: the Eq. 8 user vector; `max`, `weighted`, "
           "`quota`: `mode=per_interest` merged by `service.merge`. Diagnostics: mean pairwise "
@@ -152,6 +220,7 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> 
                 f"{100 * h['HR@50']:.2f} ({h['samples_per_s']:,.0f}/s)"
                 for h in r["valid_by_epoch"]) + " |")
         md.append("")
+        md += seed_means(rows)
     (results_dir / f"{stem}.md").write_text("\n".join(md))
     return jpath
 
@@ -192,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "jobs": a.jobs, "max_minutes": a.max_minutes, "epochs": a.epochs}
     meta = {"tag": a.tag, **started, "git_commit": git_commit(), "machine": machine("cpu"),
             "finished": now()}
-    path = write(collect(a.runs_dir, a.tag), f"accuracy-interests-{a.tag}", meta, a.results_dir)
+    stem = f"accuracy-interests-{a.tag}"
+    rows, earlier = keep_earlier(collect(a.runs_dir, a.tag), a.results_dir / f"{stem}.json")
+    meta["earlier_commands"] = [c for c in earlier if c != meta["command"]]
+    path = write(rows, stem, meta, a.results_dir)
     print(path.with_suffix(".md").read_text())
     return 0
 

@@ -28,3 +28,29 @@ def test_the_screen_runs_each_configuration_and_merge_with_its_errors(tmp_path):
 def test_a_standard_error_is_binomial():
     assert interests.se(0.5, 100) == pytest.approx(0.05)
     assert interests.se(0.0, 100) == 0.0
+
+
+def _row(variant, seed, hr50, hr100, merges=None):
+    return {"label": variant, "variant": variant, "seed": seed, "users": 10_000,
+            "aggregate": {"HR@50": hr50, "HR@100": hr100}, "merges": merges or {}}
+
+
+def test_a_second_seed_keeps_the_first_seeds_rows_and_sets_the_means_beside_k1(tmp_path):
+    path = tmp_path / "accuracy-interests-t.json"
+    first = {"k1": [_row("k1", 42, 0.50, 0.60)],
+             "sine": [_row("sine", 42, 0.51, 0.63, {"max": {"HR@50": 0.45, "HR@100": 0.57}})]}
+    path.write_text(json.dumps({"meta": {"command": "launch 42"}, "datasets": {
+        "d": first["k1"] + first["sine"]}}))
+    found = {"d": [_row("k1", 7, 0.52, 0.62),
+                   _row("sine", 7, 0.55, 0.65, {"max": {"HR@50": 0.47, "HR@100": 0.59}}),
+                   _row("sine", 42, 0.53, 0.64, {"max": {"HR@50": 0.46, "HR@100": 0.58}})]}
+    rows, earlier = interests.keep_earlier(found, path)
+    assert earlier == ["launch 42"]
+    assert sorted((r["variant"], r["seed"], r["aggregate"]["HR@50"]) for r in rows["d"]) == [
+        ("k1", 7, 0.52), ("k1", 42, 0.50), ("sine", 7, 0.55), ("sine", 42, 0.53)]  # rerun wins
+    md = "\n".join(interests.seed_means(rows["d"]))
+    se = 100 * (interests.se(0.54, 10_000) ** 2 + interests.se(0.51, 10_000) ** 2) ** 0.5
+    assert f"| sine | 2 | agg | 54.00 | +3.00 ({3.0 / se:+.1f} SE) | +3.00, +3.00 |" in md
+    assert "| sine | 2 | max | 46.50 | -4.50" in md
+    assert "| k1 | 2 | max" not in md                      # K = 1: one list, no merges
+    assert interests.seed_means([_row("k1", 1, 0.5, 0.6), _row("sine", 1, 0.5, 0.6)]) == []
