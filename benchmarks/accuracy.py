@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common import git_commit, machine, now
 from model_export import data
 
@@ -69,6 +71,8 @@ LABELS = {
     "wkl-cos": "SINE + weight KL 1 and cosine penalty 0.1",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
+HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
+HITS_FILE = "test_hits.npz"  # in the run folder: {"agg@50": [U] bool, "max@100": ..., ...}
 PAPER = {"ml-1m": {"HR@10": 16.34, "NDCG@10": 7.06, "HR@50": 45.79, "NDCG@50": 13.50}}
 AIM = {"ml-1m": {"HR@10": 21.5, "NDCG@10": 11.0, "HR@50": 49.0, "NDCG@50": 17.0}}
 
@@ -143,12 +147,20 @@ def extra_metrics(ck_path: Path, ds) -> dict:
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
     sp = split(ds, model.config.n)
+    ranks: list[np.ndarray] = []
+    evaluate_model(model, ds, sp, "test", ranks_out=ranks)
+    hits = {f"agg@{k}": ranks[0] < k for k in HIT_KS}     # per test user, for paired differences
     out: dict = {"test_per_interest": evaluate_model(model, ds, sp, "test", mode="per_interest"),
                  "beyond": {m: beyond_accuracy(model, ds, sp, LIST_N, m)
                             for m in ("aggregate", "per_interest")}}
     if isinstance(model, SINE):
         out["diagnostics"] = interest_diagnostics(model, ds, sp)
-        out["test_merges"] = {how: evaluate_merge(model, ds, sp, how) for how in MERGES}
+        out["test_merges"] = {}
+        for how in MERGES:
+            at: dict[int, np.ndarray] = {}
+            out["test_merges"][how] = evaluate_merge(model, ds, sp, how, hits_out=at)
+            hits.update({f"{how}@{k}": at[k] for k in HIT_KS})
+    np.savez_compressed(ck_path.parent / HITS_FILE, **hits)
     return out
 
 

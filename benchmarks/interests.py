@@ -13,7 +13,9 @@ against item labels). Every HR carries its binomial standard error over test use
 sqrt(p (1 - p) / U); a difference of two rows is significant at 2 standard errors when it
 exceeds 2 sqrt(se_a^2 + se_b^2) (unpaired, so conservative). Where a configuration ran with
 several seeds, a table of seed means sets each beside K = 1 (`k1`) the same way, with the
-per-seed differences as the spread.
+per-seed differences as the spread, and, where the runs kept each test user's hits
+(`test_hits.npz`), the difference paired by user: the mean over users of (hit - K = 1's hit),
+averaged over seeds, with the standard error of that mean.
 
 Rows already in the results file of the same `--tag` whose (data set, configuration, seed) is
 not among the runs found are kept as they are, so a second seed can be launched on its own.
@@ -29,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from benchmarks.accuracy import HITS_FILE
 from benchmarks.common import git_commit, machine, now
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,22 +100,60 @@ def row_of(r: dict) -> dict:
     return row
 
 
-def collect(runs_dir: Path, tag: str) -> dict[str, list[dict]]:
+def collect(runs_dir: Path, tag: str) -> tuple[dict[str, list[dict]], dict]:
+    """The rows of the runs under `runs_dir`, and their differences from K = 1 paired by test
+    user (`paired`)."""
     out: dict[str, list[dict]] = {}
+    hits: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
     for p in sorted(runs_dir.glob(f"*/*-{tag}-s*/result.json")):
         r = json.loads(p.read_text())
         if r["variant"] == "popularity":
             continue
-        out.setdefault(p.parent.parent.name, []).append(row_of(r))
+        row = row_of(r)
+        out.setdefault(p.parent.parent.name, []).append(row)
+        if (p.parent / HITS_FILE).exists():
+            with np.load(p.parent / HITS_FILE) as z:
+                hits[(p.parent.parent.name, row["variant"], row["seed"])] = dict(z)
+    return out, paired(hits)
+
+
+def paired(hits: dict[tuple[str, str, int], dict[str, np.ndarray]]) -> dict:
+    """{data set: {configuration: {"max@50": {diff, se, seeds}, ...}}}: each mode's hit minus
+    K = 1's on the same test user, averaged over the seeds both ran with, then over users; the
+    standard error is that of the mean of those per-user differences. The same users answer
+    both, so this is much tighter than the unpaired error of two separate runs."""
+    out: dict = {}
+    for (ds, variant, _), _h in sorted(hits.items()):
+        if variant == "k1" or variant in out.get(ds, {}):
+            continue
+        seeds = sorted(sd for (d, v, sd) in hits if d == ds and v == variant
+                       and (ds, "k1", sd) in hits)
+        if not seeds:
+            continue
+        res = {}
+        for key in hits[(ds, variant, seeds[0])]:
+            k = key.split("@")[1]
+            d = np.mean([hits[(ds, variant, sd)][key].astype(float)
+                         - hits[(ds, "k1", sd)][f"agg@{k}"].astype(float) for sd in seeds],
+                        axis=0)                                        # [U]
+            res[key] = {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d))),
+                        "seeds": seeds}
+        out.setdefault(ds, {})[variant] = res
     return out
 
 
-def keep_earlier(found: dict[str, list[dict]], path: Path) -> tuple[dict[str, list[dict]], list]:
+def keep_earlier(found: dict[str, list[dict]], path: Path,
+                 pairs: dict | None = None) -> tuple[dict[str, list[dict]], list]:
     """`found` plus the rows of the results file at `path` that no run found replaces, and the
-    commands that launched those earlier rows."""
+    commands that launched those earlier rows; `pairs` (from `collect`) gains the file's paired
+    figures of the configurations it has none for."""
     if not path.exists():
         return found, []
     old = json.loads(path.read_text())
+    if pairs is not None:
+        for ds, by in old.get("paired", {}).items():
+            for variant, res in by.items():
+                pairs.setdefault(ds, {}).setdefault(variant, res)
     out = {ds: list(rows) for ds, rows in found.items()}
     commands = []
     for ds, rows in old.get("datasets", {}).items():
@@ -124,7 +167,7 @@ def keep_earlier(found: dict[str, list[dict]], path: Path) -> tuple[dict[str, li
     return out, sorted({c for c in commands if c})
 
 
-def seed_means(rows: list[dict]) -> list[str]:
+def seed_means(rows: list[dict], pairs: dict | None = None) -> list[str]:
     """Markdown rows: each configuration's mean over seeds beside K = 1's, when some ran with
     more than one seed: HR@50 and HR@100 of the aggregate and of each merge."""
     by: dict[str, list[dict]] = {}
@@ -136,9 +179,11 @@ def seed_means(rows: list[dict]) -> list[str]:
     base = {r["seed"]: r for r in by["k1"]}
     out = ["Seed means beside K = 1 (`k1`): the difference of the means, in units of the "
            "unpaired standard error sqrt(se_a^2 + se_b^2) of one run each, then the per-seed "
-           "differences (seeds both ran with):", "",
-           "| configuration | seeds | mode | HR@50 | vs K = 1 | per seed | HR@100 | vs K = 1 | "
-           "per seed |", "|---|---|---|---|---|---|---|---|---|"]
+           "differences (seeds both ran with), then `paired`: the mean per-user difference in "
+           "hits from K = 1 on the same test users (averaged over the seeds both ran with) ± "
+           "its standard error, where the runs kept their per-user hits:", "",
+           "| configuration | seeds | mode | HR@50 | vs K = 1 | per seed | paired | HR@100 | "
+           "vs K = 1 | per seed | paired |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, rs in sorted(by.items()):
         users = rs[0]["users"]
         modes = ["agg"] + ([] if variant == "k1" else   # K = 1: every merge is the aggregate
@@ -149,16 +194,20 @@ def seed_means(rows: list[dict]) -> list[str]:
                 vals = {r["seed"]: (r["aggregate"][metric] if mode == "agg"
                                     else (r["merges"].get(mode) or {}).get(metric)) for r in rs}
                 if any(v is None for v in vals.values()):
-                    cells += ["-", "-", "-"]
+                    cells += ["-", "-", "-", "-"]
                     continue
                 mean = sum(vals.values()) / len(vals)
                 ref = {sd: base[sd]["aggregate"][metric] for sd in base}   # K = 1: one list
                 kmean = sum(ref.values()) / len(ref)
                 err = math.sqrt(se(mean, users) ** 2 + se(kmean, users) ** 2)
                 per = [f"{100 * (vals[sd] - ref[sd]):+.2f}" for sd in sorted(vals) if sd in ref]
+                pr = (pairs or {}).get(variant, {}).get(f"{mode}@{metric.split('@')[1]}")
                 cells += [f"{100 * mean:.2f}", f"{100 * (mean - kmean):+.2f} "
                           f"({(mean - kmean) / err:+.1f} SE)" if variant != "k1" else "-",
-                          ", ".join(per) if variant != "k1" else "-"]
+                          ", ".join(per) if variant != "k1" else "-",
+                          f"{100 * pr['diff']:+.2f} ± {100 * pr['se']:.2f} "
+                          f"({pr['diff'] / max(pr['se'], 1e-12):+.1f} SE, seeds "
+                          f"{','.join(map(str, pr['seeds']))})" if pr else "-"]
             out.append(f"| {rs[0]['label']} | {len(rs)} | {mode} | " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -167,10 +216,12 @@ def fmt(p: float | None, users: int) -> str:
     return "-" if p is None else f"{100 * p:.2f} ± {100 * se(p, users):.2f}"
 
 
-def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> Path:
+def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS,
+          pairs: dict | None = None) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     jpath = results_dir / f"{stem}.json"
-    jpath.write_text(json.dumps({"meta": meta, "datasets": results}, indent=1))
+    jpath.write_text(json.dumps({"meta": meta, "datasets": results, "paired": pairs or {}},
+                                indent=1))
     md = [f"# Multi-interest screen ({meta['tag']})", "",
           f"{meta['finished']}; commit {meta['git_commit'][:10]}; {meta['machine'].get('cpu', '?')}; "
           f"`{meta['command']}`", ""]
@@ -220,7 +271,7 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS) -> 
                 f"{100 * h['HR@50']:.2f} ({h['samples_per_s']:,.0f}/s)"
                 for h in r["valid_by_epoch"]) + " |")
         md.append("")
-        md += seed_means(rows)
+        md += seed_means(rows, (pairs or {}).get(ds))
     (results_dir / f"{stem}.md").write_text("\n".join(md))
     return jpath
 
@@ -262,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"tag": a.tag, **started, "git_commit": git_commit(), "machine": machine("cpu"),
             "finished": now()}
     stem = f"accuracy-interests-{a.tag}"
-    rows, earlier = keep_earlier(collect(a.runs_dir, a.tag), a.results_dir / f"{stem}.json")
+    found, pairs = collect(a.runs_dir, a.tag)
+    rows, earlier = keep_earlier(found, a.results_dir / f"{stem}.json", pairs)
     meta["earlier_commands"] = [c for c in earlier if c != meta["command"]]
-    path = write(rows, stem, meta, a.results_dir)
+    path = write(rows, stem, meta, a.results_dir, pairs)
     print(path.with_suffix(".md").read_text())
     return 0
 

@@ -15,14 +15,11 @@ users interleaved as traffic would bring them. Then:
    clicks, gate, publish. Levers: `mean` (a new item's row starts at the mean of the old rows,
    as before), `neighbours` (at the mean of the rows of the items clicked just before and after
    it), `mean+oversample` and `neighbours+oversample` (each window ending in a new item drawn
-   `--oversample` times an epoch). `--runs lever@minutes,...` picks cycles instead of the
-   whole levers x budgets grid. The gate runs with tolerance 1 so that every candidate is kept
-   for scoring; whether it would have passed at the default tolerance is reported.
-
-`--reuse-stale` keeps the work folder's stale bundle (trained by an earlier run with the same
-data set, cut and seed) and adds the new cycles to that data set's rows in the results file,
-so that every row is scored against the same stale model. Each data set has its own section
-in `refresh.{json,md}`; a run replaces only its own.
+   `--oversample` times an epoch), `rows-only` (neighbour rows fitted alone into the stale
+   model, on the windows ending in a new item, everything else frozen). `--runs
+   lever@minutes,...` picks cycles instead of the whole levers x budgets grid. The gate runs
+   with tolerance 1 so that every candidate is kept for scoring; whether it would have passed
+   at the default tolerance is reported.
 
 Every bundle is scored on the test targets as the service answers (history = base + replayed
 clicks, every seen item excluded): HR@10/50 over all users, and for the targets that are
@@ -54,9 +51,11 @@ from devtools.local import Stack
 from model_export import data
 
 N_BANDS = 5
-# lever: (new_item_init, new_item_oversample; None = --oversample)
-LEVERS = {"mean": ("mean", 1), "neighbours": ("neighbours", 1),
-          "mean+oversample": ("mean", None), "neighbours+oversample": ("neighbours", None)}
+# lever: (new_item_init, new_item_oversample (None: --oversample), new_rows_only)
+LEVERS = {"mean": ("mean", 1, False), "neighbours": ("neighbours", 1, False),
+          "mean+oversample": ("mean", None, False),
+          "neighbours+oversample": ("neighbours", None, False),
+          "rows-only": ("neighbours", None, True)}
 
 
 def popularity_bands(ds) -> dict[str, int]:
@@ -271,7 +270,7 @@ def main() -> None:
         timings["replay"] = {"events": n_events, "seconds": secs, "per_s": n_events / secs}
         print(f"replayed {n_events} events in {secs:.0f} s", flush=True)
         for lever, minutes in cycles:
-            init, over = LEVERS[lever]
+            init, over, rows_only = LEVERS[lever]
             name = f"{lever}-{minutes:g}min"
             root = work / f"bundles-{name}"
             shutil.copytree(work / "stale", root)
@@ -282,7 +281,8 @@ def main() -> None:
                 redis_url=stack.redis_url, clicks_dir=work / "clicks",
                 train_minutes=minutes, max_epochs=50, threads=a.threads, seed=a.seed,
                 tolerance=1.0, new_item_init=init,
-                new_item_oversample=over or a.oversample), log=lambda *x: None)
+                new_item_oversample=over or a.oversample, new_rows_only=rows_only),
+                log=lambda *x: None)
             g = rep.gate["metrics"]
             runs.append({"name": name, "lever": lever, "minutes": minutes,
                          "version": rep.version, "root": str(root),

@@ -90,6 +90,9 @@ class TrainConfig:
     new_item_init: str = "mean"      # mean: the old rows' mean; neighbours: the mean of the rows
     #                                  of the items clicked just before and after it
     new_item_oversample: int = 1     # windows whose target is a new item, this many times an epoch
+    new_rows_only: bool = False      # fit the new items' rows alone: every other parameter and
+    #                                  every known row frozen, an epoch drawing only the windows
+    #                                  that end in a new item (new_item_oversample times each)
 
     def __post_init__(self):
         if self.new_item_init not in NEW_ITEM_INITS:
@@ -151,6 +154,8 @@ class RefreshConfig:
     staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
     new_item_init: str = "mean"            # TrainConfig.new_item_init for the warm start
     new_item_oversample: int = 1           # TrainConfig.new_item_oversample
+    new_rows_only: bool = False            # TrainConfig.new_rows_only: the cheap cycle between
+    #                                        full refreshes (needs a live bundle to start from)
     # held-out clicks on items the live bundle does not know: "exclude" leaves them out of the
     # gate's comparison (the live one cannot score them: counting them is a free win for the
     # candidate), "count" scores them as the live bundle's misses

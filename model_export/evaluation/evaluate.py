@@ -61,15 +61,20 @@ def metrics_from_ranks(ranks: np.ndarray, ks=KS) -> dict[str, float]:
 
 def evaluate_scores(score_fn: Callable[[np.ndarray], torch.Tensor], inputs: np.ndarray,
                     targets: np.ndarray, exclude: list[np.ndarray] | None, batch_size: int = 1024,
-                    ks=KS) -> dict[str, float]:
-    """Rank every user's target among all items; `score_fn(rows) -> [b, M + 1]`."""
+                    ks=KS, ranks_out: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Rank every user's target among all items; `score_fn(rows) -> [b, M + 1]`. The 0-based
+    ranks [U] are appended to `ranks_out` when given (for paired comparisons of two models on
+    the same users)."""
     ranks = []
     for i in range(0, len(targets), batch_size):
         sl = slice(i, i + batch_size)
         scores = score_fn(inputs[sl])
         ex = exclude[sl] if exclude is not None else []
         ranks.append(rank_targets(scores, torch.from_numpy(targets[sl]), ex).numpy())
-    return metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), ks)
+    every = np.concatenate(ranks) if ranks else np.zeros(0)           # [U]
+    if ranks_out is not None:
+        ranks_out.append(every)
+    return metrics_from_ranks(every, ks)
 
 
 MODES = ("aggregate", "per_interest")
@@ -95,11 +100,13 @@ def scorer(model, mode: str = "aggregate") -> Callable[[np.ndarray], torch.Tenso
 
 @torch.no_grad()
 def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
-                   batch_size: int = 256, ks=KS) -> dict[str, float]:
+                   batch_size: int = 256, ks=KS,
+                   hits_out: dict[int, np.ndarray] | None = None) -> dict[str, float]:
     """HR and NDCG@k of `mode=per_interest` as the service answers it: each interest's exact top
     max(ks) (history excluded, the target never), merged by the service's own code
     (`service.merge.merge`, `how` one of its MERGES) into a list of k for each k (a quota list
-    of 10 is not the head of one of 100)."""
+    of 10 is not the head of one of 100). `hits_out`, when given, gets each user's hit at each k
+    ({k: [U] bool})."""
     from service.merge import merge
 
     model.eval()
@@ -125,7 +132,10 @@ def evaluate_merge(model, ds: Dataset, sp: Split, how: str, which: str = "test",
             ranks[k].append(np.where(at.any(1), at.argmax(1), k))
     out: dict[str, float] = {}
     for k in ks:
-        out.update(metrics_from_ranks(np.concatenate(ranks[k]) if ranks[k] else np.zeros(0), (k,)))
+        at_k = np.concatenate(ranks[k]) if ranks[k] else np.zeros(0)   # [U], k = a miss
+        out.update(metrics_from_ranks(at_k, (k,)))
+        if hits_out is not None:
+            hits_out[k] = at_k < k
     return out
 
 
@@ -136,12 +146,13 @@ def _split_rows(sp: Split, which: str) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def evaluate_model(model, ds: Dataset, sp: Split, which: str = "test", exclude_history: bool = True,
-                   batch_size: int = 1024, mode: str = "aggregate") -> dict[str, float]:
+                   batch_size: int = 1024, mode: str = "aggregate",
+                   ranks_out: list[np.ndarray] | None = None) -> dict[str, float]:
     model.eval()
     inputs, targets = _split_rows(sp, which)
     ex = exclusions(ds, which) if exclude_history else None
     bs = batch_size if mode == "aggregate" else max(1, batch_size // model.config.K)
-    return evaluate_scores(scorer(model, mode), inputs, targets, ex, bs)
+    return evaluate_scores(scorer(model, mode), inputs, targets, ex, bs, ranks_out=ranks_out)
 
 
 def evaluate_popularity(ds: Dataset, sp: Split, which: str = "test",

@@ -73,6 +73,7 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
 
     from ..export import export
     from ..training import TrainConfig, train
+    from ..training.checkpoints import CheckpointError
     from ..training.workflow import model_config
 
     root = Path(cfg.bundle_root)
@@ -118,6 +119,10 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
     report.clicks.update({"users": ds.n_users, "items": ds.n_items, "new_items": new_items})
     log(f"{ds.summary()}; {new_items} new items, {len(targets)} users held out for the gate")
     lap("prepare")
+    if cfg.new_rows_only and not new_items:
+        log("no new item in the window: a rows-only cycle has nothing to fit")
+        _retention(cfg, root, report, newest, set())
+        return _finish(root, report, stages)
 
     # the live model's shape, so that it can warm-start the candidate
     shape = {k: v for k, v in live.manifest["model"].items() if k != "n_items"} if live else {}
@@ -125,10 +130,15 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
     work = Path(cfg.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     warm = None if cfg.from_scratch or live is None else live.path
+    if cfg.new_rows_only and warm is None:
+        raise CheckpointError(f"{root}: a rows-only cycle fits new rows into the live model, and "
+                              "there is none (or --from-scratch was given); run a full refresh "
+                              "first.")
     train(ds, mcfg, TrainConfig(max_epochs=cfg.max_epochs, max_minutes=cfg.train_minutes,
                                 patience=2, seed=cfg.seed, threads=cfg.threads,
                                 new_item_init=cfg.new_item_init,
-                                new_item_oversample=cfg.new_item_oversample),
+                                new_item_oversample=cfg.new_item_oversample,
+                                new_rows_only=cfg.new_rows_only),
           work / "train", progress=False, log=log, warm_start_from=warm)
     lap("train")
     export(work / "train" / "best.pt", ds, work / "export", log=log,

@@ -160,12 +160,29 @@ class _Run:
         new = int(fresh.sum())
         self.log(f"warm start from {source}: {self.ds.n_items - new:,} items kept their rows, "
                  f"{new:,} new ({self.cfg.new_item_init} rows)")
-        if self.cfg.new_item_oversample > 1 and new:
+        hit = np.flatnonzero(fresh.numpy()[self.sp.train_targets])     # windows ending in one
+        if self.cfg.new_rows_only:
+            self.freeze_all_but(fresh, hit)
+        elif self.cfg.new_item_oversample > 1 and new:
             # every window whose target is a new item, that many more times an epoch
-            hit = np.flatnonzero(fresh.numpy()[self.sp.train_targets])
             extra = np.repeat(hit, self.cfg.new_item_oversample - 1)
             self.order = np.concatenate([np.arange(len(self.sp.train_targets)), extra])
             self.log(f"  {len(hit):,} windows end in a new item: {len(extra):,} more an epoch")
+
+    def freeze_all_but(self, fresh: torch.Tensor, hit: np.ndarray) -> None:
+        """`new_rows_only`: only the rows of `fresh` items learn, on the windows `hit`."""
+        if not len(hit):
+            raise DataError(f"{self.ds.name}: no training window ends in a new item, so there "
+                            "are no new rows to fit; train without --new-rows-only.")
+        for name, prm in self.model.named_parameters():
+            prm.requires_grad_(name == "H.weight")
+        keep = fresh.to(self.dev, torch.float32)[:, None]               # [M + 1, 1]
+        # a zero gradient leaves Adam's moments at zero, so a known row never moves
+        self.model.H.weight.register_hook(lambda g: g * keep)
+        order = np.repeat(hit, self.cfg.new_item_oversample)
+        self.order = np.resize(order, max(len(order), self.cfg.batch_size))  # a batch at least
+        self.log(f"  new rows only: {int(fresh.sum()):,} rows learn, on {len(hit):,} windows "
+                 f"({len(self.order):,} draws an epoch); everything else is frozen")
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..common import data_args, log_args, log_settings, need_torch, nonnegative
+from ..common import CliError, data_args, log_args, log_settings, need_torch, nonnegative
 
 
 def add(sub: Any) -> None:
@@ -57,6 +57,10 @@ def add(sub: Any) -> None:
     r.add_argument("--new-item-oversample", type=int, default=D["new_item_oversample"],
                    help="draw each training window that ends in a new item this many times an "
                         f"epoch (default {D['new_item_oversample']})")
+    r.add_argument("--new-rows-only", action="store_true",
+                   help="the cheap cycle between full refreshes: fit the new items' rows alone "
+                        "into the live model (everything else frozen) on the windows that end in "
+                        "a new item, then re-export, index, gate and publish as usual")
     r.add_argument("--gate-new-items", choices=GATE_NEW_ITEMS, default=D["gate_new_items"],
                    help="held-out clicks on items the live bundle does not know: exclude them "
                         "from the gate's comparison, or count them as its misses (default "
@@ -70,6 +74,9 @@ def run(a: argparse.Namespace) -> int:
     from model_export.freshness.refresh import EXIT, refresh
     from service.keys import Keys
 
+    if a.new_rows_only and a.from_scratch:
+        raise CliError("--new-rows-only fits new rows into the live model; --from-scratch starts "
+                       "from nothing: give one of them")
     s = log_settings(a)
     report = refresh(RefreshConfig(
         bundle_root=a.bundle_root, dataset=a.dataset, data_dir=a.data_dir, redis_url=s.redis_url,
@@ -81,7 +88,7 @@ def run(a: argparse.Namespace) -> int:
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
         keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours,
         new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
-        gate_new_items=a.gate_new_items),
+        new_rows_only=a.new_rows_only, gate_new_items=a.gate_new_items),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
     return EXIT[report.outcome]

@@ -105,6 +105,10 @@ def add(sub: Any) -> None:
     g.add_argument("--new-item-oversample", type=int, default=TRAIN.new_item_oversample,
                    help="with --warm-start, draw each window that ends in a new item this many "
                         f"times an epoch (default {TRAIN.new_item_oversample})")
+    g.add_argument("--new-rows-only", action="store_true",
+                   help="with --warm-start, fit the new items' rows alone: every other parameter "
+                        "and every known row stays as it was, and an epoch draws only the windows "
+                        "that end in a new item (--new-item-oversample times each)")
     g.add_argument("--clicks", type=Path, metavar="FOLDER",
                    help="append the clicks of a `sine export-clicks` folder to --dataset")
     g.add_argument("--clicks-window-hours", type=float, default=WINDOW_HOURS,
@@ -141,7 +145,8 @@ def _train_config(a: argparse.Namespace) -> Any:
                        interest_loss=a.interest_loss, interest_weight=a.interest_weight,
                        interest_T=a.interest_T, cos_penalty=a.cos_penalty,
                        weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T,
-                       new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample)
+                       new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
+                       new_rows_only=a.new_rows_only)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -160,6 +165,8 @@ def run(a: argparse.Namespace) -> int:
     out = Path(a.out or f"runs/{ds.name}")
     if a.resume and a.warm_start:
         raise CliError("--resume continues a run; --warm-start begins one: give one of them")
+    if a.new_rows_only and not a.warm_start:
+        raise CliError("--new-rows-only fits new rows into a trained model: give --warm-start")
     _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress,
                                  warm_start_from=a.warm_start)
     if not result:                           # a torchrun rank other than 0

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import interests
@@ -54,3 +55,24 @@ def test_a_second_seed_keeps_the_first_seeds_rows_and_sets_the_means_beside_k1(t
     assert "| sine | 2 | max | 46.50 | -4.50" in md
     assert "| k1 | 2 | max" not in md                      # K = 1: one list, no merges
     assert interests.seed_means([_row("k1", 1, 0.5, 0.6), _row("sine", 1, 0.5, 0.6)]) == []
+
+
+def test_paired_differences_are_per_user_and_averaged_over_seeds():
+    rng = np.random.default_rng(0)
+    k1 = {sd: rng.random(400) < 0.5 for sd in (1, 2)}
+    # the same users hit, plus 40 more that K = 1 missed: +0.10 exactly, per seed
+    better = {}
+    for sd, h in k1.items():
+        b = h.copy()
+        b[np.flatnonzero(~h)[:40]] = True
+        better[sd] = b
+    hits = {("d", "k1", sd): {"agg@50": k1[sd]} for sd in k1}
+    hits.update({("d", "sine", sd): {"agg@50": better[sd], "max@50": k1[sd]} for sd in k1})
+    hits[("d", "lonely", 3)] = {"agg@50": k1[1]}                 # no K = 1 of its seed
+    out = interests.paired(hits)
+    agg = out["d"]["sine"]["agg@50"]
+    assert agg["diff"] == pytest.approx(0.10) and agg["seeds"] == [1, 2]
+    d = np.mean([better[sd].astype(float) - k1[sd] for sd in k1], axis=0)
+    assert agg["se"] == pytest.approx(d.std(ddof=1) / 20)
+    assert out["d"]["sine"]["max@50"] == {"diff": 0.0, "se": 0.0, "seeds": [1, 2]}
+    assert "lonely" not in out["d"] and "k1" not in out["d"]

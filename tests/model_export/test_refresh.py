@@ -99,6 +99,42 @@ def test_oversampling_repeats_the_windows_that_end_in_a_new_item(small_world, tm
         TrainConfig(new_item_oversample=0)
 
 
+def test_new_rows_only_moves_the_new_rows_and_nothing_else(small_world, tmp_path):
+    ds = small_world["ds"]
+    clicks = [(ds.user_ids[u], f"new-{(u + r) % 3}", 1000.0 + 3 * u + r)
+              for u in range(30) for r in range(3)]
+    ds2 = data.extend(ds, clicks)
+    ck = load_checkpoint(small_world["checkpoint"])
+    start = SINE(model_config(ds2, **shape(ck)))
+    fresh = warm_start(start, ck, ds2, seed=42, init="neighbours")    # the trainer's own seed
+    lines = []
+    train(ds2, model_config(ds2, **shape(ck)),
+          TrainConfig(max_epochs=2, threads=2, batch_size=64, new_item_init="neighbours",
+                      new_rows_only=True),
+          tmp_path, progress=False, warm_start_from=small_world["root"], log=lines.append)
+    assert any("new rows only: 3 rows learn" in ln for ln in lines)
+    after = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    before = start.state_dict()
+    for name, t in before.items():
+        if name != "H.weight":
+            assert torch.equal(after[name], t), name                     # frozen exactly
+    assert torch.equal(after["H.weight"][~fresh], before["H.weight"][~fresh])
+    moved = (after["H.weight"][fresh] - before["H.weight"][fresh]).norm(dim=1)   # [3]
+    assert (moved > 1e-4).all()
+    # no new item, nothing to fit: said, not a silent no-op
+    with pytest.raises(data.DataError, match="no new rows to fit"):
+        train(ds, model_config(ds, **shape(ck)), TrainConfig(max_epochs=1, new_rows_only=True),
+              tmp_path / "none", progress=False, warm_start_from=small_world["root"],
+              log=lambda *a: None)
+
+
+def test_new_rows_only_needs_a_model_to_fit_into(small_world, tmp_path, capsys):
+    args = ["train", "--dataset", "synthetic", "--epochs", "1", "--new-rows-only",
+            "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "give --warm-start" in capsys.readouterr().err
+
+
 def test_a_bundle_holds_the_model_to_start_from(small_world, tmp_path):
     ck = warm_start_source(small_world["root"])
     assert ck["item_ids"] == small_world["ds"].item_ids
