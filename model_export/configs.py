@@ -87,12 +87,16 @@ class TrainConfig:
     weight_kl: float = 0.0           # gamma: KL from the target's interest to the Eq. 7 weights
     weight_kl_T: float = 0.5         # that target's temperature on cos(phi_k, h_target)
     # warm starts: items the starting model does not know (`training.checkpoints.warm_start`)
-    new_item_init: str = "mean"      # mean: the old rows' mean; neighbours: the mean of the rows
-    #                                  of the items clicked just before and after it
-    new_item_oversample: int = 1     # windows whose target is a new item, this many times an epoch
+    # (the defaults measured best on ML-1M and Beauty: benchmarks/results/refresh.md)
+    new_item_init: str = "neighbours"  # neighbours: the mean of the rows of the items clicked
+    #                                    just before and after it; mean: the old rows' mean
+    new_item_oversample: int = 8     # windows whose target is a new item, this many times an epoch
     new_rows_only: bool = False      # fit the new items' rows alone: every other parameter and
-    #                                  every known row frozen, an epoch drawing only the windows
-    #                                  that end in a new item (new_item_oversample times each)
+    #                                  every known row frozen, an epoch drawing the windows that
+    #                                  end in a new item (new_item_oversample times each) ...
+    new_rows_replay: float = 4.0     # ... and this many other windows per such draw, at random:
+    #                                  without them nothing teaches a new row where it does not
+    #                                  belong, and new items flood every list
 
     def __post_init__(self):
         if self.new_item_init not in NEW_ITEM_INITS:
@@ -100,6 +104,8 @@ class TrainConfig:
                              f"not {self.new_item_init!r}")
         if self.new_item_oversample < 1:
             raise ValueError(f"new_item_oversample must be >= 1, got {self.new_item_oversample}")
+        if self.new_rows_replay < 0:
+            raise ValueError(f"new_rows_replay must be >= 0, got {self.new_rows_replay}")
         if self.interest_loss not in INTEREST_LOSSES:
             raise ValueError(f"interest_loss must be one of {', '.join(INTEREST_LOSSES)}, "
                              f"not {self.interest_loss!r}")
@@ -152,8 +158,8 @@ class RefreshConfig:
     keep_versions: int = 5                 # 0: keep every version
     clicks_retention_hours: float | None = None   # None: keep every exported click
     staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
-    new_item_init: str = "mean"            # TrainConfig.new_item_init for the warm start
-    new_item_oversample: int = 1           # TrainConfig.new_item_oversample
+    new_item_init: str = "neighbours"      # TrainConfig.new_item_init for the warm start
+    new_item_oversample: int = 8           # TrainConfig.new_item_oversample
     new_rows_only: bool = False            # TrainConfig.new_rows_only: the cheap cycle between
     #                                        full refreshes (needs a live bundle to start from)
     # held-out clicks on items the live bundle does not know: "exclude" leaves them out of the

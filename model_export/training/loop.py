@@ -180,9 +180,14 @@ class _Run:
         # a zero gradient leaves Adam's moments at zero, so a known row never moves
         self.model.H.weight.register_hook(lambda g: g * keep)
         order = np.repeat(hit, self.cfg.new_item_oversample)
+        rest = np.setdiff1d(np.arange(len(self.sp.train_targets)), hit)
+        n_replay = min(len(rest), int(round(self.cfg.new_rows_replay * len(order))))
+        replay = np.random.default_rng(self.cfg.seed).choice(rest, n_replay, replace=False)
+        order = np.concatenate([order, replay])
         self.order = np.resize(order, max(len(order), self.cfg.batch_size))  # a batch at least
         self.log(f"  new rows only: {int(fresh.sum()):,} rows learn, on {len(hit):,} windows "
-                 f"({len(self.order):,} draws an epoch); everything else is frozen")
+                 f"that end in one and {n_replay:,} others ({len(self.order):,} draws an "
+                 "epoch); everything else is frozen")
 
     # -- checkpoints --------------------------------------------------------------------------
 

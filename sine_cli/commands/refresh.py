@@ -60,7 +60,8 @@ def add(sub: Any) -> None:
     r.add_argument("--new-rows-only", action="store_true",
                    help="the cheap cycle between full refreshes: fit the new items' rows alone "
                         "into the live model (everything else frozen) on the windows that end in "
-                        "a new item, then re-export, index, gate and publish as usual")
+                        "a new item and a random sample of the others, then re-export, index, "
+                        "gate and publish as usual")
     r.add_argument("--gate-new-items", choices=GATE_NEW_ITEMS, default=D["gate_new_items"],
                    help="held-out clicks on items the live bundle does not know: exclude them "
                         "from the gate's comparison, or count them as its misses (default "

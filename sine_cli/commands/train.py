@@ -107,8 +107,9 @@ def add(sub: Any) -> None:
                         f"times an epoch (default {TRAIN.new_item_oversample})")
     g.add_argument("--new-rows-only", action="store_true",
                    help="with --warm-start, fit the new items' rows alone: every other parameter "
-                        "and every known row stays as it was, and an epoch draws only the windows "
-                        "that end in a new item (--new-item-oversample times each)")
+                        "and every known row stays as it was, and an epoch draws the windows that "
+                        "end in a new item (--new-item-oversample times each) and "
+                        f"{TRAIN.new_rows_replay:g} times as many others")
     g.add_argument("--clicks", type=Path, metavar="FOLDER",
                    help="append the clicks of a `sine export-clicks` folder to --dataset")
     g.add_argument("--clicks-window-hours", type=float, default=WINDOW_HOURS,

@@ -2,6 +2,7 @@
 running service (new items among them), refreshed, gated, published and hot-reloaded; a
 degraded candidate refused while the old bundle keeps serving."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -112,7 +113,10 @@ def test_new_rows_only_moves_the_new_rows_and_nothing_else(small_world, tmp_path
           TrainConfig(max_epochs=2, threads=2, batch_size=64, new_item_init="neighbours",
                       new_rows_only=True),
           tmp_path, progress=False, warm_start_from=small_world["root"], log=lines.append)
-    assert any("new rows only: 3 rows learn" in ln for ln in lines)
+    (said,) = [ln for ln in lines if "new rows only: 3 rows learn" in ln]
+    hit, others = (int(x.replace(",", "")) for x in re.search(
+        r"on ([\d,]+) windows that end in one and ([\d,]+) others", said).groups())
+    assert hit > 0 and others == 4 * hit * 8                  # the replay sample beside them
     after = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
     before = start.state_dict()
     for name, t in before.items():
