@@ -204,6 +204,8 @@ def main() -> None:
     p.add_argument("--levers", default=",".join(LEVERS), help=f"of {', '.join(LEVERS)}")
     p.add_argument("--oversample", type=int, default=8,
                    help="neighbours+oversample: draws of a new item's window an epoch")
+    p.add_argument("--rows-replay", type=float, default=4.0,
+                   help="rows-only: other windows drawn per new-item draw (new_rows_replay)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("runs/bench-refresh"))
@@ -238,7 +240,8 @@ def main() -> None:
         # a fresh Redis gets the replay again: its export must not meet the earlier one's
         shutil.rmtree(work / "clicks", ignore_errors=True)
         for lever, minutes in cycles:
-            for d in (f"bundles-{lever}-{minutes:g}min", f"w-{lever}-{minutes:g}min"):
+            name = cycle_name(lever, minutes, a)
+            for d in (f"bundles-{name}", f"w-{name}"):
                 shutil.rmtree(work / d, ignore_errors=True)
     base_csv = work / f"{a.dataset}-base.csv"
     with open(base_csv, "w") as f:
@@ -271,7 +274,7 @@ def main() -> None:
         print(f"replayed {n_events} events in {secs:.0f} s", flush=True)
         for lever, minutes in cycles:
             init, over, rows_only = LEVERS[lever]
-            name = f"{lever}-{minutes:g}min"
+            name = cycle_name(lever, minutes, a)
             root = work / f"bundles-{name}"
             shutil.copytree(work / "stale", root)
             # one clicks folder for every cycle: the first exports the log, the others find
@@ -281,7 +284,8 @@ def main() -> None:
                 redis_url=stack.redis_url, clicks_dir=work / "clicks",
                 train_minutes=minutes, max_epochs=50, threads=a.threads, seed=a.seed,
                 tolerance=1.0, new_item_init=init,
-                new_item_oversample=over or a.oversample, new_rows_only=rows_only),
+                new_item_oversample=over or a.oversample, new_rows_only=rows_only,
+                new_rows_replay=a.rows_replay),
                 log=lambda *x: None)
             g = rep.gate["metrics"]
             runs.append({"name": name, "lever": lever, "minutes": minutes,
@@ -334,11 +338,17 @@ def plan(a) -> list[tuple[str, float]]:
     return cycles
 
 
+def cycle_name(lever: str, minutes: float, a) -> str:
+    """`rows-only-3min`; a replay share other than the default is in the name."""
+    replay = f"-replay{a.rows_replay:g}" if LEVERS[lever][2] and a.rows_replay != 4.0 else ""
+    return f"{lever}{replay}-{minutes:g}min"
+
+
 def command(a) -> str:
     what = f"--runs {a.runs}" if a.runs else f"--budgets {a.budgets} --levers {a.levers}"
     return (f"python -m benchmarks.refresh --dataset {a.dataset} --share {a.share} "
             f"--hold-back {a.hold_back} --base-minutes {a.base_minutes} {what} "
-            f"--oversample {a.oversample} --seed {a.seed}"
+            f"--oversample {a.oversample} --rows-replay {a.rows_replay:g} --seed {a.seed}"
             + (" --reuse-stale" if a.reuse_stale else ""))
 
 

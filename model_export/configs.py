@@ -162,6 +162,7 @@ class RefreshConfig:
     new_item_oversample: int = 8           # TrainConfig.new_item_oversample
     new_rows_only: bool = False            # TrainConfig.new_rows_only: the cheap cycle between
     #                                        full refreshes (needs a live bundle to start from)
+    new_rows_replay: float = 4.0           # TrainConfig.new_rows_replay
     # held-out clicks on items the live bundle does not know: "exclude" leaves them out of the
     # gate's comparison (the live one cannot score them: counting them is a free win for the
     # candidate), "count" scores them as the live bundle's misses

@@ -138,7 +138,8 @@ def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
                                 patience=2, seed=cfg.seed, threads=cfg.threads,
                                 new_item_init=cfg.new_item_init,
                                 new_item_oversample=cfg.new_item_oversample,
-                                new_rows_only=cfg.new_rows_only),
+                                new_rows_only=cfg.new_rows_only,
+                                new_rows_replay=cfg.new_rows_replay),
           work / "train", progress=False, log=log, warm_start_from=warm)
     lap("train")
     export(work / "train" / "best.pt", ds, work / "export", log=log,
