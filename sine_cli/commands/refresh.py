@@ -62,6 +62,9 @@ def add(sub: Any) -> None:
                         "into the live model (everything else frozen) on the windows that end in "
                         "a new item and a random sample of the others, then re-export, index, "
                         "gate and publish as usual")
+    r.add_argument("--new-rows-replay", type=float, default=D["new_rows_replay"],
+                   help="with --new-rows-only, other windows drawn at random per new-item draw "
+                        f"(default {D['new_rows_replay']:g})")
     r.add_argument("--gate-new-items", choices=GATE_NEW_ITEMS, default=D["gate_new_items"],
                    help="held-out clicks on items the live bundle does not know: exclude them "
                         "from the gate's comparison, or count them as its misses (default "
@@ -71,10 +74,15 @@ def add(sub: Any) -> None:
 
 def run(a: argparse.Namespace) -> int:
     need_torch()
-    from model_export.configs import RefreshConfig
+    from model_export.configs import RefreshConfig, TrainConfig
     from model_export.freshness.refresh import EXIT, refresh
     from service.keys import Keys
 
+    try:                                   # the training values, checked before any work
+        TrainConfig(new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
+                    new_rows_replay=a.new_rows_replay)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     if a.new_rows_only and a.from_scratch:
         raise CliError("--new-rows-only fits new rows into the live model; --from-scratch starts "
                        "from nothing: give one of them")
@@ -89,7 +97,8 @@ def run(a: argparse.Namespace) -> int:
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
         keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours,
         new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
-        new_rows_only=a.new_rows_only, gate_new_items=a.gate_new_items),
+        new_rows_only=a.new_rows_only, new_rows_replay=a.new_rows_replay,
+        gate_new_items=a.gate_new_items),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
     return EXIT[report.outcome]

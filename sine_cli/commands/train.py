@@ -109,7 +109,10 @@ def add(sub: Any) -> None:
                    help="with --warm-start, fit the new items' rows alone: every other parameter "
                         "and every known row stays as it was, and an epoch draws the windows that "
                         "end in a new item (--new-item-oversample times each) and "
-                        f"{TRAIN.new_rows_replay:g} times as many others")
+                        "--new-rows-replay times as many others")
+    g.add_argument("--new-rows-replay", type=float, default=TRAIN.new_rows_replay,
+                   help="with --new-rows-only, other windows drawn at random per new-item draw "
+                        f"(default {TRAIN.new_rows_replay:g})")
     g.add_argument("--clicks", type=Path, metavar="FOLDER",
                    help="append the clicks of a `sine export-clicks` folder to --dataset")
     g.add_argument("--clicks-window-hours", type=float, default=WINDOW_HOURS,
@@ -147,7 +150,7 @@ def _train_config(a: argparse.Namespace) -> Any:
                        interest_T=a.interest_T, cos_penalty=a.cos_penalty,
                        weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T,
                        new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
-                       new_rows_only=a.new_rows_only)
+                       new_rows_only=a.new_rows_only, new_rows_replay=a.new_rows_replay)
 
 
 def run(a: argparse.Namespace) -> int:

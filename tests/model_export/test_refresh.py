@@ -139,6 +139,20 @@ def test_new_rows_only_needs_a_model_to_fit_into(small_world, tmp_path, capsys):
     assert "give --warm-start" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--new-item-oversample", "0"], "new_item_oversample must be >= 1"),
+    (["--new-rows-only", "--new-rows-replay", "-1"], "new_rows_replay must be >= 0"),
+    (["--new-rows-only", "--from-scratch"], "give one of them"),
+])
+def test_refresh_refuses_bad_new_item_options_before_any_work(tmp_path, capsys, extra, says):
+    args = ["refresh", "--dataset", "synthetic", "--bundle-root", str(tmp_path / "b"),
+            "--redis-url", "redis://127.0.0.1:1/0", "--clicks-dir", str(tmp_path / "c"),
+            "--work-dir", str(tmp_path / "w"), *extra]
+    assert main(args) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "w").exists()
+
+
 def test_a_bundle_holds_the_model_to_start_from(small_world, tmp_path):
     ck = warm_start_source(small_world["root"])
     assert ck["item_ids"] == small_world["ds"].item_ids
