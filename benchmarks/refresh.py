@@ -204,7 +204,7 @@ def main() -> None:
     p.add_argument("--levers", default=",".join(LEVERS), help=f"of {', '.join(LEVERS)}")
     p.add_argument("--oversample", type=int, default=8,
                    help="neighbours+oversample: draws of a new item's window an epoch")
-    p.add_argument("--rows-replay", type=float, default=4.0,
+    p.add_argument("--rows-replay", type=float, default=4.0,  # the value of the first rows
                    help="rows-only: other windows drawn per new-item draw (new_rows_replay)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)

@@ -94,7 +94,7 @@ class TrainConfig:
     new_rows_only: bool = False      # fit the new items' rows alone: every other parameter and
     #                                  every known row frozen, an epoch drawing the windows that
     #                                  end in a new item (new_item_oversample times each) ...
-    new_rows_replay: float = 4.0     # ... and this many other windows per such draw, at random:
+    new_rows_replay: float = 24.0    # ... and this many other windows per such draw, at random:
     #                                  without them nothing teaches a new row where it does not
     #                                  belong, and new items flood every list
 
@@ -162,7 +162,7 @@ class RefreshConfig:
     new_item_oversample: int = 8           # TrainConfig.new_item_oversample
     new_rows_only: bool = False            # TrainConfig.new_rows_only: the cheap cycle between
     #                                        full refreshes (needs a live bundle to start from)
-    new_rows_replay: float = 4.0           # TrainConfig.new_rows_replay
+    new_rows_replay: float = 24.0          # TrainConfig.new_rows_replay
     # held-out clicks on items the live bundle does not know: "exclude" leaves them out of the
     # gate's comparison (the live one cannot score them: counting them is a free win for the
     # candidate), "count" scores them as the live bundle's misses
