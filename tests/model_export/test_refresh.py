@@ -26,6 +26,13 @@ def grown(ds, n_new=3):
     return data.extend(ds, clicks), clicks
 
 
+def grown_three_each(ds):
+    """ds plus three clicks on new items by each of its first 30 users, so that one of each is a
+    training target (the last two are valid and test)."""
+    return data.extend(ds, [(ds.user_ids[u], f"new-{(u + r) % 3}", 1000.0 + 3 * u + r)
+                            for u in range(30) for r in range(3)])
+
+
 def shape(ck):
     return {k: v for k, v in ck["model_args"].items() if k != "n_items"}
 
@@ -83,11 +90,7 @@ def test_neighbour_rows_start_a_new_item_among_what_its_clickers_watch(small_wor
 
 
 def test_oversampling_repeats_the_windows_that_end_in_a_new_item(small_world, tmp_path):
-    ds = small_world["ds"]
-    # three clicks each, so that one is a training target (the last two are valid and test)
-    clicks = [(ds.user_ids[u], f"new-{(u + r) % 3}", 1000.0 + 3 * u + r)
-              for u in range(30) for r in range(3)]
-    ds2 = data.extend(ds, clicks)
+    ds2 = grown_three_each(small_world["ds"])
     ck = load_checkpoint(small_world["checkpoint"])
     lines = []
     train(ds2, model_config(ds2, **shape(ck)),
@@ -101,10 +104,7 @@ def test_oversampling_repeats_the_windows_that_end_in_a_new_item(small_world, tm
 
 
 def test_new_rows_only_moves_the_new_rows_and_nothing_else(small_world, tmp_path):
-    ds = small_world["ds"]
-    clicks = [(ds.user_ids[u], f"new-{(u + r) % 3}", 1000.0 + 3 * u + r)
-              for u in range(30) for r in range(3)]
-    ds2 = data.extend(ds, clicks)
+    ds, ds2 = small_world["ds"], grown_three_each(small_world["ds"])
     ck = load_checkpoint(small_world["checkpoint"])
     start = SINE(model_config(ds2, **shape(ck)))
     fresh = warm_start(start, ck, ds2, seed=42, init="neighbours")    # the trainer's own seed
@@ -283,9 +283,11 @@ def test_the_gate_leaves_out_held_out_clicks_the_live_bundle_cannot_score(live):
     users = ds.user_ids[:60]
     for k, u in enumerate(users):      # a third of the users' last click is a brand-new item
         last = f"brand-new-{k % 4}" if k % 3 == 0 else known[int(rng.integers(len(known)))]
-        for item in [*rng.choice(known, size=3, replace=False).tolist(), f"brand-new-{k % 4}",
-                     last]:
-            assert c.post("/events", json={"user_id": u, "item_id": item}).status_code == 200
+        clicks = [*rng.choice(known, size=3, replace=False).tolist(), f"brand-new-{k % 4}", last]
+        # clicks in one millisecond tie on time, and the holdout breaks ties by event id
+        for n, item in enumerate(clicks):
+            assert c.post("/events", json={"user_id": u, "item_id": item,
+                                           "event_id": f"e{n}"}).status_code == 200
     main(refresh_args(live, "--epochs", "0"))
     gate = json.loads((live["root"] / "refresh.json").read_text())["gate"]
     assert gate["new_items"] == "exclude"
