@@ -123,7 +123,7 @@ def paired(hits: dict[tuple[str, str, int], dict[str, np.ndarray]]) -> dict:
     standard error is that of the mean of those per-user differences. The same users answer
     both, so this is much tighter than the unpaired error of two separate runs."""
     out: dict = {}
-    for (ds, variant, _), _h in sorted(hits.items()):
+    for ds, variant, _ in sorted(hits):
         if variant == "k1" or variant in out.get(ds, {}):
             continue
         seeds = sorted(sd for (d, v, sd) in hits if d == ds and v == variant
@@ -225,10 +225,9 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS,
     md = [f"# Multi-interest screen ({meta['tag']})", "",
           f"{meta['finished']}; commit {meta['git_commit'][:10]}; {meta['machine'].get('cpu', '?')}; "
           f"`{meta['command']}`", ""]
-    md += [f"Rows of earlier launches kept from the file: `{c}`." for c in
-           meta.get("earlier_commands", [])]
-    md += ["" if meta.get("earlier_commands") else None]
-    md = [x for x in md if x is not None]
+    if meta.get("earlier_commands"):
+        md += [f"Rows of earlier launches kept from the file: `{c}`."
+               for c in meta["earlier_commands"]] + [""]
     md += [
           "Test split, leave-one-out, full ranking, history excluded, in percent ± the binomial "
           "standard error over test users. `agg`: the Eq. 8 user vector; `max`, `weighted`, "

@@ -387,9 +387,9 @@ def report(a, held, replay_clicks, n_events, timings, runs, results) -> None:
           f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
           f"`{cmd}`", ""]
     earlier = sorted({(r["commit"], r["command"]) for r in runs if r.get("command") != cmd})
-    md += [f"Rows not from this run came from commit {c[:10]}: `{k}`." for c, k in earlier]
-    md += ["" if earlier else None]
-    md = [x for x in md if x is not None]
+    if earlier:
+        md += [f"Rows not from this run came from commit {c[:10]}: `{k}`."
+               for c, k in earlier] + [""]
     md += [
           f"Each user's first {a.share:.0%} of clicks (at least 3) are the base data. "
           f"{len(held)} items ({a.hold_back:.0%}, drawn evenly across {N_BANDS} popularity bands) "
