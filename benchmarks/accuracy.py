@@ -141,6 +141,7 @@ def extra_metrics(ck_path: Path, ds) -> dict:
         evaluate_model,
         interest_diagnostics,
     )
+    from model_export.export import choose_serving
     from model_export.models.sine import SINE
     from model_export.training import load_checkpoint, model_from_checkpoint
     from service.merge import MERGES
@@ -155,6 +156,7 @@ def extra_metrics(ck_path: Path, ds) -> dict:
                             for m in ("aggregate", "per_interest")}}
     if isinstance(model, SINE):
         out["diagnostics"] = interest_diagnostics(model, ds, sp)
+        out["serving"] = choose_serving(model, ds, sp)      # what `sine export` would default to
         out["test_merges"] = {}
         for how in MERGES:
             at: dict[int, np.ndarray] = {}

@@ -86,6 +86,7 @@ def row_of(r: dict) -> dict:
            "epochs": r["epochs"], "best_epoch": r["best_epoch"], "users": users,
            "aggregate": {k: v for k, v in r["test"].items()},
            "merges": r.get("test_merges", {}),
+           "serving": r.get("serving"),
            "valid_by_epoch": [{"HR@50": h.get("valid_HR@50"), "NDCG@10": h.get("valid_NDCG@10"),
                                "samples_per_s": h.get("samples_per_s")}
                               for h in r.get("history") or []],
@@ -216,6 +217,29 @@ def fmt(p: float | None, users: int) -> str:
     return "-" if p is None else f"{100 * p:.2f} ± {100 * se(p, users):.2f}"
 
 
+def serving_table(rows: list[dict]) -> list[str]:
+    """The default search `sine export` picks for each run (validation HR@50 of the aggregate
+    and each merge), beside the test HR@50 of what it picked and of the best on test."""
+    chosen = [r for r in rows if r.get("serving") and len(r["serving"]["valid"]) > 1]
+    if not chosen:
+        return []
+    cands = list(chosen[0]["serving"]["valid"])
+    out = ["Default search chosen on validation (`sine export --serving auto`): validation HR@50 "
+           "of each candidate, the pick, and the test HR@50 of the pick and of the best on test:",
+           "", "| configuration | seed | " + " | ".join(f"valid {c}" for c in cands)
+           + " | picked | test HR@50 of the pick | best on test |", "|---" * (len(cands) + 5) + "|"]
+    for r in sorted(chosen, key=lambda r: (r["variant"], r["seed"])):
+        sv, u = r["serving"], r["users"]
+        test = {"aggregate": r["aggregate"]["HR@50"],
+                **{f"per_interest/{h}": v["HR@50"] for h, v in r["merges"].items()}}
+        pick = sv["mode"] + (f"/{sv['merge']}" if sv["merge"] else "")
+        best = max(test, key=lambda c: test[c])
+        out.append(f"| {r['label']} | {r['seed']} | " + " | ".join(
+            f"{100 * sv['valid'][c]['HR@50']:.2f}" for c in cands)
+            + f" | {pick} | {fmt(test.get(pick), u)} | {best} ({100 * test[best]:.2f}) |")
+    return out + [""]
+
+
 def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS,
           pairs: dict | None = None) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +294,7 @@ def write(results: dict, stem: str, meta: dict, results_dir: Path = RESULTS,
                 f"{100 * h['HR@50']:.2f} ({h['samples_per_s']:,.0f}/s)"
                 for h in r["valid_by_epoch"]) + " |")
         md.append("")
+        md += serving_table(rows)
         md += seed_means(rows, (pairs or {}).get(ds))
     (results_dir / f"{stem}.md").write_text("\n".join(md))
     return jpath

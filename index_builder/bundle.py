@@ -5,8 +5,8 @@
     <root>/<version>/item_ids.json    external id of each internal id ([0] = "<pad>")
     <root>/<version>/popularity.npy   training click counts per internal id (cold-start fallback)
     <root>/<version>/manifest.json    dims, K, L, n, opset, vocabulary hash, faiss factory and search
-                                      parameters, measured recall, offline metrics, library versions,
-                                      sha256 of every file
+                                      parameters, measured recall, offline metrics, the default
+                                      search mode (`serving`), library versions, sha256 of every file
     <root>/<version>/model.pt         optional: the trained model, to warm-start the next one
     <root>/current                    the live version's name
     <root>/refresh.json               the last `sine refresh` outcome and its gate metrics
@@ -50,6 +50,10 @@ OPTIONAL_FILES = {"model": "model.pt"}
 MANIFEST = "manifest.json"
 CURRENT = "current"
 REFRESH_REPORT = "refresh.json"      # the last `sine refresh` outcome, beside `current`
+# how a bundle is searched by default (manifest `serving`, chosen by `sine export` on validation):
+# the Eq. 8 user vector, or each interest with its K lists merged (`service.merge`)
+MODES = ("aggregate", "per_interest")
+MERGES = ("max", "weighted", "quota")
 
 
 class SineError(Exception):
@@ -97,6 +101,32 @@ def check_manifest(m: Any, where: Path) -> None:
         if m["model"][k] < 1:
             raise BundleError(f"{where}: model.{k} = {m['model'][k]} must be positive.")
     check_version(m["version"])
+    default_search(m, where)
+
+
+def default_search(m: dict[str, Any], where: Path | str = "manifest") -> tuple[str, str | None]:
+    """The manifest's default search, (mode, merge): merge names one of MERGES for
+    `per_interest` and is None for `aggregate`. A manifest without `serving` (built before
+    it existed, or from a K = 1 model) is searched by its aggregate."""
+    s = m.get("serving")
+    if s is None:
+        return "aggregate", None
+    mode = s.get("mode") if isinstance(s, dict) else None
+    merge = s.get("merge") if isinstance(s, dict) else None
+    if mode not in MODES:
+        raise BundleError(f"{where}: serving.mode is {mode!r}, not one of {', '.join(MODES)}.")
+    if mode == "aggregate":
+        if merge is not None:
+            raise BundleError(f"{where}: serving.merge is {merge!r}, but an aggregate search "
+                              "merges nothing (it must be null).")
+        return mode, None
+    if merge not in MERGES:
+        raise BundleError(f"{where}: serving.merge is {merge!r}; per_interest needs one of "
+                          f"{', '.join(MERGES)}.")
+    if m["model"]["K"] < 2:
+        raise BundleError(f"{where}: serving.mode is per_interest, but the model has K = "
+                          f"{m['model']['K']} interest.")
+    return mode, merge
 
 
 Progress = Callable[[int, int], None]        # (done, total)
@@ -307,6 +337,11 @@ class Bundle:
     def popularity(self) -> np.ndarray:
         pop: np.ndarray = np.load(self.file("popularity"))
         return pop
+
+    @property
+    def default_search(self) -> tuple[str, str | None]:
+        """(mode, merge) a request that names neither is answered with (manifest `serving`)."""
+        return default_search(self.manifest)
 
     def has(self, key: str) -> bool:
         return key in OPTIONAL_FILES and OPTIONAL_FILES[key] in self.manifest["files"]

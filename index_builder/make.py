@@ -57,6 +57,7 @@ def make_bundle(export_dir: Path, root: Path, *, factory: str = DEFAULTS.factory
                                  "queries": built.n_queries, "tried": built.recall_curve},
                       "build_seconds": built.build_seconds, "built_on_gpu": built.gpu},
             "offline_metrics": info.get("offline_metrics"),
+            **({"serving": info["serving"]} if "serving" in info else {}),
             "provenance": info.get("provenance", {}),
             "libraries": {**info.get("libraries", {}), "faiss": faiss.__version__},
             "files": {name: bundle.sha256_file(staging / name)

@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from index_builder.bundle import MERGES
 from service.keys import DEFAULT_GROUP, DEFAULT_STREAM
 
+# `sine export --serving`: pick on validation, the aggregate, or per_interest with a merge
+SERVINGS = ("auto", "aggregate", *MERGES)
 WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --clicks`) uses
 
 
@@ -131,6 +134,8 @@ class ExportConfig:
     n_queries: int = 2000             # real user vectors kept for the index's recall check
     graph: str = "auto"               # "auto", "folded" or "plain"
     fold_budget_mb: float = 1024.0    # the largest item tables `auto` folds
+    serving: str = "auto"             # the default search: "auto" (best on validation),
+                                      # "aggregate", or a merge: "max", "weighted", "quota"
 
 
 @dataclass

@@ -15,6 +15,11 @@ The export folder also gets the item table (float32 [M, D], row j = internal id 
 external id of each internal id, the training popularity (the service's cold-start fallback),
 and a sample of real user vectors from validation histories: the queries `sine build-index`
 measures recall with.
+
+`serving` (`choose_serving`) is the search a request that names no mode gets: for a SINE with
+K > 1, the aggregate and each per-interest merge are scored on the validation split (HR@50, the
+service's own merge code) and the best is kept; the aggregate wins ties, and is the only choice
+for K = 1. The test split never takes part in the choice.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index_builder.bundle import SineError
+from index_builder.bundle import MERGES, SineError
 
+from .configs import SERVINGS
 from .data import Split
 from .models.sasrec import SASRec
 from .models.sine import SINE, FoldedSINE
@@ -41,6 +47,35 @@ OUTPUTS = ("interests", "user_vector", "weights")
 
 class ExportError(SineError, RuntimeError):
     """The exported graph does not reproduce the trained model; nothing is kept."""
+
+
+SERVING_METRIC = "HR@50"
+
+
+def choose_serving(model: Encoder, ds, sp: Split, serving: str = "auto",
+                   valid_aggregate: dict[str, float] | None = None) -> dict:
+    """The manifest's `serving` entry: {mode, merge, chosen_on, valid: {candidate: metrics}}.
+
+    `auto` scores every candidate on validation and keeps the best by SERVING_METRIC (strictly
+    better than the aggregate, else the aggregate); `aggregate` or a merge name fixes it."""
+    from .evaluation.evaluate import evaluate_merge, evaluate_model
+
+    if serving not in SERVINGS:
+        raise ValueError(f"serving must be one of {', '.join(SERVINGS)}, not {serving!r}")
+    K = model.config.K if isinstance(model, SINE) else 1
+    if serving in MERGES and K < 2:
+        raise ValueError(f"serving {serving!r} searches per interest; this model has K = {K}")
+    valid = {"aggregate": valid_aggregate or evaluate_model(model, ds, sp, "valid")}
+    for how in (MERGES if serving == "auto" and K > 1 else (serving,) if serving in MERGES else ()):
+        valid[f"per_interest/{how}"] = evaluate_merge(model, ds, sp, how, "valid")
+    if serving == "auto":
+        best = max(valid, key=lambda c: (valid[c][SERVING_METRIC], c == "aggregate"))
+    else:
+        best = "aggregate" if serving == "aggregate" else f"per_interest/{serving}"
+    mode, _, merge = best.partition("/")
+    return {"mode": mode, "merge": merge or None,
+            "chosen_on": f"valid {SERVING_METRIC}" if serving == "auto" else "fixed at export",
+            "valid": valid}
 
 
 GRAPHS = ("auto", "folded", "plain")
@@ -132,14 +167,17 @@ def library_versions() -> dict:
 
 
 def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int = 2000,
-           graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB,
+           graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB, serving: str = "auto",
            provenance: dict | None = None, log=print) -> dict:
     """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, model.pt
-    (weights, config and vocabulary, for a warm start) and export.json."""
+    (weights, config and vocabulary, for a warm start) and export.json (with `serving`, as
+    `choose_serving` picks it)."""
     from .data import split
     from .evaluation.evaluate import evaluate_model
     from .training import atomic_save, atomic_write_text, load_checkpoint, model_from_checkpoint
 
+    if serving not in SERVINGS:              # before the minutes of tracing and checking
+        raise ValueError(f"serving must be one of {', '.join(SERVINGS)}, not {serving!r}")
     ck = load_checkpoint(ck_path, ds)
     model = model_from_checkpoint(ck)
     out_dir = Path(out_dir)
@@ -162,6 +200,7 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     atomic_save({"format": ck["format"], "model_args": ck["model_args"], "model": ck["model"],
                  "item_ids": ck["item_ids"], "dataset": ck["dataset"]}, out_dir / "model.pt")
     metrics = {w: evaluate_model(model, ds, sp, w) for w in ("valid", "test")}
+    chosen_search = choose_serving(model, ds, sp, serving, valid_aggregate=metrics["valid"])
     info = {"model": ck["model_args"], "dataset": ck["dataset"],
             "onnx": {"file": "encoder.onnx", "opset": opset, "input": INPUT, "outputs": list(OUTPUTS),
                      "input_layout": "[B, n] int64, most recent click first, 0 = padding at the end",
@@ -170,9 +209,11 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
                      if isinstance(encoder, FoldedSINE) else 0,
                      "fold_budget_mb": fold_budget_mb},
             "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
-            "offline_metrics": metrics, "checkpoint": {"best_epoch": ck["best_epoch"],
+            "offline_metrics": metrics, "serving": chosen_search, "checkpoint": {"best_epoch": ck["best_epoch"],
                                                        "train_args": ck["train_args"]},
             "libraries": library_versions(), "provenance": provenance or {}}
     atomic_write_text(json.dumps(info, indent=1), out_dir / "export.json")
-    log(f"exported to {out_dir}: {chosen} graph, opset {opset}, parity {parity}")
+    how = chosen_search["mode"] + (f" ({chosen_search['merge']})" if chosen_search["merge"] else "")
+    log(f"exported to {out_dir}: {chosen} graph, opset {opset}, parity {parity}; serves {how} "
+        f"by default ({chosen_search['chosen_on']})")
     return info

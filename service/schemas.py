@@ -33,7 +33,10 @@ class Recommendation(BaseModel):
     """The answer of `POST /recommend`."""
     user_id: str
     version: str = Field(description="The bundle version that answered.")
-    mode: Literal["aggregate", "per_interest"]
+    mode: Literal["aggregate", "per_interest"] = Field(description=(
+        "The search that answered: the request's, else the service's or the bundle's default."))
+    merge: Merge | None = Field(None, description="per_interest: the merge of the K lists; "
+                                                  "null for aggregate.")
     fallback: Literal["cold_start", "history_unavailable"] | None = Field(
         description="null when personalized; else why popular items were served.")
     score_kind: Literal["inner_product", "popularity"] = Field(
@@ -71,7 +74,7 @@ class RecommendBody(BaseModel):
     user_id: str | int
     n: int
     exclude_seen: bool = True
-    mode: Literal["aggregate", "per_interest"] = "aggregate"
+    mode: Literal["aggregate", "per_interest"] | None = None
     merge: Merge | None = None
     include_interests: bool = False
 
@@ -97,6 +100,11 @@ class RequestModels:
     event: type[EventBody]
 
 
+def _default(setting: str, what: str) -> str:
+    return (f"the bundle's {what} (its manifest's `serving`, chosen on validation at export)"
+            if setting == "bundle" else f"`{setting}`")
+
+
 def request_models(s: Settings) -> RequestModels:
     """The request bodies with this app's limits, each a subclass of its base."""
     UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
@@ -114,20 +122,22 @@ def request_models(s: Settings) -> RequestModels:
         user_id: UserId
         n: StrictInt = Field(ge=1, le=s.max_n, description=f"How many items, 1 to {s.max_n}.")
         exclude_seen: StrictBool = Field(True, description="Drop items in the user's history.")
-        mode: Literal["aggregate", "per_interest"] = Field(
-            "aggregate", description="`aggregate`: search with the Eq. 8 user vector; "
-                                     "`per_interest`: search with each interest and merge by score.")
+        mode: Literal["aggregate", "per_interest"] | None = Field(None, description=(
+            "`aggregate`: search with the Eq. 8 user vector; `per_interest`: search with each "
+            "interest and merge the K lists. Omitted: `per_interest` where `merge` is given, "
+            f"else {_default(s.default_mode, 'mode')} (SINE_DEFAULT_MODE)."))
         merge: Merge | None = Field(None, description=(
             "per_interest: how the K lists become one. `max`: by best raw score; `weighted`: by "
             "score + log of the interest's Eq. 7 weight; `quota`: each interest fills its "
-            f"weight's share of n. Omitted: `{s.interest_merge}` (SINE_INTEREST_MERGE)."))
+            f"weight's share of n. Omitted: {_default(s.interest_merge, 'merge')} "
+            "(SINE_INTEREST_MERGE)."))
         include_interests: StrictBool = Field(False, description=(
             "Return the aggregation weights; per_interest items also get their score under "
             "each interest."))
 
         @model_validator(mode="after")
         def _merge_needs_interests(self) -> RecommendRequest:
-            if self.merge is not None and self.mode != "per_interest":
+            if self.merge is not None and self.mode == "aggregate":
                 raise ValueError("merge applies to mode=per_interest only")
             return self
 

@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index_builder.bundle import SineError
 
 from .keys import DEFAULT_GROUP, DEFAULT_STREAM
-from .merge import Merge
 
 ENV_PREFIX = "SINE_"
 DEFAULT_CLUSTER_SHARDS = 16       # a few per master of a 3-master cluster, for balance
@@ -69,10 +68,15 @@ class Settings(BaseSettings):
         "as `history_unavailable`), then try again. Timeouts do not pause Redis."))
     on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
         "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
-    interest_merge: Merge = Field("max", description=(
-        "How `mode=per_interest` merges the K lists when a request names no `merge`: `max` "
-        "(best raw score), `weighted` (score + log of the interest's Eq. 7 weight) or `quota` "
-        "(each interest fills its weight's share of n)."))
+    default_mode: Literal["bundle", "aggregate", "per_interest"] = Field("bundle", description=(
+        "The search a request that names no `mode` gets: `bundle`, the one its manifest names "
+        "(`sine export --serving`, by default the best on validation; `aggregate` for bundles "
+        "without one); or `aggregate` / `per_interest` for every bundle."))
+    interest_merge: Literal["bundle", "max", "weighted", "quota"] = Field("bundle", description=(
+        "How `mode=per_interest` merges the K lists when a request names no `merge`: `bundle`, "
+        "the manifest's merge (`max` where it names none); `max` (best raw score), `weighted` "
+        "(score + log of the interest's Eq. 7 weight) or `quota` (each interest fills its "
+        "weight's share of n)."))
     history_keep: int = Field(20, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
         "newest `seq_len` of them; `exclude_seen` drops all kept ones."))

@@ -208,8 +208,10 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
         items = b"".join(pieces)[:-1]
     else:
         items = b""
-    head = b'{"user_id":%b,"version":%b,"mode":"%b","fallback":%b,"score_kind":"%b","items":[' % (
+    head = (b'{"user_id":%b,"version":%b,"mode":"%b","merge":%b,"fallback":%b,"score_kind":"%b",'
+            b'"items":[') % (
         orjson.dumps(q.user_id), orjson.dumps(engine.version), q.mode.encode(),
+        b'"%b"' % q.merge.encode() if q.mode == "per_interest" else b"null",
         b'"%b"' % fallback.encode() if fallback else b"null",
         b"popularity" if fallback else b"inner_product")
     w: bytes = (orjson.dumps(weights.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)

@@ -42,7 +42,9 @@ def small_world(tmp_path_factory):
     train(ds, model_config(ds, D=32, K=3, L=16),
           TrainConfig(batch_size=64, max_epochs=2, lr=3e-3, seed=3, threads=2), base / "run",
           progress=False)
-    export(base / "run" / "best.pt", ds, base / "export", n_queries=300, log=lambda *a: None)
+    # the aggregate by default, whatever validation would pick: the service tests rely on it
+    export(base / "run" / "best.pt", ds, base / "export", n_queries=300, serving="aggregate",
+           log=lambda *a: None)
     b = make_bundle(base / "export", base / "bundles", version="v1", log=lambda *a: None)
     return {"ds": ds, "base": base, "export": base / "export", "root": base / "bundles",
             "bundle": b, "checkpoint": base / "run" / "best.pt"}

@@ -37,14 +37,17 @@ def histories(base: data.Dataset, clicks: list[tuple[str, str, float]],
 
 def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dict[str, str],
                  k: int = 50, batch: int = 256) -> dict[str, float]:
-    """HR@k and NDCG@k of a bundle on held-out clicks, answered as the service answers: its
-    engine encodes each user's newest clicks (oldest first in `histories`), searches the index
+    """HR@k and NDCG@k of a bundle on held-out clicks, answered as the service answers a request
+    that names no mode: its engine encodes each user's newest clicks (oldest first in
+    `histories`), searches the index with the bundle's default search (manifest `serving`)
     and drops every item of the history. A target the bundle does not know is a miss."""
     from service.engine import load_engine
-    from service.merge import top_n
+    from service.merge import merge, top_n
     from service.stages import compute, window
 
     eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
+    mode, how = eng.default_search
+    per = mode == "per_interest"
     users = [u for u in targets if histories.get(u)]
     hits, ndcg = 0, 0.0
     for s in range(0, len(users), batch):
@@ -54,9 +57,10 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
         rows = np.flatnonzero(known)
         if not len(rows):
             continue
-        c = compute(eng, win.window[rows], np.zeros(len(rows), dtype=bool),
+        c = compute(eng, win.window[rows], np.full(len(rows), per),
                     int(k + win.known[rows].max()))
-        top = top_n(c.scores[0], c.ids[0], win.seen[rows], k)
+        top = (merge(how or "max", c.scores[1], c.ids[1], c.weights, win.seen[rows], k) if per
+               else top_n(c.scores[0], c.ids[0], win.seen[rows], k))
         for p, r in enumerate(rows):
             want = eng.item_index.get(targets[part[r]])
             got = top.ids[p, : int(top.count[p])].tolist()
@@ -65,4 +69,5 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
                 hits += 1
                 ndcg += 1.0 / np.log2(rank + 2)
     n = max(len(users), 1)
-    return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "users": len(users)}
+    return {f"HR@{k}": hits / n, f"NDCG@{k}": ndcg / n, "users": len(users),
+            "search": mode + (f"/{how}" if per else "")}

@@ -6,8 +6,9 @@ from fastapi.responses import Response
 
 from .. import errors
 from ..deps import StateDep
-from ..merge import Merge
+from ..engine import Engine
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
+from ..settings import Settings
 from ..stages import Query, server_timing
 from ..tracing import CURRENT_SPAN
 from . import Router, bind
@@ -17,9 +18,15 @@ ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
 
-def query(r: RecommendBody, default_merge: Merge) -> Query:
-    return Query(str(r.user_id), r.n, r.exclude_seen, r.mode, r.include_interests,
-                 r.merge or default_merge)
+def query(r: RecommendBody, engine: Engine, s: Settings) -> Query:
+    """A request's search: what it names; else the Settings' default; else the bundle's
+    (`SINE_DEFAULT_MODE` / `SINE_INTEREST_MERGE` = `bundle`). A merge alone means per_interest."""
+    mode, merge = engine.default_search
+    if s.default_mode != "bundle":
+        mode = s.default_mode
+    return Query(str(r.user_id), r.n, r.exclude_seen,
+                 r.mode or ("per_interest" if r.merge else mode), r.include_interests,
+                 r.merge or (s.interest_merge if s.interest_merge != "bundle" else merge or "max"))
 
 
 async def recommend(req: RecommendBody, st: StateDep) -> Response:
@@ -28,7 +35,7 @@ async def recommend(req: RecommendBody, st: StateDep) -> Response:
     engine = st.serving()
     with st.admission.admit(1):
         t_ns = time.time_ns()
-        (answer,) = await st.recommender.recommend(engine, [query(req, st.settings.interest_merge)])
+        (answer,) = await st.recommender.recommend(engine, [query(req, engine, st.settings)])
     st.metrics.child(st.metrics.request, "recommend").observe(time.perf_counter() - t0)
     if st.tracing is not None and (span := CURRENT_SPAN.get()) is not None:
         st.tracing.stages(span, t_ns, answer.timings, **{"sine.mode": req.mode})
@@ -41,7 +48,7 @@ async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
     its number of users; a large one (bulk) yields to single requests."""
     t0 = time.perf_counter()
     engine = st.serving()
-    queries = [query(r, st.settings.interest_merge) for r in req.requests]
+    queries = [query(r, engine, st.settings) for r in req.requests]
     bulk = len(queries) > st.settings.interactive_batch_users
     with st.admission.admit(len(queries), bulk=bulk):
         t_ns = time.time_ns()

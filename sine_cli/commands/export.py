@@ -9,7 +9,7 @@ from ..common import data_args, dataset, need_torch
 
 
 def add(sub: Any) -> None:
-    from model_export.configs import ExportConfig, TrainConfig
+    from model_export.configs import SERVINGS, ExportConfig, TrainConfig
 
     D = ExportConfig()
     x = sub.add_parser("export", help="export a checkpoint: ONNX encoder, item table, ids, popularity",
@@ -28,6 +28,11 @@ def add(sub: Any) -> None:
                         f"auto: folded when the tables fit --fold-budget-mb (default {D.graph})")
     x.add_argument("--fold-budget-mb", type=float, default=D.fold_budget_mb,
                    help=f"largest table memory auto folds (default {D.fold_budget_mb:g})")
+    x.add_argument("--serving", choices=list(SERVINGS), default=D.serving,
+                   help="the search a request that names no mode gets: auto: the best on the "
+                        "validation split (HR@50) of the aggregate and, for K > 1, each "
+                        "per-interest merge, ties to the aggregate; aggregate; or max, weighted, "
+                        f"quota: per_interest with that merge (default {D.serving})")
     x.set_defaults(func=run)
 
 
@@ -36,5 +41,5 @@ def run(a: argparse.Namespace) -> int:
     from model_export.export import export
 
     export(Path(a.checkpoint), dataset(a), Path(a.out), opset=a.opset, n_queries=a.queries,
-           graph=a.graph, fold_budget_mb=a.fold_budget_mb)
+           graph=a.graph, fold_budget_mb=a.fold_budget_mb, serving=a.serving)
     return 0

@@ -20,10 +20,27 @@ def test_the_screen_runs_each_configuration_and_merge_with_its_errors(tmp_path):
         assert all(0 <= m["HR@50"] <= 1 for m in r["merges"].values())
         assert r["train_args"]["cos_penalty"] == 0.2          # --set reaches the trainer
         assert 0 <= r["diagnostics"]["assignment_entropy"] <= 1
+        assert set(r["serving"]["valid"]) == {"aggregate", "per_interest/max",
+                                              "per_interest/weighted", "per_interest/quota"}
     assert rows["ia-lse"]["train_args"]["interest_loss"] == "logsumexp"
     assert rows["sine"]["train_args"]["interest_weight"] == 0.0
     md = (res / "accuracy-interests-t.md").read_text()
     assert md.count(" ± ") >= 2 * 6 and "[`ia-lse`]" in md
+    assert "Default search chosen on validation" in md
+
+
+def test_the_serving_table_sets_the_pick_beside_the_best_on_test():
+    r = _row("sine", 7, 0.50, 0.60, {h: {"HR@50": v} for h, v in
+                                     (("max", 0.52), ("weighted", 0.49), ("quota", 0.48))})
+    r["serving"] = {"mode": "per_interest", "merge": "weighted", "valid": {
+        "aggregate": {"HR@50": 0.40}, "per_interest/max": {"HR@50": 0.41},
+        "per_interest/weighted": {"HR@50": 0.43}, "per_interest/quota": {"HR@50": 0.42}}}
+    md = interests.serving_table([r, _row("k1", 7, 0.5, 0.6)])
+    assert md[2].startswith("| configuration | seed | valid aggregate | valid per_interest/max")
+    assert md[4] == ("| sine | 7 | 40.00 | 41.00 | 43.00 | 42.00 | per_interest/weighted | "
+                     f"49.00 ± {100 * interests.se(0.49, 10_000):.2f} | per_interest/max (52.00) |")
+    assert len(md) == 6                              # K = 1 rows have no choice to show
+    assert interests.serving_table([_row("k1", 7, 0.5, 0.6)]) == []
 
 
 def test_a_standard_error_is_binomial():

@@ -58,7 +58,8 @@ def test_the_schema_follows_the_settings_bounds():
     schema = json.loads((CHART / "values.schema.json").read_text())
     props = schema["properties"]["settings"]["properties"]
     assert props["workers"]["minimum"] == 1 and props["workers"]["maximum"] == 64
-    assert set(props["interest_merge"]["enum"]) == {"max", "weighted", "quota"}
+    assert set(props["interest_merge"]["enum"]) == {"bundle", "max", "weighted", "quota"}
+    assert set(props["default_mode"]["enum"]) == {"bundle", "aggregate", "per_interest"}
     assert schema["properties"]["settings"]["additionalProperties"] is False
 
 

@@ -157,7 +157,15 @@ def test_export_folder_problems(tmp_path, small_world):
     (lambda m: m["model"].update(K="4"), "model.K"),
     (lambda m: m["items"].pop("vocab_sha256"), "items.vocab_sha256"),
     (lambda m: m.update(version="../v0"), "not a version name"),
-    (lambda m: m["model"].update(n=0), "must be positive")])
+    (lambda m: m["model"].update(n=0), "must be positive"),
+    (lambda m: m.update(serving={"mode": "both", "merge": None}), "serving.mode is 'both'"),
+    (lambda m: m.update(serving="aggregate"), "serving.mode is None"),
+    (lambda m: m.update(serving={"mode": "per_interest", "merge": "median"}),
+     "per_interest needs one of max, weighted, quota"),
+    (lambda m: m.update(serving={"mode": "per_interest"}), "serving.merge is None"),
+    (lambda m: m.update(serving={"mode": "aggregate", "merge": "max"}), "must be null"),
+    (lambda m: (m["model"].update(K=1), m.update(serving={"mode": "per_interest",
+                                                          "merge": "max"})), "K = 1 interest")])
 def test_a_manifest_lacking_a_field_is_a_bundle_error(small_world, tmp_path, change, says):
     b = copy_bundle(small_world, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -165,6 +173,41 @@ def test_a_manifest_lacking_a_field_is_a_bundle_error(small_world, tmp_path, cha
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=says):
         bundle.load(b, deep=False)
+
+
+def test_the_default_search_comes_from_the_manifest(small_world, tmp_path):
+    assert small_world["bundle"].default_search == ("aggregate", None)
+    b = copy_bundle(small_world, tmp_path)
+    rewrite_manifest(b, serving={"mode": "per_interest", "merge": "quota", "chosen_on": "x"})
+    assert bundle.load(b, deep=False).default_search == ("per_interest", "quota")
+    m = json.loads((b / "manifest.json").read_text())
+    del m["serving"]                                   # a bundle built before `serving` existed
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert bundle.load(b, deep=False).default_search == ("aggregate", None)
+
+
+def test_build_index_carries_the_exports_serving(small_world, tmp_path):
+    e = tmp_path / "e"
+    shutil.copytree(small_world["export"], e)
+    info = json.loads((e / "export.json").read_text())
+    info["serving"] = {"mode": "per_interest", "merge": "weighted", "chosen_on": "valid HR@50"}
+    (e / "export.json").write_text(json.dumps(info))
+    b = make_bundle(e, tmp_path / "root", version="v2", **QUIET)
+    assert b.manifest["serving"] == info["serving"] and b.default_search == ("per_interest",
+                                                                             "weighted")
+    info["serving"]["merge"] = "median"                # refused before it can be published
+    (e / "export.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="serving.merge is 'median'"):
+        make_bundle(e, tmp_path / "root", version="v3", **QUIET)
+    assert [p.name for p in bundle.versions(tmp_path / "root")] == ["v2"]
+
+
+def test_the_contract_names_the_services_modes_and_merges():
+    from typing import get_args
+
+    from service.merge import MERGES
+    from service.stages import Mode
+    assert bundle.MERGES == MERGES and bundle.MODES == get_args(Mode)
 
 
 def test_versions_are_pruned_and_staging_swept(small_world, tmp_path):

@@ -6,7 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_export.export import OUTPUTS, check_parity, choose_graph, export, export_onnx
+from model_export.data import split
+from model_export.evaluation.evaluate import evaluate_merge, evaluate_model
+from model_export.export import OUTPUTS, check_parity, choose_graph, choose_serving, export, export_onnx
 from model_export.models.sine import SINE, FoldedSINE, SINEConfig
 from model_export.training import load_checkpoint, model_from_checkpoint
 
@@ -107,6 +109,17 @@ def test_export_records_the_graph_and_its_memory(small_world, tmp_path):
     plain = export(small_world["checkpoint"], small_world["ds"], tmp_path / "plain",
                    n_queries=50, graph="plain", log=lambda *a: None)
     assert plain["onnx"]["graph"] == "plain" and plain["onnx"]["table_bytes_per_item"] == 0
+    # serving="auto": the aggregate and the K > 1 merges scored on validation, the best kept
+    valid = plain["serving"]["valid"]
+    assert set(valid) == {"aggregate", "per_interest/max", "per_interest/weighted",
+                          "per_interest/quota"}
+    best = max(v["HR@50"] for v in valid.values())
+    chosen = plain["serving"]["mode"] + ("/" + plain["serving"]["merge"]
+                                         if plain["serving"]["merge"] else "")
+    assert valid[chosen]["HR@50"] == best
+    assert chosen != "aggregate" or valid["aggregate"]["HR@50"] == best
+    assert plain["serving"]["chosen_on"] == "valid HR@50"
+    assert json.loads((tmp_path / "plain" / "export.json").read_text())["serving"] == plain["serving"]
     assert max(plain["onnx"]["parity_max_abs_diff"].values()) < 1e-3
     a = session(small_world["export"] / "encoder.onnx")
     b = session(tmp_path / "plain" / "encoder.onnx")
@@ -114,6 +127,44 @@ def test_export_records_the_graph_and_its_memory(small_world, tmp_path):
     x[:, :5] = np.arange(1, 21).reshape(4, 5)
     for u, v in zip(a.run(None, {"item_ids": x}), b.run(None, {"item_ids": x})):
         np.testing.assert_allclose(u, v, atol=1e-4)
+
+
+def test_serving_is_the_validation_argmax_with_ties_to_the_aggregate(small_world):
+    ds = small_world["ds"]
+    model = model_from_checkpoint(load_checkpoint(small_world["checkpoint"]))
+    sp = split(ds, model.config.n)
+    got = choose_serving(model, ds, sp)
+    want = {"aggregate": evaluate_model(model, ds, sp, "valid")}
+    want.update({f"per_interest/{h}": evaluate_merge(model, ds, sp, h, "valid")
+                 for h in ("max", "weighted", "quota")})
+    assert set(got["valid"]) == set(want)
+    for c in want:
+        assert got["valid"][c] == pytest.approx(want[c])
+    order = sorted(want, key=lambda c: (-want[c]["HR@50"], c != "aggregate"))
+    assert (got["mode"] + ("/" + got["merge"] if got["merge"] else "")) == order[0]
+    # the aggregate's own figures, when given, are not recomputed; equal ones win over a merge
+    tie = {k: 1.0 for k in want["per_interest/max"]}
+    forced = choose_serving(model, ds, sp, valid_aggregate=tie)
+    assert (forced["mode"], forced["merge"]) == ("aggregate", None)
+    fixed = choose_serving(model, ds, sp, "quota")
+    assert (fixed["mode"], fixed["merge"], fixed["chosen_on"]) == ("per_interest", "quota",
+                                                                   "fixed at export")
+    assert set(fixed["valid"]) == {"aggregate", "per_interest/quota"}
+    assert choose_serving(model, ds, sp, "aggregate")["mode"] == "aggregate"
+    with pytest.raises(ValueError, match="serving must be one of"):
+        choose_serving(model, ds, sp, "median")
+
+
+def test_a_single_interest_model_serves_its_aggregate():
+    from model_export import data
+    ds = data.synthetic(n_users=60, n_items=40, n_categories=4, length=(5, 9), seed=1)
+    torch.manual_seed(0)
+    m = SINE(SINEConfig(n_items=ds.n_items, D=8, K=1, L=4)).eval()
+    sp = split(ds, m.config.n)
+    got = choose_serving(m, ds, sp)
+    assert (got["mode"], got["merge"], list(got["valid"])) == ("aggregate", None, ["aggregate"])
+    with pytest.raises(ValueError, match="K = 1"):
+        choose_serving(m, ds, sp, "max")
 
 
 def test_parity_check_catches_a_wrong_graph(tmp_path):

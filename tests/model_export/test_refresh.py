@@ -176,6 +176,42 @@ def test_zero_epochs_saves_the_starting_model(small_world, tmp_path):
     assert torch.equal(best["model"]["C"], ck["model"]["C"])
 
 
+@pytest.mark.parametrize("serving", [None, {"mode": "per_interest", "merge": "max"}])
+def test_the_gate_scores_a_bundle_with_its_default_search(small_world, tmp_path, serving):
+    """score_bundle against brute force over the encoder and the item table (the index is
+    exact at this size): the aggregate, or the best interest's score under the max merge."""
+    import onnxruntime as ort
+
+    from model_export.freshness.gate import score_bundle
+    b = tmp_path / "b"
+    shutil.copytree(small_world["bundle"].path, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m.pop("serving", None)
+    if serving:
+        m["serving"] = serving
+    (b / "manifest.json").write_text(json.dumps(m))
+    ds, k = small_world["ds"], 10
+    ext = ds.item_ids
+    hist = {f"u{u}": [ext[int(i)] for i in ds.sequences[u][:-1]] for u in range(60)}
+    targets = {f"u{u}": ext[int(ds.sequences[u][-1])] for u in range(60)}
+    got = score_bundle(b, hist, targets, k)
+    assert got["search"] == ("per_interest/max" if serving else "aggregate")
+    sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    items = np.load(small_world["export"] / "items.npy")                      # [M, D]
+    n, hits = m["model"]["n"], 0
+    for u in range(60):
+        seen = [int(i) for i in ds.sequences[u][:-1]]
+        win = np.zeros((1, n), dtype=np.int64)
+        newest = seen[::-1][:n]
+        win[0, :len(newest)] = newest
+        interests, uv, _ = sess.run(None, {"item_ids": win})
+        q = interests[0] if serving else uv                                   # [Q, D]
+        score = (q @ items.T).max(0)                                          # [M]
+        score[np.array(seen) - 1] = -np.inf
+        hits += int(ds.sequences[u][-1]) in (np.argsort(-score, kind="stable")[:k] + 1)
+    assert got["users"] == 60 and got[f"HR@{k}"] == pytest.approx(hits / 60)
+
+
 def test_the_holdout_is_each_active_users_last_click():
     clicks = [("a", "1", 10.0, "e1"), ("a", "2", 30.0, "e2"), ("b", "3", 5.0, "e3"),
               ("c", "4", 25.0, "e4"), ("c", "5", 25.0, "e5")]

@@ -100,6 +100,54 @@ def test_per_interest_merge_and_interest_features(world):
         assert it["interest_scores"][it["interest"]] == pytest.approx(it["score"], abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def per_interest_root(small_world, tmp_path_factory):
+    """small_world's bundle, its manifest saying per_interest with the quota merge."""
+    import shutil
+
+    from index_builder import bundle
+    root = tmp_path_factory.mktemp("pi") / "bundles"
+    shutil.copytree(small_world["root"] / "v1", root / "v1")
+    m = json.loads((root / "v1" / "manifest.json").read_text())
+    m["serving"] = {"mode": "per_interest", "merge": "quota", "chosen_on": "valid HR@50"}
+    (root / "v1" / "manifest.json").write_text(json.dumps(m))
+    bundle.set_current(root, "v1")
+    return root
+
+
+@pytest.mark.parametrize("default_mode, interest_merge, want", [
+    ("bundle", "bundle", ("per_interest", "quota")),
+    ("aggregate", "bundle", ("aggregate", None)),
+    ("bundle", "weighted", ("per_interest", "weighted")),
+    ("per_interest", "max", ("per_interest", "max"))])
+def test_the_default_search_is_the_bundles_unless_settings_or_the_request_say(
+        world, per_interest_root, serve, redis_server, default_mode, interest_merge, want):
+    ds = world["ds"]
+    hist = [ds.item_ids[int(i)] for i in ds.sequences[5][::-1]]
+    put_history(world, "pi5", hist)
+    s = Settings(bundle=str(per_interest_root), redis_url=redis_server.url, watch_interval_s=0,
+                 default_mode=default_mode, interest_merge=interest_merge)
+    with serve(s) as c:
+        def ask(**extra):
+            r = c.post("/recommend", json={"user_id": "pi5", "n": 12, **extra})
+            assert r.status_code == 200, r.text
+            return r.json()
+        got = ask()
+        assert (got["mode"], got["merge"]) == want
+        explicit = ask(mode=want[0], **({"merge": want[1]} if want[1] else {}))
+        assert got["items"] == explicit["items"]
+        # what a request names wins; a merge alone means per_interest
+        own = ask(mode="aggregate")
+        assert (own["mode"], own["merge"]) == ("aggregate", None)
+        assert [x["item_id"] for x in own["items"]] == brute(world, hist, 12)[0]
+        alone = ask(merge="max")
+        assert (alone["mode"], alone["merge"]) == ("per_interest", "max")
+        assert [x["item_id"] for x in alone["items"]] == brute(world, hist, 12,
+                                                              per_interest=True)[0]
+        batch = c.post("/recommend/batch", json={"requests": [{"user_id": "pi5", "n": 12}]})
+        assert batch.json()["results"][0] == got
+
+
 def test_cold_start_and_unknown_items(world):
     ds = world["ds"]
     pop_order = list(np.argsort(-np.asarray(world["c"].app.state.sine.engine.popularity[1:]),
@@ -177,7 +225,8 @@ def test_events_append_cap_and_no_lost_writes(world):
     ({"user_id": "a", "n": 5, "mode": "both"}, 422, "mode"),
     ({"user_id": "a", "n": 5, "colour": "red"}, 422, "colour"),
     ({"user_id": "a", "n": 5, "mode": "per_interest", "merge": "median"}, 422, "merge"),
-    ({"user_id": "a", "n": 5, "merge": "quota"}, 422, "merge applies to mode=per_interest"),
+    ({"user_id": "a", "n": 5, "mode": "aggregate", "merge": "quota"}, 422,
+     "merge applies to mode=per_interest"),
     ([1, 2], 422, "body"),
 ])
 def test_bad_requests_are_explained(world, body, status, field):

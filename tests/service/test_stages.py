@@ -97,15 +97,17 @@ def test_render_builds_the_json_a_dict_would(engine):
     ids = np.array([3, 1, 2])
     scores = np.array([2.5, -1.25, 0.5], np.float32)
     body = json.loads(render(weird, Query("u\"1", 3), ids, scores))
-    assert body == {"user_id": 'u"1', "version": "v1", "mode": "aggregate", "fallback": None,
+    assert body == {"user_id": 'u"1', "version": "v1", "mode": "aggregate", "merge": None,
+                    "fallback": None,
                     "score_kind": "inner_product", "interest_weights": None,
                     "items": [{"item_id": "back\\slash", "score": 2.5},
                               {"item_id": 'quo"te', "score": -1.25},
                               {"item_id": "ünï", "score": 0.5}]}
-    q = Query("u", 3, mode="per_interest", include_interests=True)
+    q = Query("u", 3, mode="per_interest", include_interests=True, merge="quota")
     interests = np.array([[1, 0, 0], [0, 2, 0]], np.float32)      # [K, D]
     body = json.loads(render(weird, q, ids, scores, None, np.array([1, 0, 1]),
                              np.array([0.25, 0.75], np.float32), interests))
+    assert body["mode"] == "per_interest" and body["merge"] == "quota"
     assert body["interest_weights"] == [0.25, 0.75]
     assert [it["interest"] for it in body["items"]] == [1, 0, 1]
     assert [it["interest_scores"] for it in body["items"]] == [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
@@ -228,6 +230,7 @@ def test_every_answer_render_builds_is_a_valid_recommendation(engine, small_worl
     (got,) = rec.answer(engine, [q], [hist], down)
     body = Recommendation.model_validate_json(got.body)
     assert body.user_id == q.user_id and body.mode == mode
+    assert body.merge == ("max" if mode == "per_interest" else None)
     assert body.fallback == (case if case in ("cold_start", "history_unavailable") else None)
     assert len(body.items) == (2 if case == "catalog_exhausted" else 10)
     if case in ("personalized", "catalog_exhausted"):
