@@ -3,6 +3,7 @@ bundle scored on them exactly as the service answers (its engine and stages)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def histories(base: data.Dataset, clicks: list[tuple[str, str, float]],
 
 
 def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dict[str, str],
-                 k: int = 50, batch: int = 256) -> dict[str, float]:
+                 k: int = 50, batch: int = 256) -> dict[str, Any]:
     """HR@k and NDCG@k of a bundle on held-out clicks, answered as the service answers a request
     that names no mode: its engine encodes each user's newest clicks (oldest first in
     `histories`), searches the index with the bundle's default search (manifest `serving`)
