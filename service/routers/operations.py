@@ -11,6 +11,7 @@ from .. import errors, lifecycle
 from ..deps import StateDep
 from ..guard import bearer_ok
 from . import Router
+from .retrieval import default_search
 
 
 async def livez() -> dict[str, str]:
@@ -51,16 +52,18 @@ async def prometheus(st: StateDep) -> Response:
 
 
 async def bundle_info(st: StateDep, authorization: str | None = Header(None)) -> dict[str, Any]:
-    """The served bundle: its version, item count and index; the whole manifest (commit,
-    libraries, data set, offline metrics) with the admin token or
-    SINE_BUNDLE_DETAILS_PUBLIC."""
-    m = st.serving().bundle.manifest
-    s = st.settings
+    """The served bundle: its version, item count and index, and the search a request that
+    names no mode gets (`default_search`); the whole manifest (commit, libraries, data set,
+    offline metrics) with the admin token or SINE_BUNDLE_DETAILS_PUBLIC."""
+    engine, s = st.serving(), st.settings
+    m = engine.bundle.manifest
+    mode, merge = default_search(engine, s)
+    search = {"mode": mode, "merge": merge if mode == "per_interest" else None}
     if s.bundle_details_public or bearer_ok(authorization, s.admin_token):
-        return m
+        return {**m, "default_search": search}
     return {"version": m["version"], "created": m.get("created"),
             "items": {"count": m["items"]["count"]},
-            "index": {"factory": m["index"]["factory"]}}
+            "index": {"factory": m["index"]["factory"]}, "default_search": search}
 
 
 

@@ -7,9 +7,10 @@ from fastapi.responses import Response
 from .. import errors
 from ..deps import StateDep
 from ..engine import Engine
+from ..merge import Merge
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
 from ..settings import Settings
-from ..stages import Query, server_timing
+from ..stages import Mode, Query, server_timing
 from ..tracing import CURRENT_SPAN
 from . import Router, bind
 
@@ -18,15 +19,21 @@ ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
 
-def query(r: RecommendBody, engine: Engine, s: Settings) -> Query:
-    """A request's search: what it names; else the Settings' default; else the bundle's
-    (`SINE_DEFAULT_MODE` / `SINE_INTEREST_MERGE` = `bundle`). A merge alone means per_interest."""
+def default_search(engine: Engine, s: Settings) -> tuple[Mode, Merge]:
+    """The mode and merge of a request that names neither: the Settings', or where they say
+    `bundle` the manifest's (`max` where it names no merge)."""
     mode, merge = engine.default_search
-    if s.default_mode != "bundle":
-        mode = s.default_mode
+    return (mode if s.default_mode == "bundle" else s.default_mode,
+            (merge or "max") if s.interest_merge == "bundle" else s.interest_merge)
+
+
+def query(r: RecommendBody, engine: Engine, s: Settings) -> Query:
+    """A request's search: what it names, else `default_search`. A merge alone means
+    per_interest."""
+    mode, merge = default_search(engine, s)
     return Query(str(r.user_id), r.n, r.exclude_seen,
                  r.mode or ("per_interest" if r.merge else mode), r.include_interests,
-                 r.merge or (s.interest_merge if s.interest_merge != "bundle" else merge or "max"))
+                 r.merge or merge)
 
 
 async def recommend(req: RecommendBody, st: StateDep) -> Response:

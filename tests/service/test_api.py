@@ -146,6 +146,7 @@ def test_the_default_search_is_the_bundles_unless_settings_or_the_request_say(
                                                               per_interest=True)[0]
         batch = c.post("/recommend/batch", json={"requests": [{"user_id": "pi5", "n": 12}]})
         assert batch.json()["results"][0] == got
+        assert c.get("/bundle").json()["default_search"] == {"mode": want[0], "merge": want[1]}
 
 
 def test_cold_start_and_unknown_items(world):

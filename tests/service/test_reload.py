@@ -215,10 +215,12 @@ def test_bundle_details_need_the_admin_token(root, serve):
     with serve(Settings(bundle=str(root), watch_interval_s=0, admin_token="s3cret")) as c:
         public = c.get("/bundle").json()
         assert public == {"version": "v1", "created": public["created"],
-                          "items": {"count": 300}, "index": {"factory": "Flat"}}
+                          "items": {"count": 300}, "index": {"factory": "Flat"},
+                          "default_search": {"mode": "aggregate", "merge": None}}
         assert "git_commit" not in public and "libraries" not in public
         full = c.get("/bundle", headers=auth()).json()
-        assert {"git_commit", "libraries", "offline_metrics", "dataset"} <= set(full)
+        assert {"git_commit", "libraries", "offline_metrics", "dataset", "serving"} <= set(full)
+        assert full["default_search"] == public["default_search"]
         assert "git_commit" not in c.get("/bundle", headers=auth("wrong")).json()
     with serve(Settings(bundle=str(root), watch_interval_s=0, bundle_details_public=True)) as c:
         assert "libraries" in c.get("/bundle").json()
