@@ -209,8 +209,8 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
                      if isinstance(encoder, FoldedSINE) else 0,
                      "fold_budget_mb": fold_budget_mb},
             "items": {"count": ds.n_items, "vocab_sha256": ds.vocab_sha256()},
-            "offline_metrics": metrics, "serving": chosen_search, "checkpoint": {"best_epoch": ck["best_epoch"],
-                                                       "train_args": ck["train_args"]},
+            "offline_metrics": metrics, "serving": chosen_search,
+            "checkpoint": {"best_epoch": ck["best_epoch"], "train_args": ck["train_args"]},
             "libraries": library_versions(), "provenance": provenance or {}}
     atomic_write_text(json.dumps(info, indent=1), out_dir / "export.json")
     how = chosen_search["mode"] + (f" ({chosen_search['merge']})" if chosen_search["merge"] else "")
