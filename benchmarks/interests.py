@@ -18,7 +18,9 @@ per-seed differences as the spread, and, where the runs kept each test user's hi
 averaged over seeds, with the standard error of that mean.
 
 Rows already in the results file of the same `--tag` whose (data set, configuration, seed) is
-not among the runs found are kept as they are, so a second seed can be launched on its own.
+not among the runs found are kept as they are, so a second seed can be launched on its own; its
+paired figures are pooled with the file's (`pool_paired`), since the earlier runs' hits may be
+gone.
 """
 from __future__ import annotations
 
@@ -143,18 +145,41 @@ def paired(hits: dict[tuple[str, str, int], dict[str, np.ndarray]]) -> dict:
     return out
 
 
+def pool_paired(new: dict, old: dict) -> dict:
+    """Paired figures of a new launch (`new`, from `paired`) joined with a results file's
+    (`old`) for the same configuration, mode by mode. The per-user hits of earlier launches
+    are gone, so each launch's figure is kept as a part: the pooled mean is the seed-weighted
+    mean of the parts (exact, since all are means over the same users) and its standard error
+    the seed-weighted sum of theirs (the bound for perfectly correlated differences, so never
+    too small). An earlier part that shares a seed with the new one was rerun: it is dropped."""
+    out = dict(old)
+    for key, a in new.items():
+        parts = [q for q in old.get(key, {}).get("parts", [old[key]] if key in old else [])
+                 if not set(q["seeds"]) & set(a["seeds"])] + [a]
+        if len(parts) == 1:
+            out[key] = a
+            continue
+        n = [len(q["seeds"]) for q in parts]
+        out[key] = {"diff": sum(w * q["diff"] for w, q in zip(n, parts)) / sum(n),
+                    "se": sum(w * q["se"] for w, q in zip(n, parts)) / sum(n),
+                    "seeds": sorted(sd for q in parts for sd in q["seeds"]),
+                    "parts": [{k: q[k] for k in ("diff", "se", "seeds")} for q in parts]}
+    return out
+
+
 def keep_earlier(found: dict[str, list[dict]], path: Path,
                  pairs: dict | None = None) -> tuple[dict[str, list[dict]], list]:
     """`found` plus the rows of the results file at `path` that no run found replaces, and the
     commands that launched those earlier rows; `pairs` (from `collect`) gains the file's paired
-    figures of the configurations it has none for."""
+    figures, pooled with its own over seeds by `pool_paired`."""
     if not path.exists():
         return found, []
     old = json.loads(path.read_text())
     if pairs is not None:
         for ds, by in old.get("paired", {}).items():
             for variant, res in by.items():
-                pairs.setdefault(ds, {}).setdefault(variant, res)
+                mine = pairs.setdefault(ds, {})
+                mine[variant] = pool_paired(mine[variant], res) if variant in mine else res
     out = {ds: list(rows) for ds, rows in found.items()}
     commands = []
     for ds, rows in old.get("datasets", {}).items():
@@ -182,7 +207,9 @@ def seed_means(rows: list[dict], pairs: dict | None = None) -> list[str]:
            "unpaired standard error sqrt(se_a^2 + se_b^2) of one run each, then the per-seed "
            "differences (seeds both ran with), then `paired`: the mean per-user difference in "
            "hits from K = 1 on the same test users (averaged over the seeds both ran with) ± "
-           "its standard error, where the runs kept their per-user hits:", "",
+           "its standard error, where the runs kept their per-user hits (`pooled`: launches "
+           "of different seeds joined, the mean weighted by seeds and the standard errors "
+           "added the same way, an upper bound):", "",
            "| configuration | seeds | mode | HR@50 | vs K = 1 | per seed | paired | HR@100 | "
            "vs K = 1 | per seed | paired |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, rs in sorted(by.items()):
@@ -208,7 +235,8 @@ def seed_means(rows: list[dict], pairs: dict | None = None) -> list[str]:
                           ", ".join(per) if variant != "k1" else "-",
                           f"{100 * pr['diff']:+.2f} ± {100 * pr['se']:.2f} "
                           f"({pr['diff'] / max(pr['se'], 1e-12):+.1f} SE, seeds "
-                          f"{','.join(map(str, pr['seeds']))})" if pr else "-"]
+                          f"{','.join(map(str, pr['seeds']))}"
+                          f"{', pooled' if pr.get('parts') else ''})" if pr else "-"]
             out.append(f"| {rs[0]['label']} | {len(rs)} | {mode} | " + " | ".join(cells) + " |")
     return out + [""]
 

@@ -93,3 +93,38 @@ def test_paired_differences_are_per_user_and_averaged_over_seeds():
     assert agg["se"] == pytest.approx(d.std(ddof=1) / 20)
     assert out["d"]["sine"]["max@50"] == {"diff": 0.0, "se": 0.0, "seeds": [1, 2]}
     assert "lonely" not in out["d"] and "k1" not in out["d"]
+
+
+def test_paired_figures_of_a_new_seed_pool_with_the_files_and_a_rerun_replaces_its_part(tmp_path):
+    path = tmp_path / "accuracy-interests-t.json"
+    old = {"agg@50": {"diff": 0.010, "se": 0.002, "seeds": [7, 42]},
+           "max@50": {"diff": -0.02, "se": 0.004, "seeds": [7, 42]}}
+    path.write_text(json.dumps({"meta": {"command": "launch 7,42"}, "datasets": {},
+                                "paired": {"d": {"k8": old, "k2": old}}}))
+    pairs = {"d": {"k8": {"agg@50": {"diff": 0.004, "se": 0.003, "seeds": [3]}}}}
+    interests.keep_earlier({}, path, pairs)
+    agg = pairs["d"]["k8"]["agg@50"]
+    assert agg["diff"] == pytest.approx((2 * 0.010 + 0.004) / 3)
+    assert agg["se"] == pytest.approx((2 * 0.002 + 0.003) / 3)     # no smaller than either's share
+    assert agg["seeds"] == [3, 7, 42] and len(agg["parts"]) == 2
+    assert pairs["d"]["k8"]["max@50"] == old["max@50"]              # a mode the launch lacks
+    assert pairs["d"]["k2"] == old                                  # a configuration it lacks
+
+    path.write_text(json.dumps({"meta": {}, "datasets": {}, "paired": pairs}))
+    rerun = {"d": {"k8": {"agg@50": {"diff": 0.001, "se": 0.003, "seeds": [3]}}}}
+    interests.keep_earlier({}, path, rerun)
+    again = rerun["d"]["k8"]["agg@50"]
+    assert again["diff"] == pytest.approx((2 * 0.010 + 0.001) / 3) and again["seeds"] == [3, 7, 42]
+
+    both = {"d": {"k8": {"agg@50": {"diff": 0.0, "se": 0.001, "seeds": [3, 7]}}}}
+    interests.keep_earlier({}, path, both)                   # shares 3 and 7 with the parts
+    assert both["d"]["k8"]["agg@50"] == {"diff": 0.0, "se": 0.001, "seeds": [3, 7]}
+
+
+def test_a_pooled_paired_figure_says_so_in_the_seed_means_table():
+    rows = [_row("k1", sd, 0.50, 0.60) for sd in (3, 7)] + [
+        _row("k8", sd, 0.51, 0.61) for sd in (3, 7)]
+    pooled = {"k8": {"agg@50": {"diff": 0.01, "se": 0.002, "seeds": [3, 7],
+                                "parts": [{"diff": 0.01, "se": 0.002, "seeds": [3]}] * 2}}}
+    md = "\n".join(interests.seed_means(rows, pooled))
+    assert "+1.00 ± 0.20 (+5.0 SE, seeds 3,7, pooled)" in md
