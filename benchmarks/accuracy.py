@@ -47,6 +47,8 @@ VARIANTS = {
     "literal": {"literal": True},
     "sampled": {"loss": "sampled"},
     "sasrec": {"arch": "sasrec"},
+    "sasrec-n50": {"arch": "sasrec", "n": 50},
+    "sasrec-n200": {"arch": "sasrec", "n": 200},
     "ia-argmax": {"interest_weight": 1.0, "interest_loss": "argmax"},
     "ia-sample": {"interest_weight": 1.0, "interest_loss": "sample"},
     "ia-lse": {"interest_weight": 1.0, "interest_loss": "logsumexp"},
@@ -72,6 +74,8 @@ LABELS = {
     "literal": "SINE, Eq. 3/7 literal LN dot products",
     "sampled": "SINE, sampled softmax (1280 log-uniform negatives)",
     "sasrec": "SASRec (2 blocks, single vector, same harness)",
+    "sasrec-n50": "SASRec on the 50 most recent clicks (the service reads 20)",
+    "sasrec-n200": "SASRec on the 200 most recent clicks (the original's ML-1M input)",
     "ia-argmax": "SINE + its best interest's item loss (argmax, beta 1)",
     "ia-sample": "SINE + a sampled interest's item loss (BaM, T 1, beta 1)",
     "ia-lse": "SINE + logsumexp-over-interests item loss (beta 1)",
@@ -161,7 +165,8 @@ def extra_metrics(ck_path: Path, ds) -> dict:
     ranks: list[np.ndarray] = []
     evaluate_model(model, ds, sp, "test", ranks_out=ranks)
     hits = {f"agg@{k}": ranks[0] < k for k in HIT_KS}     # per test user, for paired differences
-    out: dict = {"test_per_interest": evaluate_model(model, ds, sp, "test", mode="per_interest"),
+    out: dict = {"test_users": int(len(ranks[0])),
+                 "test_per_interest": evaluate_model(model, ds, sp, "test", mode="per_interest"),
                  "beyond": {m: beyond_accuracy(model, ds, sp, LIST_N, m)
                             for m in ("aggregate", "per_interest")}}
     if isinstance(model, SINE):

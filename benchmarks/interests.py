@@ -97,7 +97,7 @@ def row_of(r: dict) -> dict:
                            "prototype_nmi": r.get("concepts", {}).get("nmi")},
            "train_args": {k: r["train_args"].get(k) for k in
                           ("interest_loss", "interest_weight", "cos_penalty", "weight_kl")},
-           "model_args": {k: r["model_args"].get(k) for k in ("K", "tau", "tau_assign")},
+           "model_args": {k: r["model_args"].get(k) for k in ("K", "tau", "tau_assign", "n", "arch")},
            "command": r["command"], "git_commit": r["git_commit"], "machine": r["machine"],
            "finished": r["finished"]}
     return row
