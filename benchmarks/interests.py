@@ -154,8 +154,9 @@ def pool_paired(new: dict, old: dict) -> dict:
     too small). An earlier part that shares a seed with the new one was rerun: it is dropped."""
     out = dict(old)
     for key, a in new.items():
-        parts = [q for q in old.get(key, {}).get("parts", [old[key]] if key in old else [])
-                 if not set(q["seeds"]) & set(a["seeds"])] + [a]
+        prev = old.get(key)
+        earlier = prev.get("parts", [prev]) if prev else []
+        parts = [q for q in earlier if not set(q["seeds"]) & set(a["seeds"])] + [a]
         if len(parts) == 1:
             out[key] = a
             continue
