@@ -57,6 +57,8 @@ VARIANTS = {
     "distinct": {"interest_weight": 1.0, "interest_loss": "logsumexp", "cos_penalty": 0.5,
                  "weight_kl": 1.0},
     "wkl-cos": {"weight_kl": 1.0, "cos_penalty": 0.1},
+    "votes": {"activation": "votes"},
+    "votes-k8": {"activation": "votes", "K": 8},
 }
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
                   "weight_kl_T")   # `--set` names that go to TrainConfig, not the model
@@ -83,6 +85,8 @@ LABELS = {
     "wkl": "SINE + Eq. 7 weights taught the target's interest (KL, gamma 1, T 0.5)",
     "distinct": "SINE + logsumexp loss, cosine penalty 0.5, weight KL 1",
     "wkl-cos": "SINE + weight KL 1 and cosine penalty 0.1",
+    "votes": "SINE, prototypes activated by the clicks' votes (deviation 6)",
+    "votes-k8": "SINE, K = 8, prototypes activated by the clicks' votes",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE

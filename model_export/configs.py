@@ -11,6 +11,7 @@ from service.keys import DEFAULT_GROUP, DEFAULT_STREAM
 
 # `sine export --serving`: pick on validation, the aggregate, or per_interest with a merge
 SERVINGS = ("auto", "aggregate", *MERGES)
+ACTIVATIONS = ("attention", "votes")   # SINEConfig.activation
 WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --clicks`) uses
 
 
@@ -27,6 +28,8 @@ class SINEConfig:
     literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
     share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
     aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
+    activation: str = "attention"   # Eq. 1-2 as written, or "votes": the K prototypes nearest
+    #                                 the most clicks (deviation 6)
     ln_eps: float = 1e-5
 
     def __post_init__(self):
@@ -34,6 +37,8 @@ class SINEConfig:
             raise ValueError(f"need 1 <= K <= L, got K={self.K}, L={self.L}")
         if self.aggregation not in ("adaptive", "mean"):
             raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
 
 
 @dataclass

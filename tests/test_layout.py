@@ -22,8 +22,10 @@ TORCH_OK = {"model_export/models/sine.py", "model_export/models/sasrec.py",
             "model_export/training/checkpoints.py", "model_export/training/loop.py",
             "model_export/training/distributed.py", "model_export/training/workflow.py",
             "model_export/training/interests.py",
-            "model_export/evaluation/evaluate.py", "model_export/export.py",
-            "benchmarks/encoder.py", "benchmarks/gpu.py", "benchmarks/common.py"}
+            "model_export/evaluation/evaluate.py", "model_export/evaluation/partition.py",
+            "model_export/export.py",
+            "benchmarks/encoder.py", "benchmarks/gpu.py", "benchmarks/common.py",
+            "benchmarks/partition.py"}
 
 
 def sources() -> list[Path]:

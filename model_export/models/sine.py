@@ -28,6 +28,13 @@ Deviations from the paper, each with its reason (the ablation table in
    popularity outside the model).
 5. Eq. 1-2 are as written (W1 D x D, W2 D, no bias); the authors' code uses a 512-wide MLP with
    biases and adds positions to Eq. 1 and 6. That variant is not provided.
+6. `activation="votes"` (off by default) picks the K prototypes by the clicks' votes instead of
+   Eq. 2's top-K of <z_u, C>: each click casts softmax(cos(x_t, C) / tau_assign) over the L
+   prototypes and the K with the most votes are activated; the gate stays Eq. 2's
+   sigmoid(<z_u, C_k>). Eq. 2 ranks prototypes by their likeness to one attention-pooled
+   history, so the K it picks all lie near the user's mean, and Eq. 3 then has K near-equal
+   prototypes to assign clicks to; votes pick one prototype for each group of clicks
+   (`model_export.evaluation.partition` measures how far apart those groups are).
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
 attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
@@ -173,7 +180,13 @@ class SINE(ItemSoftmax, nn.Module):
         a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
         s = z @ self.C.t()                                             # [B, L]
-        return torch.topk(s, self.config.K, dim=1)                     # values, indices: [B, K]
+        if self.config.activation == "attention":
+            return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
+        # deviation 6: the prototypes most of the clicks are nearest to
+        votes = torch.softmax(unit(X) @ unit(self.C).t() / self.config.tau_assign, dim=-1)  # [B, n, L]
+        votes = (votes * mask.unsqueeze(-1)).sum(1)                    # [B, L]
+        idx = torch.topk(votes, self.config.K, dim=1).indices          # [B, K]
+        return s.gather(1, idx), idx                                   # [B, K], [B, K]
 
     def assign(self, item_ids: torch.Tensor):
         """§3.2.1-3.2.2 for `item_ids` [B, n]: the activated prototypes idx [B, K], their gated

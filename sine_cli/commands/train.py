@@ -11,6 +11,7 @@ from ..common import CliError, data_args, dataset, need_torch, print_metrics
 
 def add(sub: Any) -> None:
     from model_export.configs import (
+        ACTIVATIONS,
         INTEREST_LOSSES,
         NEW_ITEM_INITS,
         WINDOW_HOURS,
@@ -45,6 +46,9 @@ def add(sub: Any) -> None:
                    help="Eq. 3 and 7 as raw LayerNorm dot products, as printed in the paper")
     g.add_argument("--aggregation", choices=["adaptive", "mean"], default=SINE["aggregation"],
                    help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation)")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=SINE["activation"],
+                   help="attention: Eq. 1-2, the top K of <z_u, C> (default); votes: the K "
+                        "prototypes most clicks are nearest to (model_export/models/sine.py, deviation 6)")
     g = t.add_argument_group("SASRec (--arch sasrec)")
     g.add_argument("--blocks", type=int, help=f"self-attention blocks (default {SASREC['blocks']})")
     g.add_argument("--heads", type=int, help=f"attention heads (default {SASREC['heads']})")
@@ -130,14 +134,18 @@ def _model(a: argparse.Namespace, ds: Any) -> Any:
         return config_from_args({**shape, "n_items": ds.n_items})
     if a.arch == "sasrec":
         sine_only = [f"--{k.replace('_', '-')}" for k in ("K", "L", "literal") if getattr(a, k)]
-        if sine_only or a.aggregation != "adaptive":
-            raise CliError(f"{', '.join(sine_only) or '--aggregation'}: SINE's options; SASRec "
+        if a.aggregation != "adaptive":
+            sine_only.append("--aggregation")
+        if a.activation != "attention":
+            sine_only.append("--activation")
+        if sine_only:
+            raise CliError(f"{', '.join(sine_only)}: SINE's options; SASRec "
                            "takes --blocks, --heads and --dropout")
         return model_config(ds, "sasrec", D=a.D, n=a.seq_len, blocks=a.blocks, heads=a.heads,
                             dropout=a.dropout)
     return model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau,
                         tau_assign=a.tau_assign, literal=a.literal or None,
-                        aggregation=a.aggregation)
+                        aggregation=a.aggregation, activation=a.activation)
 
 
 def _train_config(a: argparse.Namespace) -> Any:

@@ -87,12 +87,13 @@ def test_the_graph_is_folded_where_its_tables_fit_the_budget():
         choose_graph(m, "fast")
 
 
-@pytest.mark.parametrize("literal, aggregation", [(False, "adaptive"), (True, "adaptive"),
-                                                  (False, "mean")])
-def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggregation):
+@pytest.mark.parametrize("literal, aggregation, activation", [
+    (False, "adaptive", "attention"), (True, "adaptive", "attention"), (False, "mean", "attention"),
+    (False, "adaptive", "votes")])
+def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggregation, activation):
     torch.manual_seed(1)
     m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, literal=literal,
-                        aggregation=aggregation)).eval()
+                        aggregation=aggregation, activation=activation)).eval()
     path = export_onnx(FoldedSINE(m), tmp_path / "folded.onnx")
     worst = check_parity(m, path)
     assert worst["interests"] < 1e-5 and worst["user_vector"] < 1e-3 and worst["weights"] < 1e-4

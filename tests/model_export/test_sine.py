@@ -27,7 +27,8 @@ def test_shapes_and_weights_sum_to_one():
     assert torch.allclose(v, (e.unsqueeze(-1) * phi).sum(1), atol=1e-6)   # Eq. 8
 
 
-@pytest.mark.parametrize("kw", [{}, {"literal": True}, {"aggregation": "mean"}, {"share_w3": True}])
+@pytest.mark.parametrize("kw", [{}, {"literal": True}, {"aggregation": "mean"}, {"share_w3": True},
+                                {"activation": "votes"}])
 def test_what_pad_slots_hold_does_not_change_any_output(kw):
     """Pad slots carry the padding row of H and their positional embeddings: neither may leak."""
     m = small(**kw)
@@ -77,10 +78,12 @@ def test_k_must_not_exceed_l_and_aggregation_is_checked():
         SINEConfig(n_items=10, K=9, L=4)
     with pytest.raises(ValueError, match="aggregation"):
         SINEConfig(n_items=10, aggregation="max")
+    with pytest.raises(ValueError, match="activation must be one of attention, votes"):
+        SINEConfig(n_items=10, activation="mean")
 
 
 @pytest.mark.parametrize("kw", [{"tau": 1.0}, {"tau_assign": 1.0}, {"literal": True},
-                                {"aggregation": "mean"}, {"share_w3": True}])
+                                {"aggregation": "mean"}, {"share_w3": True}, {"activation": "votes"}])
 def test_every_knob_changes_the_user_vector(kw):
     x = batch()
     base = small()(x)[1]
@@ -97,6 +100,23 @@ def test_topk_selects_the_best_prototypes_and_gates_them():
     s = (a.unsqueeze(-1) * X).sum(1) @ m.C.t()                          # Eq. 1-2 by hand
     ref_v, ref_i = s.sort(1, descending=True)
     assert torch.equal(idx, ref_i[:, :3]) and torch.allclose(s_top, ref_v[:, :3], atol=1e-6)
+
+
+def test_votes_activate_the_prototypes_most_clicks_are_nearest_and_keep_eq2s_gate():
+    m = small(activation="votes", tau_assign=0.01)     # near-hard votes: a count of nearest clicks
+    x = batch(B=5, seed=4)
+    X, mask = m.embed(x)
+    s_top, idx = m.activate(X, mask)
+    near = (F.normalize(X, dim=-1) @ F.normalize(m.C, dim=-1).t()).argmax(-1)   # [B, n]
+    a = torch.softmax((torch.tanh(X @ m.W1) @ m.W2).masked_fill(~mask, -1e9), 1)
+    s = (a.unsqueeze(-1) * X).sum(1) @ m.C.t()                          # Eq. 2's scores
+    for b in range(len(x)):
+        counts = torch.bincount(near[b][mask[b]], minlength=m.config.L)   # [L]
+        picked = set(idx[b].tolist())
+        assert len(picked) == 3
+        # every prototype left out has at most the votes of every one picked
+        assert counts[list(picked)].min() >= counts[[j for j in range(8) if j not in picked]].max()
+        assert torch.allclose(s_top[b], s[b, idx[b]], atol=1e-6)
 
 
 def test_covariance_loss_matches_the_definition():
