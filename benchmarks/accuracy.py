@@ -59,9 +59,11 @@ VARIANTS = {
     "wkl-cos": {"weight_kl": 1.0, "cos_penalty": 0.1},
     "votes": {"activation": "votes"},
     "votes-k8": {"activation": "votes", "K": 8},
+    "refresh": {"prototype_refresh": True},
+    "votes-refresh": {"activation": "votes", "prototype_refresh": True},
 }
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
-                  "weight_kl_T")   # `--set` names that go to TrainConfig, not the model
+                  "weight_kl_T", "prototype_refresh")   # `--set` names that go to TrainConfig, not the model
 LABELS = {
     "popularity": "Popularity (training counts)",
     "sine": "SINE (this project, default)",
@@ -87,6 +89,8 @@ LABELS = {
     "wkl-cos": "SINE + weight KL 1 and cosine penalty 0.1",
     "votes": "SINE, prototypes activated by the clicks' votes (deviation 6)",
     "votes-k8": "SINE, K = 8, prototypes activated by the clicks' votes",
+    "refresh": "SINE, prototypes set to k-means centres of the items each epoch",
+    "votes-refresh": "SINE, votes and k-means prototypes each epoch",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE

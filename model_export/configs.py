@@ -94,6 +94,8 @@ class TrainConfig:
     cos_penalty: float = 0.0         # alpha: mean pairwise cosine of a user's K interests
     weight_kl: float = 0.0           # gamma: KL from the target's interest to the Eq. 7 weights
     weight_kl_T: float = 0.5         # that target's temperature on cos(phi_k, h_target)
+    prototype_refresh: bool = False  # before every epoch but the first, the L prototypes C set
+    #                                  to the spherical k-means centres of the item rows
     # warm starts: items the starting model does not know (`training.checkpoints.warm_start`)
     # (the defaults measured best on ML-1M and Beauty: benchmarks/results/refresh.md)
     new_item_init: str = "neighbours"  # neighbours: the mean of the rows of the items clicked

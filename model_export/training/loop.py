@@ -21,7 +21,7 @@ import torch
 from ..configs import TrainConfig
 from ..data import DataError, Dataset, dataset_info, split
 from ..evaluation.evaluate import evaluate_model
-from ..models.sine import LogUniformSampler
+from ..models.sine import SINE, LogUniformSampler
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -36,7 +36,7 @@ from .checkpoints import (
     warm_start_source,
 )
 from .distributed import Dist, any_rank, dist_context, from_main
-from .interests import interest_terms
+from .interests import interest_terms, refresh_prototypes
 
 
 @dataclass
@@ -226,6 +226,9 @@ class _Run:
 
     def epoch(self, epoch: int, t0: float, bar_cls: Any) -> EpochStats:
         cfg, dist, sp = self.cfg, self.dist, self.sp
+        if cfg.prototype_refresh and epoch > 0 and isinstance(self.model, SINE):
+            refresh_prototypes(self.model, seed=cfg.seed + epoch)     # every rank alike
+            self.opt.state.pop(self.model.C, None)                    # Adam's moments were C's old rows'
         self.model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
         order = self.order
@@ -358,6 +361,8 @@ def _terms_on(cfg: TrainConfig) -> str:
         on.append(f"cosine alpha={cfg.cos_penalty}")
     if cfg.weight_kl > 0:
         on.append(f"weight KL gamma={cfg.weight_kl} T={cfg.weight_kl_T}")
+    if cfg.prototype_refresh:
+        on.append("prototypes refreshed by k-means each epoch")
     return "; " + ", ".join(on) if on else ""
 
 

@@ -97,6 +97,9 @@ def add(sub: Any) -> None:
                         f"interest (default {TRAIN.weight_kl:g}: off)")
     g.add_argument("--weight-kl-T", type=float, default=TRAIN.weight_kl_T,
                    help=f"temperature of that KL's target (default {TRAIN.weight_kl_T:g})")
+    g.add_argument("--prototype-refresh", action="store_true",
+                   help="before every epoch but the first, set the L prototypes to the k-means "
+                        "centres of the item embeddings (default: off)")
     g = t.add_argument_group("fresh data")
     g.add_argument("--warm-start", type=Path, metavar="CHECKPOINT_OR_BUNDLE",
                    help="start from a trained model (a best.pt, or a bundle holding model.pt) "
@@ -157,6 +160,7 @@ def _train_config(a: argparse.Namespace) -> Any:
                        interest_loss=a.interest_loss, interest_weight=a.interest_weight,
                        interest_T=a.interest_T, cos_penalty=a.cos_penalty,
                        weight_kl=a.weight_kl, weight_kl_T=a.weight_kl_T,
+                       prototype_refresh=a.prototype_refresh,
                        new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
                        new_rows_only=a.new_rows_only, new_rows_replay=a.new_rows_replay)
 

@@ -125,3 +125,51 @@ def test_offline_merges_equal_full_ranking_of_their_scores(world, how):
     got = evaluate_merge(model, ds, sp, how)
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
+
+
+def test_spherical_kmeans_finds_separated_directions():
+    from model_export.training.interests import spherical_kmeans
+
+    g = torch.Generator().manual_seed(4)
+    dirs = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=-1)   # [5, D]
+    which = torch.arange(200) % 5
+    rows = 2.0 * (dirs[which] + 0.02 * torch.randn(200, 16, generator=g))           # [200, D]
+    C = spherical_kmeans(rows, 5, seed=1)                              # [5, D]
+    assert torch.allclose(C.norm(dim=1), torch.ones(5), atol=1e-5)
+    # every planted direction has a centre on it, so no two centres share one
+    assert (dirs @ C.t()).amax(1).min() > 0.99
+
+
+def test_refresh_puts_each_item_under_its_clusters_prototype():
+    from model_export.evaluation.evaluate import nearest_prototype, nmi
+    from model_export.training.interests import refresh_prototypes
+
+    torch.manual_seed(0)
+    model = SINE(SINEConfig(n_items=40, D=16, K=2, L=4))
+    dirs = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    label = torch.arange(40) % 4
+    norm_before = model.C.norm(dim=1).mean()
+    with torch.no_grad():
+        model.H.weight[1:] = dirs[label] + 0.02 * torch.randn(40, 16)
+    refresh_prototypes(model)
+    assert torch.allclose(model.C.norm(dim=1), norm_before.expand(4), atol=1e-5)
+    near = nearest_prototype(model)[1:]                                 # [M]
+    assert nmi(near.tolist(), label.tolist()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="L <= M"):
+        refresh_prototypes(SINE(SINEConfig(n_items=3, D=8, K=2, L=4)))
+
+
+def test_a_run_refreshes_the_prototypes_before_each_later_epoch(world, tmp_path):
+    from model_export.training.checkpoints import load_checkpoint
+    from model_export.training.interests import spherical_kmeans
+
+    ds = world[0]
+    mcfg = model_config(ds, D=16, K=3, L=8)
+    # lr 0: nothing but the refresh moves a weight, so the run's C is the k-means of its start
+    cfg = TrainConfig(batch_size=32, max_epochs=2, lr=0.0, threads=1, seed=9, prototype_refresh=True)
+    lines: list[str] = []
+    train(ds, mcfg, cfg, tmp_path, progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("prototypes refreshed by k-means" in ln for ln in lines)
+    last = load_checkpoint(tmp_path / "last.pt")["model"]
+    want = spherical_kmeans(last["H.weight"][1:], 8, seed=10) * last["C"].norm(dim=1).mean()
+    assert torch.allclose(last["C"], want, atol=1e-5)
