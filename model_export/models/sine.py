@@ -29,12 +29,14 @@ Deviations from the paper, each with its reason (the ablation table in
 5. Eq. 1-2 are as written (W1 D x D, W2 D, no bias); the authors' code uses a 512-wide MLP with
    biases and adds positions to Eq. 1 and 6. That variant is not provided.
 6. `activation="votes"` (off by default) picks the K prototypes by the clicks' votes instead of
-   Eq. 2's top-K of <z_u, C>: each click casts softmax(cos(x_t, C) / tau_assign) over the L
-   prototypes and the K with the most votes are activated; the gate stays Eq. 2's
-   sigmoid(<z_u, C_k>). Eq. 2 ranks prototypes by their likeness to one attention-pooled
-   history, so the K it picks all lie near the user's mean, and Eq. 3 then has K near-equal
-   prototypes to assign clicks to; votes pick one prototype for each group of clicks
-   (`model_export.evaluation.partition` measures how far apart those groups are).
+   Eq. 2's top-K of <z_u, C>: each click's Eq. 3 assignment taken over all L prototypes,
+   softmax(cos(LN1(x_t W3), LN2(C)) / tau_assign), is summed over the clicks and the K
+   prototypes with the most votes are activated; the gate stays Eq. 2's sigmoid(<z_u, C_k>).
+   Eq. 2 ranks prototypes by their likeness to one attention-pooled history, so the K it picks
+   all lie near the user's mean, and Eq. 3 then has K near-equal prototypes to assign clicks
+   to; votes pick the prototypes the clicks themselves would be assigned to. With the
+   prototypes at the centres of the item clusters (`TrainConfig.prototype_refresh`) that is
+   one prototype for each cluster the user clicked in.
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
 attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
@@ -175,15 +177,18 @@ class SINE(ItemSoftmax, nn.Module):
         return self.C[idx] @ W3_apt                                    # [B, K, D]
 
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
-    def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None):
+    def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
+                 XW3: torch.Tensor | None = None):
         XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
         a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
         s = z @ self.C.t()                                             # [B, L]
         if self.config.activation == "attention":
             return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
-        # deviation 6: the prototypes most of the clicks are nearest to
-        votes = torch.softmax(unit(X) @ unit(self.C).t() / self.config.tau_assign, dim=-1)  # [B, n, L]
+        # deviation 6: the prototypes Eq. 3 would assign the most clicks to, out of all L
+        XW3 = X @ self.W3 if XW3 is None else XW3                      # [B, n, D]
+        q, p = unit(self.ln1(XW3)), unit(self.ln2(self.C))             # [B, n, D], [L, D]
+        votes = torch.softmax(q @ p.t() / self.config.tau_assign, dim=-1)   # [B, n, L]
         votes = (votes * mask.unsqueeze(-1)).sum(1)                    # [B, L]
         idx = torch.topk(votes, self.config.K, dim=1).indices          # [B, K]
         return s.gather(1, idx), idx                                   # [B, K], [B, K]
@@ -195,7 +200,7 @@ class SINE(ItemSoftmax, nn.Module):
         c = self.config
         X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
         XW1, XW3, XpWk1 = self.item_maps(X, item_ids)                  # [B, n, D], [B, n, D], [B, n, K*D]
-        s_top, idx = self.activate(X, mask, XW1)                       # [B, K], [B, K]
+        s_top, idx = self.activate(X, mask, XW1, XW3)                  # [B, K], [B, K]
         gate = torch.sigmoid(s_top).unsqueeze(-1)                      # [B, K, 1]
         C_u = self.C[idx] * gate                                       # [B, K, D]
 

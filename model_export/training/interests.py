@@ -16,11 +16,10 @@ so the K interests may all be copies of v. Each term below is off at weight 0 (`
   (TiMiRec's distillation, times T^2 as there).
 
 Beside the terms, one step between epochs (`prototype_refresh`): the L prototypes C are set to
-the spherical k-means centres of the item rows H (`refresh_prototypes`). Trained, C does not
-follow the clusters the item rows form (on the planted control k-means on H finds the planted
-categories, NMI 0.98, while each item's nearest prototype finds 0.38:
-`benchmarks/results/interests-partition.md`), so Eq. 3 has no prototype per category to assign
-a click to.
+the spherical k-means centres of the item rows where Eq. 3 compares them with C, LN1(H W3)
+(`refresh_prototypes`). Trained, C does not follow the clusters the item rows form (on the
+planted control, k-means on H finds the planted categories, NMI 0.98, while each item's nearest
+prototype finds 0.38), so Eq. 3 has no prototype per category to assign a click to.
 """
 from __future__ import annotations
 
@@ -55,12 +54,13 @@ def spherical_kmeans(rows: torch.Tensor, L: int, iters: int = 20, seed: int = 0)
 
 @torch.no_grad()
 def refresh_prototypes(model, seed: int = 0) -> None:
-    """C <- the k-means centres of the item rows (no padding row), scaled to C's mean row norm,
-    so that Eq. 2's scores and gates keep their range."""
+    """C <- the k-means centres of the item rows as Eq. 3 sees them, LN1(H W3) (no padding row),
+    scaled to C's mean row norm, so that Eq. 2's scores and gates keep their range."""
     L = model.C.shape[0]
     if L > model.config.n_items:
         raise ValueError(f"prototype_refresh needs L <= M, got L={L}, M={model.config.n_items}")
-    centres = spherical_kmeans(model.item_table(), L, seed=seed)       # [L, D]
+    q = model.ln1(model.item_table() @ model.W3)                       # [M, D]
+    centres = spherical_kmeans(q, L, seed=seed)                        # [L, D]
     model.C.copy_(centres * model.C.norm(dim=1).mean())
 
 

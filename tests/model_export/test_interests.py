@@ -140,8 +140,8 @@ def test_spherical_kmeans_finds_separated_directions():
     assert (dirs @ C.t()).amax(1).min() > 0.99
 
 
-def test_refresh_puts_each_item_under_its_clusters_prototype():
-    from model_export.evaluation.evaluate import nearest_prototype, nmi
+def test_refresh_gives_each_item_cluster_its_prototype_where_eq3_compares_them():
+    from model_export.evaluation.evaluate import nmi
     from model_export.training.interests import refresh_prototypes
 
     torch.manual_seed(0)
@@ -153,7 +153,10 @@ def test_refresh_puts_each_item_under_its_clusters_prototype():
         model.H.weight[1:] = dirs[label] + 0.02 * torch.randn(40, 16)
     refresh_prototypes(model)
     assert torch.allclose(model.C.norm(dim=1), norm_before.expand(4), atol=1e-5)
-    near = nearest_prototype(model)[1:]                                 # [M]
+    with torch.no_grad():                                              # Eq. 3's cosine, all L
+        q = torch.nn.functional.normalize(model.ln1(model.item_table() @ model.W3), dim=-1)
+        p = torch.nn.functional.normalize(model.ln2(model.C), dim=-1)
+    near = (q @ p.t()).argmax(1)                                       # [M]
     assert nmi(near.tolist(), label.tolist()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="L <= M"):
         refresh_prototypes(SINE(SINEConfig(n_items=3, D=8, K=2, L=4)))
@@ -170,6 +173,10 @@ def test_a_run_refreshes_the_prototypes_before_each_later_epoch(world, tmp_path)
     lines: list[str] = []
     train(ds, mcfg, cfg, tmp_path, progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any("prototypes refreshed by k-means" in ln for ln in lines)
-    last = load_checkpoint(tmp_path / "last.pt")["model"]
-    want = spherical_kmeans(last["H.weight"][1:], 8, seed=10) * last["C"].norm(dim=1).mean()
-    assert torch.allclose(last["C"], want, atol=1e-5)
+    from model_export.training.checkpoints import model_from_checkpoint
+
+    m = model_from_checkpoint(load_checkpoint(tmp_path / "last.pt"))
+    with torch.no_grad():
+        q = m.ln1(m.item_table() @ m.W3)
+        want = spherical_kmeans(q, 8, seed=10) * m.C.norm(dim=1).mean()
+    assert torch.allclose(m.C, want, atol=1e-5)

@@ -102,12 +102,13 @@ def test_topk_selects_the_best_prototypes_and_gates_them():
     assert torch.equal(idx, ref_i[:, :3]) and torch.allclose(s_top, ref_v[:, :3], atol=1e-6)
 
 
-def test_votes_activate_the_prototypes_most_clicks_are_nearest_and_keep_eq2s_gate():
+def test_votes_activate_the_prototypes_eq3_assigns_most_clicks_to_and_keep_eq2s_gate():
     m = small(activation="votes", tau_assign=0.01)     # near-hard votes: a count of nearest clicks
     x = batch(B=5, seed=4)
     X, mask = m.embed(x)
     s_top, idx = m.activate(X, mask)
-    near = (F.normalize(X, dim=-1) @ F.normalize(m.C, dim=-1).t()).argmax(-1)   # [B, n]
+    q, p = F.normalize(m.ln1(X @ m.W3), dim=-1), F.normalize(m.ln2(m.C), dim=-1)
+    near = (q @ p.t()).argmax(-1)                                       # [B, n] Eq. 3 over all L
     a = torch.softmax((torch.tanh(X @ m.W1) @ m.W2).masked_fill(~mask, -1e9), 1)
     s = (a.unsqueeze(-1) * X).sum(1) @ m.C.t()                          # Eq. 2's scores
     for b in range(len(x)):
