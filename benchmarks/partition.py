@@ -94,7 +94,8 @@ def markdown(payload: dict) -> list[str]:
              "\"one click each\" is the mean over pairs of a user's clicks, as if each click were an "
              "interest. NMI within users: a user's groups (or "
              "Eq. 3 picks) against the item labels of their own clicks, averaged over users; chance "
-             "permutes each user's groups over their clicks.", ""]
+             "permutes each user's groups over their clicks. Items: every labelled item's k-means cluster "
+             "(L centres, on the unit sphere) or nearest prototype against its label.", ""]
     head = "| data set | checkpoint | K | aggregate | " + " | ".join(f"sine/{m}" for m in MERGE_NAMES) + " | " + \
         " | ".join(f"partition/{m}" for m in MERGE_NAMES) + " |"
     for k in KS:
@@ -107,20 +108,23 @@ def markdown(payload: dict) -> list[str]:
                          f"{r['model_args']['K']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Paired by user, `partition/max` minus:", "",
-              "| data set | SINE's max @50 | SINE's max @100 | aggregate @50 | aggregate @100 |",
-              "|---|---|---|---|---|"]
+              "| data set | checkpoint | SINE's max @50 | SINE's max @100 | aggregate @50 | aggregate @100 |",
+              "|---|---|---|---|---|---|"]
     for r in payload["runs"]:
         p = r["paired"]
         cells = [f"{p[f'partition/max - {b}'][f'@{k}']['diff']:+.2f} ± {p[f'partition/max - {b}'][f'@{k}']['se']:.2f}"
                  for b in ("sine/max", "aggregate") for k in KS]
-        lines.append(f"| {r['dataset']} | " + " | ".join(cells) + " |")
-    lines += ["", "| data set | one click each | partition cosine | SINE interest cosine | "
-              "NMI within users: partition | SINE Eq. 3 | chance |", "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {r['dataset']} | `{Path(r['checkpoint']).parent.name}` | " + " | ".join(cells) + " |")
+    lines += ["", "| data set | checkpoint | one click each | partition cosine | SINE interest cosine | "
+              "NMI within users: partition | SINE Eq. 3 | chance | items: k-means | items: nearest prototype |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["runs"]:
         d = r["diagnostics"]
-        lines.append(f"| {r['dataset']} | {num(d['click_cosine'])} | {num(d['partition_cosine'])} | "
+        lines.append(f"| {r['dataset']} | `{Path(r['checkpoint']).parent.name}` | {num(d['click_cosine'])} | "
+                     f"{num(d['partition_cosine'])} | "
                      f"{num(d['interest_cosine'])} | {num(d.get('within_user_nmi_partition'))} | "
-                     f"{num(d.get('within_user_nmi_sine'))} | {num(d.get('within_user_nmi_chance'))} |")
+                     f"{num(d.get('within_user_nmi_sine'))} | {num(d.get('within_user_nmi_chance'))} | "
+                     f"{num(d.get('item_kmeans_nmi'))} | {num(d.get('prototype_nmi'))} |")
     lines += ["", "Checkpoints (their full training settings are the `train_args` in the JSON file):", ""]
     for r in payload["runs"]:
         t = r["train_args"]

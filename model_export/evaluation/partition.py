@@ -12,7 +12,8 @@ embeddings let one user's clicks be, so they answer two questions about a traine
   retrieve as well as SINE's own (`PartitionInterests`, searched and merged as the service does);
 - where items carry labels, do a user's clicks fall into label-pure groups (NMI within each
   user), beside the same for SINE's Eq. 3 assignment and for chance (the groups permuted within
-  the user, which keeps their sizes).
+  the user, which keeps their sizes); and over the whole catalogue, do the item rows cluster by
+  label (k-means with L centres) where the prototypes do not (each item's nearest prototype).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.dataset import Dataset, Split
-from .evaluate import nmi
+from .evaluate import nearest_prototype, nmi
 
 ITERS = 10
 
@@ -142,4 +143,14 @@ def partition_diagnostics(model, ds: Dataset, sp: Split, K: int | None = None,
         labels, mask = np.concatenate(nmi_rows["labels"]), np.concatenate(nmi_rows["mask"])
         for name in ("partition", "sine", "chance"):
             out[f"within_user_nmi_{name}"] = within_user_nmi(np.concatenate(nmi_rows[name]), labels, mask)
+        from ..training.interests import spherical_kmeans
+
+        items = sorted(ds.labels)                                      # internal ids with a label
+        L = model.config.L
+        centres = spherical_kmeans(model.item_table(), L, seed=seed)   # [L, D]
+        cluster = (F.normalize(model.item_table(), dim=-1) @ centres.t()).argmax(1).numpy()   # [M]
+        item_labels = [ds.labels[j] for j in items]
+        out["item_kmeans_nmi"] = nmi([int(cluster[j - 1]) for j in items], item_labels)
+        near = nearest_prototype(model)                                # [M + 1]
+        out["prototype_nmi"] = nmi([int(near[j]) for j in items], item_labels)
     return out

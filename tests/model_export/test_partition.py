@@ -97,6 +97,8 @@ def test_diagnostics_on_planted_embeddings_find_the_categories():
     assert d["within_user_nmi_partition"] > d["within_user_nmi_chance"] + 0.4
     assert d["partition_cosine"] < d["click_cosine"]                   # groups span the categories
     assert 0.0 <= d["within_user_nmi_sine"] <= 1.0
+    assert d["item_kmeans_nmi"] > 0.8         # rows planted by category (L = 8 splits some of the 4)
+    assert 0.0 <= d["prototype_nmi"] <= 1.0
 
     # where a window shows all 3 planted categories, the 3 groups are exactly those categories
     rows = torch.from_numpy(sp.test_inputs).long()
