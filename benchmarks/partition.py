@@ -94,8 +94,9 @@ def markdown(payload: dict) -> list[str]:
              "\"one click each\" is the mean over pairs of a user's clicks, as if each click were an "
              "interest. NMI within users: a user's groups (or "
              "Eq. 3 picks) against the item labels of their own clicks, averaged over users; chance "
-             "permutes each user's groups over their clicks. Items: every labelled item's k-means cluster "
-             "(L centres, on the unit sphere) or nearest prototype against its label.", ""]
+             "permutes each user's groups over their clicks (where a user has about as many clicks as "
+             "groups, as on Beauty, chance is close to the groups' figure). Items: every labelled item's "
+             "k-means cluster (L centres, on the unit sphere) or nearest prototype against its label.", ""]
     head = "| data set | checkpoint | K | aggregate | " + " | ".join(f"sine/{m}" for m in MERGE_NAMES) + " | " + \
         " | ".join(f"partition/{m}" for m in MERGE_NAMES) + " |"
     for k in KS:
