@@ -28,8 +28,8 @@ class SINEConfig:
     literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
     share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
     aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
-    activation: str = "attention"   # Eq. 1-2 as written, or "votes": the K prototypes nearest
-    #                                 the most clicks (deviation 6)
+    activation: str = "attention"   # Eq. 1-2 as written, or "votes": the K prototypes Eq. 3
+    #                                 assigns the most clicks to (deviation 6)
     ln_eps: float = 1e-5
 
     def __post_init__(self):
@@ -95,7 +95,8 @@ class TrainConfig:
     weight_kl: float = 0.0           # gamma: KL from the target's interest to the Eq. 7 weights
     weight_kl_T: float = 0.5         # that target's temperature on cos(phi_k, h_target)
     prototype_refresh: bool = False  # before every epoch but the first, the L prototypes C set
-    #                                  to the spherical k-means centres of the item rows
+    #                                  to the spherical k-means centres of LN1(H W3), the item
+    #                                  rows as Eq. 3 sees them
     # warm starts: items the starting model does not know (`training.checkpoints.warm_start`)
     # (the defaults measured best on ML-1M and Beauty: benchmarks/results/refresh.md)
     new_item_init: str = "neighbours"  # neighbours: the mean of the rows of the items clicked

@@ -48,7 +48,7 @@ def add(sub: Any) -> None:
                    help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation)")
     g.add_argument("--activation", choices=ACTIVATIONS, default=SINE["activation"],
                    help="attention: Eq. 1-2, the top K of <z_u, C> (default); votes: the K "
-                        "prototypes most clicks are nearest to (model_export/models/sine.py, deviation 6)")
+                        "prototypes Eq. 3 assigns the most clicks to (model_export/models/sine.py, deviation 6)")
     g = t.add_argument_group("SASRec (--arch sasrec)")
     g.add_argument("--blocks", type=int, help=f"self-attention blocks (default {SASREC['blocks']})")
     g.add_argument("--heads", type=int, help=f"attention heads (default {SASREC['heads']})")
@@ -99,7 +99,7 @@ def add(sub: Any) -> None:
                    help=f"temperature of that KL's target (default {TRAIN.weight_kl_T:g})")
     g.add_argument("--prototype-refresh", action="store_true",
                    help="before every epoch but the first, set the L prototypes to the k-means "
-                        "centres of the item embeddings (default: off)")
+                        "centres of the item embeddings as Eq. 3 compares them (default: off)")
     g = t.add_argument_group("fresh data")
     g.add_argument("--warm-start", type=Path, metavar="CHECKPOINT_OR_BUNDLE",
                    help="start from a trained model (a best.pt, or a bundle holding model.pt) "
