@@ -178,7 +178,9 @@ class SINE(ItemSoftmax, nn.Module):
 
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
     def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
-                 XW3: torch.Tensor | None = None):
+                 q: torch.Tensor | None = None):
+        """Eq. 1-2, or deviation 6 under `activation="votes"` (`q`: Eq. 3's LN1(X W3), where the
+        caller has it): the K activated prototypes' scores <z_u, C_k> and indices, [B, K] each."""
         XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
         a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
@@ -186,9 +188,9 @@ class SINE(ItemSoftmax, nn.Module):
         if self.config.activation == "attention":
             return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
         # deviation 6: the prototypes Eq. 3 would assign the most clicks to, out of all L
-        XW3 = X @ self.W3 if XW3 is None else XW3                      # [B, n, D]
-        q, p = unit(self.ln1(XW3)), unit(self.ln2(self.C))             # [B, n, D], [L, D]
-        votes = torch.softmax(q @ p.t() / self.config.tau_assign, dim=-1)   # [B, n, L]
+        q = self.ln1(X @ self.W3) if q is None else q                  # [B, n, D]
+        votes = torch.softmax(unit(q) @ unit(self.ln2(self.C)).t() / self.config.tau_assign,
+                              dim=-1)                                  # [B, n, L]
         votes = (votes * mask.unsqueeze(-1)).sum(1)                    # [B, L]
         idx = torch.topk(votes, self.config.K, dim=1).indices          # [B, K]
         return s.gather(1, idx), idx                                   # [B, K], [B, K]
@@ -200,12 +202,12 @@ class SINE(ItemSoftmax, nn.Module):
         c = self.config
         X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
         XW1, XW3, XpWk1 = self.item_maps(X, item_ids)                  # [B, n, D], [B, n, D], [B, n, K*D]
-        s_top, idx = self.activate(X, mask, XW1, XW3)                  # [B, K], [B, K]
+        q = self.ln1(XW3)                                              # [B, n, D], Eq. 3's (and votes')
+        s_top, idx = self.activate(X, mask, XW1, q)                    # [B, K], [B, K]
         gate = torch.sigmoid(s_top).unsqueeze(-1)                      # [B, K, 1]
         C_u = self.C[idx] * gate                                       # [B, K, D]
 
         # §3.2.2 intention assignment (Eq. 3)
-        q = self.ln1(XW3)                                              # [B, n, D]
         p = self.ln2(C_u)                                              # [B, K, D]
         if c.literal:
             logits = q @ p.transpose(1, 2)                             # [B, n, K]
