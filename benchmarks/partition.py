@@ -24,15 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import git_commit, machine, now, write_results
+from benchmarks.interests import se
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 KS = (50, 100)
 MERGE_NAMES = ("max", "weighted", "quota")
-
-
-def se(p: float, users: int) -> float:
-    return math.sqrt(p * (1 - p) / users) if users else float("nan")
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:

@@ -23,15 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.dataset import Dataset, Split
+from ..training.interests import pairwise_cosine, spherical_kmeans
 from .evaluate import nearest_prototype, nmi
 
 ITERS = 10
 
 
-def spherical_kmeans(U: torch.Tensor, mask: torch.Tensor, K: int, iters: int = ITERS) -> torch.Tensor:
-    """U [B, n, D] unit rows, mask [B, n] -> one-hot groups [B, n, K] (pads all 0). Starts from
-    the most recent click (slot 0) and adds, K - 1 times, the click least similar to every
-    centre so far; a user with fewer than K distinct clicks leaves groups empty."""
+def group_clicks(U: torch.Tensor, mask: torch.Tensor, K: int, iters: int = ITERS) -> torch.Tensor:
+    """Spherical k-means within each user (`training.interests.spherical_kmeans` clusters one
+    [M, D] table): U [B, n, D] unit rows, mask [B, n] -> one-hot groups [B, n, K] (pads all 0).
+    Starts from the most recent click (slot 0) and adds, K - 1 times, the click least similar
+    to every centre so far; a user with fewer than K distinct clicks leaves groups empty."""
     B = U.shape[0]
     rows = torch.arange(B, device=U.device)
     centres = [U[:, 0]]                                                # K of [B, D]
@@ -54,7 +56,7 @@ def partition(model, rows: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Te
     """rows [B, n] -> (interests [B, K, D], each group's share of the clicks [B, K], the groups
     [B, n, K]). An empty group repeats the largest one, with share 0."""
     X, mask = model.embed(rows)                                        # [B, n, D], [B, n]
-    groups = spherical_kmeans(F.normalize(X, dim=-1), mask, K)         # [B, n, K]
+    groups = group_clicks(F.normalize(X, dim=-1), mask, K)             # [B, n, K]
     count = groups.sum(1)                                              # [B, K]
     phi = model.ln3((groups.transpose(1, 2) @ X) / count.clamp_min(1).unsqueeze(-1))  # [B, K, D]
     largest = phi[torch.arange(len(rows)), count.argmax(1)]            # [B, D]
@@ -119,7 +121,7 @@ def partition_diagnostics(model, ds: Dataset, sp: Split, K: int | None = None,
         phi_p, share, groups = partition(model, rows, K)
         part.append(mean_pair_cosine(phi_p, share > 0))
         phi, _, _ = model(rows)                                        # [b, K_model, D]
-        sine.append(mean_pair_cosine(phi, torch.ones(phi.shape[:2], dtype=torch.bool)))
+        sine.append(pairwise_cosine(phi))                              # [b]
         if ds.labels:
             _, _, _, idx, _, _, P_kt = model.assign(rows)              # idx [b, K], P_kt [b, n, K]
             m = mask.numpy()
@@ -143,8 +145,6 @@ def partition_diagnostics(model, ds: Dataset, sp: Split, K: int | None = None,
         labels, mask = np.concatenate(nmi_rows["labels"]), np.concatenate(nmi_rows["mask"])
         for name in ("partition", "sine", "chance"):
             out[f"within_user_nmi_{name}"] = within_user_nmi(np.concatenate(nmi_rows[name]), labels, mask)
-        from ..training.interests import spherical_kmeans
-
         items = sorted(ds.labels)                                      # internal ids with a label
         L = model.config.L
         centres = spherical_kmeans(model.item_table(), L, seed=seed)   # [L, D]

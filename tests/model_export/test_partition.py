@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from model_export.evaluation.partition import (
     PartitionInterests,
+    group_clicks,
     mean_pair_cosine,
     partition,
     partition_diagnostics,
-    spherical_kmeans,
     within_user_nmi,
 )
 
@@ -42,7 +42,7 @@ def test_kmeans_groups_clicks_by_direction_and_leaves_pads_out():
     U = F.normalize(dirs[torch.from_numpy(which)] + 0.01 * torch.randn(5, 10, 8), dim=-1)
     mask = torch.ones(5, 10, dtype=torch.bool)
     mask[:, 8:] = False                                                # two pads a row
-    groups = spherical_kmeans(U, mask, 3)                              # [5, 10, 3]
+    groups = group_clicks(U, mask, 3)                              # [5, 10, 3]
     assert groups[:, 8:].sum() == 0
     assert torch.all(groups[:, :8].sum(-1) == 1)
     g = groups.argmax(-1).numpy()
