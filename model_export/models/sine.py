@@ -177,23 +177,37 @@ class SINE(ItemSoftmax, nn.Module):
         return self.C[idx] @ W3_apt                                    # [B, K, D]
 
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
-    def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
-                 q: torch.Tensor | None = None):
-        """Eq. 1-2, or deviation 6 under `activation="votes"` (`q`: Eq. 3's LN1(X W3), where the
-        caller has it): the K activated prototypes' scores <z_u, C_k> and indices, [B, K] each."""
+    def concept_scores(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
+                       q: torch.Tensor | None = None):
+        """Eq. 1-2's <z_u, C_k> for all L prototypes, and the key whose top-K activates (and
+        orders) the interests: the scores themselves, or deviation 6's votes under
+        `activation="votes"` (`q`: Eq. 3's LN1(X W3), where the caller has it); [B, L] each."""
         XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
         a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
         z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
         s = z @ self.C.t()                                             # [B, L]
         if self.config.activation == "attention":
-            return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
+            return s, s
         # deviation 6: the prototypes Eq. 3 would assign the most clicks to, out of all L
         q = self.ln1(X @ self.W3) if q is None else q                  # [B, n, D]
         votes = torch.softmax(unit(q) @ unit(self.ln2(self.C)).t() / self.config.tau_assign,
                               dim=-1)                                  # [B, n, L]
-        votes = (votes * mask.unsqueeze(-1)).sum(1)                    # [B, L]
-        idx = torch.topk(votes, self.config.K, dim=1).indices          # [B, K]
+        return s, (votes * mask.unsqueeze(-1)).sum(1)                  # [B, L], [B, L]
+
+    def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
+                 q: torch.Tensor | None = None):
+        """The K activated prototypes' scores <z_u, C_k> and indices, [B, K] each."""
+        s, key = self.concept_scores(X, mask, XW1, q)                  # [B, L], [B, L]
+        if key is s:
+            return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
+        idx = torch.topk(key, self.config.K, dim=1).indices            # [B, K]
         return s.gather(1, idx), idx                                   # [B, K], [B, K]
+
+    @torch.no_grad()
+    def activation_keys(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the key whose descending order picks and orders the K interests of each row."""
+        X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
+        return self.concept_scores(X, mask)[1]                         # [B, L]
 
     def assign(self, item_ids: torch.Tensor):
         """§3.2.1-3.2.2 for `item_ids` [B, n]: the activated prototypes idx [B, K], their gated

@@ -8,7 +8,17 @@ import torch
 
 from model_export.data import split
 from model_export.evaluation.evaluate import evaluate_merge, evaluate_model
-from model_export.export import OUTPUTS, check_parity, choose_graph, choose_serving, export, export_onnx
+from model_export.export import (
+    OUTPUTS,
+    ambiguous_rows,
+    check_parity,
+    choose_graph,
+    choose_serving,
+    export,
+    export_onnx,
+    probe_histories,
+)
+from model_export.models.sasrec import SASRec, SASRecConfig
 from model_export.models.sine import SINE, FoldedSINE, SINEConfig
 from model_export.training import load_checkpoint, model_from_checkpoint
 
@@ -166,6 +176,55 @@ def test_a_single_interest_model_serves_its_aggregate():
     assert (got["mode"], got["merge"], list(got["valid"])) == ("aggregate", None, ["aggregate"])
     with pytest.raises(ValueError, match="K = 1"):
         choose_serving(m, ds, sp, "max")
+
+
+def planted_tie(activation="attention"):
+    """A SINE whose length-1 history [1] scores prototypes 0 and 1 equally, above the rest."""
+    torch.manual_seed(3)
+    m = SINE(SINEConfig(n_items=40, D=16, K=2, L=6, activation=activation)).eval()
+    with torch.no_grad():
+        h = m.H.weight[1] / m.H.weight[1].norm()                     # z of the history [1]
+        u = torch.randn(16)
+        u -= (u @ h) * h                                              # orthogonal to z
+        m.C[0] = 5 * h
+        m.C[1] = 5 * h + 3 * u / u.norm()                             # same <z, C>, another direction
+    return m
+
+
+def test_ambiguous_rows_are_the_near_ties_of_the_activation_keys():
+    m = planted_tie()
+    x = torch.zeros(3, m.config.n, dtype=torch.long)
+    x[0, 0], x[1, :2], x[2, :5] = 1, torch.tensor([1, 7]), torch.tensor([3, 9, 4, 2, 8])
+    got = ambiguous_rows(m, x)
+    assert got[0] and not got[1:].any()
+    # brute force over random histories: the smallest gap among the top K + 1 keys
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 41, (200, m.config.n), generator=g)
+    key = m.activation_keys(x).numpy()                               # [200, L]
+    top = -np.sort(-key, axis=1)[:, :3]
+    tied = np.diff(-top, axis=1).min(1) <= 1e-5 * np.maximum(np.abs(top).max(1), 1.0)
+    assert (ambiguous_rows(m, x).numpy() == tied).all()
+    assert (ambiguous_rows(m, x, tol=1.0).numpy()).all()              # every gap is within 1.0
+    assert not ambiguous_rows(SASRec(SASRecConfig(n_items=40, D=16)).eval(), x).any()
+
+
+@pytest.mark.parametrize("activation", ["attention", "votes"])
+def test_parity_probes_avoid_ties_and_keep_a_length_one_row(activation):
+    m = planted_tie(activation)
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 7, 64):
+        x = probe_histories(m, B, g)
+        lengths = (x > 0).sum(1)
+        assert x.shape == (B, m.config.n) and lengths[0] == 1 and (lengths >= 1).all()
+        assert ((x > 0) == (torch.arange(m.config.n)[None] < lengths[:, None])).all()   # pads last
+        assert not ambiguous_rows(m, x).any()
+
+
+def test_parity_holds_on_a_model_with_a_planted_tie(tmp_path):
+    m = planted_tie()
+    path = export_onnx(FoldedSINE(m), tmp_path / "tie.onnx")
+    worst = check_parity(m, path)
+    assert worst["interests"] < 1e-5 and worst["user_vector"] < 1e-3 and worst["weights"] < 1e-4
 
 
 def test_parity_check_catches_a_wrong_graph(tmp_path):
