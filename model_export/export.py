@@ -136,7 +136,7 @@ TIE_TOL = 1e-5          # relative: keys closer than this may order differently 
 def ambiguous_rows(model: Encoder, x: torch.Tensor, tol: float = TIE_TOL) -> torch.Tensor:
     """bool [B]: rows of `x` whose K activated prototypes are not fixed by float32 (two of the
     top K + 1 activation keys within `tol` of the row's largest key), so that ORT and torch may
-    both be right yet pick or order different interests. None for a model without a top-K."""
+    both be right yet pick or order different interests. All False for a model without a top-K."""
     if not isinstance(model, SINE):
         return torch.zeros(len(x), dtype=torch.bool)
     key = model.activation_keys(x)                                     # [B, L]
@@ -150,22 +150,19 @@ def probe_histories(model: Encoder, B: int, generator: torch.Generator) -> torch
     """[B, n] random padded histories, the first of length 1, none `ambiguous_rows` (while
     enough clear ones turn up in a few draws: a model whose keys all tie keeps its ties)."""
     n, M = model.config.n, model.config.n_items
-    clear: list[torch.Tensor] = []
-    tied: list[torch.Tensor] = []
+    clear, tied = torch.zeros(0, n, dtype=torch.long), torch.zeros(0, n, dtype=torch.long)
     for _ in range(8):
         x = torch.randint(1, M + 1, (2 * B + 8, n), generator=generator)  # [2B + 8, n]
         lengths = torch.randint(1, n + 1, (len(x),), generator=generator)
         lengths[:8] = 1
         x = x.masked_fill(torch.arange(n)[None] >= lengths[:, None], 0)
         amb = ambiguous_rows(model, x)                                 # [2B + 8]
-        clear += list(x[~amb])
-        tied += list(x[amb])
-        if len(clear) >= B and any(int((r > 0).sum()) == 1 for r in clear):
+        clear, tied = torch.cat([clear, x[~amb]]), torch.cat([tied, x[amb]])
+        if len(clear) >= B and bool(((clear > 0).sum(1) == 1).any()):
             break
-    rows = clear + tied
-    first = next(i for i, r in enumerate(rows) if int((r > 0).sum()) == 1)
-    rest = [r for i, r in enumerate(rows) if i != first][:B - 1]
-    return torch.stack([rows[first]] + rest)                           # [B, n]
+    rows = torch.cat([clear, tied])                                    # clear ones first
+    first = int(((rows > 0).sum(1) == 1).nonzero()[0])                 # a length-1 row
+    return torch.cat([rows[first:first + 1], rows[:first], rows[first + 1:]])[:B]   # [B, n]
 
 
 def check_parity(model: Encoder, onnx_path: Path, batch_sizes=(1, 7, 256), seed: int = 0) -> dict:

@@ -198,7 +198,7 @@ class SINE(ItemSoftmax, nn.Module):
                  q: torch.Tensor | None = None):
         """The K activated prototypes' scores <z_u, C_k> and indices, [B, K] each."""
         s, key = self.concept_scores(X, mask, XW1, q)                  # [B, L], [B, L]
-        if key is s:
+        if self.config.activation == "attention":                      # key is s
             return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
         idx = torch.topk(key, self.config.K, dim=1).indices            # [B, K]
         return s.gather(1, idx), idx                                   # [B, K], [B, K]
