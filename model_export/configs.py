@@ -169,6 +169,8 @@ class RefreshConfig:
     threads: int | None = None
     seed: int = 42
     keep_versions: int = 5                 # 0: keep every version
+    pinned: tuple[str, ...] = ()           # versions retention never removes (pods pinned to
+    #                                        one, as the chart's bundle.version pins them)
     clicks_retention_hours: float | None = None   # None: keep every exported click
     staging_max_age_h: float = 6.0         # staging folders untouched this long are swept
     new_item_init: str = "neighbours"      # TrainConfig.new_item_init for the warm start

@@ -22,7 +22,7 @@
    `archive_dir` a `<version>.tar.gz` for `sine fetch-bundle` users appears there atomically.
 
 Then **retention**: all but the newest `keep_versions` versions are deleted (never `current`,
-the live or the new one), staging folders that killed builds left are swept, the click
+the live, the new one or a `pinned` one), staging folders that killed builds left are swept, the click
 partitions older than the window are compacted into one file an hour, and with
 `clicks_retention_hours` those older than that are deleted.
 
@@ -190,7 +190,7 @@ def _retention(cfg: RefreshConfig, root: Path, report: RefreshReport, newest: fl
     """Old versions, closed click partitions compacted, clicks past the retention dropped."""
     if root.exists():
         report.retention["versions_removed"] = bundle_mod.prune_versions(
-            root, cfg.keep_versions, protect)
+            root, cfg.keep_versions, protect | set(cfg.pinned))
     if newest is not None:
         compacted, dropped = compact_partitions(
             cfg.clicks_dir, before=newest - cfg.window_hours * 3600,

@@ -47,6 +47,9 @@ def add(sub: Any) -> None:
                    help="bundle versions kept under the root, newest first; current, the live "
                         f"and the new one are never removed (0: keep all; default "
                         f"{D['keep_versions']})")
+    r.add_argument("--keep-version", action="append", default=[], metavar="VERSION",
+                   help="a version retention never removes, whatever its age (repeatable; the "
+                        "chart passes its pinned bundle.version)")
     r.add_argument("--clicks-retention-hours", type=float,
                    help="delete exported clicks older than this many hours before the newest "
                         "(default: keep them; partitions older than the window are compacted)")
@@ -95,7 +98,8 @@ def run(a: argparse.Namespace) -> int:
         work_dir=a.work_dir, window_hours=a.window_hours, train_minutes=a.train_minutes,
         max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
-        keep_versions=a.keep_versions, clicks_retention_hours=a.clicks_retention_hours,
+        keep_versions=a.keep_versions, pinned=tuple(a.keep_version),
+        clicks_retention_hours=a.clicks_retention_hours,
         new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
         new_rows_only=a.new_rows_only, new_rows_replay=a.new_rows_replay,
         gate_new_items=a.gate_new_items),

@@ -255,6 +255,12 @@ def test_the_refresh_job_runs_one_cycle_at_a_time_on_the_bundle_volume():
     assert (a.new_item_init, a.new_item_oversample) == ("mean", 1)
     with pytest.raises(helm.HelmError, match="refresh.dataset is required"):
         render(overrides={"refresh": {"enabled": True}})
+    assert a.keep_version == []                             # pods follow `current`
+    job = kind(render(files=["refresh-values.yaml"], overrides={"bundle": {"version": "v7"}}),
+               "CronJob")[0]
+    a = build_parser().parse_args(
+        job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert a.keep_version == ["v7"]                         # retention spares the pinned one
 
 
 def test_the_schema_and_the_values_table_are_in_step_with_values_yaml():

@@ -220,6 +220,30 @@ def test_the_holdout_is_each_active_users_last_click():
     assert train_clicks == [("a", "1", 10.0), ("b", "3", 5.0), ("c", "4", 25.0)]
 
 
+def test_retention_never_removes_a_pinned_version(small_world, tmp_path):
+    import os
+
+    from model_export.configs import RefreshConfig
+    from model_export.freshness.refresh import RefreshReport, _retention
+    from sine_cli.main import build_parser
+    root = tmp_path / "root"
+    for k in range(5):
+        shutil.copytree(small_world["root"] / "v1", root / f"v{k}")
+        os.utime(root / f"v{k}" / "manifest.json", (1e9 + k, 1e9 + k))     # v0 oldest
+    bundle_mod.set_current(root, "v4")
+    a = build_parser().parse_args(["refresh", "--dataset", "x", "--bundle-root", str(root),
+                                   "--clicks-dir", str(tmp_path), "--keep-versions", "1",
+                                   "--keep-version", "v0", "--keep-version", "v2"])
+    assert a.keep_version == ["v0", "v2"]
+    cfg = RefreshConfig(bundle_root=root, dataset="x", redis_url="redis://unused",
+                        clicks_dir=tmp_path / "clicks", work_dir=tmp_path / "work",
+                        keep_versions=a.keep_versions, pinned=tuple(a.keep_version))
+    report = RefreshReport(outcome="published")
+    _retention(cfg, root, report, None, {"v3"})
+    assert sorted(report.retention["versions_removed"]) == ["v1"]
+    assert [p.name for p in bundle_mod.versions(root)] == ["v0", "v2", "v3", "v4"]
+
+
 @pytest.fixture
 def live(small_world, own_redis, serve, tmp_path):
     """A private bundle root served with watching on, and the base data as a click log file."""
