@@ -336,6 +336,22 @@ def test_network_policy_is_on_by_default():
     assert kind(render(), "NetworkPolicy")
 
 
+def test_a_narrowed_network_policy_still_lets_the_helm_test_pod_in():
+    def admits(policy, labels):
+        return any(set(peer.get("podSelector", {}).get("matchLabels", {}).items())
+                   <= set(labels.items()) and "namespaceSelector" not in peer
+                   for rule in policy["spec"]["ingress"] for peer in rule["from"])
+
+    gateway = {"namespaceSelector": {"matchLabels": {"name": "gateway"}}}
+    rendered = render(overrides={"networkPolicy": {"ingressFrom": [gateway]}})
+    (test_pod,) = kind(rendered, "Pod")
+    labels = test_pod["metadata"]["labels"]
+    policy = next(d for d in kind(rendered, "NetworkPolicy")
+                  if d["metadata"]["name"] == "sine-sine-retrieval")
+    assert admits(policy, labels) and gateway in policy["spec"]["ingress"][0]["from"]
+    assert not admits(policy, {**labels, "app.kubernetes.io/instance": "other"})
+
+
 def test_the_fetch_init_container_gets_its_checks():
     rendered = render(overrides={"bundle": {"source": "download", "version": "v7", "download": {
         "url": "https://store.example/b", "sha256": "a" * 64, "timeoutSeconds": 600}}})
