@@ -56,6 +56,7 @@ VARIANTS = {
     "cos03": {"cos_penalty": 0.3},
     "cos025": {"cos_penalty": 0.25},
     "cos02": {"cos_penalty": 0.2},
+    "cos015": {"cos_penalty": 0.15},
     "wkl": {"weight_kl": 1.0},
     "distinct": {"interest_weight": 1.0, "interest_loss": "logsumexp", "cos_penalty": 0.5,
                  "weight_kl": 1.0},
@@ -64,6 +65,7 @@ VARIANTS = {
     "votes-k8": {"activation": "votes", "K": 8},
     "refresh": {"prototype_refresh": True},
     "votes-refresh": {"activation": "votes", "prototype_refresh": True},
+    "votes-refresh-cos02": {"activation": "votes", "prototype_refresh": True, "cos_penalty": 0.2},
 }
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
                   "weight_kl_T", "prototype_refresh")   # `--set` names that go to TrainConfig, not the model
@@ -90,6 +92,7 @@ LABELS = {
     "cos03": "SINE + interest cosine penalty (alpha 0.3)",
     "cos025": "SINE + interest cosine penalty (alpha 0.25)",
     "cos02": "SINE + interest cosine penalty (alpha 0.2)",
+    "cos015": "SINE + interest cosine penalty (alpha 0.15)",
     "wkl": "SINE + Eq. 7 weights taught the target's interest (KL, gamma 1, T 0.5)",
     "distinct": "SINE + logsumexp loss, cosine penalty 0.5, weight KL 1",
     "wkl-cos": "SINE + weight KL 1 and cosine penalty 0.1",
@@ -97,6 +100,7 @@ LABELS = {
     "votes-k8": "SINE, K = 8, prototypes activated by the clicks' votes",
     "refresh": "SINE, prototypes set to k-means centres of the items each epoch",
     "votes-refresh": "SINE, votes and k-means prototypes each epoch",
+    "votes-refresh-cos02": "SINE, votes, k-means prototypes and cosine penalty 0.2",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
