@@ -1,6 +1,9 @@
 """Helpers the tests share: a redis-server with a client, waiting on a condition with a
-deadline, reading /metrics."""
+deadline, reading /metrics, a bundle root of aged versions."""
+import os
+import shutil
 import time
+from pathlib import Path
 
 import redis
 
@@ -38,3 +41,11 @@ def metric(client, name: str, **labels: str) -> float:
             if s.name == name and s.labels == labels:
                 return s.value
     return 0.0
+
+
+def aged_versions(src: Path, root: Path, n: int) -> None:
+    """root/v0 .. v{n-1}, copies of the bundle version `src`, v0 the oldest by manifest mtime
+    (the order retention goes by)."""
+    for k in range(n):
+        shutil.copytree(src, root / f"v{k}")
+        os.utime(root / f"v{k}" / "manifest.json", (1e9 + k, 1e9 + k))

@@ -214,10 +214,9 @@ def test_versions_are_pruned_and_staging_swept(small_world, tmp_path):
     import os
     import time
 
+    from tests.helpers import aged_versions
     root = tmp_path / "root"
-    for k in range(6):
-        shutil.copytree(small_world["root"] / "v1", root / f"v{k}")
-        os.utime(root / f"v{k}" / "manifest.json", (1e9 + k, 1e9 + k))     # v0 oldest
+    aged_versions(small_world["root"] / "v1", root, 6)
     bundle.set_current(root, "v1")
     removed = bundle.prune_versions(root, keep=2, protect={"v2"})
     assert sorted(removed) == ["v0", "v3"]                  # current (v1) and v2 are kept

@@ -221,15 +221,12 @@ def test_the_holdout_is_each_active_users_last_click():
 
 
 def test_retention_never_removes_a_pinned_version(small_world, tmp_path):
-    import os
-
     from model_export.configs import RefreshConfig
     from model_export.freshness.refresh import RefreshReport, _retention
     from sine_cli.main import build_parser
+    from tests.helpers import aged_versions
     root = tmp_path / "root"
-    for k in range(5):
-        shutil.copytree(small_world["root"] / "v1", root / f"v{k}")
-        os.utime(root / f"v{k}" / "manifest.json", (1e9 + k, 1e9 + k))     # v0 oldest
+    aged_versions(small_world["root"] / "v1", root, 5)
     bundle_mod.set_current(root, "v4")
     a = build_parser().parse_args(["refresh", "--dataset", "x", "--bundle-root", str(root),
                                    "--clicks-dir", str(tmp_path), "--keep-versions", "1",
