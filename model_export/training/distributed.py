@@ -2,8 +2,10 @@
 a flag true on one rank made true on all, and rank 0's value on every rank."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
@@ -31,6 +33,25 @@ def dist_context(device: str = "cpu") -> Dist:
     if not td.is_initialized():
         td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(td.get_rank(), td.get_world_size(), td.get_node_local_rank(fallback_rank=0))
+
+
+def torchrun_launched() -> bool:
+    """True in a process that `torchrun` started."""
+    import torch.distributed as td
+
+    return td.is_available() and td.is_torchelastic_launched()
+
+
+def leave(code: int) -> NoReturn:
+    """End a torchrun rank whose work is written, skipping the interpreter's finalization.
+
+    After `destroy_process_group`, gloo's worker threads may still hold finished work whose
+    tensors refer to Python objects; freed while the interpreter tears down, they abort the
+    process ("terminate called without an active exception", SIGABRT), and torchrun then
+    reports a failed job for a run whose checkpoints and report are complete."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def any_rank(flag: bool, dist: Dist) -> bool:

@@ -168,6 +168,7 @@ def _train_config(a: argparse.Namespace) -> Any:
 def run(a: argparse.Namespace) -> int:
     need_torch()
     from model_export import data
+    from model_export.training.distributed import leave, torchrun_launched
     from model_export.training.workflow import train_and_report
 
     ds = dataset(a)
@@ -185,8 +186,9 @@ def run(a: argparse.Namespace) -> int:
         raise CliError("--new-rows-only fits new rows into a trained model: give --warm-start")
     _, result = train_and_report(ds, mcfg, tcfg, out, resume=a.resume, progress=not a.no_progress,
                                  warm_start_from=a.warm_start)
-    if not result:                           # a torchrun rank other than 0
-        return 0
-    print_metrics(result)
-    print(f"report: {out / 'report.md'}")
+    if result:                               # empty on a torchrun rank other than 0
+        print_metrics(result)
+        print(f"report: {out / 'report.md'}")
+    if torchrun_launched():
+        leave(0)
     return 0

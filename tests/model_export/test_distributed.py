@@ -1,6 +1,7 @@
 """`sine train` under torchrun: two CPU ranks (gloo) train the model one process trains, rank 0
 alone checkpoints and reports, and a distributed run resumes."""
 import json
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,13 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
            str(tmp_path / "x")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "multiple of their number" in p.stderr
+
+
+def test_a_rank_leaves_with_its_code_and_its_output_flushed():
+    # os._exit drops what sits in Python's buffers: a piped stdout is block-buffered
+    code = ("from model_export.training.distributed import leave; import sys; "
+            "print('report: written', end=''); print('warned', file=sys.stderr, end=''); leave(3)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "report: written", "warned")
