@@ -113,6 +113,10 @@ def collect(runs_dir: Path, tag: str) -> tuple[dict[str, list[dict]], dict]:
         if r["variant"] == "popularity":
             continue
         row = row_of(r)
+        # the launch that ran it, which a later launch with the same tag must not take over
+        launch = runs_dir / "_logs" / tag / f"{p.parent.parent.name}-{row['variant']}-s{row['seed']}.launch"
+        if launch.exists():
+            row["launch"] = launch.read_text()
         out.setdefault(p.parent.parent.name, []).append(row)
         if (p.parent / HITS_FILE).exists():
             with np.load(p.parent / HITS_FILE) as z:
@@ -188,9 +192,10 @@ def keep_earlier(found: dict[str, list[dict]], path: Path,
         kept = [r for r in rows if (r["variant"], r["seed"]) not in have]
         if kept:
             out.setdefault(ds, []).extend(kept)
-            commands.append(old["meta"].get("command"))
-    for c in old.get("meta", {}).get("earlier_commands", []):
-        commands.append(c)
+        commands += [r.get("launch", old["meta"].get("command")) for r in kept]
+    if any("launch" not in r for rows in old.get("datasets", {}).values() for r in rows):
+        # written before rows named their launch: any of the file's launches may own a row
+        commands += old.get("meta", {}).get("earlier_commands", [])
     return out, sorted({c for c in commands if c})
 
 
@@ -360,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         launch.parent.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"command": command, "jobs": a.jobs,
                                       "max_minutes": a.max_minutes, "epochs": a.epochs}))
+        for name, _ in cmds:
+            (launch.parent / f"{name}.launch").write_text(command)
         run_jobs(cmds, a.jobs, launch.parent)
     started = json.loads(launch.read_text()) if launch.exists() else {
         "command": command, "jobs": a.jobs, "max_minutes": a.max_minutes, "epochs": a.epochs}
@@ -368,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"accuracy-interests-{a.tag}"
     found, pairs = collect(a.runs_dir, a.tag)
     rows, earlier = keep_earlier(found, a.results_dir / f"{stem}.json", pairs)
-    meta["earlier_commands"] = [c for c in earlier if c != meta["command"]]
+    launches = {r["launch"] for rs in found.values() for r in rs if "launch" in r}
+    meta["earlier_commands"] = sorted((launches | set(earlier)) - {meta["command"]})
     path = write(rows, stem, meta, a.results_dir, pairs)
     print(path.with_suffix(".md").read_text())
     return 0

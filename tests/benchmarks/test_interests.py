@@ -128,3 +128,31 @@ def test_a_pooled_paired_figure_says_so_in_the_seed_means_table():
                                 "parts": [{"diff": 0.01, "se": 0.002, "seeds": [3]}] * 2}}}
     md = "\n".join(interests.seed_means(rows, pooled))
     assert "+1.00 ± 0.20 (+5.0 SE, seeds 3,7, pooled)" in md
+
+
+def test_each_row_keeps_the_launch_that_ran_it(tmp_path):
+    runs, tag = tmp_path / "runs", "t"
+    for variant, seed, launch in (("sine", 42, "launch A"), ("k1", 42, "launch A"),
+                                  ("sine", 7, "launch B")):
+        run = runs / "d" / f"{variant}-{tag}-s{seed}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({
+            "label": variant, "variant": variant, "seconds": 1, "epochs": 1, "best_epoch": 1,
+            "train_args": {"seed": seed}, "model_args": {"K": 1 if variant == "k1" else 4},
+            "test_users": 10_000, "test": {"HR@50": 0.5, "HR@100": 0.6}, "command": "run",
+            "git_commit": "0" * 40, "machine": {}, "finished": "now"}))
+        logs = runs / "_logs" / tag
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"d-{variant}-s{seed}.launch").write_text(launch)
+    found, _ = interests.collect(runs, tag)
+    assert sorted((r["variant"], r["seed"], r["launch"]) for r in found["d"]) == [
+        ("k1", 42, "launch A"), ("sine", 7, "launch B"), ("sine", 42, "launch A")]
+    path = tmp_path / "accuracy-interests-t.json"
+    path.write_text(json.dumps({"meta": {"command": "launch B", "earlier_commands": ["launch A"]},
+                                "datasets": {"d": [{**_row("sine", 3, 0.5, 0.6),
+                                                    "launch": "launch C"}]}}))
+    # the kept seed-3 row names its own launch; the file's other launches own no kept row
+    assert interests.keep_earlier(found, path)[1] == ["launch C"]
+    path.write_text(json.dumps({"meta": {"command": "launch B", "earlier_commands": ["launch A"]},
+                                "datasets": {"d": [_row("sine", 3, 0.5, 0.6)]}}))
+    assert interests.keep_earlier(found, path)[1] == ["launch A", "launch B"]   # an older file
