@@ -42,6 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def job_name(dataset: str, config: str, seed: int) -> str:
+    """A run's name in the launch's log folder: its log, and the `.launch` naming its launch."""
+    return f"{dataset}-{config}-s{seed}"
+
+
 def job_command(dataset: str, config: str, seed: int, a: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.accuracy", "--dataset", dataset, "--variants",
            config, "--seed", str(seed), "--max-minutes", str(a.max_minutes), "--threads",
@@ -114,7 +119,8 @@ def collect(runs_dir: Path, tag: str) -> tuple[dict[str, list[dict]], dict]:
             continue
         row = row_of(r)
         # the launch that ran it, which a later launch with the same tag must not take over
-        launch = runs_dir / "_logs" / tag / f"{p.parent.parent.name}-{row['variant']}-s{row['seed']}.launch"
+        name = job_name(p.parent.parent.name, row["variant"], row["seed"])
+        launch = runs_dir / "_logs" / tag / f"{name}.launch"
         if launch.exists():
             row["launch"] = launch.read_text()
         out.setdefault(p.parent.parent.name, []).append(row)
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     launch = a.runs_dir / "_logs" / a.tag / "launch.json"   # what started the runs
     if not a.collect_only:
-        cmds = [(f"{ds}-{c}-s{s}", job_command(ds, c, int(s), a))
+        cmds = [(job_name(ds, c, int(s)), job_command(ds, c, int(s), a))
                 for s in a.seeds.split(",") for ds in a.datasets.split(",")
                 for c in a.configs.split(",")]
         launch.parent.mkdir(parents=True, exist_ok=True)
