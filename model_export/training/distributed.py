@@ -24,22 +24,22 @@ class Dist:
         return self.rank == 0
 
 
-def dist_context(device: str = "cpu") -> Dist:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as td
-
-    if not td.is_available() or not td.is_torchelastic_launched():
-        return Dist()
-    if not td.is_initialized():
-        td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(td.get_rank(), td.get_world_size(), td.get_node_local_rank(fallback_rank=0))
-
-
 def torchrun_launched() -> bool:
     """True in a process that `torchrun` started."""
     import torch.distributed as td
 
     return td.is_available() and td.is_torchelastic_launched()
+
+
+def dist_context(device: str = "cpu") -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    import torch.distributed as td
+
+    if not torchrun_launched():
+        return Dist()
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(td.get_rank(), td.get_world_size(), td.get_node_local_rank(fallback_rank=0))
 
 
 def leave(code: int) -> NoReturn:
