@@ -71,9 +71,15 @@ VARIANTS = {
     "refresh": {"prototype_refresh": True},
     "votes-refresh": {"activation": "votes", "prototype_refresh": True},
     "votes-refresh-cos02": {"activation": "votes", "prototype_refresh": True, "cos_penalty": 0.2},
+    "sasrec-dense": {"arch": "sasrec", "targets": "dense"},
+    "sine-dense": {"targets": "dense"},
+    "sine-bb1-dense": {"blocks": 1, "targets": "dense"},
+    "sine-bb2-dense": {"blocks": 2, "targets": "dense"},
+    "k1-bb2-dense": {"K": 1, "blocks": 2, "targets": "dense"},
 }
+# `--set` names that go to TrainConfig, not the model
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
-                  "weight_kl_T", "prototype_refresh")   # `--set` names that go to TrainConfig, not the model
+                  "weight_kl_T", "prototype_refresh", "targets", "stride")
 LABELS = {
     "popularity": "Popularity (training counts)",
     "sine": "SINE (this project, default)",
@@ -111,6 +117,11 @@ LABELS = {
     "refresh": "SINE, prototypes set to k-means centres of the items each epoch",
     "votes-refresh": "SINE, votes and k-means prototypes each epoch",
     "votes-refresh-cos02": "SINE, votes, k-means prototypes and cosine penalty 0.2",
+    "sasrec-dense": "SASRec+ (2 blocks, a target at every slot, full softmax)",
+    "sine-dense": "SINE, dense targets (every prefix of a window predicts its next click)",
+    "sine-bb1-dense": "SINE on 1 causal self-attention block, dense targets",
+    "sine-bb2-dense": "SINE on 2 causal self-attention blocks, dense targets",
+    "k1-bb2-dense": "SINE, K = 1, on 2 causal self-attention blocks, dense targets",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
@@ -144,7 +155,9 @@ def run_variant(name: str, ds, args, command: str) -> dict:
                            max_epochs=args.epochs, patience=args.patience,
                            max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
                            device=args.device, **terms)
-        tr = train(ds, mcfg, tcfg, out, progress=not args.no_progress)
+        last = out / "last.pt"
+        resume = last if args.resume and last.exists() and not (out / "result.json").exists() else None
+        tr = train(ds, mcfg, tcfg, out, resume=resume, progress=not args.no_progress)
         ev = evaluate_checkpoint(out / "best.pt", ds, out, with_popularity=False)
         res = {"test": ev["metrics"]["test"][ev["model_name"]],
                "valid": ev["metrics"]["valid"][ev["model_name"]],
@@ -388,6 +401,8 @@ def main(argv=None) -> int:
                    help="a model or interest-term setting for every variant run (K, L, tau, "
                         f"tau_assign, dropout, ..., {', '.join(TRAIN_SETTINGS)})")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a variant's run from its last.pt where it has no result yet")
     args = p.parse_args(argv)
     args.set = dict(args.set or [])
     command = "python -m benchmarks.accuracy " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))

@@ -51,7 +51,8 @@ def job_command(dataset: str, config: str, seed: int, a: argparse.Namespace) -> 
     cmd = [sys.executable, "-m", "benchmarks.accuracy", "--dataset", dataset, "--variants",
            config, "--seed", str(seed), "--max-minutes", str(a.max_minutes), "--threads",
            str(a.threads), "--no-progress", "--runs-dir", str(a.runs_dir), "--results-dir",
-           str(a.runs_dir / "_merged"), "--tag", f"{a.tag}-s{seed}", "--epochs", str(a.epochs)]
+           str(a.runs_dir / "_merged"), "--tag", f"{a.tag}-s{seed}", "--epochs", str(a.epochs),
+           "--patience", str(a.patience), "--resume"]
     if a.data_dir:
         cmd += ["--data-dir", a.data_dir]
     for s in a.set or []:
@@ -350,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30,
                    help="at most this many epochs (equal epochs: a small number and a large "
                         "--max-minutes)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="epochs without a validation gain before a run stops")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir")

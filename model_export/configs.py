@@ -30,6 +30,9 @@ class SINEConfig:
     aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
     activation: str = "attention"   # Eq. 1-2 as written, or "votes": the K prototypes Eq. 3
     #                                 assigns the most clicks to (deviation 6)
+    blocks: int = 0            # causal self-attention blocks under Eq. 1-6 (deviation 8; 0: none)
+    heads: int = 1             # their attention heads
+    dropout: float = 0.0       # their dropout
     ln_eps: float = 1e-5
 
     def __post_init__(self):
@@ -39,6 +42,11 @@ class SINEConfig:
             raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if self.blocks < 0 or self.D % self.heads:
+            raise ValueError(f"need blocks >= 0 and D a multiple of heads, got blocks={self.blocks}, "
+                             f"D={self.D}, heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -65,6 +73,7 @@ class SASRecConfig:
 
 FULL_SOFTMAX_MAX_ITEMS = 50_000
 INTEREST_LOSSES = ("argmax", "sample", "logsumexp")
+TARGETS = ("last", "dense")   # TrainConfig.targets
 
 
 NEW_ITEM_INITS = ("mean", "neighbours")
@@ -74,8 +83,12 @@ GATE_NEW_ITEMS = ("exclude", "count")
 @dataclass
 class TrainConfig:
     """The optimizer, the loss, the budget and the early stopping of one training run."""
-    batch_size: int = 128
+    batch_size: int = 128            # windows a step
     lr: float = 1e-3
+    # "last": one target per sliding window (the paper's); "dense": strided windows, each slot
+    # predicting the click after it (SASRec+), every (prefix, target) pair once an epoch
+    targets: str = "last"
+    stride: int | None = None        # dense: clicks between window ends (None: the window, n)
     lam: float = 0.5                 # Eq. 11 lambda, weight of the covariance regularizer
     loss: str = "auto"               # "full", "sampled", or "auto" (full up to 50k items)
     num_negatives: int = 1280        # shared sampled negatives per batch (sampled loss)
@@ -117,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"new_item_oversample must be >= 1, got {self.new_item_oversample}")
         if self.new_rows_replay < 0:
             raise ValueError(f"new_rows_replay must be >= 0, got {self.new_rows_replay}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(TARGETS)}, not {self.targets!r}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.interest_loss not in INTEREST_LOSSES:
             raise ValueError(f"interest_loss must be one of {', '.join(INTEREST_LOSSES)}, "
                              f"not {self.interest_loss!r}")

@@ -22,6 +22,7 @@ from .dataset import (
     Dataset,
     Split,
     dataset_info,
+    dense_windows,
     extend,
     from_external,
     histories,
@@ -37,7 +38,8 @@ from .synthetic import SyntheticClicks, synthetic, synthetic_mix, write_syntheti
 DATASETS = ("ml-1m", "amazon-beauty", "ml-100k", "synthetic", "synthetic-mix")
 
 __all__ = ["DATASETS", "ClickLogError", "DataError", "Dataset", "Split", "SyntheticClicks",
-           "count_clicks", "dataset_info", "extend_with_clicks", "default_data_dir", "extend", "from_external",
+           "count_clicks", "dataset_info", "dense_windows", "extend_with_clicks", "default_data_dir",
+           "extend", "from_external",
            "histories", "in_time_order", "load", "load_beauty", "load_click_folder",
            "load_click_log", "load_ml1m", "load_ml100k", "newest_click", "parquet_files",
            "parse_ts", "read_clicks", "sequences_from_events", "split", "synthetic",

@@ -213,6 +213,38 @@ def split(ds: Dataset, seq_len: int = 20) -> Split:
     return Split(tin, tgt, vin, vt, tein, tt, counts)
 
 
+def dense_windows(ds: Dataset, seq_len: int = 20, stride: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Training windows for dense targets: inputs [N, n] int32 (most recent first, as `window`)
+    and targets [N, n] int32, where targets[r, i] is the click after the one in slot i and 0
+    marks a slot without a loss.
+
+    Windows end every `stride` clicks (default n), from each user's newest training click back.
+    A window's loss sits on its `stride` newest slots, the oldest window's on all of its own, so
+    every (prefix, target) pair of the training part is in exactly one window: the pairs of
+    `split`'s sliding windows, each with the context its window leaves it."""
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"stride must be in [1, {seq_len}] (the window), got {stride}")
+    ins, tgs = [], []
+    slots = np.arange(seq_len)                                         # [n]
+    for s in ds.sequences:
+        train = s[:-2]
+        ends = np.arange(len(train) - 1, 0, -stride)                   # [W]: window r holds train[:e]
+        if not len(ends):
+            continue
+        held = ends[:, None] - 1 - slots[None, :]                      # [W, n]: index in train of slot i
+        x = np.where(held >= 0, train[np.clip(held, 0, None)], 0)      # [W, n]
+        loss = (held >= 0) & (slots[None, :] < stride)
+        loss[-1] = held[-1] >= 0                                       # the oldest window: every slot
+        y = np.where(loss, train[np.clip(held + 1, 0, None)], 0)       # [W, n]
+        ins.append(x)
+        tgs.append(y)
+    if not ins:
+        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
+    return np.concatenate(ins).astype(np.int32), np.concatenate(tgs).astype(np.int32)
+
+
 def dataset_info(ds: Dataset) -> dict:
     return {"name": ds.name, "users": ds.n_users, "items": ds.n_items,
             "interactions": ds.n_interactions, "vocab_sha256": ds.vocab_sha256()}

@@ -37,6 +37,14 @@ Deviations from the paper, each with its reason (the ablation table in
    to; votes pick the prototypes the clicks themselves would be assigned to. With the
    prototypes at the centres of the item clusters (`TrainConfig.prototype_refresh`) that is
    one prototype for each cluster the user clicked in.
+7. Dense targets (`TrainConfig.targets = "dense"`): every prefix of a training window predicts
+   the click after it, as SASRec+ trains (`forward_prefixes`), instead of the paper's one target
+   per sliding window. Each equation runs over a prefix axis, sharing the item-side products,
+   and Eq. 4's positions count from each prefix's own latest click, so a prefix's outputs are
+   exactly those of the window that holds it alone: training sees what serving computes.
+8. `blocks` > 0 (off by default) puts causal self-attention blocks (SASRec's, learned positions)
+   under Eq. 1-6: the clicks are contextualised before concept activation, assignment and
+   pooling. The items are still scored against H. There are no item-side tables to fold then.
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
 attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
@@ -59,12 +67,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs import SINEConfig
-
-NEG = -1e9  # finite: a fully masked row must give a uniform softmax, not NaN
+from .attention import NEG, CausalEncoder
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.softmax(logits.masked_fill(~mask, NEG), dim=dim)
+    """softmax over `dim` of the entries `mask` keeps; logits and mask broadcast together."""
+    return torch.softmax(torch.where(mask, logits, NEG), dim=dim)
 
 
 def unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -139,6 +147,9 @@ class SINE(ItemSoftmax, nn.Module):
         self.ln2 = nn.LayerNorm(D, eps=c.ln_eps)
         self.ln3 = nn.LayerNorm(D, eps=c.ln_eps)
         self.ln4 = nn.LayerNorm(D, eps=c.ln_eps)
+        # deviation 8: causal self-attention under Eq. 1-6, off at blocks = 0
+        self.backbone = (CausalEncoder(n, D, c.blocks, c.heads, c.dropout, c.ln_eps)
+                         if c.blocks else None)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -159,49 +170,75 @@ class SINE(ItemSoftmax, nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def embed(self, item_ids: torch.Tensor):
+        """The clicks as Eq. 1-5 take them, X [B, n] -> [B, n, D] (pads exactly 0), and the
+        mask [B, n]: item embeddings, or with `blocks` their causal contextualisation."""
         mask = item_ids > 0                                            # [B, n]
         X = self.H(item_ids) * mask.unsqueeze(-1)                      # [B, n, D], pads exactly 0
+        if self.backbone is not None:
+            X = self.backbone(X, mask)                                 # [B, n, D]
         return X, mask
 
     # The linear maps applied to item embeddings before any nonlinearity (Eq. 1, 3, 4) and to the
     # activated prototypes (Eq. 6). Plain products here; `FoldedSINE` gathers them from tables.
     def item_maps(self, X: torch.Tensor, item_ids: torch.Tensor):
-        """X W1 (Eq. 1), X W3 (Eq. 3) and (X + P) W_{k,1} for every k (Eq. 4)."""
+        """X W1 (Eq. 1), X W3 (Eq. 3) and X W_{k,1} for every k (Eq. 4, positions apart)."""
         D, K = self.config.D, self.config.K
         Wk1 = self.Wk1.permute(1, 0, 2).reshape(D, K * D)              # [D, K*D]: one GEMM for all k
-        return X @ self.W1, X @ self.W3, (X + self.P) @ Wk1            # [B, n, D], [B, n, D], [B, n, K*D]
+        return X @ self.W1, X @ self.W3, X @ Wk1                       # [B, n, D], [B, n, D], [B, n, K*D]
+
+    def position_map(self) -> torch.Tensor:
+        """P W_{k,1} for every k: Eq. 4's positions, [n, K*D]."""
+        D, K = self.config.D, self.config.K
+        return self.P @ self.Wk1.permute(1, 0, 2).reshape(D, K * D)    # [n, K*D]
 
     def prototype_map(self, idx: torch.Tensor) -> torch.Tensor:
         """C W3' for the activated prototypes: Eq. 6's X_hat W3' = P_kt (C_u W3')."""
         W3_apt = self.W3 if self.W3_apt is None else self.W3_apt
-        return self.C[idx] @ W3_apt                                    # [B, K, D]
+        return self.C[idx] @ W3_apt                                    # [..., K, D]
+
+    # Every equation below runs over a prefix axis Q: the window itself (Q = 1, `forward`), or
+    # each of its n prefixes at once (Q = n, `forward_prefixes`: prefix i holds the slots j >= i,
+    # the clicks up to the i-th most recent). `M` [B, Q, n] says which slots each one holds.
+    @staticmethod
+    def prefix_mask(mask: torch.Tensor, prefixes: bool) -> torch.Tensor:
+        """mask [B, n] -> M [B, 1, n], or [B, n, n] with M[b, i, j] = mask[b, j] and j >= i."""
+        if not prefixes:
+            return mask.unsqueeze(1)                                   # [B, 1, n]
+        slots = torch.arange(mask.shape[1], device=mask.device)
+        return mask.unsqueeze(1) & (slots.unsqueeze(0) >= slots.unsqueeze(1))   # [B, n, n]
 
     # §3.2.1 concept activation (Eq. 1-2): top-K prototypes for the attention-pooled history
     def concept_scores(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
                        q: torch.Tensor | None = None):
         """Eq. 1-2's <z_u, C_k> for all L prototypes, and the key whose top-K activates (and
         orders) the interests: the scores themselves, or deviation 6's votes under
-        `activation="votes"` (`q`: Eq. 3's LN1(X W3), where the caller has it); [B, L] each."""
+        `activation="votes"` (`q`: Eq. 3's LN1(X W3), where the caller has it); [B, L] each,
+        or [B, Q, L] for a prefix mask [B, Q, n]."""
+        M = mask if mask.dim() == 3 else mask.unsqueeze(1)             # [B, Q, n]
         XW1 = X @ self.W1 if XW1 is None else XW1                      # [B, n, D]
-        a = masked_softmax(matvec(torch.tanh(XW1), self.W2), mask, dim=1)   # [B, n]
-        z = (a.unsqueeze(-1) * X).sum(1)                               # [B, D]
-        s = z @ self.C.t()                                             # [B, L]
+        a = masked_softmax(matvec(torch.tanh(XW1), self.W2).unsqueeze(1), M, dim=-1)   # [B, Q, n]
+        z = a @ X                                                      # [B, Q, D]
+        s = z @ self.C.t()                                             # [B, Q, L]
         if self.config.activation == "attention":
-            return s, s
-        # deviation 6: the prototypes Eq. 3 would assign the most clicks to, out of all L
-        q = self.ln1(X @ self.W3) if q is None else q                  # [B, n, D]
-        votes = torch.softmax(unit(q) @ unit(self.ln2(self.C)).t() / self.config.tau_assign,
-                              dim=-1)                                  # [B, n, L]
-        return s, (votes * mask.unsqueeze(-1)).sum(1)                  # [B, L], [B, L]
+            key = s
+        else:   # deviation 6: the prototypes Eq. 3 would assign the most clicks to, out of all L
+            q = self.ln1(X @ self.W3) if q is None else q              # [B, n, D]
+            votes = torch.softmax(unit(q) @ unit(self.ln2(self.C)).t() / self.config.tau_assign,
+                                  dim=-1)                              # [B, n, L]
+            key = M.to(votes.dtype) @ votes                            # [B, Q, L]: votes of the held slots
+        if mask.dim() == 2:
+            return s.squeeze(1), key.squeeze(1)                        # [B, L], [B, L]
+        return s, key
 
     def activate(self, X: torch.Tensor, mask: torch.Tensor, XW1: torch.Tensor | None = None,
                  q: torch.Tensor | None = None):
-        """The K activated prototypes' scores <z_u, C_k> and indices, [B, K] each."""
-        s, key = self.concept_scores(X, mask, XW1, q)                  # [B, L], [B, L]
+        """The K activated prototypes' scores <z_u, C_k> and indices, [B, K] each ([B, Q, K]
+        for a prefix mask)."""
+        s, key = self.concept_scores(X, mask, XW1, q)                  # [B, (Q,) L] each
         if self.config.activation == "attention":                      # key is s
-            return torch.topk(s, self.config.K, dim=1)                 # values, indices: [B, K]
-        idx = torch.topk(key, self.config.K, dim=1).indices            # [B, K]
-        return s.gather(1, idx), idx                                   # [B, K], [B, K]
+            return torch.topk(s, self.config.K, dim=-1)                # values, indices: [B, (Q,) K]
+        idx = torch.topk(key, self.config.K, dim=-1).indices           # [B, (Q,) K]
+        return s.gather(-1, idx), idx
 
     @torch.no_grad()
     def activation_keys(self, item_ids: torch.Tensor) -> torch.Tensor:
@@ -209,57 +246,84 @@ class SINE(ItemSoftmax, nn.Module):
         X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
         return self.concept_scores(X, mask)[1]                         # [B, L]
 
+    def _assign(self, item_ids: torch.Tensor, prefixes: bool):
+        """§3.2.1-3.2.2 over the prefix axis: the embeddings X [B, n, D], M [B, Q, n], X W_{k,1}
+        [B, n, K*D], the activated prototypes idx [B, Q, K], their gates [B, Q, K, 1] and gated
+        embeddings C_u [B, Q, K, D], each click's assignment P_kt [B, Q, n, K] (0 off the prefix)."""
+        c = self.config
+        X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
+        M = self.prefix_mask(mask, prefixes)                           # [B, Q, n]
+        XW1, XW3, XWk1 = self.item_maps(X, item_ids)                   # [B, n, D], [B, n, D], [B, n, K*D]
+        q = self.ln1(XW3)                                              # [B, n, D], Eq. 3's (and votes')
+        s_top, idx = self.activate(X, M, XW1, q)                       # [B, Q, K], [B, Q, K]
+        gate = torch.sigmoid(s_top).unsqueeze(-1)                      # [B, Q, K, 1]
+        C_u = self.C[idx] * gate                                       # [B, Q, K, D]
+
+        # §3.2.2 intention assignment (Eq. 3)
+        p = self.ln2(C_u)                                              # [B, Q, K, D]
+        if c.literal:
+            logits = q.unsqueeze(1) @ p.transpose(-1, -2)              # [B, Q, n, K]
+        else:
+            logits = unit(q).unsqueeze(1) @ unit(p).transpose(-1, -2) / c.tau_assign
+        P_kt = torch.softmax(logits, dim=-1) * M.unsqueeze(-1)         # [B, Q, n, K], off-prefix 0
+        return X, M, XWk1, idx, gate, C_u, P_kt
+
     def assign(self, item_ids: torch.Tensor):
         """§3.2.1-3.2.2 for `item_ids` [B, n]: the activated prototypes idx [B, K], their gated
         embeddings C_u [B, K, D] and each click's assignment P_kt [B, n, K] (pads 0), with the
-        embeddings X, mask and item-side products the later equations reuse."""
+        embeddings X, mask and X W_{k,1} + P W_{k,1} [B, n, K*D]."""
+        X, M, XWk1, idx, gate, C_u, P_kt = self._assign(item_ids, prefixes=False)
+        return (X, M.squeeze(1), XWk1 + self.position_map(), idx.squeeze(1), gate.squeeze(1),
+                C_u.squeeze(1), P_kt.squeeze(1))
+
+    def _encode(self, item_ids: torch.Tensor, prefixes: bool):
+        """Eq. 1-8 over the prefix axis -> phi [B, Q, K, D], v [B, Q, D], e [B, Q, K]."""
         c = self.config
-        X, mask = self.embed(item_ids)                                 # [B, n, D], [B, n]
-        XW1, XW3, XpWk1 = self.item_maps(X, item_ids)                  # [B, n, D], [B, n, D], [B, n, K*D]
-        q = self.ln1(XW3)                                              # [B, n, D], Eq. 3's (and votes')
-        s_top, idx = self.activate(X, mask, XW1, q)                    # [B, K], [B, K]
-        gate = torch.sigmoid(s_top).unsqueeze(-1)                      # [B, K, 1]
-        C_u = self.C[idx] * gate                                       # [B, K, D]
+        X, M, XWk1, idx, gate, C_u, P_kt = self._assign(item_ids, prefixes)
 
-        # §3.2.2 intention assignment (Eq. 3)
-        p = self.ln2(C_u)                                              # [B, K, D]
-        if c.literal:
-            logits = q @ p.transpose(1, 2)                             # [B, n, K]
-        else:
-            logits = unit(q) @ unit(p).transpose(1, 2) / c.tau_assign
-        P_kt = torch.softmax(logits, dim=-1) * mask.unsqueeze(-1)      # [B, n, K], pads 0
-        return X, mask, XpWk1, idx, gate, C_u, P_kt
-
-    def forward(self, item_ids: torch.Tensor):
-        """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
-        c = self.config
-        X, mask, XpWk1, idx, gate, C_u, P_kt = self.assign(item_ids)
-
-        # §3.2.3 attention weighting (Eq. 4), positions on the attention input only
+        # §3.2.3 attention weighting (Eq. 4). Positions count from each prefix's latest click
+        # (deviation 7), so prefix i scores its slot j as the window does slot j - i.
         Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(c.K, device=X.device).unsqueeze(1)).reshape(
             c.K * c.D, c.K)                                            # block-diagonal [K*D, K]
-        e_tk = torch.tanh(XpWk1) @ Wk2                                 # [B, n, K]: one GEMM for all k
-        P_tk = masked_softmax(e_tk, mask.unsqueeze(-1), dim=1)         # [B, n, K]
+        PWk1 = self.position_map()                                     # [n, K*D]
+        if prefixes:
+            slots = torch.arange(c.n, device=X.device)
+            age = (slots.unsqueeze(0) - slots.unsqueeze(1)).clamp_min(0)   # [n, n]: j - i
+            e_tk = torch.tanh(XWk1.unsqueeze(1) + PWk1[age]) @ Wk2     # [B, n, n, K]
+        else:
+            e_tk = (torch.tanh(XWk1 + PWk1) @ Wk2).unsqueeze(1)        # [B, 1, n, K]: one GEMM for all k
+        P_tk = masked_softmax(e_tk, M.unsqueeze(-1), dim=-2)           # [B, Q, n, K]
 
         # §3.2.4 interest embedding generation (Eq. 5)
-        w = (P_kt * P_tk).transpose(1, 2)                              # [B, K, n]
-        phi = self.ln3(w @ X)                                          # [B, K, D]
+        w = (P_kt * P_tk).transpose(-1, -2)                            # [B, Q, K, n]
+        phi = self.ln3(w @ X.unsqueeze(1))                             # [B, Q, K, D]
 
         # §3.3 interest aggregation (Eq. 6-8)
         if c.aggregation == "mean":
-            e = torch.full_like(phi[..., 0], 1.0 / c.K)                # [B, K]
+            e = torch.full_like(phi[..., 0], 1.0 / c.K)                # [B, Q, K]
         else:
-            X_hat = P_kt @ C_u                                         # [B, n, D]
-            X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)         # [B, n, D] = X_hat W3'
-            b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), mask, dim=1)   # [B, n]
-            C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(1))         # [B, D]
+            X_hat = P_kt @ C_u                                         # [B, Q, n, D]
+            X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)         # [B, Q, n, D] = X_hat W3'
+            b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), M, dim=-1)   # [B, Q, n]
+            C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(-2))        # [B, Q, D]
             if c.literal:
-                logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau          # [B, K]
+                logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau   # [B, Q, K]
             else:
-                logits_e = (unit(phi) @ unit(C_apt).unsqueeze(-1)).squeeze(-1) / c.tau   # [B, K]
-            e = torch.softmax(logits_e, dim=-1)                        # [B, K]
-        v = (e.unsqueeze(-1) * phi).sum(1)                             # [B, D]
+                logits_e = (unit(phi) @ unit(C_apt).unsqueeze(-1)).squeeze(-1) / c.tau   # [B, Q, K]
+            e = torch.softmax(logits_e, dim=-1)                        # [B, Q, K]
+        v = (e.unsqueeze(-1) * phi).sum(-2)                            # [B, Q, D]
         return phi, v, e
+
+    def forward(self, item_ids: torch.Tensor):
+        """item_ids [B, n] int64 -> (interests [B, K, D], user_vector [B, D], weights [B, K])."""
+        phi, v, e = self._encode(item_ids, prefixes=False)            # [B, 1, K, D], [B, 1, D], [B, 1, K]
+        return phi.squeeze(1), v.squeeze(1), e.squeeze(1)
+
+    def forward_prefixes(self, item_ids: torch.Tensor):
+        """The outputs of every prefix of the window at once (dense targets): [:, i] is what
+        `forward` gives for the window of the clicks up to the i-th most recent (exactly,
+        without `blocks`) -> (interests [B, n, K, D], user_vector [B, n, D], weights [B, n, K])."""
+        return self._encode(item_ids, prefixes=True)
 
     # -- §3.4 model optimization (Eq. 9-11): Eq. 9 from `ItemSoftmax` --------------------------
 
@@ -279,7 +343,8 @@ class FoldedSINE(SINE):
     Eq. 1, 3 and 4 apply W1, W3 and W_{k,1} to item embeddings before any nonlinearity, and
     H[ids] W = (H W)[ids]: the tables H W1 [M + 1, D], H W3 [M + 1, D] and H W_{k,1}
     [M + 1, K D] turn a user's [n, D] x [D, (2 + K) D] products into gathers. P W_{k,1} and C W3'
-    are folded the same way. Outputs equal SINE's up to float rounding. Made from a trained model for export;
+    are folded the same way. A SINE with a backbone (`blocks`) has no such tables. Outputs equal
+    SINE's up to float rounding. Made from a trained model for export;
     the tables cost `table_bytes_per_item` of memory per item.
     """
 
@@ -290,6 +355,9 @@ class FoldedSINE(SINE):
     CW3: torch.Tensor                  # [L, D]
 
     def __init__(self, model: SINE):
+        if model.config.blocks:
+            raise ValueError("a SINE with a self-attention backbone (blocks > 0) has no item-side "
+                             "tables to fold: its clicks are contextualised first")
         super().__init__(model.config)
         self.load_state_dict(model.state_dict())
         c = self.config
@@ -300,7 +368,7 @@ class FoldedSINE(SINE):
                 table = H @ W                                          # [M + 1, D] or [M + 1, K*D]
                 table[0] = 0.0                                         # padding maps to 0, as X does
                 self.register_buffer(name, table)
-            self.register_buffer("PWk1", self.P @ Wk1)                 # [n, K*D]
+            self.register_buffer("PWk1", SINE.position_map(self))      # [n, K*D]
             self.register_buffer("CW3", SINE.prototype_map(self, torch.arange(c.L)))  # [L, D]
         self.eval()
 
@@ -310,7 +378,10 @@ class FoldedSINE(SINE):
 
     def item_maps(self, X: torch.Tensor, item_ids: torch.Tensor):
         gather = lambda table: F.embedding(item_ids, table)           # one Gather a table, no copies
-        return gather(self.HW1), gather(self.HW3), gather(self.HWk1) + self.PWk1   # [B, n, D], [B, n, D], [B, n, K*D]
+        return gather(self.HW1), gather(self.HW3), gather(self.HWk1)   # [B, n, D], [B, n, D], [B, n, K*D]
+
+    def position_map(self) -> torch.Tensor:
+        return self.PWk1                                               # [n, K*D]
 
     def prototype_map(self, idx: torch.Tensor) -> torch.Tensor:
         return self.CW3[idx]                                           # [B, K, D]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..configs import TrainConfig
-from ..data import DataError, Dataset, dataset_info, split
+from ..data import DataError, Dataset, dataset_info, dense_windows, split
 from ..evaluation.evaluate import evaluate_model
 from ..models.sine import SINE, LogUniformSampler
 from .checkpoints import (
@@ -82,7 +82,12 @@ class _Objective(torch.nn.Module):
         self.model, self.sampler, self.gen, self.cfg = model, sampler, gen, cfg
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        phi, v, e = self.model(x)                                      # [B, K, D], [B, D], [B, K]
+        if y.dim() == 2:                                               # dense: a target per slot
+            keep = y > 0                                               # [B, n]
+            phi, v, e = (t[keep] for t in self.model.forward_prefixes(x))   # [T, K, D], [T, D], [T, K]
+            y = y[keep]                                                # [T]
+        else:
+            phi, v, e = self.model(x)                                  # [B, K, D], [B, D], [B, K]
         if self.sampler is None:
             like = self.model.full_softmax_loss(v, y)
         else:
@@ -109,9 +114,13 @@ class _Run:
         self.ds, self.model_cfg, self.cfg, self.out_dir, self.dist, self.log = \
             ds, model_cfg, cfg, out_dir, dist, log
         self.sp = split(ds, model_cfg.n)
+        # the training windows [N, n] and their targets: [N], or [N, n] for dense targets
+        self.inputs, self.targets = ((self.sp.train_inputs, self.sp.train_targets)
+                                     if cfg.targets == "last" else
+                                     dense_windows(ds, model_cfg.n, cfg.stride))
         self.order: np.ndarray | None = None     # the windows an epoch draws, when oversampled
-        if len(self.sp.train_targets) < cfg.batch_size:
-            raise DataError(f"{ds.name}: {len(self.sp.train_targets)} training samples, fewer "
+        if len(self.targets) < cfg.batch_size:
+            raise DataError(f"{ds.name}: {len(self.targets)} training windows, fewer "
                             f"than one batch of {cfg.batch_size}; lower --batch-size or use more "
                             "data.")
         if cfg.batch_size % dist.world:
@@ -160,13 +169,13 @@ class _Run:
         new = int(fresh.sum())
         self.log(f"warm start from {source}: {self.ds.n_items - new:,} items kept their rows, "
                  f"{new:,} new ({self.cfg.new_item_init} rows)")
-        hit = np.flatnonzero(fresh.numpy()[self.sp.train_targets])     # windows ending in one
+        hit = np.flatnonzero(fresh.numpy()[self.targets].reshape(len(self.targets), -1).any(1))  # windows with one
         if self.cfg.new_rows_only:
             self.freeze_all_but(fresh, hit)
         elif self.cfg.new_item_oversample > 1 and new:
             # every window whose target is a new item, that many more times an epoch
             extra = np.repeat(hit, self.cfg.new_item_oversample - 1)
-            self.order = np.concatenate([np.arange(len(self.sp.train_targets)), extra])
+            self.order = np.concatenate([np.arange(len(self.targets)), extra])
             self.log(f"  {len(hit):,} windows end in a new item: {len(extra):,} more an epoch")
 
     def freeze_all_but(self, fresh: torch.Tensor, hit: np.ndarray) -> None:
@@ -180,7 +189,7 @@ class _Run:
         # a zero gradient leaves Adam's moments at zero, so a known row never moves
         self.model.H.weight.register_hook(lambda g: g * keep)
         order = np.repeat(hit, self.cfg.new_item_oversample)
-        rest = np.setdiff1d(np.arange(len(self.sp.train_targets)), hit)
+        rest = np.setdiff1d(np.arange(len(self.targets)), hit)
         n_replay = min(len(rest), int(round(self.cfg.new_rows_replay * len(order))))
         replay = np.random.default_rng(self.cfg.seed).choice(rest, n_replay, replace=False)
         order = np.concatenate([order, replay])
@@ -225,14 +234,14 @@ class _Run:
     # -- one epoch, then its validation -------------------------------------------------------
 
     def epoch(self, epoch: int, t0: float, bar_cls: Any) -> EpochStats:
-        cfg, dist, sp = self.cfg, self.dist, self.sp
+        cfg, dist = self.cfg, self.dist
         if cfg.prototype_refresh and epoch > 0 and isinstance(self.model, SINE):
             refresh_prototypes(self.model, seed=cfg.seed + epoch)     # every rank alike
             self.opt.state.pop(self.model.C, None)                    # Adam's moments were C's old rows'
         self.model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
         order = self.order
-        N = len(order) if order is not None else len(sp.train_targets)
+        N = len(order) if order is not None else len(self.targets)
         bar = bar_cls(total=N // cfg.batch_size, desc=f"epoch {epoch + 1}/{cfg.max_epochs}",
                       unit="batch", leave=False, mininterval=1.0) if bar_cls else None
         loss_sum, reg_sum, n_b, t_ep = 0.0, 0.0, 0, time.perf_counter()
@@ -241,8 +250,8 @@ class _Run:
             if order is not None:
                 b = order[b]                                           # windows, oversampled
             b = b[dist.rank::dist.world]                               # this rank's slice
-            x = torch.from_numpy(sp.train_inputs[b]).long().to(self.dev)  # [B / world, n]
-            y = torch.from_numpy(sp.train_targets[b]).to(self.dev)         # [B / world]
+            x = torch.from_numpy(self.inputs[b]).long().to(self.dev)      # [B / world, n]
+            y = torch.from_numpy(self.targets[b]).long().to(self.dev)      # [B / world (, n)]
             loss, like, reg, terms = self.objective(x, y)  # type: ignore[misc]  # wrap() came first
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -329,9 +338,11 @@ def train(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
         run.warm(warm_start_from)
     st = run.state
     t0 = time.perf_counter() - st.elapsed_before
-    N = len(run.sp.train_targets)
-    log(f"{ds.summary()}; {N:,} training samples, {N // cfg.batch_size:,} steps/epoch, "
-        f"loss={run.loss_kind}, {describe(model_cfg)} lambda={cfg.lam}{_terms_on(cfg)}")
+    N = len(run.targets)
+    pairs = int((run.targets > 0).sum())
+    log(f"{ds.summary()}; {N:,} training windows ({pairs:,} targets, {cfg.targets}), "
+        f"{N // cfg.batch_size:,} steps/epoch, loss={run.loss_kind}, {describe(model_cfg)} "
+        f"lambda={cfg.lam}{_terms_on(cfg)}")
     run.wrap()
     if cfg.max_epochs == 0 and resume is None:
         return run.as_it_is(t0)

@@ -14,6 +14,7 @@ def add(sub: Any) -> None:
         ACTIVATIONS,
         INTEREST_LOSSES,
         NEW_ITEM_INITS,
+        TARGETS,
         WINDOW_HOURS,
         SASRecConfig,
         SINEConfig,
@@ -49,11 +50,14 @@ def add(sub: Any) -> None:
     g.add_argument("--activation", choices=ACTIVATIONS, default=SINE["activation"],
                    help="attention: Eq. 1-2, the top K of <z_u, C> (default); votes: the K "
                         "prototypes Eq. 3 assigns the most clicks to (model_export/models/sine.py, deviation 6)")
-    g = t.add_argument_group("SASRec (--arch sasrec)")
-    g.add_argument("--blocks", type=int, help=f"self-attention blocks (default {SASREC['blocks']})")
+    g = t.add_argument_group("self-attention (SASRec, or SINE's backbone)")
+    g.add_argument("--blocks", type=int, help=f"causal self-attention blocks (SASRec default "
+                   f"{SASREC['blocks']}; SINE default {SINE['blocks']}: none, Eq. 1-6 on the item "
+                   "embeddings)")
     g.add_argument("--heads", type=int, help=f"attention heads (default {SASREC['heads']})")
     g.add_argument("--dropout", type=float,
-                   help=f"dropout (default {SASREC['dropout']}; 0.5 on amazon-beauty)")
+                   help=f"dropout (SASRec default {SASREC['dropout']}, 0.5 on amazon-beauty; "
+                        f"SINE's backbone {SINE['dropout']})")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=TRAIN.max_epochs,
                    help=f"maximum epochs (default {TRAIN.max_epochs})")
@@ -61,7 +65,13 @@ def add(sub: Any) -> None:
                    help=f"stop after this many epochs without a validation {TRAIN.select_metric} "
                         f"gain (default {TRAIN.patience})")
     g.add_argument("--batch-size", type=int, default=TRAIN.batch_size,
-                   help=f"default {TRAIN.batch_size}")
+                   help=f"training windows a step (default {TRAIN.batch_size})")
+    g.add_argument("--targets", choices=TARGETS, default=TRAIN.targets,
+                   help="last: one target per sliding window (the paper's); dense: strided "
+                        "windows whose every slot predicts the click after it, as SASRec+ trains "
+                        f"(default {TRAIN.targets})")
+    g.add_argument("--stride", type=int, help="with --targets dense, clicks between window ends "
+                   "(default: --seq-len)")
     g.add_argument("--lr", type=float, default=TRAIN.lr,
                    help=f"Adam learning rate (default {TRAIN.lr:g})")
     g.add_argument("--lam", type=float, default=TRAIN.lam,
@@ -148,13 +158,14 @@ def _model(a: argparse.Namespace, ds: Any) -> Any:
                             dropout=a.dropout)
     return model_config(ds, K=a.K, L=a.L, D=a.D, n=a.seq_len, tau=a.tau,
                         tau_assign=a.tau_assign, literal=a.literal or None,
-                        aggregation=a.aggregation, activation=a.activation)
+                        aggregation=a.aggregation, activation=a.activation, blocks=a.blocks,
+                        heads=a.heads, dropout=a.dropout)
 
 
 def _train_config(a: argparse.Namespace) -> Any:
     from model_export.configs import TrainConfig
 
-    return TrainConfig(batch_size=a.batch_size, lr=a.lr, lam=a.lam, loss=a.loss,
+    return TrainConfig(batch_size=a.batch_size, targets=a.targets, stride=a.stride, lr=a.lr, lam=a.lam, loss=a.loss,
                        num_negatives=a.num_negatives, max_epochs=a.epochs, patience=a.patience,
                        max_minutes=a.max_minutes, seed=a.seed, threads=a.threads, device=a.device,
                        interest_loss=a.interest_loss, interest_weight=a.interest_weight,
