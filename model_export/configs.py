@@ -12,6 +12,7 @@ from service.keys import DEFAULT_GROUP, DEFAULT_STREAM
 # `sine export --serving`: pick on validation, the aggregate, or per_interest with a merge
 SERVINGS = ("auto", "aggregate", *MERGES)
 ACTIVATIONS = ("attention", "votes")   # SINEConfig.activation
+AGGREGATIONS = ("adaptive", "mean", "latest")   # SINEConfig.aggregation
 WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --clicks`) uses
 
 
@@ -27,7 +28,8 @@ class SINEConfig:
     tau_assign: float = 0.1    # Eq. 3 temperature on the cosine (deviation 1)
     literal: bool = False      # Eq. 3 / Eq. 7 as raw LN dot products (paper as written)
     share_w3: bool = False     # Eq. 6 shares W3 with Eq. 3 (deviation 2)
-    aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8) or "mean" (ablation)
+    aggregation: str = "adaptive"   # "adaptive" (Eq. 6-8), "mean" (ablation) or "latest" (Eq. 7's
+    #                                 intention from the latest click's state, deviation 9)
     activation: str = "attention"   # Eq. 1-2 as written, or "votes": the K prototypes Eq. 3
     #                                 assigns the most clicks to (deviation 6)
     blocks: int = 0            # causal self-attention blocks under Eq. 1-6 (deviation 8; 0: none)
@@ -38,8 +40,9 @@ class SINEConfig:
     def __post_init__(self):
         if not 1 <= self.K <= self.L:
             raise ValueError(f"need 1 <= K <= L, got K={self.K}, L={self.L}")
-        if self.aggregation not in ("adaptive", "mean"):
-            raise ValueError(f"aggregation must be 'adaptive' or 'mean', not {self.aggregation!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                             f"not {self.aggregation!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
         if self.blocks < 0 or self.D % self.heads:

@@ -45,6 +45,10 @@ Deviations from the paper, each with its reason (the ablation table in
 8. `blocks` > 0 (off by default) puts causal self-attention blocks (SASRec's, learned positions)
    under Eq. 1-6: the clicks are contextualised before concept activation, assignment and
    pooling. The items are still scored against H. There are no item-side tables to fold then.
+9. `aggregation="latest"` (off by default) takes Eq. 7's intention C_apt from the most recent
+   click's state, LN4(x_latest), in place of Eq. 6's prototype sequence: the interest nearest
+   what the user just did weighs most, the signal SASRec predicts from. With a backbone that
+   state is contextualised by the whole prefix.
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
 attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
@@ -281,12 +285,14 @@ class SINE(ItemSoftmax, nn.Module):
         c = self.config
         X, M, XWk1, idx, gate, C_u, P_kt = self._assign(item_ids, prefixes)
 
-        # §3.2.3 attention weighting (Eq. 4). Positions count from each prefix's latest click
-        # (deviation 7), so prefix i scores its slot j as the window does slot j - i.
+        # §3.2.3 attention weighting (Eq. 4). Without a backbone, positions count from each
+        # prefix's latest click (deviation 7), so prefix i scores its slot j as the window does
+        # slot j - i. With one, the states already carry the backbone's window positions, and
+        # Eq. 4 takes the window's too, as SASRec's every slot does: one score per slot.
         Wk2 = (self.Wk2.unsqueeze(-1) * torch.eye(c.K, device=X.device).unsqueeze(1)).reshape(
             c.K * c.D, c.K)                                            # block-diagonal [K*D, K]
         PWk1 = self.position_map()                                     # [n, K*D]
-        if prefixes:
+        if prefixes and self.backbone is None:
             slots = torch.arange(c.n, device=X.device)
             age = (slots.unsqueeze(0) - slots.unsqueeze(1)).clamp_min(0)   # [n, n]: j - i
             e_tk = torch.tanh(XWk1.unsqueeze(1) + PWk1[age]) @ Wk2     # [B, n, n, K]
@@ -302,10 +308,13 @@ class SINE(ItemSoftmax, nn.Module):
         if c.aggregation == "mean":
             e = torch.full_like(phi[..., 0], 1.0 / c.K)                # [B, Q, K]
         else:
-            X_hat = P_kt @ C_u                                         # [B, Q, n, D]
-            X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)         # [B, Q, n, D] = X_hat W3'
-            b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), M, dim=-1)   # [B, Q, n]
-            C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(-2))        # [B, Q, D]
+            if c.aggregation == "latest":                              # deviation 9
+                C_apt = self.ln4(X if prefixes else X[:, :1])          # [B, Q, D]: each prefix's slot 0
+            else:
+                X_hat = P_kt @ C_u                                     # [B, Q, n, D]
+                X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)     # [B, Q, n, D] = X_hat W3'
+                b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), M, dim=-1)   # [B, Q, n]
+                C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(-2))    # [B, Q, D]
             if c.literal:
                 logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau   # [B, Q, K]
             else:

@@ -12,6 +12,7 @@ from ..common import CliError, data_args, dataset, need_torch, print_metrics
 def add(sub: Any) -> None:
     from model_export.configs import (
         ACTIVATIONS,
+        AGGREGATIONS,
         INTEREST_LOSSES,
         NEW_ITEM_INITS,
         TARGETS,
@@ -45,8 +46,9 @@ def add(sub: Any) -> None:
                    help=f"Eq. 3 cosine temperature (default {SINE['tau_assign']})")
     g.add_argument("--literal", action="store_true",
                    help="Eq. 3 and 7 as raw LayerNorm dot products, as printed in the paper")
-    g.add_argument("--aggregation", choices=["adaptive", "mean"], default=SINE["aggregation"],
-                   help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation)")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default=SINE["aggregation"],
+                   help="adaptive: Eq. 6-8 (default); mean: average of the K interests (ablation); "
+                        "latest: Eq. 7's intention from the latest click's state (deviation 9)")
     g.add_argument("--activation", choices=ACTIVATIONS, default=SINE["activation"],
                    help="attention: Eq. 1-2, the top K of <z_u, C> (default); votes: the K "
                         "prototypes Eq. 3 assigns the most clicks to (model_export/models/sine.py, deviation 6)")
