@@ -88,9 +88,12 @@ def choose_graph(model: torch.nn.Module, graph: str = "auto", fold_budget_mb: fl
     """`folded` where the tables fit the budget (or when asked for), else `plain`."""
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}")
-    if not isinstance(model, SINE):                  # SASRec has no item-side tables to fold
+    # SASRec, and a SINE on a backbone, have no item-side tables to fold
+    if not isinstance(model, SINE) or model.config.blocks:
         if graph == "folded":
-            raise ValueError(f"graph 'folded' is SINE's; a {type(model).__name__} exports plain")
+            what = "a SINE on a self-attention backbone" if isinstance(model, SINE) else \
+                f"a {type(model).__name__}"
+            raise ValueError(f"graph 'folded' is for SINE on item embeddings; {what} exports plain")
         return "plain"
     if graph != "auto":
         return graph

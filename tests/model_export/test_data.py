@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model_export import data
-from model_export.data import DataError, load_click_log, split, synthetic, window
+from model_export.data import DataError, dense_windows, load_click_log, split, synthetic, window
 from tests.conftest import require_data
 
 
@@ -228,3 +228,39 @@ def test_the_large_log_generator_writes_a_loadable_log(tmp_path, suffix):
     same = np.mean([cat_of[int(ds.item_ids[a])] == cat_of[int(ds.item_ids[b])]
                     for s in ds.sequences for a, b in zip(s[:-1], s[1:])])
     assert same > 0.85
+
+
+@pytest.mark.parametrize("stride", [1, 3, 5])
+def test_dense_windows_hold_every_training_pair_once_with_the_context_their_window_leaves(stride):
+    ds = synthetic(n_users=40, n_items=40, n_categories=4, length=(4, 17), seed=3)
+    n = 5
+    x, y = dense_windows(ds, n, stride)
+    assert x.shape == y.shape and x.shape[1] == n
+    # every slot with a loss holds a click, and its target is the click after it in the history
+    got = []
+    for r in range(len(x)):
+        for i in np.flatnonzero(y[r]):
+            assert x[r, i] > 0
+            got.append((int(y[r, i]), tuple(int(c) for c in x[r, i:] if c)))
+    want = []
+    for s in ds.sequences:
+        train = s[:-2]
+        want += [(int(train[t]), tuple(int(c) for c in window(train[:t], n) if c))
+                 for t in range(1, len(train))]
+    sp = split(ds, n)
+    assert len(got) == len(sp.train_targets) == len(want)
+    # the targets are the sliding windows' ones, each once; a prefix keeps at least n - stride + 1
+    # of the clicks its sliding window holds (all of them where the history is that short)
+    assert sorted(t for t, _ in got) == sorted(int(t) for t in sp.train_targets)
+    by_target = {}
+    for t, ctx in want:
+        by_target.setdefault(t, []).append(ctx)
+    for t, ctx in got:
+        assert any(full[:len(ctx)] == ctx and len(ctx) >= min(len(full), n - stride + 1)
+                   for full in by_target[t])
+
+
+def test_dense_windows_refuse_a_stride_past_the_window():
+    ds = synthetic(n_users=10, n_items=20, seed=0)
+    with pytest.raises(DataError, match="stride must be in"):
+        dense_windows(ds, 5, 6)

@@ -111,6 +111,20 @@ def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggreg
     assert "Gather" in ops and "TopK" in ops
 
 
+@pytest.mark.parametrize("aggregation", ["adaptive", "latest"])
+def test_a_sine_on_a_backbone_exports_plain_with_parity(tmp_path, aggregation):
+    torch.manual_seed(2)
+    m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, blocks=2, heads=2, dropout=0.1,
+                        aggregation=aggregation)).eval()
+    assert choose_graph(m) == "plain"
+    with pytest.raises(ValueError, match="backbone exports plain"):
+        choose_graph(m, "folded")
+    with pytest.raises(ValueError, match="no item-side"):
+        FoldedSINE(m)
+    worst = check_parity(m, export_onnx(m, tmp_path / "plain.onnx"))
+    assert max(worst.values()) < 1e-5, worst
+
+
 def test_export_records_the_graph_and_its_memory(small_world, tmp_path):
     info = json.loads((small_world["export"] / "export.json").read_text())
     K, D = small_world["bundle"].manifest["model"]["K"], small_world["bundle"].manifest["model"]["D"]

@@ -174,3 +174,60 @@ def test_gradients_reach_every_parameter():
     (m.full_softmax_loss(v, torch.tensor([1, 2, 3, 4, 5])) + 0.5 * m.covariance_loss()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def prefix_window(x: torch.Tensor, i: int) -> torch.Tensor:
+    """The window of the clicks up to the i-th most recent: x[:, i:], padded at the end."""
+    out = torch.zeros_like(x)
+    out[:, :x.shape[1] - i] = x[:, i:]
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"literal": True}, {"aggregation": "mean"},
+                                {"aggregation": "latest"}, {"activation": "votes"},
+                                {"share_w3": True}])
+def test_every_prefix_equals_the_window_that_holds_it_alone(kw):
+    """Dense targets: prefix i of forward_prefixes is exactly what serving computes for the
+    window of the clicks up to slot i (brute force, one window per prefix)."""
+    m = small(**kw)
+    x = batch(B=5, seed=4)
+    with torch.no_grad():
+        phi, v, e = m.forward_prefixes(x)                              # [B, n, K, D], [B, n, D], [B, n, K]
+        assert phi.shape == (5, 6, 3, 16) and v.shape == (5, 6, 16) and e.shape == (5, 6, 3)
+        for i in range(x.shape[1]):
+            xi = prefix_window(x, i)
+            real = xi[:, 0] > 0                                        # prefixes that hold a click
+            p1, v1, e1 = m(xi)
+            torch.testing.assert_close(v[real, i], v1[real], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(phi[real, i], p1[real], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(e[real, i], e1[real], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["adaptive", "latest"])
+def test_a_backbone_is_causal_and_its_first_prefix_is_the_window(aggregation):
+    m = small(blocks=2, heads=2, aggregation=aggregation)
+    x = batch(B=5, seed=5)
+    x[:, :4] = torch.randint(1, 51, (5, 4))                            # 4 real clicks at least
+    with torch.no_grad():
+        phi, v, e = m.forward_prefixes(x)
+        p0, v0, e0 = m(x)
+        torch.testing.assert_close(v[:, 0], v0, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(phi[:, 0], p0, atol=2e-6, rtol=1e-5)
+        y = x.clone()
+        y[:, 1] = (y[:, 1] % 50) + 1                                   # change the 2nd most recent click
+        moved = (m.forward_prefixes(y)[1] - v).abs().amax(-1)          # [B, n]
+    assert torch.all(moved[:, 2:] == 0)                                # older prefixes never see it
+    assert torch.all(moved[:, :2] > 0)                                 # the ones that hold it move
+
+
+def test_a_backbone_changes_what_the_interests_pool_and_its_config_is_checked():
+    x = batch(B=4, seed=6)
+    with torch.no_grad():
+        plain, deep = small()(x)[1], small(blocks=1)(x)[1]
+    assert not torch.allclose(plain, deep, atol=1e-3)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        SINEConfig(n_items=10, D=16, heads=3, blocks=1)
+    with pytest.raises(ValueError, match="dropout"):
+        SINEConfig(n_items=10, D=16, blocks=1, dropout=1.0)
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        SINEConfig(n_items=10, aggregation="sum")

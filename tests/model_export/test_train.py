@@ -59,6 +59,29 @@ def test_training_is_reproducible_and_resume_continues_exactly(ds, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
+@pytest.mark.parametrize("arch, extra", [("sine", {}), ("sine", {"blocks": 1, "aggregation": "latest"}),
+                                         ("sasrec", {})])
+def test_dense_targets_train_every_pair_once_and_resume_exactly(ds, tmp_path, arch, extra):
+    mc = model_config(ds, arch, D=32, **({"K": 3, "L": 12} if arch == "sine" else {}), **extra)
+    dense = dict(targets="dense", stride=10, lr=3e-3, batch_size=16)   # 434 windows: 27 steps
+    a = train(ds, mc, cfg(max_epochs=3, **dense), tmp_path / "a", progress=False)
+    b1 = train(ds, mc, cfg(max_epochs=1, **dense), tmp_path / "b", progress=False)
+    b2 = train(ds, mc, cfg(max_epochs=3, **dense), tmp_path / "b", resume=tmp_path / "b" / "last.pt",
+               progress=False)
+    assert b1.epochs_run == 1 and b2.epochs_run == 3
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b2.history], rel=1e-5)
+    assert a.history[1]["loss"] < a.history[0]["loss"]
+    pop = evaluate_popularity(ds, split(ds), "valid")
+    assert a.best_valid["HR@10"] > 1.5 * pop["HR@10"], (a.best_valid, pop)
+
+
+def test_dense_targets_are_checked():
+    with pytest.raises(ValueError, match="targets must be one of"):
+        TrainConfig(targets="every")
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        TrainConfig(targets="dense", stride=0)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(ds, tmp_path):
     res = train(ds, model_config(ds, **SMALL), cfg(max_epochs=6, patience=1, lr=3e-2), tmp_path,
                 progress=False)
