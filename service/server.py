@@ -1,18 +1,31 @@
 """The process: uvicorn with this service's HTTP protocol, in one process or several workers.
 
-uvicorn reads a request's headers with no deadline and no size cap: a socket that sends half a
-request line stays open, and a 64 MiB header section is read whole. `GuardedHttpTools` is
-uvicorn's httptools protocol with both:
+uvicorn reads a request's headers with no deadline and no size cap, keeps a connection whose
+request body never ends for as long as bytes trickle in (a stray byte cancels its keep-alive
+timer, and nothing arms it again), accepts connections until the process runs out of file
+descriptors, and holds an answer that the client never reads. `GuardedHttpTools` is uvicorn's
+httptools protocol with a deadline on every state a connection can be in, which no byte the
+client sends can cancel, and a cap on connections:
 
-- **header deadline**: the request line and headers must be complete within `header_timeout_s`
-  of the connection opening, or of the first byte of a later request on a kept-alive
-  connection; past it the client gets a 408 and the connection is closed (a sweep of the
-  connections a few times per deadline, not a timer per request);
+- **headers**: the request line and headers must be complete within `header_timeout_s` of the
+  connection opening, or of the first byte of a later request on a kept-alive connection; past
+  it the client gets a 408 and the connection is closed;
 - **header cap**: past `max_header_bytes` of request line and headers the client gets a 431 and
-  the connection is closed, before more is read.
+  the connection is closed, before more is read;
+- **body**: whatever the method, the body must be complete within `body_timeout_s` of the
+  headers (the app answers a POST's late body with its own 408 first: `Guard` in `guard.py`,
+  which reads it whole before a request takes an in-flight slot; this is the backstop, one
+  second later, for every other case, such as a GET that announces a body and answers before it);
+- **idle**: a connection with no request in progress is closed `keep_alive_s` after its last
+  answer;
+- **writes**: an answer the client does not read (the socket's buffer full) for
+  `write_timeout_s` aborts the connection, which frees the buffer;
+- **connections**: past `max_connections` open at once (lowered to fit the process's file
+  descriptor limit, with `FD_RESERVE` kept for Redis, the bundle watcher and the metrics), a
+  new connection is answered 503 and closed at once.
 
-The body has its deadline in the app (`Guard` in `app.py`), which reads it whole before a request
-takes an in-flight slot. The limits reach each connection through the app's lifespan state
+One sweep of the server's connections enforces the deadlines a few times per header deadline,
+not a timer per request. The limits reach each connection through the app's lifespan state
 (`LIMITS`), which uvicorn hands to every protocol instance, so the workers of `serve` (new
 interpreters) get them from the app they build.
 """
@@ -21,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,80 +50,122 @@ from .settings import Settings
 
 log = logging.getLogger("sine.service")
 LIMITS = "sine.connection_limits"       # the lifespan state key uvicorn passes to protocols
+FD_RESERVE = 64            # descriptors never given to clients (beside the Redis pool): the
+#                            read connection, the watcher, the metrics, the bundle's files
+BODY_GRACE_S = 1.0         # the app's own body deadline answers first
+
+
+def connection_cap(wanted: int, reserve: int = FD_RESERVE) -> int:
+    """`wanted`, lowered so that the open connections stay under the process's descriptor
+    limit with `reserve` to spare (at least 1)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - reserve))
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """The header deadline and size cap every connection gets, and who counts refusals."""
+    """The deadlines and caps every connection gets, and who counts refusals."""
     header_timeout_s: float = 5.0
     max_header_bytes: int = 16_384
+    body_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    write_timeout_s: float = 10.0
+    max_connections: int = 1_000
     on_refused: Callable[[str], None] | None = None     # counts each closed connection by reason
 
     @classmethod
     def of(cls, s: Settings, on_refused: Callable[[str], None] | None = None) -> ConnectionLimits:
-        return cls(s.header_timeout_s, s.max_header_bytes, on_refused)
+        return cls(s.header_timeout_s, s.max_header_bytes, s.body_timeout_s, s.keep_alive_s,
+                   s.write_timeout_s,
+                   connection_cap(s.max_connections, FD_RESERVE + s.redis_pool_size), on_refused)
 
 
 class _HeadersTooLarge(Exception):
     pass
 
 
-def _problem(status: int, title: str, slug: str, detail: str) -> bytes:
-    body = orjson.dumps({"type": f"/problems/{slug}", "title": title, "status": status,
+REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+           503: b"Service Unavailable"}
+TITLES = {408: "Request timeout", 431: "Request header fields too large",
+          503: "Too many connections"}
+
+
+def _problem(status: int, slug: str, detail: str) -> bytes:
+    body = orjson.dumps({"type": f"/problems/{slug}", "title": TITLES[status], "status": status,
                          "detail": detail})
-    reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
     return (b"HTTP/1.1 %d %b\r\ncontent-type: application/problem+json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%b"
-            % (status, reason, len(body), body))
+            % (status, REASONS[status], len(body), body))
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header deadline and a header size cap."""
+    """uvicorn's httptools protocol with a deadline on every state and a connection cap."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         limits = self.app_state.get(LIMITS) if isinstance(self.app_state, dict) else None
         self.limits: ConnectionLimits = limits or ConnectionLimits()
         self._header_bytes = 0
-        self._headers_since: float | None = None     # when the awaited header section began
+        self._deadline: float | None = None     # loop time past which `_phase` has failed
+        self._phase = "headers"                 # headers, body, answer or idle
+        self._message_done = True
+        self._write_blocked: float | None = None   # since when the client reads nothing
         self._refused: str | None = None
 
-    # the deadline runs from the connection (or a request's first byte) to its last header.
-    # No timer per request: one sweep of the server's connections a few times per deadline
-    def _arm(self) -> None:
-        if self._headers_since is None:
-            self._headers_since = self.loop.time()
+    # -- deadlines: one per state, set on entering it; only the sweep acts on them ---------------
+    def _enter(self, phase: str, seconds: float | None) -> None:
+        self._phase = phase
+        self._deadline = None if seconds is None else self.loop.time() + seconds
         _Sweeper.of(self.server_state, self.loop, self.limits.header_timeout_s)
 
-    def _disarm(self) -> None:
-        self._headers_since = None
+    def overdue(self, now: float) -> str | None:
+        """Why this connection must close now, or None."""
+        if self._write_blocked is not None and now - self._write_blocked > self.limits.write_timeout_s:
+            return "write-timeout"
+        if self._deadline is not None and now > self._deadline:
+            return {"headers": "header-timeout", "body": "body-timeout"}.get(self._phase, "idle")
+        return None
 
-    def late(self, now: float) -> bool:
-        return (self._headers_since is not None
-                and now - self._headers_since > self.limits.header_timeout_s)
+    def expire(self, why: str) -> None:
+        if why == "header-timeout":
+            self._refuse(408, why, f"The request's headers did not arrive within "
+                         f"{self.limits.header_timeout_s:g} s (SINE_HEADER_TIMEOUT_S).")
+        elif why == "body-timeout":
+            self._refuse(408, why, f"The request's body did not arrive within "
+                         f"{self.limits.body_timeout_s:g} s (SINE_BODY_TIMEOUT_S).")
+        elif why == "write-timeout":
+            self._deadline = self._write_blocked = None
+            if self.limits.on_refused is not None:
+                self.limits.on_refused(why)
+            self.transport.abort()              # a close would wait for the unread buffer
+        else:                                   # idle: what keep-alive does, uncancellable
+            self._deadline = None
+            self.transport.close()
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
-        self._disarm()
+        self._deadline = None
         if self._refused is not None or self.transport.is_closing():
             return
         self._refused = reason
         if self.limits.on_refused is not None:
             self.limits.on_refused(reason)
         if self.cycle is None or self.cycle.response_complete:   # never inside another answer
-            title = {408: "Request timeout", 431: "Request header fields too large"}[status]
-            self.transport.write(_problem(status, title, reason, detail))
+            self.transport.write(_problem(status, reason, detail))
         self.transport.close()
-
-    def headers_late(self) -> None:
-        self._refuse(408, "header-timeout", f"The request's headers did not arrive within "
-                     f"{self.limits.header_timeout_s:g} s (SINE_HEADER_TIMEOUT_S).")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(503, "too-many-connections", f"The server holds "
+                         f"{self.limits.max_connections} connections (SINE_MAX_CONNECTIONS, "
+                         "within its file descriptor limit); retry on another connection later.")
+            return
+        self._enter("headers", self.limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._deadline = self._write_blocked = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -117,19 +173,30 @@ class GuardedHttpTools(HttpToolsProtocol):
             return
         super().data_received(data)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_blocked is None:
+            self._write_blocked = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_blocked = None
+
     def send_400_response(self, msg: str) -> None:
         # a parser callback raised: ours (the cap) or the parser's own error
         if self._header_bytes > self.limits.max_header_bytes:
             self._refuse(431, "headers-too-large", f"The request line and headers exceed "
                          f"{self.limits.max_header_bytes} bytes (SINE_MAX_HEADER_BYTES).")
             return
-        self._disarm()
+        self._deadline = None
         super().send_400_response(msg)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        self._arm()
+        self._message_done = False
+        if self._phase != "headers":            # the first request's clock runs from the connection
+            self._enter("headers", self.limits.header_timeout_s)
 
     def _count(self, n: int) -> None:
         self._header_bytes += n
@@ -145,12 +212,25 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._enter("body", self.limits.body_timeout_s + BODY_GRACE_S)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_done = True
+        if self.cycle is not None and self.cycle.response_complete:
+            self._enter("idle", self.limits.keep_alive_s)
+        else:
+            self._enter("answer", None)         # the app's own deadlines bound its work
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._message_done and self._phase != "headers":   # else a body is still due
+            self._enter("idle", self.limits.keep_alive_s)
 
 
 class _Sweeper:
-    """Closes the connections of one server whose headers are late, checking them every
+    """Closes the connections of one server that are past a deadline, checking them every
     quarter of the header deadline (so a late one goes within 1.25 deadlines)."""
 
     def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float):
@@ -166,8 +246,8 @@ class _Sweeper:
     def sweep(self) -> None:
         now = self.loop.time()
         for conn in list(self.server_state.connections):
-            if isinstance(conn, GuardedHttpTools) and conn.late(now):
-                conn.headers_late()
+            if isinstance(conn, GuardedHttpTools) and (why := conn.overdue(now)):
+                conn.expire(why)
         self.loop.call_later(self.every, self.sweep)
 
 

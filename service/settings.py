@@ -144,7 +144,15 @@ class Settings(BaseSettings):
         "Largest header section (request line and every header); a larger one is answered 431 "
         "and the connection closed."))
     keep_alive_s: float = Field(5.0, gt=0, description=(
-        "How long an idle kept-alive connection stays open between requests."))
+        "How long a connection with no request in progress stays open after its last answer, "
+        "whatever bytes arrive that begin no request."))
+    write_timeout_s: float = Field(10.0, gt=0, description=(
+        "How long an answer may wait on a client that reads none of it (the socket's buffer "
+        "full); past it the connection is aborted and its buffer freed."))
+    max_connections: int = Field(1000, ge=1, description=(
+        "Connections open at once; a further one is answered 503 and closed at once. Lowered "
+        "at start to the process's file descriptor limit less the Redis pool and 64 more "
+        "(Redis, the bundle watcher, the metrics)."))
 
     # compute
     providers: Literal["auto", "cpu", "cuda"] = Field("auto", description=(

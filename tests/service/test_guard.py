@@ -202,3 +202,70 @@ def test_a_client_that_hangs_up_mid_body_costs_nothing(small_world, own_redis, s
             k.close()
         wait_until(lambda: c.app.state.sine.admission.in_flight == 0, 2, "nothing held")
         assert c.post("/recommend", json={"user_id": "u", "n": 5}).status_code == 200
+
+
+def test_a_stray_body_byte_after_the_answer_cannot_keep_a_connection_open(small_world, serve):
+    """GET with a Content-Length it never sends, one body byte after the answer: uvicorn's
+    keep-alive timer is cancelled by that byte; the body deadline still closes it."""
+    with serve(settings(small_world, header_timeout_s=0.4, body_timeout_s=0.5,
+                        keep_alive_s=0.5)) as c:
+        socks = []
+        for _ in range(5):
+            s = connect(c)
+            s.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+            s.settimeout(5)
+            assert status(s.recv(65536)) == 200
+            s.sendall(b"x")                                  # after the answer
+            socks.append(s)
+        for s in socks:
+            until_closed(s, 10)                              # raises if it stays open
+            s.close()
+        assert metric(c, "sine_failures_total", reason="body-timeout") == 5
+        assert c.get("/livez").status_code == 200
+
+
+def test_an_answer_the_client_never_reads_is_aborted_at_the_write_deadline(small_world, serve):
+    with serve(settings(small_world, header_timeout_s=0.4, write_timeout_s=0.5)) as c:
+        size = len(c.get("/openapi.json").content)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", c.port))
+        n = (32 << 20) // size + 1                           # past any kernel buffer
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n" * n)   # pipelined, never read
+        wait_until(lambda: metric(c, "sine_failures_total", reason="write-timeout") == 1, 10,
+                   "the write deadline")
+        s.settimeout(5)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while s.recv(1 << 20):                           # aborted: a reset once drained
+                pass
+            raise BrokenPipeError                            # a plain close is fine too
+        s.close()
+        assert c.get("/livez").status_code == 200
+
+
+def test_connections_past_the_cap_are_refused_at_once_and_the_cap_fits_the_fd_limit(small_world,
+                                                                                      serve):
+    import resource
+
+    from service.server import connection_cap
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert connection_cap(10**9, 100) == (10**9 if soft == resource.RLIM_INFINITY else soft - 100)
+    assert connection_cap(5, 100) == 5
+    with serve(settings(small_world, max_connections=4, header_timeout_s=5)) as c:
+        c.close()                                            # the fixture's own keep-alive one
+        held = [connect(c) for _ in range(4)]
+        wait_until(lambda: len(held) == 4)
+        extra = connect(c)
+        got, took = until_closed(extra, 5)
+        assert status(got) == 503 and "SINE_MAX_CONNECTIONS" in body(got)["detail"]
+        assert took < 2.0
+        for s in held:                                       # the held ones are still served
+            s.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n")
+            s.settimeout(5)
+            assert status(s.recv(65536)) == 200
+            s.close()
+        again = connect(c)
+        wait_until(lambda: (again.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n"),
+                            status(again.recv(65536)) == 200)[1], 5, "a connection once freed")
+        again.close()
