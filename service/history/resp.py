@@ -1,6 +1,14 @@
 """`ListReader`: the read path's own Redis connection. A micro-batch's LRANGEs go out in one send
 and their replies are parsed by hiredis as they arrive; redis-py's pipeline machinery costs
-about five times as much CPU per batch (benchmarks/results/redis-reads.md)."""
+about five times as much CPU per batch (benchmarks/results/redis-reads.md).
+
+A connection can die without closing (a failover behind a stable address, a peer that
+vanished, a firewall that dropped the flow): no reply comes, and no error. So a connection is
+taken as dead, closed and replaced, when its oldest unanswered batch is `STALL_TIMEOUTS` read
+timeouts old, when `MAX_PENDING` batches wait on it, or when a ping on it times out; the
+batches still waiting on it fail as timeouts (not as a broken connection, which would pause
+the store).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +20,17 @@ import hiredis
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+STALL_TIMEOUTS = 3     # a reply this many read timeouts late: the connection is dead
+MAX_PENDING = 256      # batches waiting on one connection at most
 
 
 class _Batch:
-    __slots__ = ("left", "replies", "future")
+    __slots__ = ("left", "replies", "future", "sent")
 
-    def __init__(self, n: int, future: asyncio.Future[list[Any]]):
-        self.left, self.future = n, future
+    def __init__(self, n: int, future: asyncio.Future[list[Any]], sent: float):
+        self.left, self.future, self.sent = n, future, sent
         self.replies: list[Any] = []
 
 
@@ -47,15 +59,33 @@ class _Protocol(asyncio.Protocol):
                     batch.future.set_result(batch.replies)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = exc or ConnectionResetError("Redis closed the connection")
+        if self.lost is None:
+            self.lost = exc or ConnectionResetError("Redis closed the connection")
+        self._fail(RedisConnectionError(f"connection lost: {self.lost}"))
+
+    def _fail(self, error: Exception) -> None:
         while self.pending:
             f = self.pending.popleft().future
             if not f.done():
-                f.set_exception(RedisConnectionError(f"connection lost: {self.lost}"))
+                f.set_exception(error)
+
+    def stalled(self, now: float, after_s: float) -> bool:
+        """No reply for `after_s` to the oldest batch, or too many batches waiting."""
+        return bool(self.pending) and (now - self.pending[0].sent > after_s
+                                       or len(self.pending) >= MAX_PENDING)
+
+    def drop(self, why: str) -> None:
+        """Take this connection as dead: abort it (its buffers go with it) and fail the
+        batches waiting on it as timed out."""
+        self.lost = RedisTimeout(why)
+        self._fail(RedisTimeout(why))
+        if self.transport is not None:
+            self.transport.abort()
 
     def send(self, packed: bytes, n: int) -> asyncio.Future[list[Any]]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Batch(n, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self.pending.append(_Batch(n, future, loop.time()))
         assert self.transport is not None
         self.transport.write(packed)
         return future
@@ -89,9 +119,27 @@ class ListReader:
         self.timeout = timeout_s
         self._proto: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self.dropped = 0            # connections taken as dead: stalled, or a failed ping
+
+    def _check(self) -> None:
+        """Drop the connection if it stalled (see the module's docstring)."""
+        p = self._proto
+        if p is not None and p.lost is None and p.stalled(asyncio.get_running_loop().time(),
+                                                            STALL_TIMEOUTS * self.timeout):
+            self.dropped += 1
+            p.drop(f"no reply from Redis on this connection for {STALL_TIMEOUTS} read "
+                   f"timeouts, or {MAX_PENDING} reads waiting: replaced")
+
+    @property
+    def healthy(self) -> bool:
+        """The connection is open and answering (or not opened yet)."""
+        p = self._proto
+        return p is None or (p.lost is None and not p.stalled(
+            asyncio.get_running_loop().time(), STALL_TIMEOUTS * self.timeout))
 
     async def _connection(self) -> tuple[_Protocol, bool]:
         """The connection, and whether it was opened just now."""
+        self._check()
         if self._proto is not None and self._proto.lost is None:
             return self._proto, False
         async with self._connecting:
@@ -132,6 +180,23 @@ class ListReader:
             if isinstance(r, Exception):
                 raise RedisError(f"LRANGE failed: {r}")
         return replies
+
+    async def ping(self) -> None:
+        """PING on this very connection, within the read timeout; one that does not answer in
+        time is dropped, so that the next read opens a new one."""
+        proto, _ = await self._connection()
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = (await proto.send(pack("PING"), 1))[0]
+        except (TimeoutError, asyncio.CancelledError) as e:   # our deadline, or the caller's
+            if proto.lost is None:
+                self.dropped += 1
+                proto.drop("no answer to a ping on the read connection: replaced")
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise RedisTimeout("the read connection did not answer a ping in time") from None
+        if isinstance(reply, Exception):
+            raise RedisError(f"PING failed: {reply}")
 
     def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:

@@ -6,9 +6,12 @@ its own users (`ClusterMap`). An event updates the user's history and appends to
 stream in one atomic script (`RECORD`), which also trims the stream, never past what the export
 group has acknowledged unless the cap is told to win, and then counting what it removed.
 Events, pings and the click log's gauges use redis-py. After a refused or broken connection,
-requests skip that Redis (or master) for `redis_retry_after_ms`, then try again; a connection
-that a restarted Redis closed is reconnected once, at once, instead of failing the call. Every
-error of a client library surfaces as `HistoryError`.
+the reads (or the writes: each path its own pause) skip that Redis (or master) for
+`redis_retry_after_ms`, then try again; an error Redis answers with (out of memory, a key of
+another type) and a timeout pause nothing, so a failing event never switches reads off. A
+connection that a restarted Redis closed is reconnected once, at once, instead of failing the
+call, and a read connection that stopped answering is replaced (`resp`). Every error of a
+client library surfaces as `HistoryError`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -147,6 +151,16 @@ def _timeout(e: BaseException) -> bool:
     return isinstance(e, (asyncio.TimeoutError, TimeoutError, RedisTimeout))
 
 
+def _broken(e: BaseException) -> bool:
+    """A refused or broken connection (what pauses a path), not a timeout or an error reply."""
+    return isinstance(e, (RedisConnectionError, OSError)) and not _timeout(e)
+
+
+def _path(op: str) -> str:
+    """The pause an operation shares: events write, everything else reads."""
+    return "write" if op == "write" else "read"
+
+
 class HistoryStore:
     """Reads of users' histories, the event script and the click log's gauges."""
     def __init__(self, settings: Settings, on_error: Callable[[str], None] | None = None):
@@ -155,7 +169,7 @@ class HistoryStore:
         self.timeout = settings.redis_timeout_ms / 1000
         self.write_timeout = settings.redis_write_timeout_ms / 1000
         self.retry_after = settings.redis_retry_after_ms / 1000
-        self._down_until = 0.0
+        self._down_until = {"read": 0.0, "write": 0.0}    # each path's pause
         self._on_error = on_error or (lambda op: None)
         self.keys = Keys(settings)
         self._key = self.keys.history
@@ -184,11 +198,14 @@ class HistoryStore:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """The read path is not paused."""
+        return time.monotonic() >= self._down_until["read"]
 
     async def _call(self, op: str, coro: Coroutine[Any, Any, T], timeout: float | None = None,
                     node: str | None = None) -> T:
-        if self.cluster is None and not self.available:
+        path = _path(op)
+        # a ping is a probe: it tries Redis whatever the pause, and leaves the pause as it is
+        if self.cluster is None and op != "ping" and time.monotonic() < self._down_until[path]:
             coro.close()
             raise HistoryError("Redis failed recently; retrying after a pause")
         try:
@@ -196,16 +213,17 @@ class HistoryStore:
                 return await coro
         except Exception as e:
             # whatever the client library raises is this store's error. A refused or broken
-            # connection pauses Redis (on a cluster that master alone, and the map is re-read
+            # connection pauses its path (on a cluster that master alone, and the map is re-read
             # in the background); a timeout does not: it is already bounded, and a stall of this
             # process (a bundle loading beside it) would otherwise switch personalization off
-            # for everyone
+            # for everyone; nor does an error reply (a full Redis, a key of another type): the
+            # connection works, and one bad event must not switch reads off
             if self.cluster is not None:
                 self.cluster.failed()
-                if node is not None and not _timeout(e):
+                if node is not None and _broken(e):
                     self._node_down_until[node] = time.monotonic() + self.retry_after
-            elif not _timeout(e):
-                self._down_until = time.monotonic() + self.retry_after
+            elif _broken(e):
+                self._down_until[path] = time.monotonic() + self.retry_after
             self._on_error(op)
             raise HistoryError(f"Redis {op} failed: {type(e).__name__}: {e}") from e
 
@@ -339,10 +357,15 @@ class HistoryStore:
                           sum(g[2] for g in got))
 
     async def ping(self) -> None:
-        """Redis answers (on a cluster: every master of the map)."""
+        """Redis answers, on the read path's own connection too (on a cluster: every master
+        of the map). A read connection that does not answer is replaced."""
         if self.cluster is None:
-            self._down_until = 0.0          # a probe always tries Redis itself
-            await self._call("ping", self.client.ping())  # type: ignore[union-attr]
+            assert self.reader is not None
+
+            async def both() -> None:
+                await self.client.ping()  # type: ignore[union-attr]
+                await self.reader.ping()  # type: ignore[union-attr]
+            await self._call("ping", both(), 2 * self.timeout)   # the reader's own deadline first
             return
         masters = self.cluster.masters()
         if not masters:
@@ -351,7 +374,10 @@ class HistoryStore:
 
         async def all_masters() -> None:
             got = await asyncio.gather(*(m.client.ping() for m in masters),
+                                       *(m.reader.ping() for m in masters),
                                        return_exceptions=True)
+            got = [a if isinstance(a, BaseException) else b
+                   for a, b in zip(got[:len(masters)], got[len(masters):])]
             bad = [m.name for m, r in zip(masters, got) if isinstance(r, BaseException)]
             if bad:
                 raise RedisError(f"masters {', '.join(bad)} do not answer")

@@ -2,6 +2,9 @@
 import concurrent.futures as cf
 import time
 
+import pytest
+
+from service.history import HistoryError
 from service.settings import Settings
 from tests.helpers import metric, wait_until
 
@@ -159,3 +162,102 @@ def test_stale_pooled_connections_reconnect_after_a_redis_restart(small_world, o
             flags = list(ex.map(lambda _: c.post("/recommend", json={"user_id": "u", "n": 5})
                                 .json()["fallback"], range(32)))
         assert flags == [None] * 32
+
+
+def test_a_read_connection_that_goes_silent_is_replaced(small_world, own_redis, serve):
+    """The read connection silenced without being closed (a failover behind a stable address):
+    reads time out until it is taken as dead and a new one is opened; personalized again within
+    a few seconds, without a restart."""
+    from tests.helpers import TcpProxy
+
+    seed_history(own_redis, small_world)
+    proxy = TcpProxy(own_redis.port)
+    try:
+        s = settings(small_world, own_redis, redis_url=proxy.url, redis_timeout_ms=100,
+                     redis_retry_after_ms=5000)
+        with serve(s) as c:
+            assert personalized(c)
+            proxy.silence()                            # every open connection; new ones work
+            flags = [c.post("/recommend", json={"user_id": "u", "n": 5}).json()["fallback"]
+                     for _ in range(3)]
+            assert "history_unavailable" in flags
+            wait_until(lambda: personalized(c), 5.0, "personalized on a new read connection")
+            wait_until(lambda: c.get("/health/redis").status_code == 200, 5.0, "health back")
+            assert metric(c, "sine_redis_errors_total", op="read") >= 1
+    finally:
+        proxy.close()
+
+
+def test_a_black_hole_is_reported_and_personalization_returns_after_it(small_world, own_redis,
+                                                                         serve):
+    from tests.helpers import TcpProxy
+
+    seed_history(own_redis, small_world)
+    proxy = TcpProxy(own_redis.port)
+    try:
+        s = settings(small_world, own_redis, redis_url=proxy.url, redis_timeout_ms=100)
+        with serve(s) as c:
+            assert personalized(c)
+            proxy.silence(new=True)                    # nothing answers, nothing closes
+            for _ in range(10):
+                r = c.post("/recommend", json={"user_id": "u", "n": 5})
+                assert r.status_code == 200 and r.json()["fallback"] == "history_unavailable"
+            assert c.get("/health/redis").status_code == 503
+            assert metric(c, "sine_redis_up") == 0
+            # every dead read connection was dropped: at most a few stay open behind the proxy
+            assert proxy.open_connections() < 20, proxy.open_connections()
+            proxy.forward()
+            wait_until(lambda: personalized(c), 5.0, "personalized once Redis answers again")
+            assert c.get("/health/redis").status_code == 200
+    finally:
+        proxy.close()
+
+
+def test_the_store_reports_a_silent_read_connection_and_replaces_it(own_redis):
+    import asyncio
+
+    from service.history import HistoryStore
+    from tests.helpers import TcpProxy
+
+    own_redis.client().rpush("sine:history:u", "a", "b")
+    proxy = TcpProxy(own_redis.port)
+
+    async def main():
+        store = HistoryStore(Settings(redis_url=proxy.url, redis_timeout_ms=100))
+        try:
+            assert await store.get_many(["u"]) == [["a", "b"]]
+            await store.ping()
+            proxy.silence()
+            await store.client.connection_pool.disconnect()   # redis-py's own: fresh ones work
+            with pytest.raises(HistoryError):
+                await store.ping()                     # the read path's own connection is dead
+            assert store.reader.dropped == 1 and store.available
+            assert await store.get_many(["u"]) == [["a", "b"]]   # on a new connection
+            await store.ping()
+        finally:
+            await store.close()
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["wrongtype", "oom"])
+def test_a_failing_event_never_pauses_reads(small_world, own_redis, serve, fault):
+    seed_history(own_redis, small_world)
+    r = own_redis.client()
+    s = settings(small_world, own_redis, redis_retry_after_ms=60_000)
+    with serve(s) as c:
+        if fault == "wrongtype":
+            r.set("sine:history:w", "not a list")
+        else:
+            r.config_set("maxmemory", 1)              # every write refused: OOM
+        try:
+            for _ in range(3):
+                ev = c.post("/events", json={"user_id": "w", "item_id": "1"})
+                assert ev.status_code == 503, ev.text
+                assert personalized(c)                 # reads go on at once
+        finally:
+            r.config_set("maxmemory", 0)
+        ok = c.post("/events", json={"user_id": "ok", "item_id": small_world["ds"].item_ids[1]})
+        assert ok.status_code in (200, 201, 202), ok.text    # writes are not paused either
