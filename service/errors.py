@@ -44,6 +44,11 @@ class HistoryUnavailable(ServiceError):
     status, title, slug = 503, "History store unavailable", "history-unavailable"
 
 
+class ClickLogFull(ServiceError):
+    """The click log is at its hard cap with nothing exported to trim (503)."""
+    status, title, slug = 503, "Click log full", "click-log-full"
+
+
 class Unauthorized(ServiceError):
     """A missing or wrong bearer token (401)."""
     status, title, slug = 401, "Unauthorized", "unauthorized"
@@ -110,7 +115,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             429: "Too many users in flight (SINE_MAX_IN_FLIGHT, SINE_MAX_BATCH_IN_FLIGHT); retry "
                  "after `Retry-After`",
             503: "Not ready (no bundle), or the history store is unavailable (events; "
-                 "recommendations in strict mode)"}
+                 "recommendations in strict mode), or the click log is full (events)"}
     return {s: {"description": what[s], "model": Problem,
                 "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             for s in statuses}

@@ -163,6 +163,9 @@ async def freshness(st: State) -> None:
             m.bundle_age.set(time.time() - born)
     if st.store is not None:
         await redis_ok(st)
+        used = await st.store.memory_ratio()
+        if used is not None:
+            m.redis_memory.set(used)
         if st.settings.click_log:
             stream = await st.store.stream_info(st.settings.click_export_group)
             if stream is not None:

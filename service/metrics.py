@@ -59,6 +59,10 @@ class Metrics:
         self.behind_current = Gauge("sine_bundle_behind_current", "1 when `current` names "
                                     "another version than the one served (refused, or loading).",
                                     registry=r, multiprocess_mode="max")
+        self.redis_memory = Gauge("sine_redis_memory_used_ratio", "Redis's used memory over its "
+                                  "maxmemory (absent without a maxmemory; on a cluster, the "
+                                  "fullest master); at 1 every write is refused.", registry=r,
+                                  multiprocess_mode="max")
         self.events = Counter("sine_events_total", "Clicks received by POST /events.",
                               ["outcome"], registry=r)
         self.bundle_age = Gauge("sine_bundle_age_seconds",

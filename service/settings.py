@@ -77,6 +77,10 @@ class Settings(BaseSettings):
         "the manifest's merge (`max` where it names none); `max` (best raw score), `weighted` "
         "(score + log of the interest's Eq. 7 weight) or `quota` (each interest fills its "
         "weight's share of n)."))
+    history_ttl_s: float = Field(90 * 86_400.0, ge=0, description=(
+        "A user's history expires this long after their last event (or `sine load-histories`): "
+        "a user gone that long is a cold start, and Redis holds no list for every id ever seen. "
+        "0: histories never expire."))
     history_keep: int = Field(20, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
         "newest `seq_len` of them; `exclude_seen` drops all kept ones."))
@@ -99,6 +103,14 @@ class Settings(BaseSettings):
         "without the group nothing is trimmed. `cap`: the cap wins; every unexported entry it "
         "removes is counted (`sine_click_log_lost_entries`, the export's report and exit "
         "status 5)."))
+    click_stream_hard_max_len: int = Field(20_000_000, ge=0, description=(
+        "The most entries a stream of the click log may ever hold, whatever the export does "
+        "(or when no export group exists at all): at it, `click_stream_overflow` decides. "
+        "Bounds Redis's memory. 0: no hard cap."))
+    click_stream_overflow: Literal["refuse", "trim"] = Field("refuse", description=(
+        "At the hard cap: `refuse` answers the event 503 (`click-log-full`) and writes nothing, "
+        "counted in `sine_events_total{outcome=\"refused_full\"}`; `trim` keeps the newest "
+        "entries and counts every unexported one removed (`sine_click_log_lost_entries`)."))
     click_export_group: str = Field(DEFAULT_GROUP, description=(
         "Consumer group of `sine export-clicks`; `/metrics` reports its lag."))
     event_key_template: str = Field("sine:event:{user_id}:{event_id}", description=(

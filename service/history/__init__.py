@@ -9,7 +9,7 @@
 from ..keys import ENTRY_FIELDS, Keys
 from .bulk import bulk_load, load_histories
 from .resp import ListReader
-from .store import RECORD, HistoryError, HistoryStore, StreamInfo, redis_client
+from .store import RECORD, ClickLogFull, HistoryError, HistoryStore, StreamInfo, redis_client
 
-__all__ = ["ENTRY_FIELDS", "RECORD", "HistoryError", "HistoryStore", "Keys", "ListReader",
+__all__ = ["ENTRY_FIELDS", "RECORD", "ClickLogFull", "HistoryError", "HistoryStore", "Keys", "ListReader",
            "StreamInfo", "bulk_load", "load_histories", "redis_client"]

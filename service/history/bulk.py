@@ -14,8 +14,9 @@ from .store import HistoryError, redis_client
 
 async def bulk_load(client: Any, key: Callable[[str], str],
                     histories: Iterable[tuple[str, list[str]]], keep: int, chunk: int = 500,
-                    progress: Callable[[int], None] | None = None) -> int:
-    """Replace each user's history (given oldest first) with its newest `keep` clicks, pipelined."""
+                    progress: Callable[[int], None] | None = None, ttl_ms: int = 0) -> int:
+    """Replace each user's history (given oldest first) with its newest `keep` clicks, pipelined;
+    with `ttl_ms`, each expires that long after (as an event's update sets it)."""
     n = 0
     pipe = client.pipeline(transaction=False)
     pending = 0
@@ -25,6 +26,8 @@ async def bulk_load(client: Any, key: Callable[[str], str],
         pipe.delete(k)
         if newest_first:
             pipe.rpush(k, *newest_first)
+            if ttl_ms > 0:
+                pipe.pexpire(k, ttl_ms)
         pending += 1
         n += 1
         if pending >= chunk:
@@ -58,7 +61,8 @@ def load_histories(settings: Settings, histories: Iterable[tuple[str, list[str]]
         client = redis_client(settings, timeout_s=30.0)
         try:
             return await bulk_load(client, Keys(settings).history, histories,
-                                   settings.history_keep, progress=step)
+                                   settings.history_keep, progress=step,
+                                   ttl_ms=int(settings.history_ttl_s * 1000))
         finally:
             await client.aclose()
 

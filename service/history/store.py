@@ -42,6 +42,11 @@ class HistoryError(SineError, RuntimeError):
     """Redis could not answer in time, or answered with an error."""
 
 
+class ClickLogFull(HistoryError):
+    """The click log is at its hard cap with nothing exported to trim: the event was refused
+    and nothing was written."""
+
+
 def redis_client(settings: Settings, timeout_s: float) -> Any:
     """An asyncio client for `redis_url`: a bounded blocking pool, or a cluster client (bulk
     loading; the request path keeps its own map of a cluster)."""
@@ -59,12 +64,15 @@ def redis_client(settings: Settings, timeout_s: float) -> Any:
 # KEYS: history list, click stream, the stream's counters (`<stream>:trim`) and, when the client
 # sent an id, the event-id key (on a cluster all in one slot: Keys gives them one hash tag).
 # ARGV: item, keep, user, event id, time ms, log on, max len, max age ms, trim mode, export
-# group, id ttl ms.
+# group, id ttl ms, hard max len, overflow mode, history ttl ms.
 # Trimming (only once the stream is over its cap, or its oldest entry past the age limit, by
 # Redis's clock against the ids Redis assigns): never below the export group's oldest pending
 # entry or past its last delivered one. With mode `cap` the cap then wins, exactly, and every
 # entry it removes is added to the counters' `lost`.
-# Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type.
+# The hard cap (nothing acknowledged left to trim, or no export group at all) either refuses the
+# event before anything is written, or trims the oldest entries, counting them as `lost`.
+# Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type,
+# {-3, stream length} for an event the full click log refused.
 RECORD = """
 local function typeof(k) return redis.call('TYPE', k).ok end
 local function parse(id)
@@ -102,11 +110,19 @@ if log then
   t = typeof(KEYS[3])
   if t ~= 'none' and t ~= 'hash' then return {-2, KEYS[3]} end
 end
+local hard, refuse = tonumber(ARGV[12]), ARGV[13] == 'refuse'
+if log and hard > 0 and refuse and redis.call('XLEN', KEYS[2]) >= hard then
+  local safe = acked_below(KEYS[2], ARGV[10])
+  if safe then redis.call('XTRIM', KEYS[2], 'MINID', '=', safe) end
+  local n = redis.call('XLEN', KEYS[2])
+  if n >= hard then return {-3, n} end
+end
 if #KEYS == 4 and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[11]) then
   return {-1, redis.call('LLEN', KEYS[1])}
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+if tonumber(ARGV[14]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[14]) end
 if log then
   local s = KEYS[2]
   redis.call('XADD', s, '*', 'user', ARGV[3], 'item', ARGV[1], 'ts', ARGV[5], 'event', ARGV[4])
@@ -132,6 +148,10 @@ if log then
       if cut then lost = lost + redis.call('XTRIM', s, 'MINID', '=', cut) end
       if lost > 0 then redis.call('HINCRBY', KEYS[3], 'lost', lost) end
     end
+  end
+  if hard > 0 and not refuse and redis.call('XLEN', s) > hard then
+    local lost = redis.call('XTRIM', s, 'MAXLEN', '=', hard)
+    if lost > 0 then redis.call('HINCRBY', KEYS[3], 'lost', lost) end
   end
 end
 return {1, redis.call('LLEN', KEYS[1])}
@@ -211,6 +231,8 @@ class HistoryStore:
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 return await coro
+        except ClickLogFull:                 # Redis answered: a refusal of ours, not a failure
+            raise
         except Exception as e:
             # whatever the client library raises is this store's error. A refused or broken
             # connection pauses its path (on a cluster that master alone, and the map is re-read
@@ -304,7 +326,8 @@ class HistoryStore:
         args = [item_id, self.keep, user_id, eid, int(time.time() * 1000),
                 1 if s.click_log else 0, s.click_stream_max_len,
                 int(s.click_stream_max_age_s * 1000), s.click_stream_trim, s.click_export_group,
-                int(s.event_id_ttl_s * 1000)]
+                int(s.event_id_ttl_s * 1000), s.click_stream_hard_max_len,
+                s.click_stream_overflow, int(s.history_ttl_s * 1000)]
         client, node = self.client, None
         if self.cluster is not None:
             try:
@@ -318,6 +341,11 @@ class HistoryStore:
             status, length = await self._script(client, keys, args)
             if status == -2:
                 raise RedisError(f"a key of this event holds another type: {length}")
+            if status == -3:
+                raise ClickLogFull(
+                    f"the click log holds {length} entries, its hard cap "
+                    "(SINE_CLICK_STREAM_HARD_MAX_LEN), and none of them is exported yet: "
+                    "nothing was recorded. Run the export (`sine export-clicks`) or raise the cap")
             return int(length), eid, status == -1
         return await self._call("write", run(), self.write_timeout, node)
 
@@ -355,6 +383,20 @@ class HistoryStore:
             return None
         return StreamInfo(sum(g[0] for g in got), sum(g[1] for g in got),
                           sum(g[2] for g in got))
+
+    async def memory_ratio(self) -> float | None:
+        """Used memory over maxmemory (on a cluster, the fullest master's), or None when no
+        maxmemory is set or Redis cannot say now."""
+        clients = ([self.client] if self.cluster is None
+                   else [m.client for m in self.cluster.masters()])
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                infos = await asyncio.gather(*(c.info("memory") for c in clients))
+        except Exception:
+            return None
+        ratios = [int(i["used_memory"]) / int(i["maxmemory"]) for i in infos
+                  if int(i.get("maxmemory", 0))]
+        return max(ratios) if ratios else None
 
     async def ping(self) -> None:
         """Redis answers, on the read path's own connection too (on a cluster: every master

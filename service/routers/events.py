@@ -6,7 +6,7 @@ from fastapi.responses import Response
 
 from .. import errors
 from ..deps import StateDep
-from ..history import HistoryError
+from ..history import ClickLogFull, HistoryError
 from ..schemas import EventBody, EventResponse, RequestModels
 from . import Router, bind
 
@@ -23,6 +23,10 @@ async def events(req: EventBody, st: StateDep) -> Response:
     with st.admission.admit(1):
         try:
             length, eid, dup = await st.store.append(user, str(req.item_id), req.event_id)
+        except ClickLogFull as e:
+            st.metrics.events.labels("refused_full").inc()
+            raise errors.ClickLogFull(f"The click was not recorded: {e}.",
+                                      {"Retry-After": "60"}) from e
         except HistoryError as e:
             raise errors.HistoryUnavailable(
                 f"The click may not have been recorded: {e}. Retry with the same event_id "

@@ -16,6 +16,7 @@ from sine_cli.main import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "sine-retrieval"
 CI_VALUES = ROOT / "deploy" / "helm" / "ci"
+TOKEN = {"eventsToken": "t0ken"}      # the chart refuses to leave POST /events open unasked
 K8S_VERSION = "1.33.0"          # the Kubernetes version the manifests are validated against
 CRDS = {"ServiceMonitor", "PrometheusRule"}   # not in the core schemas: checked by hand below
 YAMLLINT = YamlLintConfig(file=str(ROOT / ".yamllint.yaml"))   # the project's own rules
@@ -25,7 +26,7 @@ VALUE_SETS = {"default": [], "gpu": ["gpu-values.yaml"], "autoscaling": ["autosc
 
 def render(chart: Path = CHART, files=(), overrides: dict | None = None) -> dict[str, list[dict]]:
     """{template: [documents]} as `helm template` would print them."""
-    values: dict = {}
+    values: dict = dict(TOKEN)
     for f in files:
         values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
     values = _merge(values, overrides or {})
@@ -53,7 +54,7 @@ def kind(rendered, k: str) -> list[dict]:
 
 def test_helm_lint_is_clean():
     for name, files in VALUE_SETS.items():
-        values = {}
+        values = dict(TOKEN)
         for f in files:
             values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
         r = helm.lint(str(CHART), values, strict=True, kube_version=K8S_VERSION)
@@ -79,7 +80,7 @@ def test_every_manifest_is_valid_kubernetes(name):
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_yamllint_on_rendered_manifests_and_values(name):
     with helm.Chart.load(str(CHART)) as c:
-        values = {}
+        values = dict(TOKEN)
         for f in VALUE_SETS[name]:
             values = _merge(values, yaml.safe_load((CI_VALUES / f).read_text()))
         out = c.render(c.merge_values(values), name="sine", namespace="recsys")
@@ -393,3 +394,15 @@ def test_one_version_string_everywhere():
     cron = kind(rendered, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert f"ghcr.io/sine-retrieval/sine-retrieval:{version}" in images
     assert cron["containers"][0]["image"].endswith(f":{version}-train")
+
+
+def test_an_open_events_route_must_be_asked_for():
+    with helm.Chart.load(str(CHART)) as c:
+        with pytest.raises(helm.HelmError, match="set eventsToken"):
+            c.render(c.merge_values({}), name="sine", namespace="recsys")
+        for values in ({"eventsOpen": True}, {"existingSecret": "mine"}):
+            out = c.render(c.merge_values(values), name="sine", namespace="recsys")
+            notes = next(v for k, v in out.items() if k.endswith("NOTES.txt"))
+            assert ("eventsOpen=true" in notes) == ("eventsOpen" in values)
+    secret = kind(render(), "Secret")[0]["stringData"]
+    assert secret["SINE_EVENTS_TOKEN"] == "t0ken"

@@ -20,6 +20,7 @@ FULL = ["autoscaling-values.yaml"]
 
 
 def lint(values: dict) -> list[str]:
+    values = {"eventsToken": "t0ken", **values}    # the chart refuses an open /events unasked
     r = helm.lint(str(CHART), values, strict=True, kube_version=K8S_VERSION)
     return [str(e) for e in r["errors"]] + [m["error"] for m in r["messages"]
                                             if m["severity"] > 1]

@@ -237,3 +237,63 @@ def test_an_events_token_guards_the_write_path(events, own_redis):
                     headers={"Authorization": "Bearer w-tok"})
         assert ok.status_code == 200 and own_redis.client().lindex("sine:history:u", 0) == "1"
         assert c.post("/recommend", json={"user_id": "u", "n": 3}).status_code == 200  # reads open
+
+
+def test_without_an_export_group_the_hard_cap_refuses_and_writes_nothing(small_nodes, tmp_path):
+    """The finding: with `trim=exported` and no export group nothing was ever trimmed, so
+    events to new users filled Redis."""
+    from model_export.freshness.clicklog import export_clicks
+
+    redis, make = small_nodes
+    r = redis.client()
+    with make(click_stream_max_len=50, click_stream_hard_max_len=100) as c:
+        post(c, 100)
+        res = c.post("/events", json={"user_id": "new", "item_id": "1", "event_id": "e1"})
+        assert res.status_code == 503 and res.headers["retry-after"] == "60"
+        assert res.json()["type"] == "/problems/click-log-full"
+        assert "SINE_CLICK_STREAM_HARD_MAX_LEN" in res.json()["detail"]
+        assert r.xlen("sine:clicks") == 100 and not r.exists("sine:history:new")
+        assert not r.exists("sine:event:new:e1")           # a retry is not a duplicate
+        assert metric(c, "sine_events_total", outcome="refused_full") == 1
+        assert c.post("/recommend", json={"user_id": "u1", "n": 5}).json()["fallback"] is None
+        assert export_clicks(redis.url, tmp_path / "clicks").written == 100
+        again = c.post("/events", json={"user_id": "new", "item_id": "1", "event_id": "e1"})
+        assert again.status_code == 200 and again.json()["duplicate"] is False
+        assert r.xlen("sine:clicks") <= 100
+
+
+def test_the_hard_cap_can_trim_instead_and_counts_what_it_removes(small_nodes):
+    redis, make = small_nodes
+    with make(click_stream_max_len=50, click_stream_hard_max_len=100,
+              click_stream_overflow="trim") as c:
+        post(c, 300)
+        assert redis.client().xlen("sine:clicks") == 100
+        assert metric(c, "sine_click_log_lost_entries") == 200
+
+
+@pytest.mark.parametrize("ttl", [0.0, 3600.0])
+def test_histories_expire_after_the_last_event(events, own_redis, ttl):
+    from service.history.bulk import load_histories
+
+    r = own_redis.client()
+    with events(history_ttl_s=ttl) as c:
+        assert c.post("/events", json={"user_id": "u", "item_id": "1"}).status_code == 200
+        left = r.pttl("sine:history:u")
+        assert left == -1 if ttl == 0 else 0 < left <= ttl * 1000
+    s = Settings(redis_url=own_redis.url, history_ttl_s=ttl)
+    assert load_histories(s, [("loaded", ["1", "2"])]) == 1
+    left = r.pttl("sine:history:loaded")
+    assert left == -1 if ttl == 0 else 0 < left <= ttl * 1000
+
+
+def test_redis_memory_use_is_a_gauge_for_the_alert(events, own_redis):
+    r = own_redis.client()
+    with events() as c:
+        assert metric(c, "sine_redis_memory_used_ratio") == 0          # no maxmemory: absent
+        used = int(r.info("memory")["used_memory"])
+        r.config_set("maxmemory", used * 4)
+        try:
+            ratio = metric(c, "sine_redis_memory_used_ratio")
+        finally:
+            r.config_set("maxmemory", 0)
+        assert 0.1 < ratio < 0.5, ratio
