@@ -387,8 +387,8 @@ class HistoryStore:
     async def memory_ratio(self) -> float | None:
         """Used memory over maxmemory (on a cluster, the fullest master's), or None when no
         maxmemory is set or Redis cannot say now."""
-        clients = ([self.client] if self.cluster is None
-                   else [m.client for m in self.cluster.masters()])
+        clients: list[Any] = ([self.client] if self.cluster is None
+                              else [m.client for m in self.cluster.masters()])
         try:
             async with asyncio.timeout(self.timeout * 2):
                 infos = await asyncio.gather(*(c.info("memory") for c in clients))
