@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -299,8 +300,37 @@ class RefreshReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RefreshReport:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The report, each field of another shape than its own recorded as unknown (its
+        default): a report written by another version never fails whoever reads it."""
+        out = cls(outcome=str(d.get("outcome")))
+        for f in fields(cls):
+            v = d.get(f.name)
+            if f.name == "outcome" or v is None:
+                continue
+            default = getattr(out, f.name)
+            if isinstance(default, dict) and isinstance(v, dict):
+                setattr(out, f.name, v)
+            elif isinstance(default, float) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                setattr(out, f.name, float(v))
+            elif (isinstance(default, str) or default is None) and isinstance(v, (str, int)):
+                setattr(out, f.name, str(v))
+        gate = out.gate.get("metrics")
+        if not (isinstance(gate, dict) and all(isinstance(m, dict) for m in gate.values())):
+            out.gate = {k: v for k, v in out.gate.items() if k != "metrics"}
+        return out
+
+
+def created_unix(manifest: dict[str, Any]) -> float | None:
+    """When a bundle was built (its manifest's ISO-8601 `created`, UTC when no zone is given,
+    fractional seconds allowed), or None when it says nothing readable."""
+    created = manifest.get("created")
+    if not isinstance(created, str):
+        return None
+    try:
+        t = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def write_refresh_report(root: Path, report: RefreshReport) -> None:

@@ -7,7 +7,6 @@ line) and the old one keeps serving; the watcher survives every error.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import gc
 import logging
 import time
@@ -157,9 +156,8 @@ async def freshness(st: State) -> None:
     length, the exporter's lag and the entries the cap removed unexported, the last refresh."""
     m = st.metrics
     if st.engine is not None:
-        created = st.engine.bundle.manifest.get("created")
-        if created:
-            born = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+        born = bundle_mod.created_unix(st.engine.bundle.manifest)
+        if born is not None:                  # unreadable: unknown, never a failed scrape
             m.bundle_age.set(time.time() - born)
     if st.store is not None:
         await redis_ok(st)

@@ -297,3 +297,34 @@ def test_redis_memory_use_is_a_gauge_for_the_alert(events, own_redis):
         finally:
             r.config_set("maxmemory", 0)
         assert 0.1 < ratio < 0.5, ratio
+
+
+@pytest.mark.parametrize("created, aged", [("2026-01-01T00:00:00.250Z", True),
+                                           ("2026-01-01T00:00:00+02:00", True),
+                                           ("last tuesday", False)])
+def test_a_scrape_never_fails_on_a_bundles_metadata(small_world, own_redis, serve, tmp_path,
+                                                   created, aged):
+    import shutil
+
+    from index_builder import bundle
+
+    root = tmp_path / "root"
+    shutil.copytree(small_world["bundle"].path, root / "v1")
+    m = json.loads((root / "v1" / "manifest.json").read_text())
+    m["created"] = created
+    (root / "v1" / "manifest.json").write_text(json.dumps(m))
+    bundle.set_current(root, "v1")
+    (root / "refresh.json").write_text(json.dumps({"outcome": "refused", "version": 3,
+                                                   "finished_unix": "soon",
+                                                   "gate": {"metrics": [1, 2]}}))
+    s = Settings(bundle=str(root), redis_url=own_redis.url, watch_interval_s=0)
+    with serve(s) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200
+        assert (metric(c, "sine_bundle_age_seconds") > 0) == aged
+        assert metric(c, "sine_refresh_last", outcome="refused", version="3") == 1
+        (root / "refresh.json").write_text(json.dumps({"outcome": "published",
+                                                       "gate": {"metrics": {"live": 5}}}))
+        assert c.get("/metrics").status_code == 200
+        (root / "refresh.json").write_text("[1, 2]")
+        assert c.get("/metrics").status_code == 200
