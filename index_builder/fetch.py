@@ -3,7 +3,9 @@ unpacked by this module's own reader and published atomically.
 
 What an archive from an object store can do to the host is bounded here, not by `tarfile`:
 
-- only `https://` URLs are opened (`http://` only when the caller allows it; never `file://`);
+- only `https://` URLs are opened (`http://` only when the caller allows it; never `file://`),
+  and every redirect is checked the same way, with plain http refused after any https hop (a
+  redirect cannot downgrade the transport); URLs in messages have their signatures masked;
 - the download goes into the bundle root itself (the volume that holds the bundles, not a
   small `/tmp`), under one total deadline, with a cap on its size and, optionally, the
   expected sha256 of the archive checked before anything is unpacked;
@@ -23,12 +25,15 @@ import os
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import urlsplit
+
+from service.redact import redact_url
 
 from .bundle import (
     MANIFEST,
@@ -70,28 +75,56 @@ def _check_scheme(url: str, allow_http: bool) -> None:
     if scheme == "https" or (scheme == "http" and allow_http):
         return
     if scheme == "http":
-        raise BundleError(f"{url}: plain http is refused (the archive could be altered on the "
-                          "way); use https, or pass --allow-http on a network you trust.")
-    raise BundleError(f"{url}: only https:// URLs are fetched (http:// with --allow-http), "
-                      f"not {scheme or 'a path'}.")
+        raise BundleError(f"{redact_url(url)}: plain http is refused (the archive could be "
+                          "altered on the way); use https, or pass --allow-http on a network "
+                          "you trust.")
+    raise BundleError(f"{redact_url(url)}: only https:// URLs are fetched (http:// with "
+                      f"--allow-http), not {scheme or 'a path'}.")
 
 
-def _download(url: str, into: IO[bytes], limits: Limits, progress: Progress | None) -> str:
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL the first one could have been (`_check_scheme`), and
+    never from https to plain http, whatever `allow_http` says."""
+
+    def __init__(self, allow_http: bool):
+        super().__init__()
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = urllib.parse.urljoin(req.full_url, newurl)
+        _check_scheme(new, self.allow_http)
+        was = [urlsplit(u).scheme.lower() for u in (*getattr(req, "sine_hops", ()), req.full_url)]
+        if "https" in was and urlsplit(new).scheme.lower() != "https":
+            raise BundleError(f"{redact_url(req.full_url)} redirected to plain http "
+                              f"({redact_url(new)}): refused, a redirect may not drop https.")
+        out = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if out is not None:
+            out.sine_hops = (*getattr(req, "sine_hops", ()), req.full_url)  # type: ignore[attr-defined]
+        return out
+
+
+def _open(url: str, timeout: float, allow_http: bool):  # type: ignore[no-untyped-def]
+    return urllib.request.build_opener(_CheckedRedirects(allow_http)).open(url, timeout=timeout)
+
+
+def _download(url: str, into: IO[bytes], limits: Limits, progress: Progress | None,
+              allow_http: bool = False) -> str:
     """Stream `url` into `into` within the limits; returns the sha256 of what came."""
     h = hashlib.sha256()
+    shown = redact_url(url)
     deadline = time.monotonic() + limits.timeout_s
 
     def left() -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise BundleError(f"{url}: the download took longer than {limits.timeout_s:g} s.")
+            raise BundleError(f"{shown}: the download took longer than {limits.timeout_s:g} s.")
         return min(remaining, limits.socket_timeout_s)
 
     try:
-        with urllib.request.urlopen(url, timeout=left()) as r:
+        with _open(url, left(), allow_http) as r:
             total = int(r.headers.get("Content-Length") or 0)
             if total > limits.archive_bytes:
-                raise BundleError(f"{url}: the archive has {total} bytes, more than the limit "
+                raise BundleError(f"{shown}: the archive has {total} bytes, more than the limit "
                                   f"of {limits.archive_bytes} (--max-archive-bytes).")
             done = 0
             sock = getattr(getattr(getattr(r, "fp", None), "raw", None), "_sock", None)
@@ -106,21 +139,21 @@ def _download(url: str, into: IO[bytes], limits: Limits, progress: Progress | No
                     break
                 done += len(chunk)
                 if done > limits.archive_bytes:
-                    raise BundleError(f"{url}: the archive is larger than the limit of "
+                    raise BundleError(f"{shown}: the archive is larger than the limit of "
                                       f"{limits.archive_bytes} bytes (--max-archive-bytes).")
                 h.update(chunk)
                 into.write(chunk)
                 if progress and total:
                     progress(done, total)
             if total and done != total:
-                raise BundleError(f"{url}: the download ended after {done} of {total} bytes.")
+                raise BundleError(f"{shown}: the download ended after {done} of {total} bytes.")
     except BundleError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:
         if time.monotonic() >= deadline:     # the last read was cut at the deadline
-            raise BundleError(f"{url}: the download took longer than {limits.timeout_s:g} s."
+            raise BundleError(f"{shown}: the download took longer than {limits.timeout_s:g} s."
                               ) from e
-        raise BundleError(f"{url}: download failed ({e}).") from e
+        raise BundleError(f"{shown}: download failed ({e}).") from e
     into.flush()
     os.fsync(into.fileno())
     return h.hexdigest()
@@ -142,11 +175,27 @@ def _kind(m: tarfile.TarInfo) -> str:
             tarfile.FIFOTYPE: "fifo"}.get(m.type, f"member of type {m.type!r}")
 
 
+MAX_HEADER_PAYLOAD = 64 << 10   # a long name or a pax header: a bundle's need a few hundred bytes
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """`tarfile` reads a long-name (GNU) or pax header's whole payload into memory before any
+    member is seen, so its size is checked first: a 2 MiB archive could otherwise announce a
+    header of gigabytes."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER_PAYLOAD:
+            raise BundleError(f"a long-name or pax header of {self.size} bytes, more than "
+                              f"{MAX_HEADER_PAYLOAD}: not a bundle archive.")
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
 def unpack(archive: Path, into: Path, limits: Limits) -> None:
     """Write the regular files and folders of a .tar.gz under `into`, within the limits."""
     members = total = 0
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
+        with tarfile.open(archive, mode="r:gz", tarinfo=_BoundedTarInfo) as tar:
             for m in tar:                                   # streamed: one header at a time
                 members += 1
                 if members > limits.members:
@@ -218,6 +267,7 @@ def fetch(base_url: str, version: str, root: Path | str, *, sha256: str | None =
         return b
     url = archive_url(base_url, version)
     _check_scheme(url, allow_http)
+    shown = redact_url(url)
     if sha256 is not None and (len(sha256) != 64 or not all(c in "0123456789abcdef"
                                                            for c in sha256.lower())):
         raise BundleError(f"--sha256 {sha256!r} is not a hex sha256 (64 characters).")
@@ -225,19 +275,19 @@ def fetch(base_url: str, version: str, root: Path | str, *, sha256: str | None =
     download = staging.with_name(staging.name + ".tar.gz")
     try:
         with open(download, "xb") as f:
-            got = _download(url, f, limits, progress)
+            got = _download(url, f, limits, progress, allow_http)
         if sha256 is not None and got != sha256.lower():
-            raise BundleError(f"{url}: the archive's sha256 is {got}, not the expected "
+            raise BundleError(f"{shown}: the archive's sha256 is {got}, not the expected "
                               f"{sha256.lower()}; nothing was unpacked.")
         try:
             unpack(download, staging, limits)
         except BundleError as e:
-            raise BundleError(f"{url}: {e}") from e
+            raise BundleError(f"{shown}: {e}") from e
         download.unlink()
         _flatten(staging)
         b = load(staging, verify_hashes=True, deep=False, optional=True)
         if b.version != version:
-            raise BundleError(f"{url}: the archive holds version {b.version!r}, not {version!r}.")
+            raise BundleError(f"{shown}: the archive holds version {b.version!r}, not {version!r}.")
         publish(staging, root, version, make_current=True)
     except BaseException:
         discard(staging)

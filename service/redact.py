@@ -1,10 +1,13 @@
-"""URLs as logs and error messages may show them: a password in the user part or in the query
-(`?password=`, redis-py's form) is masked. The service and the click-log tools import it."""
+"""URLs as logs and error messages may show them: a password in the user part, or a secret in
+the query (`?password=`, redis-py's form; a presigned URL's signature and credentials, as S3,
+GCS and Azure name them) is masked. The service, the click-log tools and the fetcher import it."""
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SECRET_PARAMS = frozenset(("password", "pass", "pwd", "secret", "token", "auth"))
+SECRET_PARAMS = frozenset(("password", "pass", "pwd", "secret", "token", "auth", "signature",
+                           "sig", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+                           "x-goog-signature", "x-goog-credential", "awsaccesskeyid"))
 
 
 def redact_url(url: str) -> str:

@@ -266,3 +266,58 @@ def test_a_silent_server_meets_the_total_deadline(tmp_path, capsys):
                        "--timeout-s", "1")
         assert rc == 2 and time.monotonic() - t0 < 3
         assert "longer than 1 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax"])
+def test_a_huge_long_name_or_pax_header_is_refused_before_it_is_read(tmp_path, kind):
+    """The finding: tarfile read such a header's whole payload first; a 2.2 MiB archive took
+    the reader to 555 MiB."""
+    import tracemalloc
+
+    name = "v1/" + "n" * (64 << 20)                            # 64 MiB, compresses to ~64 KiB
+    fmt = tarfile.GNU_FORMAT if kind == "gnu" else tarfile.PAX_FORMAT
+    dest = tmp_path / "h.tar.gz"
+    with tarfile.open(dest, "w:gz", format=fmt) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    assert dest.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(bundle.BundleError, match="header of"):
+            unpack(dest, tmp_path / "out", Limits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak                                # not the 64 MiB payload
+
+
+def test_redirects_are_checked_hop_by_hop(store, tmp_path, capsys):
+    import urllib.request
+
+    from index_builder.fetch import _CheckedRedirects
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "ftp://example.org/v1.tar.gz")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = _serve(Redirect)
+    try:
+        assert fetch_cli(f"http://127.0.0.1:{srv.server_address[1]}", "v1", tmp_path / "r") == 2
+        err = capsys.readouterr().err
+        assert "only https://" in err and "ftp" in err
+    finally:
+        srv.shutdown()
+    h = _CheckedRedirects(allow_http=True)                     # even where http is allowed
+    req = urllib.request.Request("https://store.example/b/v1.tar.gz?X-Amz-Signature=s3cr3t")
+    with pytest.raises(bundle.BundleError, match="may not drop https") as e:
+        h.redirect_request(req, None, 302, "Found", {}, "http://mirror.example/v1.tar.gz")
+    assert "s3cr3t" not in str(e.value)
+    hop = h.redirect_request(req, None, 302, "Found", {}, "https://mirror.example/v1.tar.gz")
+    with pytest.raises(bundle.BundleError, match="may not drop https"):  # https earlier in the chain
+        h.redirect_request(hop, None, 302, "Found", {}, "http://other.example/v1.tar.gz")
