@@ -19,6 +19,7 @@ PACKAGES = ("service", "index_builder", "model_export", "sine_cli", "devtools", 
             "loadtests")
 # the modules that may import torch: training, evaluation and export (and measurements of them)
 TORCH_OK = {"model_export/models/sine.py", "model_export/models/sasrec.py",
+            "model_export/models/attention.py",
             "model_export/training/checkpoints.py", "model_export/training/loop.py",
             "model_export/training/distributed.py", "model_export/training/workflow.py",
             "model_export/training/interests.py",
