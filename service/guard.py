@@ -1,6 +1,7 @@
 """The request guard: ASGI middleware in front of the routes, before any of the body is read.
 
-- the admin routes, and `/events` when `events_token` is set, need their bearer token (401);
+- the admin routes, `/events` when `events_token` is set and the `/recommend` routes when
+  `read_token` is set need their bearer token (401);
 - a POST body over its route's limit is refused from its Content-Length (413), one not sent as
   JSON too (415);
 - then the whole body is read within `body_timeout_s` (else 408, and the connection is closed)
@@ -51,8 +52,9 @@ class Guard:
         self.app, self.s, self.metrics, self.tracing = app, settings, metrics, tracing
         self.limits = {"/recommend/batch": settings.max_batch_body_bytes}
         self.default_limit = settings.max_body_bytes
-        self.tokens = ({"/events": settings.events_token} if settings.events_token is not None
-                       else {})
+        routes = {"/events": settings.events_token, "/recommend": settings.read_token,
+                  "/recommend/batch": settings.read_token}
+        self.tokens = {path: token for path, token in routes.items() if token is not None}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     events_token: SecretStr | None = Field(None, description=(
         "Bearer token `POST /events` requires; unset: any caller that can reach the service may "
         "record clicks for any user (restrict it with the chart's NetworkPolicy)."))
+    read_token: SecretStr | None = Field(None, description=(
+        "Bearer token `POST /recommend` and `/recommend/batch` require; unset: any caller that "
+        "can reach the service may read recommendations, and from them infer a user's recent "
+        "clicks (`exclude_seen`) and whether a user exists (`cold_start`)."))
     event_id_ttl_s: float = Field(86_400.0, gt=0, description=(
         "How long an `event_id` is remembered for retries."))
 

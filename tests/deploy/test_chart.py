@@ -144,7 +144,7 @@ def test_chart_env_names_are_exactly_the_settings_fields():
     assert full == fields | OTEL_SDK, (fields - full, full - fields)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     managed = {"host", "port", "bundle", "redis_url", "redis_password", "admin_token",
-               "events_token", "otel_traces_exporter"}    # the last: tracing.enabled
+               "events_token", "read_token", "otel_traces_exporter"}    # the last: tracing.enabled
     assert set(values["settings"]) == set(Settings.model_fields) - managed
     for k, v in values["settings"].items():          # values.yaml documents the real defaults
         f = Settings.model_fields[k]
@@ -406,3 +406,11 @@ def test_an_open_events_route_must_be_asked_for():
             assert ("eventsOpen=true" in notes) == ("eventsOpen" in values)
     secret = kind(render(), "Secret")[0]["stringData"]
     assert secret["SINE_EVENTS_TOKEN"] == "t0ken"
+
+
+def test_the_ingress_needs_a_read_token():
+    with pytest.raises(helm.HelmError, match="set readToken"):
+        render(overrides={"ingress": {"enabled": True}})
+    rendered = render(overrides={"ingress": {"enabled": True}, "readToken": "r-tok"})
+    assert kind(rendered, "Ingress")
+    assert kind(rendered, "Secret")[0]["stringData"]["SINE_READ_TOKEN"] == "r-tok"

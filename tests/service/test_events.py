@@ -328,3 +328,16 @@ def test_a_scrape_never_fails_on_a_bundles_metadata(small_world, own_redis, serv
         assert c.get("/metrics").status_code == 200
         (root / "refresh.json").write_text("[1, 2]")
         assert c.get("/metrics").status_code == 200
+
+
+def test_a_read_token_guards_the_recommend_routes(events, own_redis):
+    with events(read_token="r-tok") as c:
+        for path, body in (("/recommend", {"user_id": "u", "n": 3}),
+                           ("/recommend/batch", {"requests": [{"user_id": "u", "n": 3}]})):
+            r = c.post(path, json=body)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert c.post(path, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            ok = c.post(path, json=body, headers={"Authorization": "Bearer r-tok"})
+            assert ok.status_code == 200, ok.text
+        assert c.get("/livez").status_code == 200                     # probes stay open
+        assert c.post("/events", json={"user_id": "u", "item_id": "1"}).status_code == 200
