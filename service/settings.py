@@ -133,8 +133,12 @@ class Settings(BaseSettings):
     max_user_id_length: int = Field(128, ge=1, description="Longest accepted user id (characters).")
     max_item_id_length: int = Field(128, ge=1, description="Longest accepted item id in `/events`.")
     max_in_flight: int = Field(256, ge=1, description=(
-        "Single requests (`/recommend`, `/events`) being answered at once, counted from when "
-        "the body is in until the answer; beyond it they are refused at once with 429."))
+        "Single `/recommend` requests being answered at once, counted from when the body is in "
+        "until the answer; beyond it they are refused at once with 429."))
+    max_events_in_flight: int = Field(64, ge=1, description=(
+        "`/events` being recorded at once, a pool of their own: a Redis write stall holds "
+        "events (each up to `redis_write_timeout_ms`) and refuses the excess with 429, never "
+        "the reads."))
     max_batch_in_flight: int = Field(256, ge=1, description=(
         "Users of bulk `/recommend/batch` calls (more than `interactive_batch_users` users) "
         "being answered at once (a batch counts one per user); beyond it a batch is refused "

@@ -39,7 +39,8 @@ class State:
         store = (HistoryStore(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
                  if settings.redis_url else None)
         return cls(settings, metrics, store, Recommender(settings, metrics, store),
-                   Admission(settings.max_in_flight, settings.max_batch_in_flight),
+                   Admission(settings.max_in_flight, settings.max_batch_in_flight,
+                             settings.max_events_in_flight),
                    tracing=Tracing.of(settings.otel_traces_exporter))
 
     @property

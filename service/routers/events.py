@@ -20,7 +20,7 @@ async def events(req: EventBody, st: StateDep) -> Response:
     if st.store is None:
         raise errors.HistoryUnavailable("No history store is configured (SINE_REDIS_URL).")
     user = str(req.user_id)
-    with st.admission.admit(1):
+    with st.admission.admit(1, "events"):
         try:
             length, eid, dup = await st.store.append(user, str(req.item_id), req.event_id)
         except ClickLogFull as e:

@@ -57,7 +57,7 @@ async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
     engine = st.serving()
     queries = [query(r, engine, st.settings) for r in req.requests]
     bulk = len(queries) > st.settings.interactive_batch_users
-    with st.admission.admit(len(queries), bulk=bulk):
+    with st.admission.admit(len(queries), "bulk" if bulk else "single"):
         t_ns = time.time_ns()
         answers = await st.recommender.recommend(engine, queries, bulk=bulk)
     worst: dict[str, float] = {}

@@ -261,3 +261,20 @@ def test_a_failing_event_never_pauses_reads(small_world, own_redis, serve, fault
             r.config_set("maxmemory", 0)
         ok = c.post("/events", json={"user_id": "ok", "item_id": small_world["ds"].item_ids[1]})
         assert ok.status_code in (200, 201, 202), ok.text    # writes are not paused either
+
+
+def test_a_write_stall_holds_events_in_their_own_pool_never_reads(small_world, own_redis, serve):
+    seed_history(own_redis, small_world)
+    s = settings(small_world, own_redis, max_in_flight=4, max_events_in_flight=2,
+                 redis_write_timeout_ms=1500, redis_timeout_ms=500)
+    with serve(s) as c:
+        own_redis.client().execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        with cf.ThreadPoolExecutor(8) as ex:
+            events = [ex.submit(c.post, "/events", json={"user_id": f"e{i}", "item_id": "1"})
+                      for i in range(8)]
+            wait_until(lambda: metric(c, "sine_in_flight_requests") >= 2, 5.0, "events in flight")
+            reads = [c.post("/recommend", json={"user_id": "u", "n": 5}) for _ in range(6)]
+            statuses = sorted(f.result().status_code for f in events)
+        assert [r.status_code for r in reads] == [200] * 6
+        assert all(r.json()["fallback"] is None for r in reads)        # reads are not paused
+        assert statuses.count(429) >= 1 and set(statuses) <= {200, 429, 503}
