@@ -144,7 +144,7 @@ def test_batches_are_admitted_by_their_users_and_leave_singles_room(small_world,
     with serve(s) as c, cf.ThreadPoolExecutor(4) as ex:
         own_redis.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
         first = ex.submit(c.post, "/recommend/batch", json={"requests": users})
-        wait_until(lambda: c.app.state.sine.admission.held[True] == 5, 2, "the batch admitted")
+        wait_until(lambda: c.app.state.sine.admission.held["bulk"] == 5, 2, "the batch admitted")
         t0 = time.monotonic()
         r = c.post("/recommend/batch", json={"requests": users[:2]})       # 5 + 2 > 6
         assert r.status_code == 429 and time.monotonic() - t0 < 0.5
@@ -160,7 +160,7 @@ def test_batches_are_admitted_by_their_users_and_leave_singles_room(small_world,
         own_redis.client().execute_command("CLIENT", "PAUSE", 800, "ALL")
         held = [ex.submit(c.post, "/recommend", json={"user_id": f"t{i}", "n": 3})
                 for i in range(4)]
-        wait_until(lambda: c.app.state.sine.admission.held[False] == 4, 2, "singles admitted")
+        wait_until(lambda: c.app.state.sine.admission.held["single"] == 4, 2, "singles admitted")
         r = c.post("/recommend/batch", json={"requests": users[:1]})
         assert r.status_code == 429 and "requests are in flight" in r.json()["detail"]
         assert [f.result().status_code for f in held] == [200] * 4
