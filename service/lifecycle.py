@@ -2,7 +2,11 @@
 `current` watched, and the freshness gauges read at scrape time.
 
 Whatever fails while a bundle loads refuses it (409 from the admin route, a counter and a log
-line) and the old one keeps serving; the watcher survives every error.
+line) and the old one keeps serving; the watcher survives every error. It waits for a root's
+first `current`, retries a version that failed to load (a passing fault) with backoff even when
+`current` does not move, and retries a pinned bundle that failed at start-up until it loads;
+`/livez` fails once no bundle has been served for `liveness_without_bundle_s`, so that the
+orchestrator restarts a pod that cannot recover.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ async def start(st: State) -> None:
 
 def serve(st: State, eng: Engine) -> None:
     """Make `eng` the served bundle."""
-    st.engine, st.not_ready = eng, None
+    st.engine, st.not_ready, st.unserved_since = eng, None, None
     m = eng.bundle.manifest
     st.metrics.set_bundle(eng.version, m["index"]["factory"], eng.n_items)
     if st.settings.floor_endpoint:
@@ -95,47 +99,83 @@ def _version_path(st: State, version: str | None) -> Path:
         raise errors.BadRequest(str(e)) from None
 
 
+MAX_BACKOFF_S = 60.0
+
+
+def backoff(interval_s: float, failures: int) -> float:
+    """The wait before the next look: the interval, doubled per failure in a row, at most
+    `MAX_BACKOFF_S` (or the interval, when that is longer)."""
+    return float(min(interval_s * 2 ** min(failures, 16), max(interval_s, MAX_BACKOFF_S)))
+
+
 async def watch(st: State) -> None:
-    """Follow the root's `current` pointer. Nothing that goes wrong ends the loop: a pointer
-    that cannot be read is retried, a version that cannot be loaded is refused and counted,
+    """Follow the root's `current` pointer, or retry a pinned bundle that is not served. Nothing
+    that goes wrong ends the loop: a pointer that cannot be read (or is not there yet) is
+    retried, a version that cannot be loaded is refused, counted and tried again with backoff,
     and a later good version is loaded."""
     root = st.bundle_root
-    if root is None:
-        return
+    if root is None and st.engine is not None:
+        return                               # a pinned bundle, served: nothing to follow
     st.metrics.watcher_up.set(1)
     # what is served, not what `current` says when this task first runs: a version published
     # between the start-up load and then would otherwise never be loaded
     last: str | None = st.engine.version if st.engine is not None else None
+    failures, said = 0, None
     try:
         while True:
-            await asyncio.sleep(st.settings.watch_interval_s)
+            await asyncio.sleep(backoff(st.settings.watch_interval_s, failures))
             try:
+                if root is None:              # the pinned bundle failed at start-up: again
+                    await reload(st)
+                    return
                 last = await _watch_step(st, root, last)
+                failures, said = 0, None
             except Exception as e:
-                log.error("bundle watch step failed; watching on", extra={"reason": reason(e)})
+                failures += 1
+                why = reason(e)
+                if why != said:               # once per reason, not every interval
+                    log.error("bundle watch step failed; watching on",
+                              extra={"reason": why, "retry_in_s": backoff(
+                                  st.settings.watch_interval_s, failures)})
+                    said = why
     finally:
         st.metrics.watcher_up.set(0)
 
 
 async def _watch_step(st: State, root: Path, last: str | None) -> str | None:
-    """One look at `current`: reload when it moved. Returns what it names now."""
+    """One look at `current`: reload when it moved, or when what it names is not what is
+    served (a load that failed). Returns what it names now; a failed load raises."""
     cur = await asyncio.to_thread(bundle_mod.current_version, root)
     st.metrics.watch_time.set(time.time())
     _behind(st, cur)
-    if cur == last:
+    served = st.engine.version if st.engine is not None else None
+    if cur == last and cur == served:
         return cur
-    log.info("current pointer moved", extra={"current": cur})
+    if cur != last:
+        log.info("current pointer moved", extra={"current": cur})
     try:
         await reload(st)
-    except errors.ServiceError:
-        pass            # logged and counted in reload(); keep serving the old version
-    _behind(st, cur)
+    finally:
+        _behind(st, cur)
     return cur
 
 
 def _behind(st: State, current: str) -> None:
     served = st.engine.version if st.engine is not None else None
     st.metrics.behind_current.set(int(current != served))
+
+
+def alive(st: State) -> str | None:
+    """None while the process is worth keeping, else why not: no bundle served for longer
+    than `liveness_without_bundle_s` (0: never said)."""
+    limit = st.settings.liveness_without_bundle_s
+    if st.unserved_since is None or not limit:
+        return None
+    gone = time.monotonic() - st.unserved_since
+    if gone <= limit:
+        return None
+    return (f"no bundle has been served for {gone:.0f} s (SINE_LIVENESS_WITHOUT_BUNDLE_S = "
+            f"{limit:g}): {st.not_ready}")
 
 
 async def redis_ok(st: State) -> str | None:

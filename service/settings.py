@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(5.0, ge=0, description=(
         "How often to look at the bundle root's `current` pointer and hot-reload when it changes; "
         "0 turns watching off."))
+    liveness_without_bundle_s: float = Field(600.0, ge=0, description=(
+        "`/livez` answers 503 once no bundle has been served for this long since start-up "
+        "(a root with no `current` yet, or versions that keep failing to load, retried with "
+        "backoff meanwhile), so that the orchestrator restarts the pod; 0: never."))
     admin_token: SecretStr | None = Field(None, description=(
         "Bearer token for `POST /admin/reload` and the whole manifest from `GET /bundle`; unset "
         "disables reload (answered 401, as a wrong token is)."))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class State:
     watcher: asyncio.Task[None] | None = None
     floor_body: bytes = b""
     tracing: Tracing | None = None        # None unless OTEL_TRACES_EXPORTER asks for traces
+    unserved_since: float | None = field(default_factory=time.monotonic)   # None while serving
 
     @classmethod
     def of(cls, settings: Settings) -> State:
@@ -45,8 +47,11 @@ class State:
 
     @property
     def bundle_root(self) -> Path | None:
+        """The bundle root, or None when `bundle` is one bundle folder (a pinned version). A
+        folder that is not a bundle is a root, `current` or not yet."""
         p = Path(self.settings.bundle)
-        return p if (p / bundle_mod.CURRENT).exists() else None
+        return None if (p / bundle_mod.MANIFEST).exists() and not (p / bundle_mod.CURRENT).exists() \
+            else p
 
     def serving(self) -> Engine:
         if self.engine is None:

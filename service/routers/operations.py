@@ -14,8 +14,12 @@ from . import Router
 from .retrieval import default_search
 
 
-async def livez() -> dict[str, str]:
-    """The process answers."""
+async def livez(st: StateDep) -> dict[str, str] | JSONResponse:
+    """The process answers, and has served a bundle within `liveness_without_bundle_s` of
+    start-up (or of losing it): past that, 503, and the orchestrator restarts it."""
+    why = lifecycle.alive(st)
+    if why is not None:
+        return errors.problem(503, "Not alive", why, "not-alive", "/livez")
     return {"status": "ok"}
 
 
@@ -69,7 +73,8 @@ async def bundle_info(st: StateDep, authorization: str | None = Header(None)) ->
 
 def register(app: Router) -> None:
     tags: list[str | Enum] = ["operations"]
-    app.add_api_route("/livez", livez, methods=["GET"], tags=tags)
+    app.add_api_route("/livez", livez, methods=["GET"], tags=tags, response_model=None,
+                      responses=errors.responses(503))
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=tags, response_model=None,
                       responses=errors.responses(503))
     app.add_api_route("/health/redis", health_redis, methods=["GET"], tags=tags,
