@@ -151,7 +151,11 @@ class Exporter:
                 continue
             try:
                 user, item, ts, event = (f[k] for k in ENTRY_FIELDS)
-                rows.append((user, item, int(ts) / 1000.0, event, sid))
+                int(ts)                                # the pod's clock: kept in the stream only
+                # a click's time is Redis's, from its entry id: one clock for every pod, so a
+                # pod whose clock runs ahead cannot move partitions, `newest`, the training
+                # window or what retention deletes
+                rows.append((user, item, _id(sid)[0] / 1000.0, event, sid))
             except (KeyError, ValueError, TypeError) as e:
                 bad.append({"stream": self.stream, "id": sid, "fields": f,
                             "why": f"not a click: {type(e).__name__}: {e}"})

@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -145,9 +146,9 @@ def test_only_the_window_is_read_and_old_partitions_are_compacted(own_redis, tmp
     hour = 3600 * 1000
     base = 1_700_000_000_000 - 1_700_000_000_000 % hour
     for k in range(60):              # 6 hours, 10 clicks each, in several files an hour
-        ts = base + (k // 10) * hour + k
+        ts = base + (k // 10) * hour + k                 # Redis's clock: the entry id
         r.xadd("sine:clicks", {"user": f"u{k % 3}", "item": str(k), "ts": str(ts),
-                               "event": f"e{k}"})
+                               "event": f"e{k}"}, id=f"{ts}-0")
     out = tmp_path / "c"
     export_clicks(own_redis.url, out, batch=4)
     assert len(list(out.rglob("*.parquet"))) > 6
@@ -168,3 +169,23 @@ def test_the_command_reports_what_it_did(accepted, own_redis, tmp_path, capsys):
     assert main(["export-clicks", "--redis-url", own_redis.url, "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "read 240 entries" in out and "wrote 240 clicks" in out
+
+
+def test_a_clicks_time_is_redis_not_the_pods_clock(own_redis, tmp_path):
+    """The finding (read): click times came from each pod's clock, so one pod a year ahead made
+    `newest` a year ahead (refresh: "nothing new") and retention could delete real partitions."""
+    from model_export.data import newest_click
+
+    r = own_redis.client()
+    now_ms = int(r.time()[0]) * 1000
+    future = now_ms + 365 * 86_400_000
+    sid = r.xadd("sine:clicks", {"user": "u", "item": "1", "ts": str(future), "event": "e1"})
+    r.xadd("sine:clicks", {"user": "u", "item": "2", "ts": str(now_ms), "event": "e2"})
+    out = tmp_path / "c"
+    export_clicks(own_redis.url, out)
+    newest = newest_click(out)
+    assert abs(newest - now_ms / 1000) < 60                 # not a year ahead
+    times = {i: t for _, i, t, _ in read_clicks(out)}
+    assert times["1"] == int(sid.split("-")[0]) / 1000
+    assert [p.name for p in out.glob("date=*")] == [time.strftime("date=%Y-%m-%d",
+                                                                  time.gmtime(now_ms / 1000))]
