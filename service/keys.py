@@ -50,8 +50,11 @@ class Keys:
         return self.tag(user_id) + self._history(user_id=user_id)
 
     def event(self, user_id: str, event_id: str) -> str:
-        """The key remembering one of this user's event ids (ids are scoped by user)."""
-        return self.tag(user_id) + self._event(user_id=user_id, event_id=event_id)
+        """The key remembering one of this user's event ids (ids are scoped by user). The user
+        part has its `%` and `:` escaped, so no two (user, event id) pairs share a key (`a` +
+        `b:c` and `a:b` + `c` would)."""
+        user = user_id.replace("%", "%25").replace(":", "%3A")
+        return self.tag(user_id) + self._event(user_id=user, event_id=event_id)
 
     def stream(self, user_id: str) -> str:
         return self.tag(user_id) + self._stream

@@ -110,7 +110,10 @@ def request_models(s: Settings) -> RequestModels:
     UserStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_user_id_length)]
     ItemStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=s.max_item_id_length)]
     EventStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128)]
-    UserId = Annotated[UserStr | StrictInt, Field(
+    # an int's decimal string is held to the same length as a string id
+    digits = s.max_user_id_length
+    UserInt = Annotated[StrictInt, Field(ge=-(10 ** (digits - 1) - 1), le=10 ** digits - 1)]
+    UserId = Annotated[UserStr | UserInt, Field(
         description=f"The user's id, at most {s.max_user_id_length} characters; an int is the "
                     f"same user as its decimal string.")]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,9 @@ def _ids_in(folder: Path) -> set[tuple[str, str]]:
     return ids
 
 
+KNOWN_PARTITIONS = 48      # hours whose written ids one run keeps in memory
+
+
 def _write(rows: list[tuple[str, str, float, str]], path: Path) -> None:
     """One Parquet file, atomically."""
     import pyarrow as pa
@@ -130,7 +134,9 @@ class Exporter:
         self.stream = self.streams[0]
         self.out, self.batch = Path(out), batch
         self.claim_idle_ms = int(claim_idle_s * 1000)
-        self._known: dict[str, set[tuple[str, str]]] = {}
+        # the (user, event) ids of the partitions touched lately, read back from disk when one
+        # comes round again: a long backlog touches many, and their sets would fill memory
+        self._known: OrderedDict[str, set[tuple[str, str]]] = OrderedDict()
 
     def ack(self, ids: list[str]) -> None:
         self.r.xack(self.stream, self.group, *ids)
@@ -179,6 +185,9 @@ class Exporter:
             known = self._known.get(part)
             if known is None:
                 known = self._known[part] = _ids_in(self.out / part)
+                while len(self._known) > KNOWN_PARTITIONS:
+                    self._known.popitem(last=False)
+            self._known.move_to_end(part)
             fresh = []
             for u, i, ts, eid, _sid in prow:
                 if (u, eid) in known:

@@ -189,3 +189,32 @@ def test_a_clicks_time_is_redis_not_the_pods_clock(own_redis, tmp_path):
     assert times["1"] == int(sid.split("-")[0]) / 1000
     assert [p.name for p in out.glob("date=*")] == [time.strftime("date=%Y-%m-%d",
                                                                   time.gmtime(now_ms / 1000))]
+
+
+def test_a_long_backlog_keeps_few_partitions_in_memory_and_writes_each_click_once(own_redis,
+                                                                                   tmp_path,
+                                                                                   monkeypatch):
+    from model_export.freshness import clicklog
+
+    monkeypatch.setattr(clicklog, "KNOWN_PARTITIONS", 2)
+    r = own_redis.client()
+    hour = 3600 * 1000
+    base = 1_700_000_000_000 - 1_700_000_000_000 % hour
+    for k in range(40):                  # 8 hours, 5 clicks each
+        ts = base + (k // 5) * hour + k
+        r.xadd("sine:clicks", {"user": "u", "item": str(k), "ts": str(ts), "event": f"e{k}"},
+               id=f"{ts}-0")
+    seen = []
+    real = clicklog.Exporter.handle
+
+    def spy(self, entries, res):
+        real(self, entries, res)
+        seen.append(len(self._known))
+    monkeypatch.setattr(clicklog.Exporter, "handle", spy)
+    res = export_clicks(own_redis.url, tmp_path / "c", batch=3)
+    assert res.written == 40 and max(seen) <= 2
+    # a second run over the same entries (as after a crash) writes nothing twice
+    r.xgroup_setid("sine:clicks", "sine-export", id="0")
+    again = export_clicks(own_redis.url, tmp_path / "c", batch=3)
+    assert again.written == 0 and again.skipped == 40
+    assert sorted(int(i) for _, i, _, _ in read_clicks(tmp_path / "c")) == list(range(40))

@@ -341,3 +341,22 @@ def test_a_read_token_guards_the_recommend_routes(events, own_redis):
             assert ok.status_code == 200, ok.text
         assert c.get("/livez").status_code == 200                     # probes stay open
         assert c.post("/events", json={"user_id": "u", "item_id": "1"}).status_code == 200
+
+
+def test_event_keys_never_collide_across_users_and_int_ids_are_capped(events, own_redis):
+    from service.history import Keys
+
+    k = Keys(Settings())
+    assert k.event("a", "b:c") != k.event("a:b", "c")
+    assert k.event("a%3Ab", "c") != k.event("a:b", "c")
+    with events() as c:
+        first = c.post("/events", json={"user_id": "a", "item_id": "1", "event_id": "b:c"})
+        second = c.post("/events", json={"user_id": "a:b", "item_id": "2", "event_id": "c"})
+        assert first.json()["duplicate"] is False and second.json()["duplicate"] is False
+        long = int("9" * 129)                               # 129 digits: past the 128 cap
+        for path, body in (("/events", {"user_id": long, "item_id": "1"}),
+                           ("/recommend", {"user_id": long, "n": 3})):
+            r = c.post(path, json=body)
+            assert r.status_code == 422 and "user_id" in r.json()["detail"], r.text
+        assert c.post("/recommend", json={"user_id": int("9" * 128), "n": 3}).status_code == 200
+        assert c.post("/recommend", json={"user_id": -int("9" * 127), "n": 3}).status_code == 200
