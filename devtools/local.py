@@ -1,5 +1,6 @@
-"""Processes on this machine: an embedded redis-server, `sine serve` as a child process, and
-`Stack`, the two together with users' histories loaded.
+"""Processes on this machine: an embedded redis-server, `sine serve` as a child process,
+`Stack`, the two together with users' histories loaded, and `TcpProxy`, which fails a
+connection the way a network does.
 
 Used by the one-command demo, the benchmarks and the load tests; everything binds 127.0.0.1.
 Development tooling: the service never imports it.
@@ -7,16 +8,19 @@ Development tooling: the service never imports it.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from index_builder.bundle import SineError
 
@@ -359,3 +363,101 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TcpProxy:
+    """A TCP proxy from a free loopback port to 127.0.0.1:`port`, run by threads, that can fail
+    the way a network does. `silence()` stops forwarding on every connection open now, which
+    stay open (a vanished peer, a failover behind a stable address); with `new=True` later
+    connections are accepted and silenced too (a black hole). `forward()` forwards again on all
+    of them; `cut()` closes every connection. Stopped by `close()`."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[dict[str, Any]] = []
+        self.silence_new = False
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            pair: dict[str, Any] = {"socks": (client, upstream), "silenced": self.silence_new, "open": True,
+                    "quiet": [False, False]}
+            with self.lock:
+                self.pairs.append(pair)
+            for way, (src, dst) in enumerate(((client, upstream), (upstream, client))):
+                threading.Thread(target=self._pump, args=(pair, way, src, dst), daemon=True).start()
+
+    def _pump(self, pair: dict[str, Any], way: int, src: socket.socket, dst: socket.socket) -> None:
+        while pair["open"] and not self.closed:
+            pair["quiet"][way] = pair["silenced"]
+            if pair["silenced"]:                     # read nothing: the sender's buffers fill
+                time.sleep(0.01)
+                continue
+            try:
+                ready, _, _ = select.select([src], [], [], 0.02)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        self._shut(pair)
+
+    def _shut(self, pair: dict[str, Any]) -> None:
+        pair["open"] = False
+        for s in pair["socks"]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def silence(self, new: bool = False) -> None:
+        """Returns once no byte moves on any open connection."""
+        with self.lock:
+            self.silence_new = new
+            for p in self.pairs:
+                p["silenced"] = True
+        deadline = time.monotonic() + 5.0
+        while not all(all(p["quiet"]) for p in self.pairs if p["open"]):
+            if time.monotonic() > deadline:
+                raise LocalError("the proxy's connections did not go quiet within 5 s")
+            time.sleep(0.005)
+
+    def forward(self) -> None:
+        with self.lock:
+            self.silence_new = False
+            for p in self.pairs:
+                p["silenced"] = False
+
+    def cut(self) -> None:
+        with self.lock:
+            for p in self.pairs:
+                self._shut(p)
+
+    def open_connections(self) -> int:
+        with self.lock:
+            return sum(p["open"] for p in self.pairs)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self.cut()

@@ -168,7 +168,7 @@ def test_a_read_connection_that_goes_silent_is_replaced(small_world, own_redis, 
     """The read connection silenced without being closed (a failover behind a stable address):
     reads time out until it is taken as dead and a new one is opened; personalized again within
     a few seconds, without a restart."""
-    from tests.helpers import TcpProxy
+    from devtools.local import TcpProxy
 
     seed_history(own_redis, small_world)
     proxy = TcpProxy(own_redis.port)
@@ -190,7 +190,7 @@ def test_a_read_connection_that_goes_silent_is_replaced(small_world, own_redis, 
 
 def test_a_black_hole_is_reported_and_personalization_returns_after_it(small_world, own_redis,
                                                                          serve):
-    from tests.helpers import TcpProxy
+    from devtools.local import TcpProxy
 
     seed_history(own_redis, small_world)
     proxy = TcpProxy(own_redis.port)
@@ -216,8 +216,8 @@ def test_a_black_hole_is_reported_and_personalization_returns_after_it(small_wor
 def test_the_store_reports_a_silent_read_connection_and_replaces_it(own_redis):
     import asyncio
 
+    from devtools.local import TcpProxy
     from service.history import HistoryStore
-    from tests.helpers import TcpProxy
 
     own_redis.client().rpush("sine:history:u", "a", "b")
     proxy = TcpProxy(own_redis.port)
