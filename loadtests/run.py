@@ -25,6 +25,17 @@ a .png of latency percentiles and throughput over time, and a row of <out>/summa
                 and slow-body sockets, 64 KiB headers, 256-user batches in a closed loop, from
                 another process): no 5xx, ordinary /recommend p99 within 2x of the load alone,
                 every hostile socket closed by the deadlines (408, 431)
+  idle-sockets  the fixed load alone, then the same with 2,000 idle and stuck sockets beside it
+                (silent, a stray body byte after the answer, answers never read; from another
+                process, `loadtests.idle`): no 5xx, ordinary /recommend p99 within 2x of the load
+                alone, the server's open descriptors under its limit, every such socket closed
+                within its deadline (408, or 503 past the connection cap)
+  redis-blackhole
+                Redis silenced mid-run through a TCP proxy (connections open, nothing answers),
+                forwarding again 10 s later: no 5xx, answers flagged history_unavailable while
+                silenced, /health/redis down meanwhile, personalized within 5 s after, RSS
+                bounded. The service reaches Redis through the proxy for every scenario of a
+                run that names this one
   overload      a server with a small in-flight limit driven far beyond it: 429s answered
                 faster than admitted requests, the server-side p99 of admitted requests bounded
                 (from its own histogram: locust saturates a core here and inflates what the
@@ -59,7 +70,8 @@ def main() -> int:
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("scenarios", nargs="+",
                    choices=["load", "max", "soak", "redis-fault", "redis-cluster-failover",
-                            "reload", "overload", "hostile", "ci"])
+                            "reload", "overload", "hostile", "idle-sockets", "redis-blackhole",
+                            "ci"])
     p.add_argument("--bundle", default="runs/demo/bundles", help="bundle root or folder to serve")
     p.add_argument("--data-dir", help="data folder (default ../shared/data)")
     p.add_argument("--out", default="loadtests/results", help="where reports go")
@@ -95,7 +107,8 @@ def main() -> int:
     try:
         needs_system = [s for s in a.scenarios if s not in ("overload", "redis-cluster-failover")]
         if needs_system:
-            sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree, **a.settings)
+            sys_ = System(a.bundle, a.data_dir, work / "main", a.server_tree,
+                          proxy="redis-blackhole" in a.scenarios, **a.settings)
         for s in a.scenarios:
             runs = []
             for k in range(a.repeat):

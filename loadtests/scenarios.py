@@ -7,6 +7,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -312,6 +313,168 @@ def scenario_hostile(sys_: System, a, out: Path, work: Path, seconds: float = 30
         and set(bt["statuses"]) <= {"200", "429"} and bt.get("errors", 0) == 0}}
 
 
+def _fds(pid: int) -> tuple[int, int]:
+    """(open descriptors, the soft limit) of process `pid`."""
+    import os
+    n = len(os.listdir(f"/proc/{pid}/fd"))
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return n, int(line.split()[3])
+    return n, 0
+
+
+def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float = 30,
+                          sockets: int = 2000) -> dict:
+    """The same ordinary traffic twice, alone and beside `sockets` idle and stuck sockets
+    (`loadtests.idle`) opened two seconds in, the server's descriptors sampled throughout."""
+    import subprocess
+
+    pid = sys_.server.proc.pid
+    alone = run_locust("idle-alone", sys_.server.url, out, [(seconds, a.users, a.rate)],
+                       system=sys_)
+    summary_path = work / "idle.json"
+    port = sys_.server.url.rsplit(":", 1)[1]
+    procs: list = []
+    fds: list[int] = []
+    limit = _fds(pid)[1]
+
+    def flood():
+        """the idle sockets start"""
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "loadtests.idle", "--port", port, "--seconds",
+             str(seconds - 2), "--sockets", str(sockets), "--out", str(summary_path)],
+            cwd=Path(__file__).resolve().parents[1]))
+
+    def sample():
+        while True:
+            try:
+                fds.append(_fds(pid)[0])
+            except OSError:
+                return
+            gevent.sleep(0.25)
+
+    g = gevent.spawn(sample)
+    try:
+        together = run_locust("idle-sockets", sys_.server.url, out, [(seconds, a.users, a.rate)],
+                              events_at={2: flood}, system=sys_)
+        if procs:
+            procs[0].wait(timeout=120)
+    finally:
+        g.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    idle = json.loads(summary_path.read_text())
+    deadlines = {"header": 5.0, "body": 10.0, "keep_alive": 5.0, "write": 10.0}
+    for k, v in sys_.settings.items():
+        if k in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "write_timeout_s"):
+            deadlines[k.rsplit("_", 1)[0].replace("_timeout", "")] = float(v)
+    sweep = deadlines["header"] / 4 + 1.0              # the server's sweep, and scheduling
+    within = {"idle": deadlines["header"] + sweep,
+              "stray-byte": deadlines["body"] + 1.0 + sweep,     # the body deadline's grace
+              "no-read": deadlines["write"] + sweep}
+
+    def p99(rec: dict) -> float:
+        return rec["endpoints"].get("POST /recommend", {}).get("p99_ms") or float("nan")
+
+    rec = {"alone": {k: v for k, v in alone.items() if k != "series"},
+           "together": {k: v for k, v in together.items() if k != "series"},
+           "idle": idle, "deadlines_s": deadlines, "closed_within_s": within,
+           "sockets": sockets, "fds": {"max": max(fds) if fds else None, "limit": limit,
+                                       "samples": len(fds)},
+           "recommend_p99_ms": {"alone": p99(alone), "together": p99(together)},
+           "requests": together["requests"], "failures": together["failures"],
+           "rps": together["rps"], "p50_ms": together["p50_ms"], "p99_ms": together["p99_ms"]}
+    rec["idle_summary"] = {
+        "recommend_p99_ratio": rec["recommend_p99_ms"]["together"] / rec["recommend_p99_ms"]["alone"],
+        "fds_max": rec["fds"]["max"], "fds_limit": limit,
+        **{f"{k}_closed": v.get("closed", 0) for k, v in idle.items()},
+        **{f"{k}_lifetime_max_s": v.get("lifetime_max_s") for k, v in idle.items()}}
+    capped = {k: v.get("statuses", {}).get("503", 0) for k, v in idle.items()}
+    rec["idle_summary"]["refused_503_by_the_cap"] = sum(capped.values())
+    return {"record": rec, "rules": {
+        "no 5xx to ordinary traffic": server_errors(alone) == 0 and server_errors(together) == 0,
+        "no failed ordinary request": together["failures"] == 0 and alone["failures"] == 0,
+        "ordinary /recommend p99 within 2x of the load alone":
+        rec["recommend_p99_ms"]["together"] <= 2 * rec["recommend_p99_ms"]["alone"],
+        "open descriptors stayed under the process limit": bool(fds) and max(fds) < limit,
+        "every idle socket closed within its deadline": all(
+            idle.get(k, {}).get("closed", 0) > 0
+            and idle[k]["lifetime_max_s"] <= within[k] for k in within),
+        "idle sockets answered 408, 503 (the cap) or cut, nothing else": all(
+            set(v.get("statuses", {})) <= {"408", "503", "0"} for v in idle.values())}}
+
+
+def scenario_redis_blackhole(sys_: System, a, out: Path, work: Path, silence_at: float = 10,
+                             silent_s: float = 10, total: float = 35) -> dict:
+    """Redis silenced mid-load through a TCP proxy (connections stay open, nothing answers: a
+    vanished peer, a failover behind a stable address), then forwarding again."""
+    marks: dict[str, float] = {}
+    proxy = sys_.proxy
+    health: list[tuple[float, int]] = []
+
+    def silence():
+        """the proxy stops forwarding (open connections and new ones)"""
+        proxy.silence()
+        marks["down"] = time.time()
+
+    def forward():
+        """the proxy forwards again"""
+        proxy.forward()
+        marks["up"] = time.time()
+
+    def probe():
+        while True:
+            try:
+                st = urllib.request.urlopen(sys_.server.url + "/health/redis", timeout=2).status
+            except urllib.error.HTTPError as e:
+                st = e.code
+            except OSError:
+                st = 0
+            health.append((time.time(), st))
+            gevent.sleep(0.25)
+
+    g = gevent.spawn(probe)
+    rss: list[float] = []
+    try:
+        rec = run_locust("redis-blackhole", sys_.server.url, out, [(total, a.users, a.rate)],
+                         events_at={silence_at: silence, silence_at + silent_s: forward},
+                         system=sys_, keep_log=True)
+    finally:
+        g.kill()
+    rss = [r["rss_mb"] for r in rec["series"] if "rss_mb" in r]
+    known = set(sys_.traffic.users)
+    log = [x for x in rec["log"] if x[1] in known]
+    during = [x for x in log if marks["down"] + 1.0 <= x[0] < marks["up"]]
+    flagged = sum(1 for x in during if x[2] == "history_unavailable")
+    after = [x for x in log if x[0] >= marks["up"]]
+    first_ok = next((x[0] for x in after if x[2] is None), None)
+    late = [x for x in log if x[0] >= marks["up"] + 5.0]
+    down_health = [st for t, st in health if marks["down"] + 1.0 <= t < marks["up"]]
+    rec["blackhole"] = {
+        "answers_while_silenced": len(during), "flagged": flagged,
+        "health_probes_while_silenced": len(down_health),
+        "health_200_while_silenced": sum(1 for st in down_health if st == 200),
+        "personalized_after_s": (first_ok - marks["up"]) if first_ok else None,
+        "unpersonalized_5s_after": sum(1 for x in late if x[2] is not None),
+        "rss_mb": {"before": rss[0] if rss else None, "max": max(rss) if rss else None,
+                   "after": rss[-1] if rss else None},
+        "events_refused_503": sum(n for k, n in rec["errors"].items()
+                                  if k.startswith("POST /events:"))}
+    rec.pop("log")
+    b = rec["blackhole"]
+    return {"record": rec, "rules": {
+        "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
+        "answers while silenced flagged history_unavailable": bool(during)
+        and flagged == len(during),
+        "personalized within 5 s of the proxy forwarding": first_ok is not None
+        and b["personalized_after_s"] <= 5.0 and b["unpersonalized_5s_after"] == 0,
+        "/health/redis reported the read path down meanwhile": bool(down_health)
+        and b["health_200_while_silenced"] == 0,
+        "bounded memory (RSS within 20 % of its start)": bool(rss)
+        and max(rss) <= 1.2 * rss[0]}}
+
+
 def merge_repeats(runs: list[dict]) -> dict:
     """One result per scenario name: the last run's record, every run's rules and figures
     (`repeats`), and each rule passing only if it held in every run."""
@@ -323,6 +486,7 @@ def merge_repeats(runs: list[dict]) -> dict:
         last["record"]["repeats"] = [
             {"rules": r["rules"], **{k: v for k, v in r["record"].items()
                                      if k in ("fault", "failover", "hostile_summary", "overload",
+                                              "idle_summary", "blackhole",
                                               "requests", "failures", "p99_ms")}}
             for r in reps]
         last["rules"] = {f"{rule} (all {len(reps)} runs)": all(r["rules"][rule] for r in reps)
@@ -350,6 +514,10 @@ def run_scenario(s: str, sys_, a, out: Path, work: Path, summary: dict) -> dict:
         return {"overload": scenario_overload(a.bundle, a, out, work)}
     if s == "redis-cluster-failover":
         return {s: scenario_cluster_failover(a.bundle, a, out, work)}
+    if s == "idle-sockets":
+        return {s: scenario_idle_sockets(sys_, a, out, work)}
+    if s == "redis-blackhole":
+        return {s: scenario_redis_blackhole(sys_, a, out, work)}
     # ci: shortened load and Redis fault
     return {"ci-load": scenario_load(sys_, a, out, seconds=15),
             "ci-redis-fault": scenario_redis_fault(sys_, a, out, kill_at=5, down_s=5, total=16)}

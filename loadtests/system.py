@@ -18,7 +18,7 @@ class System:
     """Embedded Redis with every history, and `sine serve` over a private bundle root."""
 
     def __init__(self, bundle: str, data_dir: str | None, work: Path, tree: Path | None = None,
-                 cluster: bool = False, **settings):
+                 cluster: bool = False, proxy: bool = False, **settings):
         from model_export import data
         b = bundle_mod.load(bundle, deep=False)
         self.work = work
@@ -34,9 +34,14 @@ class System:
         try:
             if self.redis is not None:
                 self._redis_cmd("SAVE")             # a restarted Redis reloads this snapshot
+            # with `proxy`, the service reaches Redis through a TcpProxy (a process of its own,
+            # off locust's busy core) that can silence it
+            self.proxy = ProxyProcess(self.redis.port) if proxy and self.redis is not None \
+                else None
+            via = {"redis_url": self.proxy.url} if self.proxy is not None else {}
             self.server = self.stack.serve(self.root, log_path=work / "server.log", tree=tree,
                                            watch_interval_s=1, redis_retry_after_ms=250,
-                                           **settings)
+                                           **{**via, **settings})
         except BaseException:
             self.stack.close()
             raise
@@ -72,3 +77,42 @@ class System:
 
     def stop(self) -> None:
         self.stack.close()
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+class ProxyProcess:
+    """`python -m devtools.proxy` in front of a Redis port: `silence()`, `forward()`."""
+
+    def __init__(self, target: int):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "devtools.proxy", "--target",
+                                      str(target)], stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def _signal(self, sig: int, ack: str) -> None:
+        assert self.proc.stdout is not None
+        self.proc.send_signal(sig)
+        line = self.proc.stdout.readline().strip()
+        if line != ack:
+            raise RuntimeError(f"the proxy answered {line!r}, not {ack!r}")
+
+    def silence(self) -> None:
+        import signal
+        self._signal(signal.SIGUSR1, "silence")
+
+    def forward(self) -> None:
+        import signal
+        self._signal(signal.SIGUSR2, "forward")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except Exception:
+            self.proc.kill()

@@ -1,0 +1,143 @@
+"""Idle and stuck sockets, in a process of their own beside locust's ordinary traffic:
+
+- `idle`: connect and send nothing (the header deadline closes it);
+- `stray-byte`: `GET /livez` announcing a 1 MB body it never sends, the answer read, then one
+  body byte (uvicorn's keep-alive timer is cancelled by it; the body deadline closes it);
+- `no-read`: pipelined `GET /openapi.json` requests on a socket whose answers are never read
+  (the write deadline aborts it).
+
+Each kind keeps its number of sockets open at once, reopening each as soon as the server closes
+it (a second after a 503), so `--sockets` in all stay open or in the server's hands; past
+the server's connection cap a new socket is answered 503 at once. Every closed socket's lifetime and what the server
+answered are recorded; the JSON summary goes to `--out`.
+
+    python -m loadtests.idle --port 8000 --seconds 30 --sockets 2000 --out idle.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import socket
+import time
+from pathlib import Path
+
+from loadtests.hostile import Tally, _status
+
+STRAY = b"GET /livez HTTP/1.1\r\nHost: sine\r\nContent-Length: 1000000\r\n\r\n"
+PIPELINED = b"GET /openapi.json HTTP/1.1\r\nHost: sine\r\n\r\n" * 400
+SHARES = {"no-read": 0.05, "stray-byte": 0.45, "idle": 0.5}     # opened in this order
+
+
+async def _one(kind: str, port: int, until: float, t: Tally) -> None:
+    """One socket of `kind` at a time until the run ends."""
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < until:
+        s = socket.socket()
+        s.setblocking(False)
+        t0 = time.monotonic()
+        try:
+            await loop.sock_connect(s, ("127.0.0.1", port))
+        except OSError:
+            s.close()
+            t.error(kind)
+            await asyncio.sleep(0.1)
+            continue
+        got, status = b"", 0
+        try:
+            if kind == "stray-byte":
+                await loop.sock_sendall(s, STRAY)
+                got = await asyncio.wait_for(loop.sock_recv(s, 65536), 30)
+                status = _status(got)
+                if status == 200:
+                    await loop.sock_sendall(s, b"x")          # after the answer
+                    got, status = b"", 0
+            while time.monotonic() < until:                  # until the server closes it
+                try:
+                    chunk = await asyncio.wait_for(loop.sock_recv(s, 65536), 1.0)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                got += chunk
+            else:
+                s.close()
+                return                                      # the run ended with it open
+        except (ConnectionError, OSError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            s.close()
+            raise
+        status = status or _status(got)
+        t.closed(kind, time.monotonic() - t0, status)
+        s.close()
+        if status == 503:                    # the connection cap: a second, as a client would
+            await asyncio.sleep(1.0)
+
+
+async def _no_read(port: int, until: float, t: Tally) -> None:
+    """A no-read socket: wait for the server to abort it (a reset shows on the next send)."""
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < until:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        t0 = time.monotonic()
+        try:
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            await loop.sock_sendall(s, PIPELINED)
+            while time.monotonic() < until:
+                await asyncio.sleep(0.25)
+                # MSG_PEEK: see the connection's state without reading the answers
+                try:
+                    data = s.recv(16, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                if data == b"":
+                    break
+                if data.startswith(b"HTTP/1.1 503"):              # refused by the cap
+                    t.closed("no-read", time.monotonic() - t0, 503)
+                    s.close()
+                    await asyncio.sleep(1.0)
+                    break
+            else:
+                s.close()
+                return
+            if s.fileno() == -1:                                 # refused above, recorded
+                continue
+        except (ConnectionError, OSError):
+            pass
+        t.closed("no-read", time.monotonic() - t0, 0)
+        s.close()
+
+
+async def run(port: int, seconds: float, sockets: int) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = sockets + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    until = time.monotonic() + seconds
+    t = Tally()
+    tasks = []
+    for kind, share in SHARES.items():
+        n = max(1, int(sockets * share))
+        for _ in range(n):
+            coro = _no_read(port, until, t) if kind == "no-read" else _one(kind, port, until, t)
+            tasks.append(asyncio.create_task(coro))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return t.summary()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--sockets", type=int, default=2000, help="sockets open at once, all kinds")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    a.out.write_text(json.dumps(asyncio.run(run(a.port, a.seconds, a.sockets)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
