@@ -338,12 +338,15 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
     fds: list[int] = []
     limit = _fds(pid)[1]
 
+    write_s = float(sys_.settings.get("write_timeout_s", 10.0))
+    aborted_before = sys_.metric("sine_failures_total", reason="write-timeout")
+
     def flood():
         """the idle sockets start"""
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "loadtests.idle", "--port", port, "--seconds",
-             str(seconds - 2), "--sockets", str(sockets), "--out", str(summary_path)],
-            cwd=Path(__file__).resolve().parents[1]))
+             str(seconds - 2), "--sockets", str(sockets), "--hold-s", str(write_s + 3),
+             "--out", str(summary_path)], cwd=Path(__file__).resolve().parents[1]))
 
     def sample():
         while True:
@@ -365,14 +368,15 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
             if p.poll() is None:
                 p.kill()
     idle = json.loads(summary_path.read_text())
+    aborted = sys_.metric("sine_failures_total", reason="write-timeout") - aborted_before
+    held = idle.pop("no-read-held", {}).get("errors", 0)
     deadlines = {"header": 5.0, "body": 10.0, "keep_alive": 5.0, "write": 10.0}
     for k, v in sys_.settings.items():
         if k in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "write_timeout_s"):
             deadlines[k.rsplit("_", 1)[0].replace("_timeout", "")] = float(v)
     sweep = deadlines["header"] / 4 + 1.0              # the server's sweep, and scheduling
     within = {"idle": deadlines["header"] + sweep,
-              "stray-byte": deadlines["body"] + 1.0 + sweep,     # the body deadline's grace
-              "no-read": deadlines["write"] + sweep}
+              "stray-byte": deadlines["body"] + 1.0 + sweep}     # the body deadline's grace
 
     def p99(rec: dict) -> float:
         return rec["endpoints"].get("POST /recommend", {}).get("p99_ms") or float("nan")
@@ -380,6 +384,7 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
     rec = {"alone": {k: v for k, v in alone.items() if k != "series"},
            "together": {k: v for k, v in together.items() if k != "series"},
            "idle": idle, "deadlines_s": deadlines, "closed_within_s": within,
+           "no_read": {"held_past_the_deadline": held, "aborted_by_the_server": aborted},
            "sockets": sockets, "fds": {"max": max(fds) if fds else None, "limit": limit,
                                        "samples": len(fds)},
            "recommend_p99_ms": {"alone": p99(alone), "together": p99(together)},
@@ -401,6 +406,7 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
         "every idle socket closed within its deadline": all(
             idle.get(k, {}).get("closed", 0) > 0
             and idle[k]["lifetime_max_s"] <= within[k] for k in within),
+        "every unread answer aborted at the write deadline": held > 0 and aborted >= held,
         "idle sockets answered 408, 503 (the cap) or cut, nothing else": all(
             set(v.get("statuses", {})) <= {"408", "503", "0"} for v in idle.values())}}
 

@@ -139,6 +139,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._deadline = self._write_blocked = None
             if self.limits.on_refused is not None:
                 self.limits.on_refused(why)
+            self._disconnect_cycles()
             self.transport.abort()              # a close would wait for the unread buffer
         else:                                   # idle: what keep-alive does, uncancellable
             self._deadline = None
@@ -164,8 +165,23 @@ class GuardedHttpTools(HttpToolsProtocol):
             return
         self._enter("headers", self.limits.header_timeout_s)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle                   # with pipelining, not always `self.cycle`
+        super()._start_asgi_task(cycle, app)
+
+    def _disconnect_cycles(self) -> None:
+        """Every answer of this connection, running or pipelined, writes nothing more: uvicorn
+        marks only the newest request's, and the one that runs may be an older one, blocked
+        on a full buffer, that would write to the closed transport once woken."""
+        for cycle in {id(c): c for c in (self.cycle, getattr(self, "_running", None),
+                                         *(c for c, _ in self.pipeline)) if c}.values():
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.pipeline.clear()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline = self._write_blocked = None
+        self._disconnect_cycles()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

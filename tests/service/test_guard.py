@@ -241,6 +241,8 @@ def test_an_answer_the_client_never_reads_is_aborted_at_the_write_deadline(small
             raise BrokenPipeError                            # a plain close is fine too
         s.close()
         assert c.get("/livez").status_code == 200
+        # the pipelined answers behind the aborted one never wrote to the closed transport
+        assert metric(c, "sine_failures_total", reason="internal") == 0
 
 
 def test_connections_past_the_cap_are_refused_at_once_and_the_cap_fits_the_fd_limit(small_world,
