@@ -1,0 +1,222 @@
+"""The served encoder against a converged SASRec+, per data set and seed, paired by test user.
+
+    python -m benchmarks.quality --runs-dir /root/quality-runs [--default sine]
+
+Reads the `benchmarks.accuracy` runs under `--runs-dir` (`<dataset>/<variant>-<tag>-s<seed>/`:
+`result.json` and `test_hits.npz`, as `benchmarks.interests` launches them, to early stopping)
+and writes `benchmarks/results/quality.{json,md}`:
+
+- one row per (model, seed): the mode `sine export --serving auto` picks on validation and its
+  test HR@10, NDCG@10 (the aggregate's: the per-interest merges keep hits at 50 and 100 only),
+  HR@50 and HR@100, diversity@50 and coverage@50, whether early stopping ended it and its epochs;
+- `default_vs_sasrec`: HR@50 of the bundle the defaults build (`--default`, the variant of
+  `sine train`'s defaults) against the best converged SASRec+ configuration (by validation),
+  the difference paired by test user with its standard error, per seed and pooled; null where
+  the default has no run;
+- `candidates_vs_sasrec`: the same for every other SINE variant that ran;
+- HR@50 by how varied each test user's last 20 clicks are (distinct genres or categories among
+  them, in three groups), for every row.
+
+Only converged rows (stopped by early stopping) enter a comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import git_commit, machine, now
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DATASETS = ("ml-1m", "amazon-beauty")
+MERGE_KEY = {"aggregate": "agg"}          # the served mode -> the test_hits.npz key prefix
+
+
+def served(r: dict) -> tuple[str, str]:
+    """(the mode `--serving auto` picks, its hits key prefix)."""
+    s = r.get("serving")
+    if not s or s.get("mode") == "aggregate":
+        return "aggregate", "agg"
+    return f"per_interest/{s['merge']}", s["merge"]
+
+
+def variety_groups(dataset: str, data_dir: str | None) -> tuple[np.ndarray, list[str]] | None:
+    """Each test user's group by the distinct labels among their last 20 clicks, in terciles
+    of that count, and the groups' names; None without item labels."""
+    from model_export import data
+
+    ds = data.load(dataset, data_dir)
+    if not ds.labels:
+        return None
+    sp = data.split(ds, 20)
+    distinct = np.array([len({ds.labels.get(int(i), "?") for i in row if i})
+                         for row in sp.test_inputs])
+    lo, hi = np.quantile(distinct, [1 / 3, 2 / 3])
+    group = np.where(distinct <= lo, 0, np.where(distinct <= hi, 1, 2))
+    names = [f"<= {lo:g} {ds.label_kind}s", f"{lo:g}-{hi:g}", f"> {hi:g}"]
+    return group, names
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of a - b over users, in points, and its standard error."""
+    d = a.astype(float) - b.astype(float)
+    return 100 * float(d.mean()), 100 * float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def collect(runs: Path, dataset: str) -> list[dict]:
+    rows = []
+    for p in sorted((runs / dataset).glob("*/result.json")):
+        r = json.loads(p.read_text())
+        hits_file = p.parent / "test_hits.npz"
+        if not hits_file.exists():
+            continue
+        hits = dict(np.load(hits_file))
+        mode, key = served(r)
+        seed = int(r["train_args"]["seed"])
+        beyond = r["beyond"]["per_interest" if mode != "aggregate" else "aggregate"]
+        test = r["test"]
+        hr50 = float(hits[f"{key}@50"].mean()) * 100
+        hr100 = float(hits[f"{key}@100"].mean()) * 100
+        rows.append({"model": r["variant"], "label": r["label"], "seed": seed,
+                     "mode": mode, "converged": r.get("stopped_because") == "early_stopping",
+                     "epochs": r["epochs"], "best_epoch": r["best_epoch"],
+                     "seconds": round(r["seconds"]), "valid_HR@50": 100 * _valid(r, mode),
+                     "HR@10": 100 * test["HR@10"], "NDCG@10": 100 * test["NDCG@10"],
+                     "HR@50": hr50, "HR@100": hr100,
+                     "diversity@50": 100 * beyond["diversity@50"],
+                     "coverage@50": 100 * beyond["coverage@50"],
+                     "valid_curve": [round(100 * h["valid_HR@50"], 2) for h in r["history"]],
+                     "_hits": hits[f"{key}@50"], "folder": str(p.parent.name)})
+    return rows
+
+
+def _valid(r: dict, mode: str) -> float:
+    s = r.get("serving")
+    if s and "valid" in s:
+        return float(s["valid"][mode]["HR@50"])
+    return float(r["valid"]["HR@50"])
+
+
+def compare(rows: list[dict], model: str, sasrec: str) -> dict | None:
+    """`model` against `sasrec` on HR@50, paired by user, per seed both ran (converged)."""
+    per_seed, diffs = [], []
+    by = {(r["model"], r["seed"]): r for r in rows if r["converged"]}
+    for (m, seed), r in sorted(by.items()):
+        if m != model or (sasrec, seed) not in by:
+            continue
+        d, se = paired(r["_hits"], by[(sasrec, seed)]["_hits"])
+        per_seed.append({"seed": seed, "diff": round(d, 2), "paired_se": round(se, 2),
+                         "z": round(d / se, 2) if se else None})
+        diffs.append(r["_hits"].astype(float) - by[(sasrec, seed)]["_hits"].astype(float))
+    if not per_seed:
+        return None
+    pooled = np.mean(diffs, axis=0)                 # per user, the seeds' mean difference
+    return {"metric": "HR@50", "against": sasrec,
+            "diff": round(100 * float(pooled.mean()), 2),
+            "paired_se": round(100 * float(pooled.std(ddof=1) / math.sqrt(len(pooled))), 2),
+            "per_seed": per_seed,
+            "met": all(s["z"] is not None and s["z"] >= 2 for s in per_seed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", type=Path, required=True)
+    p.add_argument("--default", default="sine",
+                   help="the variant `sine train`'s defaults train (default: sine)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    out: dict = {"protocol": "leave-one-out, full ranking over all items, history excluded, the "
+                 "20 most recent clicks as input; test split, percent",
+                 "default_model": a.default, "command": "python -m benchmarks.quality "
+                 + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "git_commit": git_commit(), "machine": machine("cpu"), "written": now()}
+    for dataset in DATASETS:
+        rows = collect(a.runs_dir, dataset)
+        if not rows:
+            continue
+        groups = variety_groups(dataset, a.data_dir)
+        for r in rows:
+            r["default"] = r["model"] == a.default
+            if groups is not None:
+                g, names = groups
+                r["HR@50_by_variety"] = {names[k]: round(100 * float(r["_hits"][g == k].mean()), 2)
+                                         for k in range(3)}
+        sasrecs = [r for r in rows if r["model"].startswith("sasrec") and r["converged"]]
+        best = max({r["model"] for r in sasrecs},
+                   key=lambda m: np.mean([r["valid_HR@50"] for r in sasrecs if r["model"] == m]),
+                   default=None)
+        entry = {"users": int(len(rows[0]["_hits"])), "best_sasrec": best,
+                 "default_vs_sasrec": compare(rows, a.default, best) if best else None,
+                 "candidates_vs_sasrec": {m: compare(rows, m, best) for m in
+                                          sorted({r["model"] for r in rows})
+                                          if best and m != a.default
+                                          and not m.startswith("sasrec")}}
+        if groups is not None:
+            entry["variety_groups"] = groups[1]
+        entry["rows"] = [{k: (round(v, 2) if isinstance(v, float) else v)
+                          for k, v in r.items() if not k.startswith("_")} for r in rows]
+        out[dataset] = entry
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "quality.json").write_text(json.dumps(out, indent=1))
+    (a.out / "quality.md").write_text(render(out))
+    print(render(out))
+    return 0
+
+
+def render(out: dict) -> str:
+    md = ["# The served encoder against a converged SASRec+", "",
+          f"{out['written']}; commit `{out['git_commit'][:10]}`; {out['machine'].get('cpu', '?')}; "
+          f"`{out['command']}`.", "",
+          f"Protocol: {out['protocol']}. Each row trained to early stopping on validation "
+          "NDCG@10 (patience 3) on one thread, beside one other run; `mode` is what `sine export "
+          "--serving auto` picks on validation; HR@10 and NDCG@10 are the aggregate's. "
+          f"The defaults of `sine train` build `{out['default_model']}`.", ""]
+    for dataset in DATASETS:
+        if dataset not in out:
+            continue
+        e = out[dataset]
+        md += [f"## {dataset} ({e['users']:,} test users)", "",
+               "| model | seed | mode | converged, epochs (best) | HR@10 | NDCG@10 | HR@50 | HR@100 "
+               "| diversity@50 | coverage@50 | s |", "|---" * 11 + "|"]
+        for r in e["rows"]:
+            md.append(f"| {r['label']}{' (default)' if r['default'] else ''} | {r['seed']} | "
+                      f"{r['mode']} | {'yes' if r['converged'] else 'no'}, {r['epochs']} "
+                      f"({r['best_epoch']}) | {r['HR@10']:.2f} | {r['NDCG@10']:.2f} | "
+                      f"{r['HR@50']:.2f} | {r['HR@100']:.2f} | {r['diversity@50']:.2f} | "
+                      f"{r['coverage@50']:.2f} | {r['seconds']} |")
+        md += ["", f"Against the best converged SASRec+ configuration (`{e['best_sasrec']}`), "
+               "HR@50 paired by test user (points, ± its standard error; z = diff / SE):", ""]
+        comps = {f"default ({out['default_model']})": e["default_vs_sasrec"],
+                 **e["candidates_vs_sasrec"]}
+        for name, c in comps.items():
+            if c is None:
+                md.append(f"- {name}: no converged run beside SASRec+ yet.")
+                continue
+            seeds = "; ".join(f"seed {s['seed']}: {s['diff']:+.2f} ± {s['paired_se']:.2f} "
+                              f"(z {s['z']})" for s in c["per_seed"])
+            md.append(f"- {name}: {c['diff']:+.2f} ± {c['paired_se']:.2f} over "
+                      f"{len(c['per_seed'])} seed(s) ({seeds}); the goal (z >= 2 in every seed) "
+                      f"is {'met' if c['met'] else '**not met**'}.")
+        if "variety_groups" in e:
+            g = e["variety_groups"]
+            md += ["", "HR@50 by how varied each user's last 20 clicks are (distinct "
+                   "labels among them, terciles):", "",
+                   "| model | seed | " + " | ".join(g) + " |", "|---" * (len(g) + 2) + "|"]
+            for r in e["rows"]:
+                md.append(f"| {r['label']} | {r['seed']} | " + " | ".join(
+                    f"{r['HR@50_by_variety'][k]:.2f}" for k in g) + " |")
+        md += ["", "Validation HR@50 after each epoch:", ""]
+        for r in e["rows"]:
+            md.append(f"- {r['label']}, seed {r['seed']}: " + ", ".join(map(str, r["valid_curve"])))
+        md.append("")
+    return "\n".join(md) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
