@@ -3,6 +3,7 @@ fails `helm lint`), the `helm test` hook (run here against a real server), the a
 the dashboard (PromQL that parses, over metric names the service really exports), security
 contexts as values, the ServiceAccount, the Ingress and the pod options."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -213,3 +214,21 @@ def test_tracing_values_set_the_sdk_variables():
     with pytest.raises(helm.HelmError, match="tracing.endpoint is required"):
         render(overrides={"tracing": {"enabled": True, "endpoint": ""}})
     assert _merge({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+def test_the_helm_test_hook_sends_the_read_token(small_world, redis_server, serve):
+    (pod,) = kind(render(overrides={"readToken": "r-tok"}), "Pod")
+    c = pod["spec"]["containers"][0]
+    (env,) = c["env"]
+    assert env["name"] == "SINE_READ_TOKEN"
+    assert env["valueFrom"]["secretKeyRef"]["key"] == "SINE_READ_TOKEN"
+    argv = c["command"] + c["args"]
+    s = Settings(bundle=str(small_world["root"]), redis_url=redis_server.url, watch_interval_s=0,
+                 read_token="r-tok")
+    with serve(s) as client:
+        url = f"http://127.0.0.1:{client.port}"
+        run = lambda **env: subprocess.run([sys.executable, *argv[1:3], url], capture_output=True,
+                                           text=True, timeout=60, env={**os.environ, **env})
+        assert run(SINE_READ_TOKEN="r-tok").returncode == 0
+        refused = run(SINE_READ_TOKEN="")
+        assert refused.returncode == 1 and "401" in refused.stderr
