@@ -58,6 +58,20 @@ def scenario_soak(sys_: System, a, out: Path, max_rps: float | None) -> dict:
                                      "RSS growth < 5%": growth < 0.05}}
 
 
+def outage_answers(sys_: System, rec: dict, down: float, up: float, settle_s: float,
+                   late_s: float) -> tuple[list, int, float | None, list]:
+    """What the loaded users were answered around an outage from `down` to `up`: the answers
+    from `settle_s` after it began until it ended, how many of them were flagged
+    history_unavailable, when the first personalized one came after it, and the answers from
+    `late_s` after it on."""
+    known = set(sys_.traffic.users)
+    log = [x for x in rec["log"] if x[1] in known]
+    during = [x for x in log if down + settle_s <= x[0] < up]
+    flagged = sum(1 for x in during if x[2] == "history_unavailable")
+    first_ok = next((x[0] for x in log if x[0] >= up and x[2] is None), None)
+    return during, flagged, first_ok, [x for x in log if x[0] >= up + late_s]
+
+
 def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s: float = 10,
                          total: float = 40) -> dict:
     marks = {}
@@ -76,13 +90,8 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
         rec = run_locust("redis-fault", sys_.server.url, out, [(total, a.users, a.rate)],
                          events_at={kill_at: kill, kill_at + down_s: back}, system=sys_,
                          keep_log=True)
-    known = set(sys_.traffic.users)
-    log = [x for x in rec["log"] if x[1] in known]
-    during = [x for x in log if marks["down"] + 0.5 <= x[0] < marks["up"]]
-    flagged = sum(1 for x in during if x[2] == "history_unavailable")
-    after = [x for x in log if x[0] >= marks["up"]]
-    first_ok = next((x[0] for x in after if x[2] is None), None)
-    late = [x for x in log if x[0] >= marks["up"] + 2.0]
+    during, flagged, first_ok, late = outage_answers(sys_, rec, marks["down"], marks["up"], 0.5,
+                                                     2.0)
     outage = ready.summary(marks["down"], marks["up"])
     rec["fault"] = {"answers_during_outage": len(during), "flagged": flagged,
                     "readyz_probes_during_outage": outage["probes"],
@@ -449,13 +458,8 @@ def scenario_redis_blackhole(sys_: System, a, out: Path, work: Path, silence_at:
     finally:
         g.kill()
     rss = [r["rss_mb"] for r in rec["series"] if "rss_mb" in r]
-    known = set(sys_.traffic.users)
-    log = [x for x in rec["log"] if x[1] in known]
-    during = [x for x in log if marks["down"] + 1.0 <= x[0] < marks["up"]]
-    flagged = sum(1 for x in during if x[2] == "history_unavailable")
-    after = [x for x in log if x[0] >= marks["up"]]
-    first_ok = next((x[0] for x in after if x[2] is None), None)
-    late = [x for x in log if x[0] >= marks["up"] + 5.0]
+    during, flagged, first_ok, late = outage_answers(sys_, rec, marks["down"], marks["up"], 1.0,
+                                                     5.0)
     down_health = [st for t, st in health if marks["down"] + 1.0 <= t < marks["up"]]
     rec["blackhole"] = {
         "answers_while_silenced": len(during), "flagged": flagged,
