@@ -458,14 +458,6 @@ def report(a, held, replay_clicks, n_events, timings, runs, results) -> None:
         lines.append("")
     write_results(a.out, a.stem, payload, lines[:-1])
 
-def get_json(url: str) -> dict:
-    import urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.load(r)
-    except (OSError, ValueError):
-        return {}
-
 
 if __name__ == "__main__":
     main()

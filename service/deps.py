@@ -1,11 +1,10 @@
-"""The routes' typed dependencies, in one place: the app's state and what it holds."""
+"""The routes' typed dependency, in one place: the app's state (settings, engine, store)."""
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .settings import Settings
 from .state import State
 
 
@@ -16,10 +15,4 @@ async def get_state(request: Request) -> State:
     return st
 
 
-async def get_settings(request: Request) -> Settings:
-    st: State = request.app.state.sine
-    return st.settings
-
-
 StateDep = Annotated[State, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]

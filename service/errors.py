@@ -49,29 +49,14 @@ class ClickLogFull(ServiceError):
     status, title, slug = 503, "Click log full", "click-log-full"
 
 
-class Unauthorized(ServiceError):
-    """A missing or wrong bearer token (401)."""
-    status, title, slug = 401, "Unauthorized", "unauthorized"
-
-
 class ReloadRefused(ServiceError):
     """A bundle that cannot be loaded; the old one keeps serving (409)."""
     status, title, slug = 409, "Bundle refused", "reload-refused"
 
 
-class Disabled(ServiceError):
-    """A feature switched off by the settings (404)."""
-    status, title, slug = 404, "Not enabled", "disabled"
-
-
 class Overloaded(ServiceError):
     """More work in flight than the pool admits (429)."""
     status, title, slug = 429, "Too many requests in flight", "overloaded"
-
-
-class RequestTimeout(ServiceError):
-    """The body did not arrive in time: the connection is closed after the answer."""
-    status, title, slug = 408, "Request timeout", "request-timeout"
 
 
 class BodyTooLarge(HTTPException):

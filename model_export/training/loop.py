@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -346,7 +347,9 @@ def train(ds: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
     run.wrap()
     if cfg.max_epochs == 0 and resume is None:
         return run.as_it_is(t0)
-    bar_cls = _tqdm() if progress else None
+    # a bar on a terminal; in a log (a file, a pod's stdout) a line a minute instead of a
+    # carriage-return frame per update
+    bar_cls = (_tqdm() if sys.stderr.isatty() else _minute_lines(log)) if progress else None
     for epoch in range(st.start_epoch, cfg.max_epochs):
         stats = run.epoch(epoch, t0, bar_cls)
         if not dist.main:
@@ -375,6 +378,30 @@ def _terms_on(cfg: TrainConfig) -> str:
     if cfg.prototype_refresh:
         on.append("prototypes refreshed by k-means each epoch")
     return "; " + ", ".join(on) if on else ""
+
+
+def _minute_lines(log: Callable[..., None], every_s: float = 60.0) -> Callable[..., Any]:
+    """A stand-in for tqdm that logs one progress line at most every `every_s` seconds."""
+
+    class Lines:
+        def __init__(self, total: int, desc: str = "", **_: Any):
+            self.total, self.desc, self.n, self.post = total, desc, 0, ""
+            self.last = time.perf_counter()
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+            now = time.perf_counter()
+            if now - self.last >= every_s:
+                self.last = now
+                log(f"{self.desc}: {self.n:,}/{self.total:,} batches "
+                    f"({100 * self.n / max(self.total, 1):.0f} %){self.post}")
+
+        def set_postfix(self, **kw: Any) -> None:
+            self.post = "".join(f", {k} {v}" for k, v in kw.items())
+
+        def close(self) -> None:
+            pass
+    return Lines
 
 
 def _tqdm():

@@ -211,3 +211,19 @@ def test_one_epoch_on_ml100k_beats_popularity(data_dir, tmp_path):
     sine, pop = out["SINE"], out["Popularity"]
     assert sine["HR@50"] > 1.5 * pop["HR@50"], (sine, pop)
     assert sine["NDCG@10"] > 1.3 * pop["NDCG@10"], (sine, pop)
+
+
+def test_progress_in_a_log_is_a_line_a_minute_not_a_frame_per_update(monkeypatch):
+    from model_export.training import loop
+
+    lines: list[str] = []
+    clock = iter(range(0, 10_000, 20))                 # 20 s per update
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    bar = loop._minute_lines(lines.append)(total=10, desc="epoch 1/3")
+    for _ in range(10):
+        bar.set_postfix(loss="5.0")
+        bar.update(1)
+    bar.close()
+    assert len(lines) == 3                              # one a minute over 200 s
+    assert lines[0] == "epoch 1/3: 3/10 batches (30 %), loss 5.0"
+    assert all("\r" not in ln for ln in lines)
