@@ -69,7 +69,8 @@ class BodyTooLarge(HTTPException):
 
 TITLES = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
           408: "Request timeout", 413: "Payload too large", 415: "Unsupported media type",
-          429: "Too many requests", 431: "Request header fields too large"}
+          429: "Too many requests", 431: "Request header fields too large",
+          503: "Service unavailable"}
 SLUGS = {401: "unauthorized", 408: "request-timeout", 413: "payload-too-large",
          415: "unsupported-media-type", 429: "overloaded", 431: "headers-too-large"}
 

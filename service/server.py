@@ -38,6 +38,7 @@ import resource
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from index_builder import bundle as bundle_mod
 
+from . import errors
 from .settings import Settings
 
 log = logging.getLogger("sine.service")
@@ -86,18 +88,13 @@ class _HeadersTooLarge(Exception):
     pass
 
 
-REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-           503: b"Service Unavailable"}
-TITLES = {408: "Request timeout", 431: "Request header fields too large",
-          503: "Too many connections"}
-
-
 def _problem(status: int, slug: str, detail: str) -> bytes:
-    body = orjson.dumps({"type": f"/problems/{slug}", "title": TITLES[status], "status": status,
-                         "detail": detail})
+    """A whole problem+json answer, written by the protocol itself (no app behind it)."""
+    body = orjson.dumps({"type": f"/problems/{slug}", "title": errors.TITLES[status],
+                         "status": status, "detail": detail})
     return (b"HTTP/1.1 %d %b\r\ncontent-type: application/problem+json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%b"
-            % (status, REASONS[status], len(body), body))
+            % (status, HTTPStatus(status).phrase.encode(), len(body), body))
 
 
 class GuardedHttpTools(HttpToolsProtocol):
