@@ -6,7 +6,7 @@
 - `/events`: a click of a known user on a catalog item;
 - `/recommend/batch`: a handful of users in one call.
 
-The service's `Server-Timing` header (history, queue, encode, search, filter, or popularity for
+The service's `Server-Timing` header (queue, history, window, encode, search, filter, answer, or popularity for
 fallbacks) is collected per stage beside locust's own statistics (`Traffic.stages`, written by
 the runner to `<scenario>_stages.csv`). Every `/recommend` answer's
 `fallback` flag is kept with its time, for the fault scenarios' pass rules.

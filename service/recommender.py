@@ -123,9 +123,9 @@ class Recommender:
             a = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason), {})
             out[j] = a
             answered.append(a)
-        t_pop = t_win + time.perf_counter() - t1
+        t_pop = time.perf_counter() - t1
         for a in answered:
-            a.timings["popularity"] = t_pop
+            a.timings.update(window=t_win, popularity=t_pop)
 
     def _personalized(self, engine: Engine, qs: list[Query], win: Windows, rows: np.ndarray,
                       t_win: float, out: list[Answer | BaseException | None]) -> None:
@@ -137,15 +137,16 @@ class Recommender:
         c = compute(engine, win.window[rows], per_interest, int((want + n_excl).max()))
         t0 = time.perf_counter()
         answers: list[tuple[int, Answer]] = []
+        rendered = [0.0]                                              # stage 6's share of the loop
         if len(c.aggregate):
             answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
-                                    n_excl, want, rows)
+                                    n_excl, want, rows, rendered=rendered)
         how = np.array([qs[j].merge for j in c.per_interest])
         for name in np.unique(how):                                   # one merge at a time
             answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
-                                    n_excl, want, rows, str(name))
-        timings = {"encode": t_win + c.timings["encode"], "search": c.timings["search"],
-                   "filter": time.perf_counter() - t0}
+                                    n_excl, want, rows, str(name), rendered)
+        timings = {"window": t_win, "encode": c.timings["encode"], "search": c.timings["search"],
+                   "filter": time.perf_counter() - t0 - rendered[0], "answer": rendered[0]}
         for i, a in answers:
             a.timings = timings
             out[i] = a
@@ -153,7 +154,8 @@ class Recommender:
     @staticmethod
     def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, pos: np.ndarray,
                 exclude: np.ndarray, n_excl: np.ndarray, want: np.ndarray,
-                rows: np.ndarray, how: str = "max") -> list[tuple[int, Answer]]:
+                rows: np.ndarray, how: str = "max", rendered: list[float] | None = None
+                ) -> list[tuple[int, Answer]]:
         """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest,
         merged `how`) at positions `pos` of that mode's search results."""
         members = (c.aggregate, c.per_interest)[part][pos]
@@ -172,7 +174,10 @@ class Recommender:
                 extra, s, r = top_up(engine, ids, exclude[j], need, vecs)
                 ids, scores = np.concatenate([ids, extra]), np.concatenate([scores, s])
                 source = np.concatenate([source, r])
+            t_r = time.perf_counter()
             body = render(engine, q, ids, scores, None, source,
                           c.weights[j] if q.include_interests else None, c.interests[j])
+            if rendered is not None:
+                rendered[0] += time.perf_counter() - t_r
             answers.append((int(rows[j]), Answer(body, {})))
         return answers

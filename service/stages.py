@@ -4,8 +4,10 @@
 
 Each is a function of arrays (stage 1 of the history store), testable without HTTP; each
 stage's time goes to `sine_stage_duration_seconds{stage}` and the `Server-Timing` header under
-the stage's name. `service.recommender` strings them together; the engine (`service.engine`)
-only holds what a bundle loaded. The offline gate and benchmarks call the same functions.
+the stage's name (`STAGES`, with `queue` before them: the wait for a micro-batch; an answer
+from popularity has `popularity` in place of stages 3-6). `service.recommender` strings them
+together; the engine (`service.engine`) only holds what a bundle loaded. The offline gate and
+benchmarks call the same functions.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 Mode = Literal["aggregate", "per_interest"]
+STAGES = ("history", "window", "encode", "search", "filter", "answer")   # the names timed
 COLD_START, HISTORY_UNAVAILABLE = "cold_start", "history_unavailable"
 
 

@@ -66,8 +66,10 @@ def test_recommend_matches_brute_force_and_excludes_history(world):
     assert body["fallback"] is None and body["mode"] == "aggregate"
     assert body["score_kind"] == "inner_product"
     assert body["version"] == "v1" and body["user_id"] == "u0"
-    assert {"history", "encode", "search", "filter"} <= {
-        p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")}
+    from service.stages import STAGES
+    timed = [p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")]
+    assert set(timed) == {"queue", *STAGES}, timed       # every stage, under its own name
+    assert "window" in stages_docstring()
 
 
 def test_exclude_seen_false_and_int_user_id_is_its_string(world):
@@ -268,7 +270,8 @@ def test_operations_endpoints(world):
     assert metric(c, "sine_fallbacks_total", reason="cold_start") == before["cold"] + 1
     assert metric(c, "sine_failures_total", reason="invalid-request") == before["bad"] + 1
     assert metric(c, "sine_stage_duration_seconds_count", stage="encode") == before["encode"] + 1
-    for stage in ("history", "queue", "encode", "search", "filter", "popularity"):
+    for stage in ("history", "queue", "window", "encode", "search", "filter", "answer",
+                  "popularity"):
         assert metric(c, "sine_stage_duration_seconds_count", stage=stage) >= 1, stage
     assert metric(c, "sine_bundle_info", factory="Flat", items="300", version="v1") == 1.0
     assert metric(c, "sine_batch_size_count") >= 2
@@ -339,3 +342,8 @@ def test_docs_work_offline(world):
         r = c.get(f"/docs/assets/{asset}")
         assert r.status_code == 200 and len(r.content) > 10_000, asset
     assert c.get("/redoc").status_code == 404                     # it would need a CDN
+
+
+def stages_docstring() -> str:
+    import service.stages
+    return service.stages.__doc__ or ""

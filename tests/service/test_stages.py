@@ -154,7 +154,7 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
         np.testing.assert_allclose([it["score"] for it in body["items"]],
                                    scores[np.array(order) - 1], rtol=1e-4, atol=1e-4)
         assert body["fallback"] is None and body["score_kind"] == "inner_product"
-        assert set(got.timings) == {"encode", "search", "filter"}
+        assert set(got.timings) == {"window", "encode", "search", "filter", "answer"}
 
 
 @pytest.mark.parametrize("how", ["weighted", "quota"])

@@ -11,6 +11,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from service.logs import JsonFormatter
 from service.settings import Settings
+from service.stages import STAGES
 from service.tracing import request_id
 from tests.helpers import wait_until
 
@@ -124,7 +125,7 @@ def test_a_traced_request_shows_its_stages_at_the_receiver(small_world, redis_se
             with receiver.lock:
                 return [sp for _, sp in receiver.spans if sp.name == "POST /recommend"]
         (root,) = wait_until(request_span, timeout_s=10, what="the request's span")
-        stages = {"queue", "history", "encode", "search", "filter"}
+        stages = {"queue", *STAGES}
         children = wait_until(lambda: [sp for _, sp in receiver.spans
                                        if sp.parent_span_id == root.span_id] or None,
                               timeout_s=10, what="the stage spans")
@@ -141,7 +142,7 @@ def test_a_traced_request_shows_its_stages_at_the_receiver(small_world, redis_se
     assert root.kind == root.SPAN_KIND_SERVER
     # end to end, inside the request's span, in the path's order
     ordered = sorted(children, key=lambda sp: sp.start_time_unix_nano)
-    assert [sp.name for sp in ordered] == ["queue", "history", "encode", "search", "filter"]
+    assert [sp.name for sp in ordered] == ["queue", *STAGES]
     for a, b in zip(ordered, ordered[1:]):
         assert a.end_time_unix_nano == b.start_time_unix_nano
     assert root.start_time_unix_nano <= ordered[0].start_time_unix_nano
