@@ -349,9 +349,11 @@ def read_refresh_report(root: Path) -> RefreshReport | None:
 
 @dataclass
 class Bundle:
-    """One validated bundle version: its folder and its manifest."""
+    """One validated bundle version: its folder and its manifest. Its id map and popularity are
+    read once (by the validation `load` does) and kept: a bundle's files never change."""
     path: Path
     manifest: dict[str, Any]
+    _read: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -361,11 +363,15 @@ class Bundle:
         return self.path / (FILES.get(key) or OPTIONAL_FILES[key])
 
     def item_ids(self) -> list[str]:
-        ids: list[str] = json.loads(self.file("item_ids").read_text())
+        if "item_ids" not in self._read:
+            self._read["item_ids"] = json.loads(self.file("item_ids").read_text())
+        ids: list[str] = self._read["item_ids"]
         return ids
 
     def popularity(self) -> np.ndarray:
-        pop: np.ndarray = np.load(self.file("popularity"))
+        if "popularity" not in self._read:
+            self._read["popularity"] = np.load(self.file("popularity"))
+        pop: np.ndarray = self._read["popularity"]
         return pop
 
     @property
@@ -444,7 +450,6 @@ def load(path: Path | str, verify_hashes: bool = True, deep: bool = True,
     if len(ids) - 1 != m["items"]["count"] or vocab_sha256(ids) != m["items"]["vocab_sha256"]:
         raise BundleError(f"{b.file('item_ids')}: {len(ids) - 1} items / vocabulary hash differ from "
                           f"the manifest ({m['items']['count']} items).")
-    pop = b.popularity()
     if pop.shape != (len(ids),):
         raise BundleError(f"{b.file('popularity')}: shape {pop.shape}, expected ({len(ids)},).")
     if deep:
