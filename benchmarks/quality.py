@@ -58,7 +58,7 @@ def variety_groups(dataset: str, data_dir: str | None) -> tuple[np.ndarray, list
                          for row in sp.test_inputs])
     lo, hi = np.quantile(distinct, [1 / 3, 2 / 3])
     group = np.where(distinct <= lo, 0, np.where(distinct <= hi, 1, 2))
-    names = [f"<= {lo:g} {ds.label_kind}s", f"{lo:g}-{hi:g}", f"> {hi:g}"]
+    names = [f"<= {lo:g} {ds.label_kind} labels", f"{lo:g}-{hi:g}", f"> {hi:g}"]
     return group, names
 
 
