@@ -383,7 +383,8 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
     for k, v in sys_.settings.items():
         if k in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "write_timeout_s"):
             deadlines[k.rsplit("_", 1)[0].replace("_timeout", "")] = float(v)
-    sweep = deadlines["header"] / 4 + 1.0              # the server's sweep, and scheduling
+    # the server's sweep (service.server.ConnectionLimits.sweep_s), and a second of scheduling
+    sweep = min(0.5, min(deadlines.values()) / 8) + 1.0
     within = {"idle": deadlines["header"] + sweep,
               "stray-byte": deadlines["body"] + 1.0 + sweep}     # the body deadline's grace
 

@@ -24,10 +24,11 @@ client sends can cancel, and a cap on connections:
   descriptor limit, with `FD_RESERVE` kept for Redis, the bundle watcher and the metrics), a
   new connection is answered 503 and closed at once.
 
-One sweep of the server's connections enforces the deadlines a few times per header deadline,
-not a timer per request. The limits reach each connection through the app's lifespan state
-(`LIMITS`), which uvicorn hands to every protocol instance, so the workers of `serve` (new
-interpreters) get them from the app they build.
+One sweep of the server's connections enforces the deadlines (`ConnectionLimits.sweep_s`: an
+eighth of the shortest, at most every half second), not a timer per request. The limits reach
+each connection through the app's lifespan state (`LIMITS`), which uvicorn hands to every
+protocol instance, so the workers of `serve` (new interpreters) get them from the app they
+build.
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ class ConnectionLimits:
     max_connections: int = 1_000
     on_refused: Callable[[str], None] | None = None     # counts each closed connection by reason
 
+    @property
+    def sweep_s(self) -> float:
+        """How often the deadlines are checked: an eighth of the shortest, at most every half
+        second (a sweep of a thousand connections costs about a millisecond)."""
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s,
+                       self.write_timeout_s)
+        return min(0.5, max(0.01, shortest / 8))
+
     @classmethod
     def of(cls, s: Settings, on_refused: Callable[[str], None] | None = None) -> ConnectionLimits:
         return cls(s.header_timeout_s, s.max_header_bytes, s.body_timeout_s, s.keep_alive_s,
@@ -115,7 +124,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _enter(self, phase: str, seconds: float | None) -> None:
         self._phase = phase
         self._deadline = None if seconds is None else self.loop.time() + seconds
-        _Sweeper.of(self.server_state, self.loop, self.limits.header_timeout_s)
+        _Sweeper.of(self.server_state, self.loop, self.limits.sweep_s)
 
     def overdue(self, now: float) -> str | None:
         """Why this connection must close now, or None."""
@@ -244,17 +253,16 @@ class GuardedHttpTools(HttpToolsProtocol):
 
 class _Sweeper:
     """Closes the connections of one server that are past a deadline, checking them every
-    quarter of the header deadline (so a late one goes within 1.25 deadlines)."""
+    `ConnectionLimits.sweep_s` (so a late one goes within that much of its deadline)."""
 
-    def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float):
-        self.server_state, self.loop = server_state, loop
-        self.every = max(0.01, timeout_s / 4)
+    def __init__(self, server_state: Any, loop: asyncio.AbstractEventLoop, every_s: float):
+        self.server_state, self.loop, self.every = server_state, loop, every_s
         loop.call_later(self.every, self.sweep)
 
     @classmethod
-    def of(cls, server_state: Any, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def of(cls, server_state: Any, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
         if getattr(server_state, "_sine_sweeper", None) is None:
-            server_state._sine_sweeper = cls(server_state, loop, timeout_s)
+            server_state._sine_sweeper = cls(server_state, loop, every_s)
 
     def sweep(self) -> None:
         now = self.loop.time()
