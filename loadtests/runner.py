@@ -139,6 +139,11 @@ def failed(rec: dict, endpoints=("POST /recommend", "POST /recommend/batch")) ->
     return sum(n for k, n in rec["errors"].items() if any(k.startswith(e + ": ") for e in endpoints))
 
 
+def events_refused(rec: dict) -> int:
+    """`POST /events` answered with an error (a click Redis could not take: 503)."""
+    return sum(n for k, n in rec["errors"].items() if k.startswith("POST /events:"))
+
+
 class ReadyProbe:
     """GET /readyz every `every_s` while the block runs, as a kubelet would: (time, status)."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gevent
 
-from loadtests.runner import ReadyProbe, failed, histogram, pct, quantile, run_locust, server_errors
+from loadtests.runner import ReadyProbe, events_refused, failed, histogram, pct, quantile, run_locust, server_errors
 from loadtests.system import System
 
 
@@ -98,8 +98,7 @@ def scenario_redis_fault(sys_: System, a, out: Path, kill_at: float = 15, down_s
                     "readyz_not_200": ready.summary()["not_200"],
                     "personalized_after_s": (first_ok - marks["up"]) if first_ok else None,
                     "unpersonalized_2s_after": sum(1 for x in late if x[2] is not None),
-                    "events_refused_503": sum(n for k, n in rec["errors"].items()
-                                              if k.startswith("POST /events:"))}
+                    "events_refused_503": events_refused(rec)}
     rec.pop("log")
     f = rec["fault"]
     return {"record": rec, "rules": {
@@ -166,8 +165,7 @@ def scenario_cluster_failover(bundle: str, a, out: Path, work: Path, kill_at: fl
         "victim_answers_after": len(after),
         "readyz_probes_during": ready.summary(down, up)["probes"],
         "readyz_not_200": ready.summary()["not_200"],
-        "events_refused_503": sum(n for k, n in rec["errors"].items()
-                                  if k.startswith("POST /events:"))}
+        "events_refused_503": events_refused(rec)}
     f = rec["failover"]
     return {"record": rec, "rules": {
         "no failed /recommend or /recommend/batch (no 5xx)": failed(rec) == 0,
@@ -470,8 +468,7 @@ def scenario_redis_blackhole(sys_: System, a, out: Path, work: Path, silence_at:
         "unpersonalized_5s_after": sum(1 for x in late if x[2] is not None),
         "rss_mb": {"before": rss[0] if rss else None, "max": max(rss) if rss else None,
                    "after": rss[-1] if rss else None},
-        "events_refused_503": sum(n for k, n in rec["errors"].items()
-                                  if k.startswith("POST /events:"))}
+        "events_refused_503": events_refused(rec)}
     rec.pop("log")
     b = rec["blackhole"]
     return {"record": rec, "rules": {
