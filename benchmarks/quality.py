@@ -17,7 +17,9 @@ and writes `benchmarks/results/quality.{json,md}`:
 - HR@50 by how varied each test user's last 20 clicks are (distinct genres or categories among
   them, in three groups), for every row.
 
-Only converged rows (stopped by early stopping) enter a comparison.
+Only converged rows (stopped by early stopping) enter a comparison. Runs still training (a
+`history.json` and no result yet) are listed under `in_progress` with their folder, validation
+curve and the command that resumes them.
 """
 from __future__ import annotations
 
@@ -95,6 +97,26 @@ def collect(runs: Path, dataset: str) -> list[dict]:
     return rows
 
 
+def in_progress(runs: Path, dataset: str) -> list[dict]:
+    """Runs with a history and no result yet: where they stand, and how to go on."""
+    out = []
+    for h in sorted((runs / dataset).glob("*/history.json")):
+        if (h.parent / "result.json").exists():
+            continue
+        hist = json.loads(h.read_text())
+        variant, _, rest = h.parent.name.partition("-quality-")
+        seed = rest.rsplit("-s", 1)[-1]
+        tag = rest.rsplit("-s", 1)[0]
+        out.append({"folder": str(h.parent), "model": variant, "seed": int(seed),
+                    "epochs": len(hist),
+                    "valid_HR@50": [round(100 * e["valid_HR@50"], 2) for e in hist],
+                    "valid_NDCG@10": [round(100 * e["valid_NDCG@10"], 2) for e in hist],
+                    "resume": f"python -m benchmarks.interests --datasets {dataset} --configs "
+                              f"{variant} --seeds {seed} --max-minutes 100000 --epochs 300 "
+                              f"--patience 3 --jobs 1 --tag quality-{tag} --runs-dir {runs}"})
+    return out
+
+
 def _valid(r: dict, mode: str) -> float:
     s = r.get("serving")
     if s and "valid" in s:
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect(a.runs_dir, dataset)
         if not rows:
             continue
+        going = in_progress(a.runs_dir, dataset)
         groups = variety_groups(dataset, a.data_dir)
         for r in rows:
             r["default"] = r["model"] == a.default
@@ -161,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["variety_groups"] = groups[1]
         entry["rows"] = [{k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in r.items() if not k.startswith("_")} for r in rows]
+        entry["in_progress"] = going
         out[dataset] = entry
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quality.json").write_text(json.dumps(out, indent=1))
@@ -214,6 +238,15 @@ def render(out: dict) -> str:
         md += ["", "Validation HR@50 after each epoch:", ""]
         for r in e["rows"]:
             md.append(f"- {r['label']}, seed {r['seed']}: " + ", ".join(map(str, r["valid_curve"])))
+        if e.get("in_progress"):
+            md += ["", "Still training when this was written (not converged, no test figures): "
+                   "validation HR@50 / NDCG@10 after each epoch, and the command that resumes "
+                   "the run from its `last.pt`:", ""]
+            for r in e["in_progress"]:
+                md.append(f"- `{r['model']}`, seed {r['seed']}, {r['epochs']} epochs in "
+                          f"`{r['folder']}`: HR@50 " + ", ".join(map(str, r["valid_HR@50"]))
+                          + "; NDCG@10 " + ", ".join(map(str, r["valid_NDCG@10"]))
+                          + f". Resume: `{r['resume']}`")
         md.append("")
     return "\n".join(md) + "\n"
 
