@@ -77,6 +77,8 @@ VARIANTS = {
     "sine-bb2-dense": {"blocks": 2, "targets": "dense"},
     "k1-bb2-dense": {"K": 1, "blocks": 2, "targets": "dense"},
     "sine-bb2-latest-dense": {"blocks": 2, "aggregation": "latest", "targets": "dense"},
+    "sine-bb2-d02-dense": {"blocks": 2, "dropout": 0.2, "targets": "dense"},
+    "sine-bb2-d05-dense": {"blocks": 2, "dropout": 0.5, "targets": "dense"},
 }
 # `--set` names that go to TrainConfig, not the model
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
@@ -124,6 +126,8 @@ LABELS = {
     "sine-bb2-dense": "SINE on 2 causal self-attention blocks, dense targets",
     "k1-bb2-dense": "SINE, K = 1, on 2 causal self-attention blocks, dense targets",
     "sine-bb2-latest-dense": "SINE on 2 causal blocks, Eq. 7 intention from the latest state, dense targets",
+    "sine-bb2-d02-dense": "SINE on 2 causal blocks with dropout 0.2 (SASRec's ML-1M rate), dense targets",
+    "sine-bb2-d05-dense": "SINE on 2 causal blocks with dropout 0.5 (SASRec's Amazon rate), dense targets",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE

@@ -82,7 +82,7 @@ def over_budget(factory: str, n_items: int, d: int,
     shards = math.ceil(need / memory_budget_mb)
     return (f"{factory!r} holds about {need:,.0f} MiB of codes for {n_items:,} items, over the "
             f"{memory_budget_mb:,.0f} MiB budget: split the catalog into {shards} or more shards, "
-            "one per pod (deploy/README.md, 'Catalogs past one pod'), or raise the budget")
+            "one per pod (the Kubernetes guide, 'Catalogs past one pod'), or raise the budget")
 
 
 def is_refine(index: faiss.Index) -> bool:

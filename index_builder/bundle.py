@@ -87,6 +87,39 @@ MANIFEST_FIELDS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("onnx",): dict}
 
 
+# every field `make_bundle` writes, with what it means (the reference page on the manifest is
+# generated from this and MANIFEST_FIELDS; a test holds it to a built manifest's keys)
+MANIFEST_DOC: dict[str, str] = {
+    "schema_version": "The bundle format's version; the service refuses any other than its own.",
+    "version": "The version's name (a plain path component): build time and vocabulary hash.",
+    "created": "When the bundle was built, ISO-8601 UTC (`sine_bundle_age_seconds` counts from it).",
+    "git_commit": "The project's commit that built it, or null outside a git checkout.",
+    "model": "The encoder's configuration: `arch`, `D`, `n` (input length), `K`, `L` and the "
+             "rest of the model's settings, as trained.",
+    "model.D": "Embedding width: the encoder's output and the index's dimension.",
+    "model.n": "How many recent clicks the encoder reads.",
+    "model.K": "Interests per user (1 for SASRec).",
+    "dataset": "The training data: name, users, items, interactions, vocabulary hash.",
+    "onnx": "The encoder graph: file, opset, input and outputs, the graph kind (`plain` or "
+            "`folded`), and the largest difference from PyTorch measured at export.",
+    "items": "`count` (items in the vocabulary and the index) and `vocab_sha256` (the hash of "
+             "the item id list, compared with the index and the histories).",
+    "items.count": "Items in the vocabulary, each one in the index.",
+    "items.vocab_sha256": "The hash of the ordered external item ids.",
+    "index": "The faiss index: file, `factory` string, metric, `search_params` (applied at "
+             "load), the recall gate (`recall`: k, value, floor, queries, every setting tried), "
+             "build time and whether a GPU built it.",
+    "index.factory": "The faiss factory string the index was built with.",
+    "offline_metrics": "HR and NDCG at 10, 50 and 100 on validation and test, history excluded.",
+    "serving": "The default search chosen on validation: `mode` (aggregate or per_interest), "
+               "`merge`, what it was chosen on, and every candidate's validation metrics.",
+    "provenance": "Where the model came from: for a refresh, the newest click it trained on and "
+                  "its window.",
+    "libraries": "The versions of torch, onnx, onnxruntime, faiss and numpy that built it.",
+    "files": "The sha256 of every file of the version; checked at load.",
+}
+
+
 def check_manifest(m: Any, where: Path) -> None:
     """Every field the readers use is present with its type (else a BundleError naming it)."""
     if not isinstance(m, dict):

@@ -1,7 +1,8 @@
 """The service's one configuration object. Built once by `create_app(settings)` and passed down.
 
-Every field is read from an environment variable `SINE_<FIELD>` (upper case). The README's
-environment table is generated from this class: `python -m service.settings` prints it.
+Every field is read from an environment variable `SINE_<FIELD>` (upper case). The documentation
+site's settings reference is generated from this class (`devtools.reference`);
+`python -m service.settings` prints its table.
 """
 from __future__ import annotations
 
@@ -303,7 +304,7 @@ def env_name(field: str) -> str:
 
 
 def env_table() -> str:
-    """The README's environment table, one row per Settings field."""
+    """The environment table of the settings reference, one row per Settings field."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, f in Settings.model_fields.items():
         if f.default_factory is not None:

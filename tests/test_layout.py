@@ -75,8 +75,10 @@ def test_the_bundle_contract_imports_no_other_part_of_the_project():
 
 
 def test_nothing_imports_the_cli():
+    # the reference pages print every command's --help, so they read its parser
+    documents_it = ROOT / "devtools" / "reference.py"
     for path in sources():
-        if path.is_relative_to(ROOT / "sine_cli"):
+        if path.is_relative_to(ROOT / "sine_cli") or path == documents_it:
             continue
         assert not {m for m in imported(path) if top(m) == "sine_cli"}, path.relative_to(ROOT)
 

@@ -8,7 +8,7 @@ from typing import Any
 def add(sub: Any) -> None:
     v = sub.add_parser("serve", help="serve POST /recommend (settings from SINE_* variables)",
                        description="Start the retrieval service with uvicorn. Every setting is a "
-                       "SINE_* environment variable (see the README's table); these flags "
+                       "SINE_* environment variable (the settings reference lists them); these flags "
                        "override the most common ones.")
     v.add_argument("--bundle", help="bundle root or bundle folder (SINE_BUNDLE)")
     v.add_argument("--host", help="bind address (SINE_HOST, default 127.0.0.1)")
