@@ -1,4 +1,5 @@
-"""`sine refresh`: the model kept fresh. One cycle, each stage timed:
+"""`sine refresh`: the model kept fresh. One cycle (`Cycle`, a method a step, each timed under its
+name in the report):
 
 1. **export** the click log (`clicklog.export_clicks`) into the clicks folder; clicks lost
    before the export (a cap, a deletion) are counted in the report;
@@ -33,6 +34,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from index_builder import bundle as bundle_mod
@@ -40,6 +44,7 @@ from index_builder.bundle import RefreshReport
 
 from .. import data
 from ..configs import RefreshConfig
+from ..data import Dataset
 from ..data.clicklogs import count_clicks, newest_click, read_clicks
 from .clicklog import compact_partitions, export_clicks
 from .gate import histories, holdout, score_bundle
@@ -68,121 +73,206 @@ def _live(root: Path) -> bundle_mod.Bundle | None:
         return None
 
 
-def refresh(cfg: RefreshConfig, log=print) -> RefreshReport:
-    from index_builder.make import make_bundle
+@dataclass
+class Window:
+    """The collect and window steps' record: the newest click, the window's clicks less the
+    held-out ones, and each held-out user's last click."""
+    newest: float | None = None
+    train_clicks: list[tuple[str, str, float]] = field(default_factory=list)
+    targets: dict[str, str] = field(default_factory=dict)
 
-    from ..export import export
-    from ..training import TrainConfig, train
-    from ..training.checkpoints import CheckpointError
-    from ..training.workflow import model_config
 
-    root = Path(cfg.bundle_root)
-    stages: dict[str, float] = {}
-    t = time.perf_counter()
+@dataclass
+class Prepared:
+    """The prepare step's record: the base data set, and it extended by the window."""
+    base: Dataset
+    ds: Dataset
+    new_items: int
 
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        stages[name] = now - t
-        t = now
 
-    live = _live(root)
-    report = RefreshReport(outcome=NOTHING_NEW, live=live.version if live else None)
-    swept = bundle_mod.sweep_staging(root, cfg.staging_max_age_h * 3600) if root.exists() else []
-    report.retention["staging_removed"] = swept
-    exported = export_clicks(cfg.redis_url, cfg.clicks_dir, list(cfg.streams), cfg.group,
-                             password=cfg.redis_password, cluster=cfg.redis_cluster)
-    lap("export_clicks")
-    report.clicks = {"exported_now": exported.written, "lost_before_export": exported.lost,
-                     "rejected": exported.rejected}
-    if exported.lost:
-        log(f"warning: {exported.lost} clicks were lost before they could be exported")
-    Path(cfg.clicks_dir).mkdir(parents=True, exist_ok=True)
-    newest = newest_click(cfg.clicks_dir)
-    report.clicks["in_log"] = count_clicks(cfg.clicks_dir)
-    targets: dict[str, str] = {}
-    if newest is not None:
-        since = newest - cfg.window_hours * 3600
-        window = list(read_clicks(cfg.clicks_dir, since=since))     # the window only
-        train_clicks, targets = holdout(window, since)
-        report.clicks.update({"in_window": len(window), "holdout_users": len(targets),
-                              "window_hours": cfg.window_hours})
-        report.clicks["until"] = newest
-    if newest is None or not targets or newest <= _seen_until(root, live):
+@dataclass
+class Verdict:
+    """The gate step's record: publish or not, and the metrics that decided it."""
+    passed: bool
+    metrics: dict[str, dict[str, float]]
+    held_out: int
+    unknown: int
+
+
+class Cycle:
+    """One refresh cycle. Each step is a method that returns its record and fills its part of
+    the report; `timed(step)` records how long each took under the step's name."""
+
+    def __init__(self, cfg: RefreshConfig, log: Callable[[str], object] = print):
+        self.cfg, self.log = cfg, log
+        self.root = Path(cfg.bundle_root)
+        self.live = _live(self.root)
+        self.report = RefreshReport(outcome=NOTHING_NEW,
+                                    live=self.live.version if self.live else None)
+        self.work = Path(cfg.work_dir)
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.stages_s[step] = time.perf_counter() - t
+
+    def collect(self) -> None:
+        """Sweep stale staging folders, export the click log into the clicks folder."""
+        cfg = self.cfg
+        swept = (bundle_mod.sweep_staging(self.root, cfg.staging_max_age_h * 3600)
+                 if self.root.exists() else [])
+        self.report.retention["staging_removed"] = swept
+        exported = export_clicks(cfg.redis_url, cfg.clicks_dir, list(cfg.streams), cfg.group,
+                                 password=cfg.redis_password, cluster=cfg.redis_cluster)
+        self.report.clicks = {"exported_now": exported.written,
+                              "lost_before_export": exported.lost, "rejected": exported.rejected}
+        if exported.lost:
+            self.log(f"warning: {exported.lost} clicks were lost before they could be exported")
+        Path(cfg.clicks_dir).mkdir(parents=True, exist_ok=True)
+
+    def window(self) -> Window:
+        """The last `window_hours` of clicks, each active user's last one held out."""
+        cfg = self.cfg
+        w = Window(newest=newest_click(cfg.clicks_dir))
+        self.report.clicks["in_log"] = count_clicks(cfg.clicks_dir)
+        if w.newest is None:
+            return w
+        since = w.newest - cfg.window_hours * 3600
+        clicks = list(read_clicks(cfg.clicks_dir, since=since))     # the window only
+        w.train_clicks, w.targets = holdout(clicks, since)
+        self.report.clicks.update({"in_window": len(clicks), "holdout_users": len(w.targets),
+                                   "window_hours": cfg.window_hours, "until": w.newest})
+        return w
+
+    def is_new(self, w: Window) -> bool:
+        return (w.newest is not None and bool(w.targets)
+                and w.newest > _seen_until(self.root, self.live))
+
+    def prepare(self, w: Window) -> Prepared:
+        base = data.load(self.cfg.dataset, self.cfg.data_dir)
+        ds = data.extend(base, w.train_clicks)
+        new_items = ds.n_items - len(set(base.item_ids[1:]) & set(ds.item_ids[1:]))
+        self.report.clicks.update({"users": ds.n_users, "items": ds.n_items,
+                                   "new_items": new_items})
+        self.log(f"{ds.summary()}; {new_items} new items, {len(w.targets)} users held out for "
+                 "the gate")
+        return Prepared(base, ds, new_items)
+
+    def train(self, prep: Prepared) -> Path:
+        """The candidate trained, warm-started from the live model; its best checkpoint."""
+        from ..training import TrainConfig, train
+        from ..training.checkpoints import CheckpointError
+        from ..training.workflow import model_config
+        cfg, live = self.cfg, self.live
+        # the live model's shape, so that it can warm-start the candidate
+        shape = ({k: v for k, v in live.manifest["model"].items() if k != "n_items"}
+                 if live else {})
+        warm = None if cfg.from_scratch or live is None else live.path
+        if cfg.new_rows_only and warm is None:
+            raise CheckpointError(f"{self.root}: a rows-only cycle fits new rows into the live "
+                                  "model, and there is none (or --from-scratch was given); run "
+                                  "a full refresh first.")
+        shutil.rmtree(self.work, ignore_errors=True)
+        train(prep.ds, model_config(prep.ds, **shape),
+              TrainConfig(max_epochs=cfg.max_epochs, max_minutes=cfg.train_minutes, patience=2,
+                          seed=cfg.seed, threads=cfg.threads, new_item_init=cfg.new_item_init,
+                          new_item_oversample=cfg.new_item_oversample,
+                          new_rows_only=cfg.new_rows_only, new_rows_replay=cfg.new_rows_replay),
+              self.work / "train", progress=False, log=self.log, warm_start_from=warm)
+        return self.work / "train" / "best.pt"
+
+    def export(self, checkpoint: Path, prep: Prepared, w: Window) -> Path:
+        from ..export import export
+        warm = not self.cfg.from_scratch and self.live is not None
+        export(checkpoint, prep.ds, self.work / "export", log=self.log,
+               provenance={"refresh": {"clicks_until": w.newest,
+                                       "window_hours": self.cfg.window_hours,
+                                       "warm_start": self.live.version if warm and self.live
+                                       else None}})
+        return self.work / "export"
+
+    def index(self, exported: Path) -> bundle_mod.Bundle:
+        """The candidate bundle, under the root but not current."""
+        from index_builder.make import make_bundle
+        cand = make_bundle(exported, self.root, make_current=False, log=self.log)
+        self.report.version = cand.version
+        return cand
+
+    def gate(self, cand: bundle_mod.Bundle, prep: Prepared, w: Window) -> Verdict:
+        """Candidate and live answer the held-out users as the service would, scored on their
+        held-out clicks."""
+        cfg, live = self.cfg, self.live
+        hist = histories(prep.base, w.train_clicks, w.targets)
+        # a held-out click on an item the live bundle does not know is a miss it cannot help:
+        # counted, it would be the candidate's win by construction
+        live_knows = set(live.item_ids()) if live is not None else set()
+        unknown = {u: i for u, i in w.targets.items() if live is not None and i not in live_knows}
+        compared = ({u: i for u, i in w.targets.items() if u not in unknown}
+                    if cfg.gate_new_items == "exclude" else w.targets)
+        metrics = {"candidate": score_bundle(cand.path, hist, compared, cfg.k)}
+        if live is not None:
+            metrics["live"] = score_bundle(live.path, hist, compared, cfg.k)
+        if unknown:
+            metrics["candidate_on_new_items"] = score_bundle(cand.path, hist, unknown, cfg.k)
+        key = f"HR@{cfg.k}"
+        passed = live is None or metrics["candidate"][key] >= metrics["live"][key] - cfg.tolerance
+        self.report.gate = {"metric": key, "tolerance": cfg.tolerance, "passed": passed,
+                            "metrics": metrics, "new_items": cfg.gate_new_items,
+                            "holdout_new_item_share": len(unknown) / max(len(w.targets), 1)}
+        self.log(f"gate: candidate {key} {metrics['candidate'][key]:.4f}"
+                 + (f", live {metrics['live'][key]:.4f}" if live else " (no live bundle)")
+                 + f" -> {'publish' if passed else 'refuse'}")
+        return Verdict(passed, metrics, len(w.targets), len(unknown))
+
+    def publish(self, cand: bundle_mod.Bundle, verdict: Verdict) -> None:
+        """`current` moved to the candidate (and its archive written), or the candidate deleted."""
+        if verdict.passed:
+            if self.cfg.archive_dir is not None:
+                bundle_mod.archive(self.root, cand.version, self.cfg.archive_dir)
+            bundle_mod.set_current(self.root, cand.version)
+            self.report.outcome = PUBLISHED
+        else:
+            shutil.rmtree(cand.path, ignore_errors=True)
+            self.report.outcome = REFUSED
+
+    def retain(self, newest: float | None, protect: set[str]) -> None:
+        _retention(self.cfg, self.root, self.report, newest, protect)
+
+    def finish(self) -> RefreshReport:
+        return _finish(self.root, self.report)
+
+
+def refresh(cfg: RefreshConfig, log: Callable[[str], object] = print) -> RefreshReport:
+    c = Cycle(cfg, log)
+    with c.timed("export_clicks"):
+        c.collect()
+        w = c.window()
+    if not c.is_new(w):
         log("no click since the live bundle or the last refused candidate: nothing to refresh")
-        _retention(cfg, root, report, newest, set())
-        return _finish(root, report, stages)
-
-    base = data.load(cfg.dataset, cfg.data_dir)
-    ds = data.extend(base, train_clicks)
-    new_items = ds.n_items - len(set(base.item_ids[1:]) & set(ds.item_ids[1:]))
-    report.clicks.update({"users": ds.n_users, "items": ds.n_items, "new_items": new_items})
-    log(f"{ds.summary()}; {new_items} new items, {len(targets)} users held out for the gate")
-    lap("prepare")
-    if cfg.new_rows_only and not new_items:
+        c.retain(w.newest, set())
+        return c.finish()
+    with c.timed("prepare"):
+        prep = c.prepare(w)
+    if cfg.new_rows_only and not prep.new_items:
         log("no new item in the window: a rows-only cycle has nothing to fit")
-        _retention(cfg, root, report, newest, set())
-        return _finish(root, report, stages)
-
-    # the live model's shape, so that it can warm-start the candidate
-    shape = {k: v for k, v in live.manifest["model"].items() if k != "n_items"} if live else {}
-    mcfg = model_config(ds, **shape)
-    work = Path(cfg.work_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    warm = None if cfg.from_scratch or live is None else live.path
-    if cfg.new_rows_only and warm is None:
-        raise CheckpointError(f"{root}: a rows-only cycle fits new rows into the live model, and "
-                              "there is none (or --from-scratch was given); run a full refresh "
-                              "first.")
-    train(ds, mcfg, TrainConfig(max_epochs=cfg.max_epochs, max_minutes=cfg.train_minutes,
-                                patience=2, seed=cfg.seed, threads=cfg.threads,
-                                new_item_init=cfg.new_item_init,
-                                new_item_oversample=cfg.new_item_oversample,
-                                new_rows_only=cfg.new_rows_only,
-                                new_rows_replay=cfg.new_rows_replay),
-          work / "train", progress=False, log=log, warm_start_from=warm)
-    lap("train")
-    export(work / "train" / "best.pt", ds, work / "export", log=log,
-           provenance={"refresh": {"clicks_until": newest, "window_hours": cfg.window_hours,
-                                   "warm_start": live.version if warm and live else None}})
-    lap("export")
-    cand = make_bundle(work / "export", root, make_current=False, log=log)
-    report.version = cand.version
-    lap("index")
-
-    hist = histories(base, train_clicks, targets)
-    # a held-out click on an item the live bundle does not know is a miss it cannot help:
-    # counted, it would be the candidate's win by construction
-    live_knows = set(live.item_ids()) if live is not None else set()
-    unknown = {u: i for u, i in targets.items() if live is not None and i not in live_knows}
-    compared = ({u: i for u, i in targets.items() if u not in unknown}
-                if cfg.gate_new_items == "exclude" else targets)
-    metrics = {"candidate": score_bundle(cand.path, hist, compared, cfg.k)}
-    if live is not None:
-        metrics["live"] = score_bundle(live.path, hist, compared, cfg.k)
-    if unknown:
-        metrics["candidate_on_new_items"] = score_bundle(cand.path, hist, unknown, cfg.k)
-    key = f"HR@{cfg.k}"
-    passed = live is None or metrics["candidate"][key] >= metrics["live"][key] - cfg.tolerance
-    report.gate = {"metric": key, "tolerance": cfg.tolerance, "passed": passed,
-                   "metrics": metrics, "new_items": cfg.gate_new_items,
-                   "holdout_new_item_share": len(unknown) / max(len(targets), 1)}
-    lap("gate")
-    log(f"gate: candidate {key} {metrics['candidate'][key]:.4f}"
-        + (f", live {metrics['live'][key]:.4f}" if live else " (no live bundle)")
-        + f" -> {'publish' if passed else 'refuse'}")
-    if passed:
-        if cfg.archive_dir is not None:
-            bundle_mod.archive(root, cand.version, cfg.archive_dir)
-        bundle_mod.set_current(root, cand.version)
-        report.outcome = PUBLISHED
-    else:
-        shutil.rmtree(cand.path, ignore_errors=True)
-        report.outcome = REFUSED
-    lap("publish")
-    _retention(cfg, root, report, newest, {cand.version, *([live.version] if live else [])})
-    lap("retention")
-    return _finish(root, report, stages)
+        c.retain(w.newest, set())
+        return c.finish()
+    with c.timed("train"):
+        checkpoint = c.train(prep)
+    with c.timed("export"):
+        exported = c.export(checkpoint, prep, w)
+    with c.timed("index"):
+        cand = c.index(exported)
+    with c.timed("gate"):
+        verdict = c.gate(cand, prep, w)
+    with c.timed("publish"):
+        c.publish(cand, verdict)
+    with c.timed("retention"):
+        c.retain(w.newest, {cand.version, *([c.live.version] if c.live else [])})
+    return c.finish()
 
 
 def _retention(cfg: RefreshConfig, root: Path, report: RefreshReport, newest: float | None,
@@ -200,8 +290,7 @@ def _retention(cfg: RefreshConfig, root: Path, report: RefreshReport, newest: fl
                                  "click_partitions_dropped": dropped})
 
 
-def _finish(root: Path, report: RefreshReport, stages: dict[str, float]) -> RefreshReport:
-    report.stages_s = stages
+def _finish(root: Path, report: RefreshReport) -> RefreshReport:
     report.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report.finished_unix = time.time()
     bundle_mod.write_refresh_report(root, report)
