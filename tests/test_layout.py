@@ -1,7 +1,7 @@
 """The project's import rules, read from the source and checked at run time:
 
 - `service/` imports neither `model_export`, the CLI, the dev tooling nor the index builder's build
-  code; the bundle contract (`index_builder/bundle.py`) imports no other part of the project;
+  code; the bundle contract (`index_builder/bundle/`) imports no other part of the project;
 - nothing imports the CLI;
 - only the training code imports torch, and serving never loads it, even where it is installed.
 """
@@ -70,8 +70,14 @@ def test_service_imports_no_training_cli_devtools_or_build_code():
 
 
 def test_the_bundle_contract_imports_no_other_part_of_the_project():
-    mods = imported(ROOT / "index_builder" / "bundle.py")
-    assert not {m for m in mods if top(m) in PACKAGES}, mods
+    contract = ROOT / "index_builder" / "bundle"
+    modules = sorted(contract.glob("*.py"))
+    assert len(modules) > 3
+    for path in modules:
+        mods = imported(path)
+        outside = {m for m in mods if top(m) in PACKAGES
+                   and not m.startswith("index_builder.bundle")}
+        assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}"
 
 
 def test_nothing_imports_the_cli():
