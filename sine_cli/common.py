@@ -29,6 +29,59 @@ def data_args(p: argparse.ArgumentParser, seed: int) -> None:
                    help=f"random seed (data generator and training; default {seed})")
 
 
+def add_options(g: Any, cls: type, names: tuple[str, ...] | None = None,
+                also: type | None = None) -> None:
+    """A flag for each `opt` field of the config `cls` (those in `names`, else every one made for
+    the CLI), its help, choices and default from the field. With `also` (a config that shares
+    some flags, as SASRec shares SINE's), each flag defaults to None so that the config chosen
+    later fills its own default, and the help names both."""
+    from model_export.configs import default_of, flag_of, options
+    others = {f.name: default_of(f) for f in options(also)} if also else {}
+    for f in options(cls):
+        if not f.metadata["cli"] or (names is not None and f.name not in names):
+            continue
+        default = default_of(f)
+        if isinstance(default, bool):
+            g.add_argument(flag_of(f), dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
+        choices = f.metadata["choices"]
+        g.add_argument(flag_of(f), dest=f.name, type=_kind(f), help=_help(f, others, also),
+                       choices=list(choices) if choices else None,
+                       default=None if also else default)
+
+
+def _kind(f: Any) -> type:
+    """A field's value type, from its default or else from its annotation (`int | None`)."""
+    if f.default is not None:
+        return type(f.default)
+    return float if "float" in str(f.type) else int if "int" in str(f.type) else str
+
+
+def _help(f: Any, others: dict[str, Any], also: type | None) -> str:
+    text, default = f.metadata["help"], f.default
+    if f.name in others and others[f.name] != default:
+        theirs = getattr(also, "__name__", "").removesuffix("Config")
+        return f"{text} (default {_shown(default)}; {theirs} {_shown(others[f.name])})"
+    if f.metadata["show_default"] and default is not None:
+        return f"{text} (default {_shown(default)})"
+    return str(text)
+
+
+def _shown(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def options_from(a: argparse.Namespace, cls: type, given_only: bool = False) -> dict[str, Any]:
+    """The values of `cls`'s flags in parsed arguments, by field name (`given_only`: those set:
+    not None, and a switch only when on)."""
+    from model_export.configs import options
+    out = {f.name: getattr(a, f.name) for f in options(cls)
+           if f.metadata["cli"] and hasattr(a, f.name)}
+    if given_only:
+        out = {k: v for k, v in out.items() if v is not None and v is not False}
+    return out
+
+
 def dataset(a: argparse.Namespace) -> Any:
     from model_export import data
     return data.load(a.dataset, a.data_dir, a.drop_short_users, seed=a.seed)

@@ -43,7 +43,7 @@ from index_builder import bundle as bundle_mod
 from index_builder.bundle import RefreshReport
 
 from .. import data
-from ..configs import RefreshConfig
+from ..configs import WARM_START_OPTIONS, RefreshConfig
 from ..data import Dataset
 from ..data.clicklogs import count_clicks, newest_click, read_clicks
 from .clicklog import compact_partitions, export_clicks
@@ -178,9 +178,8 @@ class Cycle:
         shutil.rmtree(self.work, ignore_errors=True)
         train(prep.ds, model_config(prep.ds, **shape),
               TrainConfig(max_epochs=cfg.max_epochs, max_minutes=cfg.train_minutes, patience=2,
-                          seed=cfg.seed, threads=cfg.threads, new_item_init=cfg.new_item_init,
-                          new_item_oversample=cfg.new_item_oversample,
-                          new_rows_only=cfg.new_rows_only, new_rows_replay=cfg.new_rows_replay),
+                          seed=cfg.seed, threads=cfg.threads,
+                          **{k: getattr(cfg, k) for k in WARM_START_OPTIONS}),
               self.work / "train", progress=False, log=self.log, warm_start_from=warm)
         return self.work / "train" / "best.pt"
 

@@ -8,11 +8,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ..common import CliError, data_args, log_args, log_settings, need_torch, nonnegative
+from ..common import CliError, add_options, data_args, log_args, log_settings, need_torch, nonnegative
 
 
 def add(sub: Any) -> None:
-    from model_export.configs import GATE_NEW_ITEMS, NEW_ITEM_INITS, RefreshConfig
+    from model_export.configs import GATE_NEW_ITEMS, WARM_START_OPTIONS, RefreshConfig, TrainConfig
 
     D = {f.name: f.default for f in fields(RefreshConfig)}
     r = sub.add_parser("refresh", help="export clicks, warm-start, gate and publish a bundle",
@@ -53,21 +53,7 @@ def add(sub: Any) -> None:
     r.add_argument("--clicks-retention-hours", type=float,
                    help="delete exported clicks older than this many hours before the newest "
                         "(default: keep them; partitions older than the window are compacted)")
-    r.add_argument("--new-item-init", choices=NEW_ITEM_INITS, default=D["new_item_init"],
-                   help="a new item's starting row: the old rows' mean, or the mean of the rows "
-                        "of the items clicked just before and after it (default "
-                        f"{D['new_item_init']})")
-    r.add_argument("--new-item-oversample", type=int, default=D["new_item_oversample"],
-                   help="draw each training window that ends in a new item this many times an "
-                        f"epoch (default {D['new_item_oversample']})")
-    r.add_argument("--new-rows-only", action="store_true",
-                   help="the cheap cycle between full refreshes: fit the new items' rows alone "
-                        "into the live model (everything else frozen) on the windows that end in "
-                        "a new item and a random sample of the others, then re-export, index, "
-                        "gate and publish as usual")
-    r.add_argument("--new-rows-replay", type=float, default=D["new_rows_replay"],
-                   help="with --new-rows-only, other windows drawn at random per new-item draw "
-                        f"(default {D['new_rows_replay']:g})")
+    add_options(r, TrainConfig, WARM_START_OPTIONS)
     r.add_argument("--gate-new-items", choices=GATE_NEW_ITEMS, default=D["gate_new_items"],
                    help="held-out clicks on items the live bundle does not know: exclude them "
                         "from the gate's comparison, or count them as its misses (default "
@@ -77,13 +63,13 @@ def add(sub: Any) -> None:
 
 def run(a: argparse.Namespace) -> int:
     need_torch()
-    from model_export.configs import RefreshConfig, TrainConfig
+    from model_export.configs import WARM_START_OPTIONS, RefreshConfig, TrainConfig
     from model_export.freshness.refresh import EXIT, refresh
     from service.keys import Keys
 
+    warm = {k: getattr(a, k) for k in WARM_START_OPTIONS}
     try:                                   # the training values, checked before any work
-        TrainConfig(new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
-                    new_rows_replay=a.new_rows_replay)
+        TrainConfig(**warm)
     except ValueError as e:
         raise CliError(str(e)) from None
     if a.new_rows_only and a.from_scratch:
@@ -99,10 +85,8 @@ def run(a: argparse.Namespace) -> int:
         max_epochs=a.epochs, from_scratch=a.from_scratch, tolerance=a.tolerance, k=a.k,
         archive_dir=a.archive_dir, threads=a.threads, seed=a.seed,
         keep_versions=a.keep_versions, pinned=tuple(a.keep_version),
-        clicks_retention_hours=a.clicks_retention_hours,
-        new_item_init=a.new_item_init, new_item_oversample=a.new_item_oversample,
-        new_rows_only=a.new_rows_only, new_rows_replay=a.new_rows_replay,
-        gate_new_items=a.gate_new_items),
+        clicks_retention_hours=a.clicks_retention_hours, gate_new_items=a.gate_new_items,
+        **warm),
         log=lambda msg: print(msg, file=sys.stderr))           # stdout: the report alone
     print(json.dumps(vars(report), indent=1))
     return EXIT[report.outcome]

@@ -46,6 +46,50 @@ def test_out_of_range_settings_are_clean_errors(tmp_path, capsys, flags, said):
     assert rc == 2 and said in err and "Traceback" not in err
 
 
+def test_train_flags_are_made_from_the_configs_fields():
+    """Each option is declared once, on its config field: every such field has its flag, and a
+    parsed flag reaches the config unchanged."""
+    from model_export.configs import SASRecConfig, SINEConfig, TrainConfig, flag_of, options
+    from sine_cli.commands.train import _train_config
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    for cls in (TrainConfig, SINEConfig, SASRecConfig):
+        for f in options(cls):
+            if f.metadata["cli"]:
+                assert flag_of(f) in flags, (cls.__name__, f.name)
+            elif f.name != "seed":                   # --seed is the data's and training's
+                assert flag_of(f) not in flags, (cls.__name__, f.name)
+    a = parser.parse_args(["train", "--epochs", "7", "--targets", "dense", "--stride", "5",
+                           "--cos-penalty", "0.25", "--prototype-refresh", "--new-rows-replay", "3"])
+    cfg = _train_config(a)
+    assert (cfg.max_epochs, cfg.targets, cfg.stride, cfg.cos_penalty, cfg.prototype_refresh,
+            cfg.new_rows_replay) == (7, "dense", 5, 0.25, True, 3.0)
+    untouched = _train_config(parser.parse_args(["train"]))
+    assert untouched == TrainConfig(seed=untouched.seed)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--targets", "every"])      # choices come from the field
+
+
+def test_help_shows_both_defaults_of_a_shared_model_flag(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default 0; SASRec 2)" in out            # --blocks: SINE's 0, SASRec's 2
+    assert "--seq-len N" in out
+
+
+def test_config_bounds_are_checked_from_the_field():
+    from model_export.configs import SINEConfig, TrainConfig
+    with pytest.raises(ValueError, match="dropout must be < 1, got 1.0"):
+        SINEConfig(n_items=10, dropout=1.0)
+    with pytest.raises(ValueError, match="aggregation must be one of adaptive, mean, latest"):
+        SINEConfig(n_items=10, aggregation="sum")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TrainConfig(batch_size=0)
+    assert TrainConfig(stride=None).stride is None          # None: unset, never out of range
+
+
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     rc = main(["evaluate", "--dataset", "synthetic", "--checkpoint", str(tmp_path / "nope.pt")])
     assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
