@@ -147,3 +147,28 @@ def test_serving_never_loads_torch_where_it_is_installed(small_world, tmp_path):
               if ln.startswith("import time:")]
     assert {"service.app", "onnxruntime", "faiss"} <= set(loaded)
     assert not [m for m in loaded if top(m) == "torch"], "the serving process imported torch"
+
+
+# radon's cyclomatic complexity counts boolean operators and comprehensions, which ruff's C901
+# does not; over 20 (radon's grade D) is a function nobody wants to change
+MAX_COMPLEXITY = 20
+SHIPPED = ("service", "model_export", "index_builder", "sine_cli", "devtools")
+
+
+def test_no_function_of_the_shipped_packages_is_over_complexity_20():
+    from radon.complexity import cc_visit
+    over = []
+    for pkg in SHIPPED:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for block in cc_visit(path.read_text()):
+                if block.complexity > MAX_COMPLEXITY:
+                    over.append(f"{path.relative_to(ROOT)}:{block.lineno} {block.name} "
+                                f"({block.complexity})")
+    assert not over, "split these: " + ", ".join(over)
+
+
+def test_the_complexity_check_sees_a_complex_function(tmp_path):
+    from radon.complexity import cc_visit
+    branches = "".join(f"    if x == {i} and y:\n        return {i}\n" for i in range(12))
+    (block,) = cc_visit(f"def f(x, y):\n{branches}    return -1\n")
+    assert block.complexity > MAX_COMPLEXITY
