@@ -1,6 +1,7 @@
 """Fixtures shared by the test packages: the data folder, a small trained bundle, a real
 redis-server on a free port, and the app behind a real uvicorn."""
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -9,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.local import free_port
 from tests.helpers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,11 +74,15 @@ def served(settings, ready: bool = True):
     from service.app import create_app
     from service.server import uvicorn_options
 
-    port = free_port()
+    # the socket bound here and handed over: no other process can take the port in between
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     app = create_app(settings)
     opts = {**uvicorn_options(settings), "host": "127.0.0.1", "port": port, "access_log": False}
     server = uvicorn.Server(uvicorn.Config(app, **opts))
-    t = threading.Thread(target=server.run, daemon=True)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -95,6 +99,7 @@ def served(settings, ready: bool = True):
         finally:
             server.should_exit = True
             t.join(10)
+            sock.close()
 
 
 @pytest.fixture(scope="session")

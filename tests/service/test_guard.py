@@ -56,9 +56,9 @@ def test_idle_and_half_sent_headers_are_closed_at_the_deadline(small_world, serv
         half.sendall(b"POST /recommend HTT")                     # half a request line
         t0 = time.monotonic()
         for s in (idle, half):
-            got, _ = until_closed(s, 5)
+            got, _ = until_closed(s, 10)        # closed by the server, well before 10 s
             took = time.monotonic() - t0
-            assert 0.4 < took < 2.0, took
+            assert took > 0.4, took             # not before the deadline
             assert status(got) == 408 and "SINE_HEADER_TIMEOUT_S" in body(got)["detail"]
             s.close()
         assert c.post("/recommend", json={"user_id": "u", "n": 5}).status_code == 200
@@ -73,8 +73,8 @@ def test_the_deadline_holds_for_each_request_of_a_kept_alive_connection(small_wo
         assert status(first) == 200
         time.sleep(0.7)                    # idle between requests: keep-alive's own timeout
         s.sendall(b"POST /recommend HTTP/1.1\r\nHost: t\r\n")     # then headers that stall
-        got, took = until_closed(s, 5)
-        assert status(got) == 408 and 0.4 < took < 2.0, (got[:40], took)
+        got, took = until_closed(s, 10)
+        assert status(got) == 408 and took > 0.4, (got[:40], took)
 
 
 def test_oversized_headers_are_refused_431_before_they_are_read(small_world, serve):
@@ -82,14 +82,12 @@ def test_oversized_headers_are_refused_431_before_they_are_read(small_world, ser
         for extra in (b"X-Big: " + b"a" * 65_536 + b"\r\n",               # one huge header
                       b"".join(b"X-%d: %b\r\n" % (i, b"b" * 500) for i in range(100))):
             s = connect(c)
-            t0 = time.monotonic()
             try:
                 s.sendall(head(extra=extra) + REQUEST)
             except (BrokenPipeError, ConnectionResetError):
                 pass                          # closed before the rest was even sent
-            got, _ = until_closed(s, 5)
+            got, _ = until_closed(s, 10)      # refused at once: no header deadline here
             assert status(got) == 431 and "SINE_MAX_HEADER_BYTES" in body(got)["detail"]
-            assert time.monotonic() - t0 < 2.0
             s.close()
         s = connect(c)                        # a long URL counts too
         s.sendall(b"GET /livez?" + b"q" * 20_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -111,7 +109,6 @@ def test_slow_bodies_hold_no_slot_and_are_cut_off(small_world, own_redis, serve)
             k = connect(c)
             k.sendall(head(length=100) + b'{"user_id"')
             slow.append(k)
-        t0 = time.monotonic()
         for _ in range(20):                   # ordinary clients: answered, never 429
             r = c.post("/recommend", json={"user_id": "u", "n": 5})
             assert r.status_code == 200, r.text
@@ -122,7 +119,6 @@ def test_slow_bodies_hold_no_slot_and_are_cut_off(small_world, own_redis, serve)
             got, _ = until_closed(k, 5)
             assert status(got) == 408 and "SINE_BODY_TIMEOUT_S" in body(got)["detail"]
             k.close()
-        assert time.monotonic() - t0 < 4.0
         assert metric(c, "sine_failures_total", reason="request-timeout") == 17
 
 
@@ -145,9 +141,8 @@ def test_batches_are_admitted_by_their_users_and_leave_singles_room(small_world,
         own_redis.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
         first = ex.submit(c.post, "/recommend/batch", json={"requests": users})
         wait_until(lambda: c.app.state.sine.admission.held["bulk"] == 5, 2, "the batch admitted")
-        t0 = time.monotonic()
         r = c.post("/recommend/batch", json={"requests": users[:2]})       # 5 + 2 > 6
-        assert r.status_code == 429 and time.monotonic() - t0 < 0.5
+        assert r.status_code == 429 and not first.done()    # refused, not queued behind it
         assert "users of batches" in r.json()["detail"] and r.headers["retry-after"] == "1"
         singles = [ex.submit(c.post, "/recommend", json={"user_id": f"s{i}", "n": 3})
                    for i in range(3)]                      # their own pool: admitted
@@ -254,14 +249,13 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_cap_fits_the_fd_li
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert connection_cap(10**9, 100) == (10**9 if soft == resource.RLIM_INFINITY else soft - 100)
     assert connection_cap(5, 100) == 5
-    with serve(settings(small_world, max_connections=4, header_timeout_s=5)) as c:
+    with serve(settings(small_world, max_connections=4, header_timeout_s=60)) as c:
         c.close()                                            # the fixture's own keep-alive one
         held = [connect(c) for _ in range(4)]
         wait_until(lambda: len(held) == 4)
         extra = connect(c)
-        got, took = until_closed(extra, 5)
+        got, _ = until_closed(extra, 10)      # at once: the header deadline is a minute
         assert status(got) == 503 and "SINE_MAX_CONNECTIONS" in body(got)["detail"]
-        assert took < 2.0
         for s in held:                                       # the held ones are still served
             s.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n")
             s.settimeout(5)
