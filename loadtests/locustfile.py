@@ -8,7 +8,7 @@
 
 The service's `Server-Timing` header (queue, history, window, encode, search, filter, answer, or popularity for
 fallbacks) is collected per stage beside locust's own statistics (`Traffic.stages`, written by
-the runner to `<scenario>_stages.csv`). Every `/recommend` answer's
+the run's summary, and by the runner to `raw/<scenario>_stages.csv`). Every `/recommend` answer's
 `fallback` flag is kept with its time, for the fault scenarios' pass rules.
 
 Standalone: `locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --traffic-file

@@ -2,8 +2,9 @@
 
     python -m loadtests.run SCENARIO [SCENARIO ...] [--bundle runs/demo/bundles] [--out DIR]
 
-Scenarios (each writes <out>/<name>_stats.csv, _stats_history.csv, _failures.csv, .html,
-a .png of latency percentiles and throughput over time, and a row of <out>/summary.json):
+Scenarios (each writes a row of <out>/summary.json and summary.md, with its stage times, and a
+.png of latency percentiles and throughput over time; locust's own <name>_stats.csv,
+_stats_history.csv, _failures.csv and .html go to <out>/raw/, which git ignores):
 
   load          a fixed load (--users clients at --rate req/s each) for --duration s;
                 fails on any error or a p99 above --p99-ms

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtests.locustfile import SineUser, Traffic
 from loadtests.system import System
 
+RAW = "raw"
+
 
 def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, float | None]],
                events_at: dict[float, Callable] | None = None, system: System | None = None,
@@ -31,7 +33,9 @@ def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, fl
     t = SineUser.traffic = base_traffic.fresh(keep_log)
     env = Environment(user_classes=[SineUser], host=url)
     runner = env.create_local_runner()
-    base = str(out / name)
+    raw = out / RAW                       # locust's own files: git ignores them, the summary holds
+    raw.mkdir(parents=True, exist_ok=True)  # what a run is judged and compared by
+    base = str(raw / name)
     csvw = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, base, full_history=False)
     g_csv = gevent.spawn(csvw.stats_writer)
     g_hist = gevent.spawn(stats_history, runner)
@@ -79,11 +83,11 @@ def run_locust(name: str, url: str, out: Path, phases: list[tuple[float, int, fl
         flush()
     csvw.close_files()
     if reports:
-        (out / f"{name}.html").write_text(get_html_report(env))
+        (raw / f"{name}.html").write_text(get_html_report(env))
         plot(series, out / f"{name}.png", name)
     stages = {k: {"count": len(v), "p50_ms": pct(v, 0.5), "p90_ms": pct(v, 0.9),
                   "p99_ms": pct(v, 0.99)} for k, v in t.stages.items()}
-    with open(out / f"{name}_stages.csv", "w") as f:
+    with open(raw / f"{name}_stages.csv", "w") as f:
         f.write("stage,count,p50_ms,p90_ms,p99_ms\n")
         for k, v in stages.items():
             f.write(f"{k},{v['count']},{v['p50_ms']:.3f},{v['p90_ms']:.3f},{v['p99_ms']:.3f}\n")

@@ -35,11 +35,14 @@ def test_ci_scenarios_pass_and_write_reports(demo_bundle, tmp_path):
     fault = s["ci-redis-fault"]["record"]["fault"]
     assert fault["answers_during_outage"] > 0 and fault["personalized_after_s"] <= 2
     for name in ("load", "redis-fault"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0, name
         for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_stages.csv",
-                       ".html", ".png"):
-            assert (tmp_path / f"{name}{suffix}").stat().st_size > 0, name + suffix
-    stages = (tmp_path / "load_stages.csv").read_text()
+                       ".html"):
+            assert (tmp_path / "raw" / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    stages = (tmp_path / "raw" / "load_stages.csv").read_text()
     assert "encode," in stages and "history," in stages
+    recorded = s["ci-load"]["record"]["stages"]
+    assert recorded["encode"]["count"] > 0 and recorded["history"]["p99_ms"] > 0
 
 
 def test_a_failed_threshold_fails_the_run(demo_bundle, tmp_path):
