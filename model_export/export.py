@@ -206,7 +206,8 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
            graph: str = "auto", fold_budget_mb: float = FOLD_BUDGET_MB, serving: str = "auto",
            provenance: dict | None = None, log=print) -> dict:
     """Write encoder.onnx, items.npy, item_ids.json, popularity.npy, queries.npy, model.pt
-    (weights, config and vocabulary, for a warm start) and export.json (with `serving`, as
+    (weights, config and vocabulary, for a warm start), titles.json (where the data set has
+    titles) and export.json (with `serving`, as
     `choose_serving` picks it)."""
     from .data import split
     from .evaluation.evaluate import evaluate_model
@@ -232,6 +233,12 @@ def export(ck_path: Path, ds, out_dir: Path, opset: int = OPSET, n_queries: int 
     np.save(out_dir / "popularity.npy", sp.train_counts)
     np.save(out_dir / "queries.npy", validation_queries(model, sp, n_queries))
     atomic_write_text(json.dumps(ds.item_ids), out_dir / "item_ids.json")
+    # the items' titles where the data has them (the inspector page shows them)
+    titles = {ds.item_ids[i]: t for i, t in sorted(ds.titles.items()) if 0 < i <= ds.n_items}
+    if titles:
+        atomic_write_text(json.dumps(titles), out_dir / "titles.json")
+    else:
+        (out_dir / "titles.json").unlink(missing_ok=True)
     # the model itself, so that the next training can start from the published bundle
     atomic_save({"format": ck["format"], "model_args": ck["model_args"], "model": ck["model"],
                  "item_ids": ck["item_ids"], "dataset": ck["dataset"]}, out_dir / "model.pt")

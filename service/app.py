@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import errors, lifecycle
 from .guard import Guard
-from .routers import admin, events, operations, retrieval
+from .routers import admin, events, inspection, operations, retrieval
 from .schemas import request_models
 from .server import LIMITS, ConnectionLimits
 from .settings import Settings
@@ -89,4 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     events.register(app, models)
     operations.register(app)
     admin.register(app)
+    if s.inspector != "off":
+        inspection.register(app, models)
     return app

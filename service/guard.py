@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
+from .inspector import INSPECT_API
 from .metrics import Metrics
 from .settings import Settings
 from .tracing import CURRENT_SPAN, HEADER, REQUEST_ID, Tracing, request_id
@@ -98,6 +99,8 @@ class Guard:
     def _unauthorized(self, path: str, headers: dict[bytes, bytes]
                       ) -> tuple[int, str, dict[str, str]] | None:
         if not (path.startswith("/admin/") or path in self.tokens):
+            return None
+        if path == INSPECT_API and self.s.inspector == "open":
             return None
         token = self.s.admin_token if path.startswith("/admin/") else self.tokens[path]
         if bearer_ok(headers.get(b"authorization"), token):

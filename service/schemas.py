@@ -18,6 +18,8 @@ from pydantic import (
 from .merge import Merge
 from .settings import Settings
 
+INSPECT_MAX_N = 100       # the page shows K + 4 lists of n: more is not for reading
+
 
 class Item(BaseModel):
     """One candidate: its external id and score (and, per interest, which one found it)."""
@@ -69,6 +71,51 @@ class ReloadRequest(BaseModel):
                                                         "omitted: whatever `current` names.")
 
 
+class Shown(BaseModel):
+    """An item as the inspector shows it."""
+    item_id: str
+    title: str | None = Field(description="The bundle's title for it, where the data had one.")
+    score: float
+    interest: int | None = Field(None, description="In a merged list: the interest that found it.")
+
+
+class Click(BaseModel):
+    """One click of the history the service read, newest first."""
+    item_id: str
+    title: str | None
+    known: bool = Field(description="In the bundle's vocabulary (unknown clicks are dropped).")
+    in_window: bool = Field(description="Among the n newest known clicks the encoder reads.")
+
+
+class InterestView(BaseModel):
+    """One of the K interests: its Eq. 7 weight and its own top items."""
+    k: int
+    weight: float
+    items: list[Shown]
+
+
+class Inspection(BaseModel):
+    """The answer of `POST /admin/inspect`: what the service reads and retrieves for a user."""
+    user_id: str
+    version: str
+    K: int = Field(description="Interests per user in this bundle.")
+    n: int
+    fallback: Literal["no_history", "cold_start", "history_unavailable"] | None = Field(
+        description="Why nothing personal can be shown: no history in Redis, no click the bundle "
+                    "knows, or Redis could not be read; null when personalized.")
+    history: list[Click]
+    interests: list[InterestView]
+    aggregate: list[Shown] = Field(description="The Eq. 8 user vector's top n.")
+    merges: dict[str, list[Shown]] = Field(description="Each merge of the K lists, by name.")
+    popular: list[Shown] = Field(description="The fallback: the most clicked items in training.")
+
+
+class InspectBody(BaseModel):
+    """What `POST /admin/inspect` takes; `request_models` puts this app's limits on it."""
+    user_id: str | int
+    n: int = 10
+
+
 class RecommendBody(BaseModel):
     """What `POST /recommend` takes; `request_models` puts this app's limits on it."""
     user_id: str | int
@@ -98,6 +145,7 @@ class RequestModels:
     recommend: type[RecommendBody]
     batch: type[BatchBody]
     event: type[EventBody]
+    inspect: type[InspectBody]
 
 
 def _default(setting: str, what: str) -> str:
@@ -160,4 +208,11 @@ def request_models(s: Settings) -> RequestModels:
             "Optional client id of this event: a retry with the same id (from the same user) is "
             "stored once."))
 
-    return RequestModels(RecommendRequest, BatchRequest, EventRequest)
+    class InspectRequest(InspectBody):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"user_id": "1", "n": 10}]})
+        user_id: UserId
+        n: StrictInt = Field(10, ge=1, le=min(s.max_n, INSPECT_MAX_N),
+                             description=f"Items per list, 1 to {min(s.max_n, INSPECT_MAX_N)}.")
+
+    return RequestModels(RecommendRequest, BatchRequest, EventRequest, InspectRequest)

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description=(
         "Bearer token for `POST /admin/reload` and the whole manifest from `GET /bundle`; unset "
         "disables reload (answered 401, as a wrong token is)."))
+    inspector: Literal["off", "admin", "open"] = Field("off", description=(
+        "The inspector page, `GET /inspect`: a user's clicks, each interest's weight and items, "
+        "and every merge's answer. `off`: no page (404); `admin`: its data route "
+        "(`POST /admin/inspect`) needs the admin token; `open`: anyone may call it (a trusted "
+        "network only: it shows a user's history)."))
     bundle_details_public: bool = Field(False, description=(
         "`GET /bundle` answers the whole manifest (commit, library versions, data set, offline "
         "metrics) to anyone; off: the version, item count and index factory, and the whole "

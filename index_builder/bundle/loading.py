@@ -43,6 +43,24 @@ class Bundle:
         pop: np.ndarray = self._read["popularity"]
         return pop
 
+    def titles(self) -> dict[str, str]:
+        """{external id: title} where the bundle carries titles, else {}. Read once, on first
+        use, and checked against the manifest's hash (a mismatch reads as no titles: they are
+        for people, never for the answers)."""
+        if "titles" not in self._read:
+            got: dict[str, str] = {}
+            want = self.manifest["files"].get(OPTIONAL_FILES["titles"])
+            path = self.file("titles")
+            if want is not None and path.exists() and sha256_file(path) == want:
+                try:
+                    raw = json.loads(path.read_text())
+                    got = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+                except (OSError, ValueError):
+                    got = {}
+            self._read["titles"] = got
+        titles: dict[str, str] = self._read["titles"]
+        return titles
+
     @property
     def default_search(self) -> tuple[str, str | None]:
         """(mode, merge) a request that names neither is answered with (manifest `serving`)."""

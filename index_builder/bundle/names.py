@@ -8,33 +8,22 @@ from collections.abc import Callable
 from .errors import BundleError
 
 SCHEMA_VERSION = 1
-
-
 FILES = {"encoder": "encoder.onnx", "index": "index.faiss", "item_ids": "item_ids.json",
          "popularity": "popularity.npy"}
 
 
-# optional: the trained model (config, weights, vocabulary), for `sine train --warm-start`
-OPTIONAL_FILES = {"model": "model.pt"}
-
-
+# optional: the trained model (config, weights, vocabulary), for `sine train --warm-start`, and
+# the items' titles where the data has them ({external id: title}, for the inspector page)
+OPTIONAL_FILES = {"model": "model.pt", "titles": "titles.json"}
 MANIFEST = "manifest.json"
-
-
 CURRENT = "current"
-
-
 REFRESH_REPORT = "refresh.json"      # the last `sine refresh` outcome, beside `current`
 
 
 # how a bundle is searched by default (manifest `serving`, chosen by `sine export` on validation):
 # the Eq. 8 user vector, or each interest with its K lists merged (`service.merge`)
 MODES = ("aggregate", "per_interest")
-
-
 MERGES = ("max", "weighted", "quota")
-
-
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
