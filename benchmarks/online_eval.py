@@ -5,8 +5,8 @@ embedded redis-server, starts `sine serve` on the bundle, asks `/recommend` (n =
 user, and scores the answers against the test targets. The offline figures are the bundle's own
 (`manifest.json`, from `sine evaluate`: full ranking, all past items excluded). With
 `history_keep` large enough to hold every history, `exclude_seen` removes the same items as the
-offline protocol, so the two must agree; the default `history_keep = 20` excludes only the 20
-newest clicks and is reported beside it.
+offline protocol, so the two must agree; `history_keep = 20` excludes only the 20 newest clicks
+and is reported beside it (`benchmarks.seen_filter` measures the lengths between).
 
     python -m benchmarks.online_eval --bundle runs/bundles
 """
@@ -104,7 +104,7 @@ def main() -> None:
           f"| online, history_keep = {longest} (whole history excluded) | "
           + " | ".join(f"{100 * full[k]:.2f}" for k in offline) + " |",
           "| online minus offline | " + " | ".join(f"{diff[k]:+.2f}" for k in offline) + " |",
-          "| online, history_keep = 20 (default: 20 newest excluded) | "
+          "| online, history_keep = 20 (20 newest excluded) | "
           + " | ".join(f"{100 * rows[20]['metrics'][k]:.2f}" for k in offline) + " |", "",
           f"Within 0.2 points: **{'yes' if ok else 'NO'}**. 6,040 requests took "
           f"{rows[longest]['seconds']:.1f} s (whole history) and {rows[20]['seconds']:.1f} s "

@@ -64,10 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await st.store.start()
         if s.watch_interval_s > 0:
             st.watcher = asyncio.create_task(lifecycle.watch(st))
+        if st.shadow is not None:
+            st.shadow.start()
         # uvicorn hands this state to every connection's protocol (service.server)
         yield {LIMITS: limits}
         if st.watcher:
             st.watcher.cancel()
+        if st.shadow is not None:
+            await st.shadow.stop()
         if st.store:
             await st.store.close()
         if st.tracing:

@@ -43,6 +43,7 @@ class Engine:
     providers: list[str]
     faiss_device: str
     faiss_threads: int = 1             # idle OpenMP workers spin and starve the event loop
+    arm: str = "control"               # the arm it answers as (service.arms): control, or its version
 
     @property
     def version(self) -> str:

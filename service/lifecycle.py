@@ -19,6 +19,7 @@ from pathlib import Path
 from index_builder import bundle as bundle_mod
 
 from . import errors
+from .arms import CONTROL, Arm, Layout, check_weights
 from .engine import Engine, EngineError, load_engine
 from .history import HistoryError
 from .stages import Query, render
@@ -43,12 +44,59 @@ def reason(e: Exception) -> str:
 
 
 async def start(st: State) -> None:
-    """The configured bundle, loaded before the port opens; a failure is readiness's reason."""
+    """The configured bundle, loaded before the port opens; a failure is readiness's reason.
+    Then the configured arms and shadow (one that fails takes no traffic)."""
+    s = st.settings
     try:
-        serve(st, await asyncio.to_thread(load, st, st.settings.bundle))
+        serve(st, await asyncio.to_thread(load, st, s.bundle))
     except Exception as e:     # whatever it is, the reason is readiness's detail
         st.not_ready = reason(e)
         log.error("bundle not loaded; not ready", extra={"reason": st.not_ready})
+    if s.arms or s.shadow:
+        try:
+            await set_arms(st, s.arms, s.shadow, s.shadow_rate)
+        except errors.ServiceError as e:
+            log.error("arms not set", extra={"reason": e.detail})
+
+
+async def set_arms(st: State, weights: dict[str, float], shadow: str | None,
+                   rate: float) -> Layout:
+    """Load the candidates not loaded yet beside the live bundle, then make this the layout in
+    one step. A candidate that cannot be loaded is refused (counted, logged, its reason kept)
+    and takes no traffic: its users stay on control."""
+    try:
+        check_weights(weights)
+        for name in [*weights, *([shadow] if shadow else [])]:
+            bundle_mod.check_version(name)
+    except (ValueError, bundle_mod.BundleError) as e:
+        raise errors.BadRequest(str(e)) from None
+    root = st.bundle_root
+    if (weights or shadow) and root is None:
+        raise errors.BadRequest(f"{st.settings.bundle} is a single bundle, not a bundle root: "
+                                "arms are versions under a root.")
+    async with st.reload_lock:
+        have = {e.version: e for e in st.arms.engines}
+
+        async def arm(name: str, weight: float) -> Arm:
+            if name in have:
+                return Arm(name, weight, have[name])
+            try:
+                eng = await asyncio.to_thread(load, st, root / name)  # type: ignore[operator]
+            except Exception as e:         # whatever fails refuses the candidate alone
+                st.metrics.reloads.labels("refused").inc()
+                log.error("arm refused", extra={"arm": name, "reason": reason(e)})
+                return Arm(name, weight, None, reason(e))
+            eng.arm = name
+            have[name] = eng
+            return Arm(name, weight, eng)
+
+        arms = tuple([await arm(n, w) for n, w in sorted(weights.items())])
+        layout = Layout(arms, await arm(shadow, 0.0) if shadow else None, rate)
+        st.arms.set(layout)
+        st.recommender.per_arm = bool(arms) or shadow is not None
+        log.info("arms set", extra={"arms": {a.name: a.weight for a in arms if a.engine},
+                                    "shadow": shadow, "control": CONTROL})
+        return layout
 
 
 def serve(st: State, eng: Engine) -> None:

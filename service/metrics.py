@@ -17,6 +17,7 @@ from index_builder.bundle import RefreshReport
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
                  5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OVERLAP_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class Metrics:
@@ -85,7 +86,24 @@ class Metrics:
                                     "The last refresh's gate metrics on its holdout.",
                                     ["bundle", "metric"], registry=r,
                                     multiprocess_mode="mostrecent")
+        # rollouts (service.arms): by arm, recorded while arms or a shadow are set
+        self.arm_requests = Counter("sine_arm_requests_total", "Single /recommend answers by "
+                                    "arm and outcome (personalized, a fallback, or error).",
+                                    ["arm", "outcome"], registry=r)
+        self.arm_stage = Histogram("sine_arm_stage_duration_seconds", "Duration of each "
+                                   "request-path stage by arm.", ["arm", "stage"],
+                                   buckets=STAGE_BUCKETS, registry=r)
+        self.shadow = Counter("sine_shadow_total", "Requests sampled for the shadow, by outcome "
+                              "(answered, dropped under load, error).", ["arm", "outcome"],
+                              registry=r)
+        self.shadow_seconds = Histogram("sine_shadow_duration_seconds", "The shadow's time to "
+                                        "answer, its micro-batch included.", ["arm"],
+                                        buckets=STAGE_BUCKETS, registry=r)
+        self.shadow_overlap = Histogram("sine_shadow_overlap", "Overlap@n of the shadow's "
+                                        "answer with the served one.", ["arm"],
+                                        buckets=OVERLAP_BUCKETS, registry=r)
         self._children: dict[tuple[int, str], Any] = {}
+        self._pairs: dict[tuple[str, str], Any] = {}
 
     def child(self, metric: Any, label: str) -> Any:
         """`metric.labels(label)`, looked up once: the hot path observes per request."""
@@ -97,6 +115,12 @@ class Metrics:
 
     def stage_child(self, stage: str) -> Any:
         return self.child(self.stage, stage)
+
+    def arm_stage_child(self, arm: str, stage: str) -> Any:
+        c = self._pairs.get((arm, stage))
+        if c is None:
+            c = self._pairs[(arm, stage)] = self.arm_stage.labels(arm, stage)
+        return c
 
     def set_refresh(self, report: RefreshReport) -> None:
         """Gauges from a `sine refresh` report (`refresh.json`)."""

@@ -41,16 +41,19 @@ class Recommender:
     def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
         self.s, self.m, self.store = settings, metrics, store
         self.strict = settings.on_history_unavailable == "error"
+        self.per_arm = False               # arms or a shadow are set: stage times by arm too
         self.batcher: Batcher[Job, Answer] | None = (
             Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
                     metrics.batch_size.observe, max_bulk=settings.batch_max_bulk)
             if settings.batching else None)
 
-    async def recommend(self, engine: Engine, queries: list[Query],
+    async def recommend(self, engine: Engine | list[Engine], queries: list[Query],
                         bulk: bool = False) -> list[Answer]:
-        """Answers in the order asked; a ServiceError (strict history mode) is raised. `bulk`
-        queries (a large batch call's) yield to the others in a micro-batch."""
-        jobs = [(engine, q) for q in queries]
+        """Answers in the order asked, each query by its engine (one for all, or one each: the
+        user's arm); a ServiceError (strict history mode) is raised. `bulk` queries (a large
+        batch call's) yield to the others in a micro-batch."""
+        engines = engine if isinstance(engine, list) else [engine] * len(queries)
+        jobs = list(zip(engines, queries, strict=True))
         if self.batcher is not None:
             return await self.batcher.submit(jobs, bulk)
         answers = []
@@ -81,11 +84,14 @@ class Recommender:
             for i, answered in zip(idx, part):
                 out[i] = answered
         stage = self.m.stage_child
-        for a, w in zip(out, waited):
+        for (eng, _), a, w in zip(jobs, out, waited):
             if isinstance(a, Answer):
                 a.timings = {"queue": w, "history": t_hist, **a.timings}
                 for name, dt in a.timings.items():
                     stage(name).observe(dt)
+                if self.per_arm:
+                    for name, dt in a.timings.items():
+                        self.m.arm_stage_child(eng.arm, name).observe(dt)
         return out  # type: ignore[return-value]   # every slot is filled
 
     def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
@@ -120,7 +126,8 @@ class Recommender:
                                             "history now.", {"Retry-After": "1"})
                 continue
             ids = engine.popular[: queries[j].n]
-            a = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason), {})
+            a = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason), {}, ids,
+                       reason)
             out[j] = a
             answered.append(a)
         t_pop = time.perf_counter() - t1
@@ -179,5 +186,5 @@ class Recommender:
                           c.weights[j] if q.include_interests else None, c.interests[j])
             if rendered is not None:
                 rendered[0] += time.perf_counter() - t_r
-            answers.append((int(rows[j]), Answer(body, {})))
+            answers.append((int(rows[j]), Answer(body, {}, ids)))
         return answers

@@ -35,6 +35,8 @@ class Recommendation(BaseModel):
     """The answer of `POST /recommend`."""
     user_id: str
     version: str = Field(description="The bundle version that answered.")
+    arm: str = Field(description="The user's arm: `control` (the served bundle), or the "
+                                 "candidate version it was assigned (SINE_ARMS).")
     mode: Literal["aggregate", "per_interest"] = Field(description=(
         "The search that answered: the request's, else the service's or the bundle's default."))
     merge: Merge | None = Field(None, description="per_interest: the merge of the K lists; "
@@ -114,6 +116,41 @@ class InspectBody(BaseModel):
     """What `POST /admin/inspect` takes; `request_models` puts this app's limits on it."""
     user_id: str | int
     n: int = 10
+
+
+class ArmsRequest(BaseModel):
+    """The body of `PUT /admin/arms`: the whole layout, replacing the live one."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"arms": {"20261207T1200Z-ab12cd34": 0.1}, "shadow": "20261208T0300Z-ab12cd34",
+         "shadow_rate": 0.1}]})
+    arms: dict[StrictStr, float] = Field(default_factory=dict, description=(
+        "Candidate versions under the bundle root and the share of users each answers (at most "
+        "1 in all; the rest is control)."))
+    shadow: StrictStr | None = Field(None, description="A version answering a sample off the "
+                                                       "response path; null: none.")
+    shadow_rate: float = Field(0.1, ge=0, le=1, description="The share the shadow answers.")
+
+
+class ArmView(BaseModel):
+    """One arm of the layout."""
+    name: str
+    weight: float
+    status: Literal["serving", "refused"]
+    reason: str | None = Field(description="Why it was refused (it takes no traffic).")
+
+
+class ShadowView(BaseModel):
+    """The shadow of the layout."""
+    name: str
+    rate: float
+    status: Literal["serving", "refused"]
+    reason: str | None
+
+
+class ArmsLayout(BaseModel):
+    """The live rollout layout (`GET` and `PUT /admin/arms`)."""
+    arms: list[ArmView]
+    shadow: ShadowView | None
 
 
 class RecommendBody(BaseModel):

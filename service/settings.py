@@ -49,6 +49,23 @@ class Settings(BaseSettings):
         "manifest only with the admin token."))
     search_params: dict[str, int] = Field(default_factory=dict, description=(
         "Override the bundle's faiss search knobs, as JSON, e.g. `{\"nprobe\": 64}`."))
+    arms: dict[str, float] = Field(default_factory=dict, description=(
+        "Candidate bundle versions under the bundle root, each with the share of users it "
+        "answers (0 to 1, at most 1 in all), as JSON, e.g. `{\"20261207T1200Z-ab12cd34\": "
+        "0.1}`; the other users get the served bundle (arm `control`). A user's arm is a hash of "
+        "`arm_salt` and the user id: the same on every pod and after restarts. A candidate that "
+        "cannot be loaded takes no traffic. `PUT /admin/arms` changes them live."))
+    arm_salt: str = Field("sine", min_length=1, max_length=128, description=(
+        "The salt of the users' arm hash; a new salt deals the users out afresh."))
+    shadow: str | None = Field(None, description=(
+        "A candidate bundle version that answers a sample of requests off the response path "
+        "(never returned): its overlap with the served answer, latency and errors are recorded "
+        "per arm (`sine_shadow_*`)."))
+    shadow_rate: float = Field(0.1, ge=0, le=1, description=(
+        "The share of `/recommend` requests the shadow also answers."))
+    shadow_queue: int = Field(256, ge=1, description=(
+        "Requests waiting for the shadow; beyond it, and whenever single requests hold half of "
+        "`max_in_flight`, shadow work is dropped (counted) first."))
 
     # redis
     redis_url: str | None = Field(None, description=(
@@ -91,9 +108,11 @@ class Settings(BaseSettings):
         "A user's history expires this long after their last event (or `sine load-histories`): "
         "a user gone that long is a cold start, and Redis holds no list for every id ever seen. "
         "0: histories never expire."))
-    history_keep: int = Field(20, ge=1, description=(
+    history_keep: int = Field(500, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
-        "newest `seq_len` of them; `exclude_seen` drops all kept ones."))
+        "newest `seq_len` of them; `exclude_seen` drops all kept ones (500: within 0.5 points of "
+        "the offline HR@50 on ML-1M, about 640 bytes a user there; "
+        "benchmarks/results/seen-filter.md)."))
 
     # the click log
     click_log: bool = Field(True, description=(

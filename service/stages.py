@@ -48,6 +48,8 @@ class Answer:
     """One query's JSON answer and its stage times."""
     body: bytes                                    # the JSON answer
     timings: dict[str, float]                      # stage -> seconds, for Server-Timing
+    ids: np.ndarray | None = None                  # [n] the internal ids answered (the shadow's)
+    fallback: str | None = None                    # why popular items were answered, or None
 
     def server_timing(self) -> str:
         return server_timing(self.timings)
@@ -211,9 +213,10 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
         items = b"".join(pieces)[:-1]
     else:
         items = b""
-    head = (b'{"user_id":%b,"version":%b,"mode":"%b","merge":%b,"fallback":%b,"score_kind":"%b",'
-            b'"items":[') % (
-        orjson.dumps(q.user_id), orjson.dumps(engine.version), q.mode.encode(),
+    head = (b'{"user_id":%b,"version":%b,"arm":%b,"mode":"%b","merge":%b,"fallback":%b,'
+            b'"score_kind":"%b","items":[') % (
+        orjson.dumps(q.user_id), orjson.dumps(engine.version), orjson.dumps(engine.arm),
+        q.mode.encode(),
         b'"%b"' % q.merge.encode() if q.mode == "per_interest" else b"null",
         b'"%b"' % fallback.encode() if fallback else b"null",
         b"popularity" if fallback else b"inner_product")

@@ -11,6 +11,7 @@ from index_builder import bundle as bundle_mod
 
 from . import errors
 from .admission import Admission
+from .arms import Arms, Shadow
 from .engine import Engine
 from .history import HistoryStore
 from .metrics import Metrics
@@ -34,16 +35,20 @@ class State:
     floor_body: bytes = b""
     tracing: Tracing | None = None        # None unless OTEL_TRACES_EXPORTER asks for traces
     unserved_since: float | None = field(default_factory=time.monotonic)   # None while serving
+    arms: Arms = field(default_factory=lambda: Arms("sine"))
+    shadow: Shadow | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> State:
         metrics = Metrics()
         store = (HistoryStore(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
                  if settings.redis_url else None)
-        return cls(settings, metrics, store, Recommender(settings, metrics, store),
-                   Admission(settings.max_in_flight, settings.max_batch_in_flight,
-                             settings.max_events_in_flight),
-                   tracing=Tracing.of(settings.otel_traces_exporter))
+        st = cls(settings, metrics, store, Recommender(settings, metrics, store),
+                 Admission(settings.max_in_flight, settings.max_batch_in_flight,
+                           settings.max_events_in_flight),
+                 tracing=Tracing.of(settings.otel_traces_exporter), arms=Arms(settings.arm_salt))
+        st.shadow = Shadow(st)
+        return st
 
     @property
     def bundle_root(self) -> Path | None:
@@ -52,6 +57,10 @@ class State:
         p = Path(self.settings.bundle)
         return None if (p / bundle_mod.MANIFEST).exists() and not (p / bundle_mod.CURRENT).exists() \
             else p
+
+    def engine_for(self, user_id: str) -> Engine:
+        """The engine of the user's arm (control without arms)."""
+        return self.arms.pick(user_id, self.serving())
 
     def serving(self) -> Engine:
         if self.engine is None:

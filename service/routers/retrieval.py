@@ -39,11 +39,21 @@ def query(r: RecommendBody, engine: Engine, s: Settings) -> Query:
 async def recommend(req: RecommendBody, st: StateDep) -> Response:
     """Top-n candidates for one user from their newest clicks in Redis."""
     t0 = time.perf_counter()
-    engine = st.serving()
+    engine = st.engine_for(str(req.user_id))
+    q = query(req, engine, st.settings)
     with st.admission.admit(1):
         t_ns = time.time_ns()
-        (answer,) = await st.recommender.recommend(engine, [query(req, engine, st.settings)])
+        try:
+            (answer,) = await st.recommender.recommend(engine, [q])
+        except errors.ServiceError:
+            if st.recommender.per_arm:
+                st.metrics.arm_requests.labels(engine.arm, "error").inc()
+            raise
     st.metrics.child(st.metrics.request, "recommend").observe(time.perf_counter() - t0)
+    if st.recommender.per_arm:
+        st.metrics.arm_requests.labels(engine.arm, answer.fallback or "personalized").inc()
+        if st.shadow is not None:
+            st.shadow.offer(q, engine, answer)
     if st.tracing is not None and (span := CURRENT_SPAN.get()) is not None:
         st.tracing.stages(span, t_ns, answer.timings, **{"sine.mode": req.mode})
     return Response(answer.body, media_type=JSON,
@@ -54,12 +64,12 @@ async def recommend_batch(req: BatchBody, st: StateDep) -> Response:
     """Many users in one call, sharing micro-batches (Redis read, encoder, search). Admitted by
     its number of users; a large one (bulk) yields to single requests."""
     t0 = time.perf_counter()
-    engine = st.serving()
-    queries = [query(r, engine, st.settings) for r in req.requests]
+    engines = [st.engine_for(str(r.user_id)) for r in req.requests]
+    queries = [query(r, e, st.settings) for r, e in zip(req.requests, engines, strict=True)]
     bulk = len(queries) > st.settings.interactive_batch_users
     with st.admission.admit(len(queries), "bulk" if bulk else "single"):
         t_ns = time.time_ns()
-        answers = await st.recommender.recommend(engine, queries, bulk=bulk)
+        answers = await st.recommender.recommend(engines, queries, bulk=bulk)
     worst: dict[str, float] = {}
     for a in answers:
         for k, v in a.timings.items():

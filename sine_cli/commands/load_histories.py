@@ -15,7 +15,7 @@ def add(sub: Any) -> None:
                        "into Redis lists (newest first), pipelined, replacing what was there.")
     data_args(h, TrainConfig.seed)
     h.add_argument("--redis-url", help="target Redis (SINE_REDIS_URL)")
-    h.add_argument("--keep", type=int, help="clicks kept per user (SINE_HISTORY_KEEP, default 20)")
+    h.add_argument("--keep", type=int, help="clicks kept per user (SINE_HISTORY_KEEP, default 500)")
     h.add_argument("--holdout", type=nonnegative, default=0,
                    help="leave out each user's last N clicks (1: everything before the test "
                         "target, as the offline evaluation sees it; default 0)")
