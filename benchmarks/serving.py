@@ -33,6 +33,7 @@ from index_builder import bundle as bundle_mod
 from model_export import data
 
 PCTS = (50, 75, 90, 99, 99.9)
+SHADOW_MODE, SHADOW_RATE = "shadow-10", 0.1     # batching, with a shadow answering 10 %
 LUA = """
 local users = {%s}
 local n = #users
@@ -79,6 +80,7 @@ def server_stats(url: str) -> dict[str, float]:
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     out: dict[str, float] = {}
+    shadow: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
             if fam.name == "sine_stage_duration_seconds" and smp.name.endswith("_sum"):
@@ -87,9 +89,12 @@ def server_stats(url: str) -> dict[str, float]:
                 counts[smp.labels["stage"]] = smp.value
             elif fam.name == "sine_batch_size" and smp.name.endswith(("_sum", "_count")):
                 out["batch_" + smp.name.rsplit("_", 1)[1]] = smp.value
+            elif fam.name == "sine_shadow" and smp.name == "sine_shadow_total":
+                shadow[smp.labels["outcome"]] = shadow.get(smp.labels["outcome"], 0) + smp.value
     stats = {k: sums[k] / counts[k] * 1000 for k in sums if counts.get(k)}
     if out.get("batch_count"):
         stats["mean_batch"] = out["batch_sum"] / out["batch_count"]
+    stats |= {f"shadow_{k}": v for k, v in shadow.items()}
     return stats
 
 
@@ -108,13 +113,17 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
         servers: dict[str, Server] = {}
         for mode in modes:
             base = mode == "baseline" and a.baseline_bundle
+            shadowed = mode == SHADOW_MODE
+            extra: dict[str, object] = {"gc_freeze": False} if mode == "no-gc-freeze" else {}
+            if shadowed:        # the root (current: the bundle), the shadow a version beside it
+                extra |= {"shadow": a.shadow, "shadow_rate": SHADOW_RATE}
             servers[mode] = stack.serve(
-                bundle_mod.load(a.baseline_bundle, deep=False).path if base else b.path,
+                bundle_mod.load(a.baseline_bundle, deep=False).path if base
+                else b.path.parent if shadowed else b.path,
                 log_path=tmp / f"{mode}.log",
                 tree=a.baseline_tree if mode == "baseline" else None,
                 floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
-                max_in_flight=1024, redis_timeout_ms=1000,
-                **({"gc_freeze": False} if mode == "no-gc-freeze" else {}))
+                max_in_flight=1024, redis_timeout_ms=1000, **extra)
             wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
         runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
         for _ in range(a.rounds):
@@ -141,8 +150,11 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", default="1,32")
     p.add_argument("--modes", default="batching,no-batching",
-                   help="batching, no-batching, no-gc-freeze (batching, gc.freeze off) and/or "
-                        "baseline (needs --baseline-tree)")
+                   help="batching, no-batching, no-gc-freeze (batching, gc.freeze off), "
+                        f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE:.0%} of "
+                        "/recommend) and/or baseline (needs --baseline-tree)")
+    p.add_argument("--shadow", help=f"for {SHADOW_MODE}: a version beside the bundle, under its "
+                                    "root")
     p.add_argument("--baseline-tree", type=Path,
                    help="another checkout of the project whose server is measured beside this one")
     p.add_argument("--baseline-bundle", help="the bundle the baseline serves (default --bundle)")
@@ -155,6 +167,8 @@ def main() -> None:
     modes = a.modes.split(",")
     if "baseline" in modes and a.baseline_tree is None:
         raise SystemExit("--modes baseline needs --baseline-tree")
+    if SHADOW_MODE in modes and a.shadow is None:
+        raise SystemExit(f"--modes {SHADOW_MODE} needs --shadow VERSION")
     b = bundle_mod.load(a.bundle, deep=False)
     tmp = Path(tempfile.mkdtemp())
     results = measure(a, b, modes, conns, tmp)
@@ -164,6 +178,7 @@ def main() -> None:
            f"--seconds {a.seconds}" + (f" --modes {a.modes}" if a.modes != p.get_default("modes")
                                       else "")
            + (f" --baseline-tree {a.baseline_tree}" if a.baseline_tree else "")
+           + (f" --shadow {a.shadow}" if a.shadow else "")
            + (f" --baseline-bundle {a.baseline_bundle}" if a.baseline_bundle else ""))
     md = ["# Service on loopback: /recommend vs the floor endpoint (wrk, ML-1M bundle, n = 100)", "",
           f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
@@ -213,7 +228,8 @@ def main() -> None:
             md.append(f"| {mode} | {c} | " + " | ".join(
                 f"{statistics.median(r[f'p{q:g}_ms'] for r in rows):.2f}" for q in PCTS)
                 + f" | {statistics.median(r['max_ms'] for r in rows):.2f} |")
-    keys = sorted({k for res in results.values() for k in res["stages_ms"]})
+    keys = sorted({k for res in results.values() for k in res["stages_ms"]
+                   if not k.startswith("shadow_")})
     md += ["", "Mean time per request in each stage (ms), from the server's histograms over the "
            "whole run (`queue`: the wait for a micro-batch; `mean_batch`: requests per "
            "micro-batch), and the server's RSS at the end:", "",
@@ -221,6 +237,20 @@ def main() -> None:
     for mode, res in results.items():
         md.append(f"| {mode} | " + " | ".join(f"{res['stages_ms'].get(k, float('nan')):.3f}"
                                             for k in keys) + f" | {res['rss_mib']:.0f} |")
+    if SHADOW_MODE in results and "batching" in results:
+        md += ["", f"The shadow's cost: {SHADOW_MODE} (a shadow answering {SHADOW_RATE:.0%} of "
+               "`/recommend` off the response path) over batching, `/recommend` req/s, per round "
+               "(the two servers measured in the same rounds), then the median [min, max]:", "",
+               "| conns | shadowed / plain req/s | shadow answered (whole run) | dropped (whole run) |",
+               "|---|---|---|---|"]
+        st = results[SHADOW_MODE]["stages_ms"]
+        for c in conns:
+            rel = [x["rps"] / y["rps"] for x, y in zip(results[SHADOW_MODE]["runs"][f"{c}/recommend"],
+                                                     results["batching"]["runs"][f"{c}/recommend"])]
+            summary[f"shadow_cost/{c}"] = {"ratio": statistics.median(rel),
+                                           "range": [min(rel), max(rel)]}
+            md.append(f"| {c} | {statistics.median(rel):.2f} [{min(rel):.2f}, {max(rel):.2f}] | "
+                      f"{st.get('shadow_answered', 0):,.0f} | {st.get('shadow_dropped', 0):,.0f} |")
     write_results(a.out, a.stem, {"results": results, "summary": summary, "command": cmd,
                                   "bundle": b.version, "machine": machine(),
                                   "commit": git_commit(), "when": now()}, md)
