@@ -210,6 +210,18 @@ def test_version_bump_rolls_the_pods():
     assert ann(a) != ann(b)
 
 
+def test_the_secret_checksum_is_salted_so_tokens_cannot_be_guessed_from_pods():
+    """The finding: the pods' checksum/secret was sha256 of the rendered Secret, so whoever can
+    read pods could test guessed tokens offline. Now a random salt, kept in the Secret's own
+    annotation (reused on upgrades through lookup), goes into the hash."""
+    a, b = (render(overrides={"adminToken": "weak"}) for _ in range(2))
+    ann = lambda r, key: kind(r, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"][key]
+    salt = kind(a, "Secret")[0]["metadata"]["annotations"]["sine-retrieval/checksum-salt"]
+    assert len(salt) == 32 and salt.isalnum()
+    assert ann(a, "checksum/config") == ann(b, "checksum/config")
+    assert ann(a, "checksum/secret") != ann(b, "checksum/secret")      # the same values, salted
+
+
 def test_service_monitor_points_at_the_metrics_port():
     rendered = render(files=["autoscaling-values.yaml"])
     sm = kind(rendered, "ServiceMonitor")[0]

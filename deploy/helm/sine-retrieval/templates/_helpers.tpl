@@ -103,3 +103,21 @@ imagePullSecrets:
 {{- define "sine.securityContext" -}}
 {{- toYaml .Values.securityContext -}}
 {{- end -}}
+
+{{- /*
+The salt of the pods' `checksum/secret` annotation: random once, then kept in the Secret's own
+annotation (read back with lookup on upgrades), so that anyone who can read pods cannot test
+guessed tokens against the annotation offline. Memoized in .Values so that every template of one
+render sees the same salt.
+*/ -}}
+{{- define "sine.checksumSalt" -}}
+{{- if not .Values._checksumSalt -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "sine.fullname" .) -}}
+{{- $salt := "" -}}
+{{- if and $old $old.metadata $old.metadata.annotations -}}
+{{- $salt = index $old.metadata.annotations "sine-retrieval/checksum-salt" | default "" -}}
+{{- end -}}
+{{- $_ := set .Values "_checksumSalt" ($salt | default (randAlphaNum 32)) -}}
+{{- end -}}
+{{- .Values._checksumSalt -}}
+{{- end -}}
