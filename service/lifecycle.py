@@ -239,27 +239,45 @@ async def redis_ok(st: State) -> str | None:
     return None
 
 
+FRESHNESS_EVERY_S = 1.0       # at most one scrape-time reading of Redis a second
+
+
 async def freshness(st: State) -> None:
-    """The gauges read when /metrics is scraped: Redis up, the bundle's age, the click log's
-    length, the exporter's lag and the entries the cap removed unexported, the last refresh."""
+    """The gauges read when /metrics is scraped: the bundle's age and the last refresh (local,
+    every scrape), and Redis's (up, memory, the click log's length, the exporter's lag, the
+    entries the cap removed unexported) at most once every FRESHNESS_EVERY_S: scrapes in
+    between reuse the last reading and concurrent ones wait for the one in flight, so that a
+    flood of scrapes costs Redis no more than one scrape a second."""
     m = st.metrics
     if st.engine is not None:
         born = bundle_mod.created_unix(st.engine.bundle.manifest)
         if born is not None:                  # unreadable: unknown, never a failed scrape
             m.bundle_age.set(time.time() - born)
-    if st.store is not None:
-        await redis_ok(st)
-        used = await st.store.memory_ratio()
-        if used is not None:
-            m.redis_memory.set(used)
-        if st.settings.click_log:
-            stream = await st.store.stream_info(st.settings.click_export_group)
-            if stream is not None:
-                m.stream_length.set(stream.entries)
-                m.stream_lag.set(stream.lag)
-                m.stream_lost.set(stream.lost)
     root = st.bundle_root
     if root is not None:
         report = bundle_mod.read_refresh_report(root)
         if report is not None:
             m.set_refresh(report)
+    if st.store is None:
+        return
+    task = st.freshness_task
+    if task is None or (task.done() and time.monotonic() - st.freshness_at >= FRESHNESS_EVERY_S):
+        st.freshness_at = time.monotonic()
+        task = st.freshness_task = asyncio.ensure_future(_redis_gauges(st))
+    if not task.done():
+        await asyncio.shield(task)
+
+
+async def _redis_gauges(st: State) -> None:
+    m, store = st.metrics, st.store
+    assert store is not None
+    await redis_ok(st)
+    used = await store.memory_ratio()
+    if used is not None:
+        m.redis_memory.set(used)
+    if st.settings.click_log:
+        stream = await store.stream_info(st.settings.click_export_group)
+        if stream is not None:
+            m.stream_length.set(stream.entries)
+            m.stream_lag.set(stream.lag)
+            m.stream_lost.set(stream.lost)

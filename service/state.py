@@ -36,6 +36,8 @@ class State:
     tracing: Tracing | None = None        # None unless OTEL_TRACES_EXPORTER asks for traces
     unserved_since: float | None = field(default_factory=time.monotonic)   # None while serving
     arms: Arms = field(default_factory=lambda: Arms("sine"))
+    freshness_task: asyncio.Future[None] | None = None   # the scrape-time reading (lifecycle)
+    freshness_at: float = 0.0                            # when it started (monotonic)
     shadow: Shadow | None = None
 
     @classmethod

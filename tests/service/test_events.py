@@ -3,11 +3,12 @@ written together or not at all, retries with an event_id stored once, the stream
 freshness gauges in /metrics."""
 import concurrent.futures as cf
 import json
+import time
 
 import pytest
 
 from service.settings import Settings
-from tests.helpers import metric
+from tests.helpers import metric, wait_until
 
 
 @pytest.fixture
@@ -292,11 +293,32 @@ def test_redis_memory_use_is_a_gauge_for_the_alert(events, own_redis):
         assert metric(c, "sine_redis_memory_used_ratio") == 0          # no maxmemory: absent
         used = int(r.info("memory")["used_memory"])
         r.config_set("maxmemory", used * 4)
-        try:
+        try:                   # Redis is read at most once a second by the scrapes
+            wait_until(lambda: metric(c, "sine_redis_memory_used_ratio") > 0, 5,
+                       "the next scrape-time reading of Redis")
             ratio = metric(c, "sine_redis_memory_used_ratio")
         finally:
             r.config_set("maxmemory", 0)
         assert 0.1 < ratio < 0.5, ratio
+
+
+def test_a_flood_of_scrapes_reads_redis_once_a_second(events, own_redis):
+    """The finding: /metrics was not admitted and cost 1 + 3 x shards Redis round trips each, so
+    a scrape flood was a Redis load. Now concurrent scrapes share one reading, and one a second
+    at most is made."""
+    import concurrent.futures as cf
+    r = own_redis.client()
+    with events() as c:
+        c.get("/metrics")
+        before = r.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda _: c.get("/metrics").status_code, range(40)))
+        took = time.monotonic() - t0
+        after = r.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+    assert codes == [200] * 40
+    readings = after - before                        # one ping a reading
+    assert readings <= int(took) + 2 and readings < 40, (readings, took)
 
 
 @pytest.mark.parametrize("created, aged", [("2026-01-01T00:00:00.250Z", True),

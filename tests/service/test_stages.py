@@ -93,11 +93,13 @@ def test_top_up_adds_popular_items_with_exact_scores(engine, items):
 
 def test_render_builds_the_json_a_dict_would(engine):
     weird = SimpleNamespace(item_json=item_json_prefixes(["<pad>", 'quo"te', "ünï", "back\\slash"]),
-                            version="v1", vectors=lambda ids: np.eye(3, dtype=np.float32)[ids - 1])
+                            version="v1", arm="v1-candidate",
+                            vectors=lambda ids: np.eye(3, dtype=np.float32)[ids - 1])
     ids = np.array([3, 1, 2])
     scores = np.array([2.5, -1.25, 0.5], np.float32)
     body = json.loads(render(weird, Query("u\"1", 3), ids, scores))
-    assert body == {"user_id": 'u"1', "version": "v1", "mode": "aggregate", "merge": None,
+    assert body == {"user_id": 'u"1', "version": "v1", "arm": "v1-candidate", "mode": "aggregate",
+                    "merge": None,
                     "fallback": None,
                     "score_kind": "inner_product", "interest_weights": None,
                     "items": [{"item_id": "back\\slash", "score": 2.5},
