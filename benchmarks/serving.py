@@ -34,6 +34,10 @@ from model_export import data
 
 PCTS = (50, 75, 90, 99, 99.9)
 SHADOW_MODE, SHADOW_RATE = "shadow-10", 0.1     # batching, with a shadow answering 10 %
+# batching, with the server's default search fixed (the requests name none)
+SEARCHES = {"aggregate": {"default_mode": "aggregate"},
+            **{f"per-interest-{m}": {"default_mode": "per_interest", "interest_merge": m}
+               for m in ("max", "weighted", "quota")}}
 LUA = """
 local users = {%s}
 local n = #users
@@ -117,6 +121,8 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
             extra: dict[str, object] = {"gc_freeze": False} if mode == "no-gc-freeze" else {}
             if shadowed:        # the root (current: the bundle), the shadow a version beside it
                 extra |= {"shadow": a.shadow, "shadow_rate": SHADOW_RATE}
+            if mode in SEARCHES:        # batching, every request searched this way
+                extra |= SEARCHES[mode]
             servers[mode] = stack.serve(
                 bundle_mod.load(a.baseline_bundle, deep=False).path if base
                 else b.path.parent if shadowed else b.path,
@@ -142,6 +148,41 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
     return results
 
 
+def side_by_side(results: dict, conns: list[int], summary: dict) -> list[str]:
+    """The sections that compare two servers of the same rounds: the shadow's cost, and each
+    per-interest merge against the aggregate (their ratios also go to `summary`)."""
+    md: list[str] = []
+    if SHADOW_MODE in results and "batching" in results:
+        md += ["", f"The shadow's cost: {SHADOW_MODE} (a shadow answering {SHADOW_RATE:.0%} of "
+               "`/recommend` off the response path) over batching, `/recommend` req/s, per round "
+               "(the two servers measured in the same rounds), then the median [min, max]:", "",
+               "| conns | shadowed / plain req/s | shadow answered (whole run) | dropped (whole run) |",
+               "|---|---|---|---|"]
+        st = results[SHADOW_MODE]["stages_ms"]
+        for c in conns:
+            rel = [x["rps"] / y["rps"] for x, y in zip(results[SHADOW_MODE]["runs"][f"{c}/recommend"],
+                                                     results["batching"]["runs"][f"{c}/recommend"])]
+            summary[f"shadow_cost/{c}"] = {"ratio": statistics.median(rel),
+                                           "range": [min(rel), max(rel)]}
+            md.append(f"| {c} | {statistics.median(rel):.2f} [{min(rel):.2f}, {max(rel):.2f}] | "
+                      f"{st.get('shadow_answered', 0):,.0f} | {st.get('shadow_dropped', 0):,.0f} |")
+    per = [m for m in results if m.startswith("per-interest-")]
+    if per and "aggregate" in results:
+        md += ["", "Per-interest search against the aggregate, `/recommend` req/s of aggregate over "
+               "each per-interest merge, per round, then the median [min, max] (goal: at most "
+               "1.3 at 32 connections):", "", "| merge | conns | aggregate / per-interest req/s |",
+               "|---|---|---|"]
+        for m in per:
+            for c in conns:
+                rel = [x["rps"] / y["rps"] for x, y in zip(results["aggregate"]["runs"][f"{c}/recommend"],
+                                                         results[m]["runs"][f"{c}/recommend"])]
+                summary[f"aggregate_over_{m}/{c}"] = {"ratio": statistics.median(rel),
+                                                       "range": [min(rel), max(rel)]}
+                md.append(f"| {m.removeprefix('per-interest-')} | {c} | "
+                          f"{statistics.median(rel):.2f} [{min(rel):.2f}, {max(rel):.2f}] |")
+    return md
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default="runs/demo/bundles")
@@ -152,7 +193,8 @@ def main() -> None:
     p.add_argument("--modes", default="batching,no-batching",
                    help="batching, no-batching, no-gc-freeze (batching, gc.freeze off), "
                         f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE:.0%} of "
-                        "/recommend) and/or baseline (needs --baseline-tree)")
+                        "/recommend), aggregate / per-interest-max / -weighted / -quota (batching, "
+                        "every request searched so) and/or baseline (needs --baseline-tree)")
     p.add_argument("--shadow", help=f"for {SHADOW_MODE}: a version beside the bundle, under its "
                                     "root")
     p.add_argument("--baseline-tree", type=Path,
@@ -237,20 +279,7 @@ def main() -> None:
     for mode, res in results.items():
         md.append(f"| {mode} | " + " | ".join(f"{res['stages_ms'].get(k, float('nan')):.3f}"
                                             for k in keys) + f" | {res['rss_mib']:.0f} |")
-    if SHADOW_MODE in results and "batching" in results:
-        md += ["", f"The shadow's cost: {SHADOW_MODE} (a shadow answering {SHADOW_RATE:.0%} of "
-               "`/recommend` off the response path) over batching, `/recommend` req/s, per round "
-               "(the two servers measured in the same rounds), then the median [min, max]:", "",
-               "| conns | shadowed / plain req/s | shadow answered (whole run) | dropped (whole run) |",
-               "|---|---|---|---|"]
-        st = results[SHADOW_MODE]["stages_ms"]
-        for c in conns:
-            rel = [x["rps"] / y["rps"] for x, y in zip(results[SHADOW_MODE]["runs"][f"{c}/recommend"],
-                                                     results["batching"]["runs"][f"{c}/recommend"])]
-            summary[f"shadow_cost/{c}"] = {"ratio": statistics.median(rel),
-                                           "range": [min(rel), max(rel)]}
-            md.append(f"| {c} | {statistics.median(rel):.2f} [{min(rel):.2f}, {max(rel):.2f}] | "
-                      f"{st.get('shadow_answered', 0):,.0f} | {st.get('shadow_dropped', 0):,.0f} |")
+    md += side_by_side(results, conns, summary)
     write_results(a.out, a.stem, {"results": results, "summary": summary, "command": cmd,
                                   "bundle": b.version, "machine": machine(),
                                   "commit": git_commit(), "when": now()}, md)
