@@ -3,7 +3,7 @@ of the same size as an arm beside it, at `--items` items (default 1M).
 
 The bundle is a SASRec-shaped encoder with random weights over M synthetic item ids (memory does
 not depend on what the weights learned): `export_onnx` writes its ONNX graph, its item table is
-the index's vectors, and `make_bundle` publishes it (exact Flat index, recall gate included).
+the index's vectors, and `make_bundle` publishes it (its default index for the size, recall gate included).
 Two identical versions go under one root; `sine serve` runs on it alone, then with
 `SINE_ARMS={"v2": 0.5}`, each asked a few requests before its RSS is read.
 
@@ -103,7 +103,7 @@ def main() -> None:
     md = [f"# What an arm costs in memory ({a.items:,} items)", "",
           f"{now()}; commit {git_commit()[:10]}; `{cmd}`; {machine()['cpus']} CPUs; bundles "
           f"built in {built:.0f} s. A SASRec-shaped encoder (D = {D}, n = {N}, random weights) "
-          "and an exact Flat index; the arm is a second version of the same size.", "",
+          "and the index `make_bundle` picks by default at this size; the arm is a second version of the same size.", "",
           "| server | RSS MiB |", "|---|---|",
           f"| one bundle | {one:,.0f} |", f"| the bundle and one arm (`SINE_ARMS`) | {two:,.0f} |",
           f"| an arm's cost | {two - one:,.0f} |", "",
