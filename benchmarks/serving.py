@@ -37,7 +37,8 @@ SHADOW_MODE, SHADOW_RATE = "shadow-10", 0.1     # batching, with a shadow answer
 # batching, with the server's default search fixed (the requests name none)
 SEARCHES = {"aggregate": {"default_mode": "aggregate"},
             **{f"per-interest-{m}": {"default_mode": "per_interest", "interest_merge": m}
-               for m in ("max", "weighted", "quota")}}
+               for m in ("max", "weighted", "quota")},
+            "keep-20": {"history_keep": 20}}      # reads and excludes the 20 newest only
 LUA = """
 local users = {%s}
 local n = #users
@@ -194,7 +195,8 @@ def main() -> None:
                    help="batching, no-batching, no-gc-freeze (batching, gc.freeze off), "
                         f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE:.0%} of "
                         "/recommend), aggregate / per-interest-max / -weighted / -quota (batching, "
-                        "every request searched so) and/or baseline (needs --baseline-tree)")
+                        "every request searched so), keep-20 (batching, history_keep 20) and/or baseline "
+                        "(needs --baseline-tree)")
     p.add_argument("--shadow", help=f"for {SHADOW_MODE}: a version beside the bundle, under its "
                                     "root")
     p.add_argument("--baseline-tree", type=Path,
