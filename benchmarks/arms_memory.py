@@ -103,7 +103,8 @@ def main() -> None:
     md = [f"# What an arm costs in memory ({a.items:,} items)", "",
           f"{now()}; commit {git_commit()[:10]}; `{cmd}`; {machine()['cpus']} CPUs; bundles "
           f"built in {built:.0f} s. A SASRec-shaped encoder (D = {D}, n = {N}, random weights) "
-          "and the index `make_bundle` picks by default at this size; the arm is a second version of the same size.", "",
+          "and the index `make_bundle` picks by default at this size; the arm is a second "
+          "version of the same size.", "",
           "| server | RSS MiB |", "|---|---|",
           f"| one bundle | {one:,.0f} |", f"| the bundle and one arm (`SINE_ARMS`) | {two:,.0f} |",
           f"| an arm's cost | {two - one:,.0f} |", "",
