@@ -239,15 +239,12 @@ async def redis_ok(st: State) -> str | None:
     return None
 
 
-FRESHNESS_EVERY_S = 1.0       # at most one scrape-time reading of Redis a second
-
-
 async def freshness(st: State) -> None:
     """The gauges read when /metrics is scraped: the bundle's age and the last refresh (local,
     every scrape), and Redis's (up, memory, the click log's length, the exporter's lag, the
-    entries the cap removed unexported) at most once every FRESHNESS_EVERY_S: scrapes in
+    entries the cap removed unexported) at most once every `metrics_redis_every_s`: scrapes in
     between reuse the last reading and concurrent ones wait for the one in flight, so that a
-    flood of scrapes costs Redis no more than one scrape a second."""
+    flood of scrapes costs Redis no more than one scrape that often."""
     m = st.metrics
     if st.engine is not None:
         born = bundle_mod.created_unix(st.engine.bundle.manifest)
@@ -261,7 +258,8 @@ async def freshness(st: State) -> None:
     if st.store is None:
         return
     task = st.freshness_task
-    if task is None or (task.done() and time.monotonic() - st.freshness_at >= FRESHNESS_EVERY_S):
+    every = st.settings.metrics_redis_every_s
+    if task is None or (task.done() and time.monotonic() - st.freshness_at >= every):
         st.freshness_at = time.monotonic()
         task = st.freshness_task = asyncio.ensure_future(_redis_gauges(st))
     if not task.done():

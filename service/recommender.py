@@ -24,16 +24,19 @@ from .stages import (
     HISTORY_UNAVAILABLE,
     Answer,
     Computed,
+    Encoded,
     Query,
     Windows,
-    compute,
+    encode,
     history,
     render,
+    search,
     top_up,
     window,
 )
 
 Job = tuple[Engine, Query]
+NARROW_FACTOR = 2      # an aggregate batch's first search: 2 n wide, whatever the histories
 
 
 class Recommender:
@@ -141,19 +144,38 @@ class Recommender:
         n_excl = np.where(excl, win.known[rows], 0)                   # [P]
         want = np.array([q.n for q in qs])
         per_interest = np.array([q.mode == "per_interest" for q in qs])
-        c = compute(engine, win.window[rows], per_interest, int((want + n_excl).max()))
+        e = encode(engine, win.window[rows])
+        # every row's exact width is n + its excluded count; an aggregate-only batch searches
+        # NARROW_FACTOR x n first and widens only the rows that came up short (`redo`): a row
+        # with n unseen items among its top k1 has its exact answer already
+        full = int((want + n_excl).max())
+        narrow = int(NARROW_FACTOR * want.max())
+        k1 = full if per_interest.any() or full <= narrow else narrow
+        c = search(engine, e, per_interest, k1)
         t0 = time.perf_counter()
         answers: list[tuple[int, Answer]] = []
         rendered = [0.0]                                              # stage 6's share of the loop
+        redo: list[int] = []
         if len(c.aggregate):
             answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
-                                    n_excl, want, rows, rendered=rendered)
+                                    n_excl, want, rows, rendered=rendered,
+                                    redo=redo if k1 < full else None, searched=k1)
         how = np.array([qs[j].merge for j in c.per_interest])
         for name in np.unique(how):                                   # one merge at a time
             answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
                                     n_excl, want, rows, str(name), rendered)
-        timings = {"window": t_win, "encode": c.timings["encode"], "search": c.timings["search"],
-                   "filter": time.perf_counter() - t0 - rendered[0], "answer": rendered[0]}
+        searched = c.timings["search"]
+        if redo:
+            sub = np.array(redo)
+            wide = search(engine, Encoded(e.interests[sub], e.user_vector[sub], e.weights[sub], 0.0),
+                          per_interest[sub], full)
+            searched += wide.timings["search"]
+            answers += self._filter(engine, [qs[j] for j in redo], wide, 0, np.arange(len(sub)),
+                                    exclude[sub], n_excl[sub], want[sub], rows[sub],
+                                    rendered=rendered)
+        timings = {"window": t_win, "encode": e.seconds, "search": searched,
+                   "filter": time.perf_counter() - t0 - rendered[0] - searched + c.timings["search"],
+                   "answer": rendered[0]}
         for i, a in answers:
             a.timings = timings
             out[i] = a
@@ -161,10 +183,12 @@ class Recommender:
     @staticmethod
     def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, pos: np.ndarray,
                 exclude: np.ndarray, n_excl: np.ndarray, want: np.ndarray,
-                rows: np.ndarray, how: str = "max", rendered: list[float] | None = None
-                ) -> list[tuple[int, Answer]]:
+                rows: np.ndarray, how: str = "max", rendered: list[float] | None = None,
+                redo: list[int] | None = None, searched: int = 0) -> list[tuple[int, Answer]]:
         """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest,
-        merged `how`) at positions `pos` of that mode's search results."""
+        merged `how`) at positions `pos` of that mode's search results. With `redo`, a query
+        left short by a search `searched` wide, narrower than its exact width, is not answered
+        but put there, to be searched again at its exact width."""
         members = (c.aggregate, c.per_interest)[part][pos]
         n = int(want[members].max())
         top = (top_n(c.scores[0][pos], c.ids[0][pos], exclude[members], n) if part == 0 else
@@ -176,6 +200,9 @@ class Recommender:
             have = min(int(top.count[p]), q.n)
             ids, scores, source = top.ids[p, :have], top.scores[p, :have], top.source[p, :have]
             need = min(q.n, engine.n_items - int(n_excl[j])) - have
+            if need > 0 and redo is not None and searched < q.n + int(n_excl[j]):
+                redo.append(int(j))
+                continue
             if need > 0:           # an ANN index returned fewer than asked: top up exactly
                 vecs = c.interests[j] if part else c.user_vector[j: j + 1]
                 extra, s, r = top_up(engine, ids, exclude[j], need, vecs)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description=(
         "Bearer token for `POST /admin/reload` and the whole manifest from `GET /bundle`; unset "
         "disables reload (answered 401, as a wrong token is)."))
+    metrics_redis_every_s: float = Field(1.0, ge=0, description=(
+        "`/metrics` reads Redis's gauges (up, memory, the click log's length, lag and losses) at "
+        "most this often; scrapes in between show the last reading, and concurrent scrapes "
+        "share one. 0: every scrape reads Redis."))
     inspector: Literal["off", "admin", "open"] = Field("off", description=(
         "The inspector page, `GET /inspect`: a user's clicks, each interest's weight and items, "
         "and every merge's answer. `off`: no page (404); `admin`: its data route "

@@ -43,6 +43,14 @@ def metric(client, name: str, **labels: str) -> float:
     return 0.0
 
 
+def gauge_reaches(client, name: str, value: float, timeout_s: float = 5.0, **labels: str) -> None:
+    """Wait for a scrape-time Redis gauge to read `value`: the service reads Redis for them at
+    most once a second (`lifecycle.freshness`), so a scrape right after a change may show the
+    last reading."""
+    wait_until(lambda: metric(client, name, **labels) == value, timeout_s,
+               f"{name} = {value} (last {metric(client, name, **labels)})")
+
+
 def aged_versions(src: Path, root: Path, n: int) -> None:
     """root/v0 .. v{n-1}, copies of the bundle version `src`, v0 the oldest by manifest mtime
     (the order retention goes by)."""

@@ -26,7 +26,7 @@ TORCH_OK = {"model_export/models/sine.py", "model_export/models/sasrec.py",
             "model_export/evaluation/evaluate.py", "model_export/evaluation/partition.py",
             "model_export/export.py",
             "benchmarks/encoder.py", "benchmarks/gpu.py", "benchmarks/common.py",
-            "benchmarks/partition.py"}
+            "benchmarks/partition.py", "benchmarks/arms_memory.py"}
 
 
 def sources() -> list[Path]:

@@ -34,8 +34,10 @@ def test_published_bundle_is_complete_and_current(small_world):
     assert m["onnx"]["opset"] >= 17 and m["index"]["metric"] == "inner_product"
     assert m["index"]["factory"] == "Flat" and m["index"]["recall"]["value"] == pytest.approx(1.0)
     assert m["items"]["vocab_sha256"] == small_world["ds"].vocab_sha256()
-    assert set(m["files"]) == set(bundle.FILES.values()) | {"model.pt"}   # the model, kept
+    # the model, kept, and the synthetic items' titles
+    assert set(m["files"]) == set(bundle.FILES.values()) | {"model.pt", "titles.json"}
     assert b.has("model") and b.file("model").stat().st_size > 0
+    assert b.titles()[small_world["ds"].item_ids[1]] == small_world["ds"].titles[1]
     assert {"faiss", "onnxruntime", "numpy", "torch"} <= set(m["libraries"])
     assert "HR@10" in m["offline_metrics"]["test"]
 
@@ -229,3 +231,12 @@ def test_versions_are_pruned_and_staging_swept(small_world, tmp_path):
     os.utime(root / ".staging-c-x.tar.gz", (old, old))
     assert sorted(bundle.sweep_staging(root, 6 * 3600)) == sorted([stale.name, ".staging-c-x.tar.gz"])
     assert fresh.exists() and not stale.exists()
+
+
+def test_titles_are_read_only_when_their_hash_matches(small_world, tmp_path):
+    dst = copy_bundle(small_world, tmp_path)
+    assert bundle.load(dst, deep=False).titles()                     # as published
+    (dst / "titles.json").write_text(json.dumps({"1": "<script>forged</script>"}))
+    assert bundle.load(dst, deep=False, optional=False).titles() == {}   # replaced: none
+    (dst / "titles.json").unlink()
+    assert bundle.load(dst, deep=False, optional=False).titles() == {}

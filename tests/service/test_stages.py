@@ -241,3 +241,34 @@ def test_every_answer_render_builds_is_a_valid_recommendation(engine, small_worl
         assert all((it.interest is not None) == (mode == "per_interest") for it in body.items)
     else:
         assert body.score_kind == "popularity"
+
+
+def test_a_narrow_first_search_widens_the_rows_left_short(engine, items, small_world):
+    """An aggregate batch searches 2 n first; a user whose top is crowded by seen items is
+    searched again at its exact width: every answer equals brute force over the whole history."""
+    from service import recommender as rec_mod
+    from service.stages import encode
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False), Metrics(), None)
+    base = [ds.item_ids[int(i)] for i in ds.sequences[1][::-1]][: engine.n]
+    w = window(engine, [base])
+    user = encode(engine, w.window).user_vector[0]
+    ranked = [ds.item_ids[int(i) + 1] for i in np.argsort(-(items @ user), kind="stable")]
+    crowded = base + [x for x in ranked[:60] if x not in base]     # the top, seen (and older)
+    plain = [ds.item_ids[int(i)] for i in ds.sequences[2][::-1]] * 2
+    hists = [crowded, plain]
+    widths = []
+    search = rec_mod.search
+    rec_mod.search = lambda eng, e, per, k: widths.append(k) or search(eng, e, per, k)
+    try:
+        got = rec.answer(engine, [Query("a", 5), Query("b", 5)], hists, None)
+    finally:
+        rec_mod.search = search
+    assert widths[0] == 2 * 5 and widths[1] > 10 and len(widths) == 2    # narrow, then one wide
+    for h, a in zip(hists, got):
+        wv = window(engine, [h])
+        v = encode(engine, wv.window).user_vector[0]
+        seen = set(wv.seen[0][wv.seen[0] > 0].tolist())
+        want = [i + 1 for i in np.argsort(-(items @ v), kind="stable") if i + 1 not in seen][:5]
+        assert [x["item_id"] for x in json.loads(a.body)["items"]] == \
+            [ds.item_ids[i] for i in want]
