@@ -115,9 +115,8 @@ class Settings(BaseSettings):
     history_keep: int = Field(500, ge=1, description=(
         "Clicks kept per user by `POST /events` and `sine load-histories`. The encoder reads the "
         "newest `seq_len` of them; `exclude_seen` drops all kept ones (500: within 0.5 points of "
-        "the offline HR@50 on ML-1M, about 640 bytes a user there, and about a fifth of the "
-        "req/s of 20 at 32 connections; benchmarks/results/seen-filter.md, "
-        "service-history-keep.md)."))
+        "the offline HR@50 on ML-1M, about 640 bytes a user there, and 0.90 of the req/s of 20 "
+        "at 32 connections; benchmarks/results/seen-filter.md, service-history-keep.md)."))
 
     # the click log
     click_log: bool = Field(True, description=(
