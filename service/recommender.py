@@ -16,7 +16,7 @@ from .batcher import Batcher
 from .engine import Engine
 from .errors import HistoryUnavailable, ServiceError
 from .history import HistoryStore
-from .merge import merge, top_n
+from .merge import log_weights, merge, top_n
 from .metrics import Metrics
 from .settings import Settings
 from .stages import (
@@ -36,7 +36,8 @@ from .stages import (
 )
 
 Job = tuple[Engine, Query]
-NARROW_FACTOR = 2      # an aggregate batch's first search: 2 n wide, whatever the histories
+NARROW_FACTOR = 2      # a batch's first search: 2 n wide, whatever the histories
+NARROWABLE = ("max", "weighted")     # the merges a narrow search can prove exact (not quota)
 
 
 class Recommender:
@@ -145,40 +146,49 @@ class Recommender:
         want = np.array([q.n for q in qs])
         per_interest = np.array([q.mode == "per_interest" for q in qs])
         e = encode(engine, win.window[rows])
-        # every row's exact width is n + its excluded count; an aggregate-only batch searches
-        # NARROW_FACTOR x n first and widens only the rows that came up short (`redo`): a row
-        # with n unseen items among its top k1 has its exact answer already
+        # every row's exact width is n + its excluded count; a batch without quota merges
+        # searches NARROW_FACTOR x n first and widens only the rows whose answer that cannot
+        # prove exact (`redo`, see `_filter`)
         full = int((want + n_excl).max())
         narrow = int(NARROW_FACTOR * want.max())
-        k1 = full if per_interest.any() or full <= narrow else narrow
+        quota = any(q.mode == "per_interest" and q.merge not in NARROWABLE for q in qs)
+        k1 = full if quota or full <= narrow else narrow
         c = search(engine, e, per_interest, k1)
         t0 = time.perf_counter()
-        answers: list[tuple[int, Answer]] = []
         rendered = [0.0]                                              # stage 6's share of the loop
         redo: list[int] = []
-        if len(c.aggregate):
-            answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
-                                    n_excl, want, rows, rendered=rendered,
-                                    redo=redo if k1 < full else None, searched=k1)
-        how = np.array([qs[j].merge for j in c.per_interest])
-        for name in np.unique(how):                                   # one merge at a time
-            answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
-                                    n_excl, want, rows, str(name), rendered)
+        answers = self._filter_all(engine, qs, c, exclude, n_excl, want, rows, rendered,
+                                   redo if k1 < full else None, k1)
         searched = c.timings["search"]
         if redo:
             sub = np.array(redo)
             wide = search(engine, Encoded(e.interests[sub], e.user_vector[sub], e.weights[sub], 0.0),
                           per_interest[sub], full)
             searched += wide.timings["search"]
-            answers += self._filter(engine, [qs[j] for j in redo], wide, 0, np.arange(len(sub)),
-                                    exclude[sub], n_excl[sub], want[sub], rows[sub],
-                                    rendered=rendered)
+            answers += self._filter_all(engine, [qs[j] for j in redo], wide, exclude[sub],
+                                        n_excl[sub], want[sub], rows[sub], rendered, None, full)
         timings = {"window": t_win, "encode": e.seconds, "search": searched,
                    "filter": time.perf_counter() - t0 - rendered[0] - searched + c.timings["search"],
                    "answer": rendered[0]}
         for i, a in answers:
             a.timings = timings
             out[i] = a
+
+    def _filter_all(self, engine: Engine, qs: list[Query], c: Computed, exclude: np.ndarray,
+                    n_excl: np.ndarray, want: np.ndarray, rows: np.ndarray,
+                    rendered: list[float], redo: list[int] | None, searched: int
+                    ) -> list[tuple[int, Answer]]:
+        """Stages 5-6 for every query of a search: the aggregate ones, then each merge's."""
+        answers: list[tuple[int, Answer]] = []
+        if len(c.aggregate):
+            answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
+                                    n_excl, want, rows, rendered=rendered, redo=redo,
+                                    searched=searched)
+        how = np.array([qs[j].merge for j in c.per_interest])
+        for name in np.unique(how):                                   # one merge at a time
+            answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
+                                    n_excl, want, rows, str(name), rendered, redo, searched)
+        return answers
 
     @staticmethod
     def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, pos: np.ndarray,
@@ -194,15 +204,28 @@ class Recommender:
         top = (top_n(c.scores[0][pos], c.ids[0][pos], exclude[members], n) if part == 0 else
                merge(how, c.scores[1][pos], c.ids[1][pos], c.weights[members], exclude[members],
                      want[members]))
+        # a narrow search proves a merged row exact when its n-th key is at least every
+        # interest's last searched key: whatever lies beyond keys no higher (None: not merged)
+        bound = None
+        if part == 1 and redo is not None:
+            shift = log_weights(c.weights[members])[:, :, 0] if how == "weighted" else 0.0
+            last = np.where(c.ids[1][pos][:, :, -1] >= 0, c.scores[1][pos][:, :, -1], -np.inf)
+            bound = (last + shift).max(axis=1)                         # [P]
         answers = []
         for p, j in enumerate(members):
             q = qs[j]
             have = min(int(top.count[p]), q.n)
             ids, scores, source = top.ids[p, :have], top.scores[p, :have], top.source[p, :have]
             need = min(q.n, engine.n_items - int(n_excl[j])) - have
-            if need > 0 and redo is not None and searched < q.n + int(n_excl[j]):
-                redo.append(int(j))
-                continue
+            if redo is not None and searched < q.n + int(n_excl[j]):
+                unproven = need > 0
+                if bound is not None and not unproven and have:
+                    nth = float(scores[-1]) + (float(np.log(max(c.weights[j][source[-1]], 1e-12)))
+                                               if how == "weighted" else 0.0)
+                    unproven = nth < bound[p]
+                if unproven:
+                    redo.append(int(j))
+                    continue
             if need > 0:           # an ANN index returned fewer than asked: top up exactly
                 vecs = c.interests[j] if part else c.user_vector[j: j + 1]
                 extra, s, r = top_up(engine, ids, exclude[j], need, vecs)

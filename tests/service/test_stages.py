@@ -272,3 +272,25 @@ def test_a_narrow_first_search_widens_the_rows_left_short(engine, items, small_w
         want = [i + 1 for i in np.argsort(-(items @ v), kind="stable") if i + 1 not in seen][:5]
         assert [x["item_id"] for x in json.loads(a.body)["items"]] == \
             [ds.item_ids[i] for i in want]
+
+
+@pytest.mark.parametrize("merge", ["max", "weighted"])
+def test_narrow_merged_answers_equal_the_full_width_ones(engine, small_world, merge, monkeypatch):
+    """Per-interest rows of a narrow first search are kept only when their n-th key proves them
+    exact, else searched again: every answer equals the one searched at full width."""
+    from service import recommender as rec_mod
+    ds = small_world["ds"]
+    hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] * 3 for u in range(12)]
+    qs = [Query(f"u{u}", 4, mode="per_interest" if u % 3 else "aggregate", merge=merge)
+          for u in range(12)]
+    rec = Recommender(Settings(bundle="unused", batching=False), Metrics(), None)
+    widths = []
+    search = rec_mod.search
+    monkeypatch.setattr(rec_mod, "search",
+                        lambda eng, e, per, k: widths.append(k) or search(eng, e, per, k))
+    narrow = rec.answer(engine, qs, hists, None)
+    assert widths[0] == 8 and max(widths) > 8                  # narrow first, then widened
+    monkeypatch.setattr(rec_mod, "NARROW_FACTOR", 10_000)      # every search at full width
+    full = rec.answer(engine, qs, hists, None)
+    for a, b in zip(narrow, full):
+        assert json.loads(a.body) == json.loads(b.body)
