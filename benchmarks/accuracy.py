@@ -79,10 +79,13 @@ VARIANTS = {
     "sine-bb2-latest-dense": {"blocks": 2, "aggregation": "latest", "targets": "dense"},
     "sine-bb2-d02-dense": {"blocks": 2, "dropout": 0.2, "targets": "dense"},
     "sine-bb2-d05-dense": {"blocks": 2, "dropout": 0.5, "targets": "dense"},
+    "sine-bb2-d05-hr50-dense": {"blocks": 2, "dropout": 0.5, "targets": "dense",
+                                "select_metric": "HR@50"},
+    "sasrec-hr50-dense": {"arch": "sasrec", "targets": "dense", "select_metric": "HR@50"},
 }
 # `--set` names that go to TrainConfig, not the model
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
-                  "weight_kl_T", "prototype_refresh", "targets", "stride")
+                  "weight_kl_T", "prototype_refresh", "targets", "stride", "select_metric")
 LABELS = {
     "popularity": "Popularity (training counts)",
     "sine": "SINE (this project, default)",
@@ -128,6 +131,8 @@ LABELS = {
     "sine-bb2-latest-dense": "SINE on 2 causal blocks, Eq. 7 intention from the latest state, dense targets",
     "sine-bb2-d02-dense": "SINE on 2 causal blocks with dropout 0.2 (SASRec's ML-1M rate), dense targets",
     "sine-bb2-d05-dense": "SINE on 2 causal blocks with dropout 0.5 (SASRec's Amazon rate), dense targets",
+    "sine-bb2-d05-hr50-dense": "SINE on 2 causal blocks, dropout 0.5, dense targets, stopped on valid HR@50",
+    "sasrec-hr50-dense": "SASRec+, stopped on valid HR@50",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
