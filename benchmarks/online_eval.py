@@ -76,6 +76,17 @@ def run(bundle: str, keep: int, ds, targets, log_path: Path) -> tuple[dict, floa
     return score(answers, targets), secs
 
 
+def ml1m_targets(bundle: str, data_dir: str | None
+                 ) -> tuple[bundle_mod.Bundle, data.Dataset, dict[str, str]]:
+    """The bundle, ML-1M (refused unless the bundle was trained on its vocabulary), and each
+    user's test target."""
+    b = bundle_mod.load(bundle, deep=False)
+    ds = data.load("ml-1m", data_dir)
+    if ds.vocab_sha256() != b.manifest["items"]["vocab_sha256"]:
+        raise SystemExit("the bundle was not trained on this ML-1M vocabulary")
+    return b, ds, {u: ds.item_ids[int(s[-1])] for u, s in zip(ds.user_ids, ds.sequences)}
+
+
 def hits_by_arm(answers: dict[str, list[str]], targets: dict[str, str], arms: dict[str, str],
                 cut: int) -> dict[str, tuple[float, float, int]]:
     """{arm: (HR@cut, its standard error, users)}."""
@@ -153,11 +164,7 @@ def main() -> None:
                                           "for current), compared user by user")
     a = p.parse_args()
 
-    b = bundle_mod.load(a.bundle, deep=False)
-    ds = data.load("ml-1m", a.data_dir)
-    if ds.vocab_sha256() != b.manifest["items"]["vocab_sha256"]:
-        raise SystemExit("the bundle was not trained on this ML-1M vocabulary")
-    targets = {u: ds.item_ids[int(s[-1])] for u, s in zip(ds.user_ids, ds.sequences)}
+    b, ds, targets = ml1m_targets(a.bundle, a.data_dir)
     if a.arms:
         weights = {v: float(w) for v, w in (x.split("=") for x in a.arms.split(","))}
         hits = ({k: Path(v) for k, v in (x.split("=") for x in a.offline_hits.split(","))}

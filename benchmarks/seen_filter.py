@@ -24,9 +24,8 @@ import httpx
 import redis
 
 from benchmarks.common import git_commit, machine, now, write_results
-from benchmarks.online_eval import ask_all, score
+from benchmarks.online_eval import ask_all, ml1m_targets, score
 from devtools.local import Stack
-from index_builder import bundle as bundle_mod
 from model_export import data
 
 PROJECTED_USERS = 10_000_000
@@ -93,11 +92,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
 
-    b = bundle_mod.load(a.bundle, deep=False)
-    ds = data.load("ml-1m", a.data_dir)
-    if ds.vocab_sha256() != b.manifest["items"]["vocab_sha256"]:
-        raise SystemExit("the bundle was not trained on this ML-1M vocabulary")
-    targets = {u: ds.item_ids[int(s[-1])] for u, s in zip(ds.user_ids, ds.sequences)}
+    b, ds, targets = ml1m_targets(a.bundle, a.data_dir)
     longest = max(len(s) for s in ds.sequences)
     keeps = [longest if k == "all" else int(k) for k in a.keeps.split(",")]
     sample = random.Random(0).sample(list(targets), min(a.sample, len(targets)))
