@@ -62,6 +62,11 @@ class Layout:
     shadow_rate: float = 0.0
 
     @property
+    def active_any(self) -> bool:
+        """Any arm or a shadow configured (served or refused)."""
+        return bool(self.arms) or self.shadow is not None
+
+    @property
     def active(self) -> tuple[tuple[float, Engine], ...]:
         """(cut, engine) of each serving arm in name order: a user with u < cut is its."""
         out, cut = [], 0.0

@@ -93,7 +93,6 @@ async def set_arms(st: State, weights: dict[str, float], shadow: str | None,
         arms = tuple([await arm(n, w) for n, w in sorted(weights.items())])
         layout = Layout(arms, await arm(shadow, 0.0) if shadow else None, rate)
         st.arms.set(layout)
-        st.recommender.per_arm = bool(arms) or shadow is not None
         log.info("arms set", extra={"arms": {a.name: a.weight for a in arms if a.engine},
                                     "shadow": shadow, "control": CONTROL})
         return layout

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .arms import Arms
 from .batcher import Batcher
 from .engine import Engine
 from .errors import HistoryUnavailable, ServiceError
@@ -42,14 +43,19 @@ NARROWABLE = ("max", "weighted")     # the merges a narrow search can prove exac
 
 class Recommender:
     """The request path: micro-batches of queries through the stages, with the fallbacks."""
-    def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None):
-        self.s, self.m, self.store = settings, metrics, store
+    def __init__(self, settings: Settings, metrics: Metrics, store: HistoryStore | None,
+                 arms: Arms | None = None):
+        self.s, self.m, self.store, self.arms = settings, metrics, store, arms
         self.strict = settings.on_history_unavailable == "error"
-        self.per_arm = False               # arms or a shadow are set: stage times by arm too
         self.batcher: Batcher[Job, Answer] | None = (
             Batcher(self.run, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
                     metrics.batch_size.observe, max_bulk=settings.batch_max_bulk)
             if settings.batching else None)
+
+    @property
+    def per_arm(self) -> bool:
+        """Arms or a shadow are set: answers and stage times are counted by arm too."""
+        return self.arms is not None and self.arms.layout.active_any
 
     async def recommend(self, engine: Engine | list[Engine], queries: list[Query],
                         bulk: bool = False) -> list[Answer]:
@@ -206,9 +212,10 @@ class Recommender:
                      want[members]))
         # a narrow search proves a merged row exact when its n-th key is at least every
         # interest's last searched key: whatever lies beyond keys no higher (None: not merged)
-        bound = None
+        bound, shift = None, np.zeros((len(members), 1), np.float32)
         if part == 1 and redo is not None:
-            shift = log_weights(c.weights[members])[:, :, 0] if how == "weighted" else 0.0
+            if how == "weighted":
+                shift = log_weights(c.weights[members])[:, :, 0]       # [P, K]
             last = np.where(c.ids[1][pos][:, :, -1] >= 0, c.scores[1][pos][:, :, -1], -np.inf)
             bound = (last + shift).max(axis=1)                         # [P]
         answers = []
@@ -220,7 +227,7 @@ class Recommender:
             if redo is not None and searched < q.n + int(n_excl[j]):
                 unproven = need > 0
                 if bound is not None and not unproven and have:
-                    nth = float(scores[-1]) + (float(np.log(max(c.weights[j][source[-1]], 1e-12)))
+                    nth = float(scores[-1]) + (float(shift[p, source[-1]])
                                                if how == "weighted" else 0.0)
                     unproven = nth < bound[p]
                 if unproven:

@@ -45,10 +45,11 @@ class State:
         metrics = Metrics()
         store = (HistoryStore(settings, on_error=lambda op: metrics.redis_errors.labels(op).inc())
                  if settings.redis_url else None)
-        st = cls(settings, metrics, store, Recommender(settings, metrics, store),
+        arms = Arms(settings.arm_salt)
+        st = cls(settings, metrics, store, Recommender(settings, metrics, store, arms),
                  Admission(settings.max_in_flight, settings.max_batch_in_flight,
                            settings.max_events_in_flight),
-                 tracing=Tracing.of(settings.otel_traces_exporter), arms=Arms(settings.arm_salt))
+                 tracing=Tracing.of(settings.otel_traces_exporter), arms=arms)
         st.shadow = Shadow(st)
         return st
 
