@@ -82,6 +82,8 @@ VARIANTS = {
     "sine-bb2-d05-hr50-dense": {"blocks": 2, "dropout": 0.5, "targets": "dense",
                                 "select_metric": "HR@50"},
     "sasrec-hr50-dense": {"arch": "sasrec", "targets": "dense", "select_metric": "HR@50"},
+    "sine-bb2-res-d02-dense": {"blocks": 2, "dropout": 0.2, "residual": True, "targets": "dense"},
+    "sine-bb2-res-d05-dense": {"blocks": 2, "dropout": 0.5, "residual": True, "targets": "dense"},
 }
 # `--set` names that go to TrainConfig, not the model
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
@@ -133,6 +135,8 @@ LABELS = {
     "sine-bb2-d05-dense": "SINE on 2 causal blocks with dropout 0.5 (SASRec's Amazon rate), dense targets",
     "sine-bb2-d05-hr50-dense": "SINE on 2 causal blocks, dropout 0.5, dense targets, stopped on valid HR@50",
     "sasrec-hr50-dense": "SASRec+, stopped on valid HR@50",
+    "sine-bb2-res-d02-dense": "SINE on 2 causal blocks, each interest plus the latest state, dropout 0.2, dense targets",
+    "sine-bb2-res-d05-dense": "SINE on 2 causal blocks, each interest plus the latest state, dropout 0.5, dense targets",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE

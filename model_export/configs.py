@@ -79,6 +79,8 @@ class SINEConfig:
     activation: str = opt("attention", "attention: Eq. 1-2, the top K of <z_u, C>; votes: the K "
                           "prototypes Eq. 3 assigns the most clicks to (deviation 6)",
                           choices=ACTIVATIONS)
+    residual: bool = opt(False, "every interest adds the normalised state of the latest click, "
+                         "the vector SASRec scores with (deviation 10)")
     blocks: int = opt(0, "causal self-attention blocks under Eq. 1-6 (deviation 8; 0: none, "
                       "Eq. 1-6 on the item embeddings)", ge=0)
     heads: int = opt(1, "attention heads of those blocks", ge=1)

@@ -49,6 +49,11 @@ Deviations from the paper, each with its reason (the ablation table in
    click's state, LN4(x_latest), in place of Eq. 6's prototype sequence: the interest nearest
    what the user just did weighs most, the signal SASRec predicts from. With a backbone that
    state is contextualised by the whole prefix.
+10. `residual=True` (off by default) adds LN5(x_latest), the most recent click's state, to every
+   interest of Eq. 5: phi_k = LN3(sum_t w_kt x_t) + LN5(x_latest). With a backbone that state is
+   SASRec's user vector, so the aggregate holds the single-vector readout and the K interests
+   become offsets around it; per-interest retrieval keeps one query per interest. Eq. 7 still
+   compares the interests with the intention.
 
 Computed as the equations say, in cheaper but equal orders (float rounding aside): Eq. 4's K
 attention heads as one [D, K D] product and one block-diagonal [K D, K] product, and Eq. 6's
@@ -151,6 +156,7 @@ class SINE(ItemSoftmax, nn.Module):
         self.ln2 = nn.LayerNorm(D, eps=c.ln_eps)
         self.ln3 = nn.LayerNorm(D, eps=c.ln_eps)
         self.ln4 = nn.LayerNorm(D, eps=c.ln_eps)
+        self.ln5 = nn.LayerNorm(D, eps=c.ln_eps) if c.residual else None   # deviation 10
         # deviation 8: causal self-attention under Eq. 1-6, off at blocks = 0
         self.backbone = (CausalEncoder(n, D, c.blocks, c.heads, c.dropout, c.ln_eps)
                          if c.blocks else None)
@@ -303,6 +309,9 @@ class SINE(ItemSoftmax, nn.Module):
         # §3.2.4 interest embedding generation (Eq. 5)
         w = (P_kt * P_tk).transpose(-1, -2)                            # [B, Q, K, n]
         phi = self.ln3(w @ X.unsqueeze(1))                             # [B, Q, K, D]
+        if self.ln5 is not None:                                       # deviation 10
+            latest = X if prefixes else X[:, :1]                       # [B, Q, D]: each prefix's slot 0
+            phi = phi + self.ln5(latest).unsqueeze(-2)                 # [B, Q, K, D]
 
         # §3.3 interest aggregation (Eq. 6-8)
         if c.aggregation == "mean":

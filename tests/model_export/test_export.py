@@ -97,13 +97,15 @@ def test_the_graph_is_folded_where_its_tables_fit_the_budget():
         choose_graph(m, "fast")
 
 
-@pytest.mark.parametrize("literal, aggregation, activation", [
-    (False, "adaptive", "attention"), (True, "adaptive", "attention"), (False, "mean", "attention"),
-    (False, "adaptive", "votes")])
-def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggregation, activation):
+@pytest.mark.parametrize("literal, aggregation, activation, residual", [
+    (False, "adaptive", "attention", False), (True, "adaptive", "attention", False),
+    (False, "mean", "attention", False), (False, "adaptive", "votes", False),
+    (False, "adaptive", "attention", True)])
+def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggregation, activation,
+                                                       residual):
     torch.manual_seed(1)
-    m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, literal=literal,
-                        aggregation=aggregation, activation=activation)).eval()
+    m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, literal=literal, aggregation=aggregation,
+                        activation=activation, residual=residual)).eval()
     path = export_onnx(FoldedSINE(m), tmp_path / "folded.onnx")
     worst = check_parity(m, path)
     assert worst["interests"] < 1e-5 and worst["user_vector"] < 1e-3 and worst["weights"] < 1e-4
@@ -111,11 +113,12 @@ def test_the_folded_graph_computes_what_the_model_does(tmp_path, literal, aggreg
     assert "Gather" in ops and "TopK" in ops
 
 
-@pytest.mark.parametrize("aggregation", ["adaptive", "latest"])
-def test_a_sine_on_a_backbone_exports_plain_with_parity(tmp_path, aggregation):
+@pytest.mark.parametrize("aggregation, residual", [("adaptive", False), ("latest", False),
+                                                   ("adaptive", True)])
+def test_a_sine_on_a_backbone_exports_plain_with_parity(tmp_path, aggregation, residual):
     torch.manual_seed(2)
     m = SINE(SINEConfig(n_items=200, D=32, K=3, L=8, blocks=2, heads=2, dropout=0.1,
-                        aggregation=aggregation)).eval()
+                        aggregation=aggregation, residual=residual)).eval()
     assert choose_graph(m) == "plain"
     with pytest.raises(ValueError, match="backbone exports plain"):
         choose_graph(m, "folded")

@@ -185,7 +185,7 @@ def prefix_window(x: torch.Tensor, i: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kw", [{}, {"literal": True}, {"aggregation": "mean"},
                                 {"aggregation": "latest"}, {"activation": "votes"},
-                                {"share_w3": True}])
+                                {"share_w3": True}, {"residual": True}])
 def test_every_prefix_equals_the_window_that_holds_it_alone(kw):
     """Dense targets: prefix i of forward_prefixes is exactly what serving computes for the
     window of the clicks up to slot i (brute force, one window per prefix)."""
@@ -203,9 +203,10 @@ def test_every_prefix_equals_the_window_that_holds_it_alone(kw):
             torch.testing.assert_close(e[real, i], e1[real], atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("aggregation", ["adaptive", "latest"])
-def test_a_backbone_is_causal_and_its_first_prefix_is_the_window(aggregation):
-    m = small(blocks=2, heads=2, aggregation=aggregation)
+@pytest.mark.parametrize("aggregation, residual", [("adaptive", False), ("latest", False),
+                                                   ("adaptive", True)])
+def test_a_backbone_is_causal_and_its_first_prefix_is_the_window(aggregation, residual):
+    m = small(blocks=2, heads=2, aggregation=aggregation, residual=residual)
     x = batch(B=5, seed=5)
     x[:, :4] = torch.randint(1, 51, (5, 4))                            # 4 real clicks at least
     with torch.no_grad():
@@ -218,6 +219,22 @@ def test_a_backbone_is_causal_and_its_first_prefix_is_the_window(aggregation):
         moved = (m.forward_prefixes(y)[1] - v).abs().amax(-1)          # [B, n]
     assert torch.all(moved[:, 2:] == 0)                                # older prefixes never see it
     assert torch.all(moved[:, :2] > 0)                                 # the ones that hold it move
+
+
+def test_the_residual_adds_the_latest_state_to_every_interest():
+    """Deviation 10: phi_k - LN5(x_latest) is the plain model's interest, for every k."""
+    x = batch(B=4, seed=7)
+    torch.manual_seed(0)
+    m = small(blocks=1, residual=True).eval()
+    plain = SINE(SINEConfig(**{**vars(m.config), "residual": False})).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("ln5.")})
+    with torch.no_grad():
+        phi, v, e = m(x)
+        X, _ = m.embed(x)
+        shift = m.ln5(X[:, 0]).unsqueeze(1)                            # [B, 1, D]
+        torch.testing.assert_close(phi - shift, plain(x)[0], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(v, (e.unsqueeze(-1) * phi).sum(1))
+    assert set(m.state_dict()) - set(plain.state_dict()) == {"ln5.weight", "ln5.bias"}
 
 
 def test_a_backbone_changes_what_the_interests_pool_and_its_config_is_checked():
