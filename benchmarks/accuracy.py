@@ -135,8 +135,8 @@ LABELS = {
     "sine-bb2-d05-dense": "SINE on 2 causal blocks with dropout 0.5 (SASRec's Amazon rate), dense targets",
     "sine-bb2-d05-hr50-dense": "SINE on 2 causal blocks, dropout 0.5, dense targets, stopped on valid HR@50",
     "sasrec-hr50-dense": "SASRec+, stopped on valid HR@50",
-    "sine-bb2-res-d02-dense": "SINE on 2 causal blocks, each interest plus the latest state, dropout 0.2, dense targets",
-    "sine-bb2-res-d05-dense": "SINE on 2 causal blocks, each interest plus the latest state, dropout 0.5, dense targets",
+    "sine-bb2-res-d02-dense": "SINE on 2 causal blocks, interests plus the latest state, dropout 0.2, dense targets",
+    "sine-bb2-res-d05-dense": "SINE on 2 causal blocks, interests plus the latest state, dropout 0.5, dense targets",
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
