@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--connections", default="1,32")
     p.add_argument("--modes", default="batching,no-batching",
                    help="batching, no-batching, no-gc-freeze (batching, gc.freeze off), "
-                        f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE:.0%} of "
+                        f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE * 100:.0f}%% of "
                         "/recommend), aggregate / per-interest-max / -weighted / -quota (batching, "
                         "every request searched so), keep-20 (batching, history_keep 20) and/or baseline "
                         "(needs --baseline-tree)")
