@@ -204,6 +204,7 @@ def keep_history_metrics(ck_path: Path, ds) -> dict:
 
 def extra_metrics(ck_path: Path, ds) -> dict:
     """Per-interest test metrics, top-N list figures in both modes, interest diagnostics."""
+    from index_builder.bundle import MERGES
     from model_export.data import split
     from model_export.evaluation.evaluate import (
         beyond_accuracy,
@@ -214,7 +215,6 @@ def extra_metrics(ck_path: Path, ds) -> dict:
     from model_export.export import choose_serving
     from model_export.models.sine import SINE
     from model_export.training import load_checkpoint, model_from_checkpoint
-    from service.merge import MERGES
 
     model = model_from_checkpoint(load_checkpoint(ck_path, ds))
     sp = split(ds, model.config.n)

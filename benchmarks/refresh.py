@@ -152,7 +152,8 @@ def top_lists(path, hist: dict[str, list[str]], users: list[str], k: int = 50,
             continue
         c = compute(eng, win.window[rows], np.zeros(len(rows), dtype=bool),
                     int(k + win.known[rows].max()))
-        top = top_n(c.scores[0], c.ids[0], win.seen[rows], k)
+        found = c.hits["aggregate"]                                   # [P, 1, k]
+        top = top_n(found.scores, found.ids, win.seen[rows], k)
         for p, r in enumerate(rows):
             out[part[r]] = [names[int(j)] for j in top.ids[p, : int(top.count[p])]]
     return out

@@ -41,6 +41,11 @@ class Batcher(Generic[T, R]):
     their own and fill what room a batch has after the others, at most `max_bulk` of them: a
     single request waits for at most the batch running when it came, never behind a bulk
     caller's whole list, and that batch holds at most `max_bulk` users of bulk work.
+
+    A single item submitted to an idle batcher (nothing running, nothing queued; no
+    `max_wait_s`) runs at once in its caller's task, a batch of one with no hand-off: batching
+    starts only when requests overlap. What arrives meanwhile queues, and is drained when it
+    ends.
     """
 
     def __init__(self, run: Callable[[list[T], list[float]], Awaitable[list[R | BaseException]]],
@@ -54,25 +59,44 @@ class Batcher(Generic[T, R]):
         self.queue: deque[_Waiting[T, R]] = deque()
         self.bulk: deque[_Waiting[T, R]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False             # a straight batch of one is running
 
     def __len__(self) -> int:
         return len(self.queue) + len(self.bulk)
 
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._busy and not len(self)
+
     async def submit(self, items: list[T], bulk: bool = False) -> list[R]:
+        if len(items) == 1 and not bulk and not self.max_wait and self.idle:
+            return [await self._straight(items[0])]
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = [loop.create_future() for _ in items]
         (self.bulk if bulk else self.queue).extend(
             _Waiting(x, f, now) for x, f in zip(items, futures))
-        if self._task is None:
+        if self._task is None and not self._busy:
             self._task = loop.create_task(self._drain())
         if len(futures) == 1:
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
-    async def _drain(self) -> None:
+    async def _straight(self, item: T) -> R:
+        self._busy = True
         try:
-            first = True
+            self.on_batch(1)
+            (r,) = await self.run([item], [0.0])
+        finally:
+            self._busy = False
+            if len(self) and self._task is None:     # they came while it ran: under load
+                self._task = asyncio.get_running_loop().create_task(self._drain(first=False))
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    async def _drain(self, first: bool = True) -> None:
+        try:
             while len(self):
                 if self.max_wait and len(self) < self.max_size:
                     await asyncio.sleep(self.max_wait)

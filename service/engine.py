@@ -9,17 +9,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import faiss
 import numpy as np
 import orjson
 
 from index_builder import bundle as bundle_mod
-
-if TYPE_CHECKING:
-    from .merge import Merge
-    from .stages import Mode
 
 log = logging.getLogger("sine.service")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -48,12 +44,6 @@ class Engine:
     @property
     def version(self) -> str:
         return self.bundle.version
-
-    @property
-    def default_search(self) -> tuple[Mode, Merge | None]:
-        """(mode, merge) the bundle's manifest names for requests that name neither (checked
-        against bundle.MODES and MERGES when it was loaded)."""
-        return cast("tuple[Mode, Merge | None]", self.bundle.default_search)
 
     @property
     def n(self) -> int:

@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.bundle import MERGES
+
 from .engine import Engine
 from .history import HistoryStore
-from .merge import MERGES, Top, merge, top_n
+from .merge import Top, merge, top_n
 from .stages import COLD_START, HISTORY_UNAVAILABLE, encode, history, knn, window
 
 NO_HISTORY = "no_history"

@@ -15,12 +15,10 @@ numpy only (no faiss, no ONNX Runtime), so that the offline evaluation merges wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 
-Merge = Literal["max", "weighted", "quota"]
-MERGES: tuple[str, ...] = get_args(Merge)
+from index_builder.bundle import MERGES
 
 
 @dataclass(slots=True)

@@ -9,8 +9,11 @@ through the same code.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
+
+from index_builder.bundle import AGGREGATE, PER_INTEREST, Merge
 
 from .arms import Arms
 from .batcher import Batcher
@@ -25,7 +28,7 @@ from .stages import (
     HISTORY_UNAVAILABLE,
     Answer,
     Computed,
-    Encoded,
+    Hits,
     Query,
     Windows,
     encode,
@@ -38,7 +41,48 @@ from .stages import (
 
 Job = tuple[Engine, Query]
 NARROW_FACTOR = 2      # a batch's first search: 2 n wide, whatever the histories
-NARROWABLE = ("max", "weighted")     # the merges a narrow search can prove exact (not quota)
+NARROWABLE: tuple[Merge, ...] = ("max", "weighted")   # merges a narrow search can prove exact
+
+
+@dataclass(slots=True)
+class Personal:
+    """The personalized queries of one engine in a micro-batch, their numbers worked out once:
+    P queries, each searched `first` wide at first; `exact` is the width that answers a row
+    exactly whatever its scores (n + the seen ids it drops)."""
+    queries: list[Query]
+    rows: np.ndarray                   # [P] places in the micro-batch
+    at: np.ndarray                     # [P] rows of the encoder's batch
+    want: np.ndarray                   # [P] n
+    n_excl: np.ndarray                 # [P] seen ids dropped (0 where exclude_seen is false)
+    exclude: np.ndarray                # [P, H] internal ids to drop, 0 = none
+    per_interest: np.ndarray           # [P] bool: searched with each interest
+    merges: np.ndarray                 # [P] str: the merge of per_interest rows ('' else)
+    exact: np.ndarray                  # [P] n + n_excl
+    first: int                         # the first search's width
+
+    @classmethod
+    def of(cls, queries: list[Query], rows: np.ndarray, win: Windows) -> Personal:
+        """`queries` at `rows` of the micro-batch (and of `win`). Without a quota merge the
+        first search is NARROW_FACTOR x n wide where that is narrower than exact."""
+        keep = np.fromiter((q.exclude_seen for q in queries), bool, len(queries))
+        n_excl = np.where(keep, win.known[rows], 0)                   # [P]
+        want = np.fromiter((q.n for q in queries), np.int64, len(queries))
+        merges = np.array([q.merge or "" for q in queries])
+        per = merges != ""
+        exact = want + n_excl
+        full = int(exact.max())
+        quota = bool(np.isin(merges[per], NARROWABLE, invert=True).any())
+        narrow = int(NARROW_FACTOR * want.max())
+        return cls(queries, rows, np.arange(len(queries)), want, n_excl,
+                   np.where(keep[:, None], win.seen[rows], 0), per, merges, exact,
+                   full if quota or full <= narrow else narrow)
+
+    def take(self, pos: np.ndarray) -> Personal:
+        """The queries at `pos` [R], searched at their exact width."""
+        return Personal([self.queries[j] for j in pos.tolist()], self.rows[pos], self.at[pos],
+                        self.want[pos], self.n_excl[pos], self.exclude[pos],
+                        self.per_interest[pos], self.merges[pos], self.exact[pos],
+                        int(self.exact[pos].max()))
 
 
 class Recommender:
@@ -83,16 +127,19 @@ class Recommender:
         except ServiceError as e:
             return [e] * len(jobs)
         t_hist = time.perf_counter() - t0
-        out: list[Answer | BaseException | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for i, (eng, _) in enumerate(jobs):
             groups.setdefault(id(eng), []).append(i)
-        for idx in groups.values():
-            part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
-                               [hists[i] for i in idx],
-                               None if unavailable is None else unavailable[idx])
-            for i, answered in zip(idx, part):
-                out[i] = answered
+        if len(groups) == 1:
+            out = self.answer(jobs[0][0], [q for _, q in jobs], hists, unavailable)
+        else:
+            by_job: dict[int, Answer | BaseException] = {}
+            for idx in groups.values():
+                part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
+                                   [hists[i] for i in idx],
+                                   None if unavailable is None else unavailable[idx])
+                by_job.update(zip(idx, part))
+            out = [by_job[i] for i in range(len(jobs))]
         stage = self.m.stage_child
         for (eng, _), a, w in zip(jobs, out, waited):
             if isinstance(a, Answer):
@@ -102,7 +149,7 @@ class Recommender:
                 if self.per_arm:
                     for name, dt in a.timings.items():
                         self.m.arm_stage_child(eng.arm, name).observe(dt)
-        return out  # type: ignore[return-value]   # every slot is filled
+        return out
 
     def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
                unavailable: np.ndarray | None) -> list[Answer | BaseException]:
@@ -113,22 +160,24 @@ class Recommender:
         t_win = time.perf_counter() - t0
         if win.unknown:
             self.m.unknown_items.inc(win.unknown)
-        out: list[Answer | BaseException | None] = [None] * len(queries)
+        out: dict[int, Answer | BaseException] = {}
         down = unavailable if unavailable is not None else np.zeros(len(queries), bool)
         personal = np.flatnonzero((win.known > 0) & ~down)
         if len(personal) < len(queries):
-            self._fallbacks(engine, queries, win, down, t_win, out)
+            out |= self._fallbacks(engine, queries, win, down, t_win)
         if len(personal):
-            self._personalized(engine, [queries[j] for j in personal], win, personal, t_win, out)
-        return out  # type: ignore[return-value]   # every slot is filled
+            req = Personal.of([queries[j] for j in personal], personal, win)
+            for row, a in self._personalized(engine, req, win, t_win):
+                out[row] = a
+        return [out[j] for j in range(len(queries))]
 
     def _fallbacks(self, engine: Engine, queries: list[Query], win: Windows, down: np.ndarray,
-                   t_win: float, out: list[Answer | BaseException | None]) -> None:
+                   t_win: float) -> dict[int, Answer | BaseException]:
         """Popular items for the queries without a usable history (or, strict, a 503)."""
         t1 = time.perf_counter()
-        cold = [j for j in range(len(queries)) if down[j] or win.known[j] == 0]
+        out: dict[int, Answer | BaseException] = {}
         answered = []
-        for j in cold:
+        for j in np.flatnonzero(down | (win.known == 0)).tolist():
             reason = HISTORY_UNAVAILABLE if down[j] else COLD_START
             self.m.fallbacks.labels(reason).inc()
             if down[j] and self.strict:
@@ -136,112 +185,98 @@ class Recommender:
                                             "history now.", {"Retry-After": "1"})
                 continue
             ids = engine.popular[: queries[j].n]
-            a = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason), {}, ids,
-                       reason)
-            out[j] = a
+            a = out[j] = Answer(render(engine, queries[j], ids, engine.popularity[ids], reason),
+                                {}, ids, reason)
             answered.append(a)
         t_pop = time.perf_counter() - t1
         for a in answered:
             a.timings.update(window=t_win, popularity=t_pop)
+        return out
 
-    def _personalized(self, engine: Engine, qs: list[Query], win: Windows, rows: np.ndarray,
-                      t_win: float, out: list[Answer | BaseException | None]) -> None:
-        excl = np.array([q.exclude_seen for q in qs])
-        exclude = np.where(excl[:, None], win.seen[rows], 0)          # [P, H]
-        n_excl = np.where(excl, win.known[rows], 0)                   # [P]
-        want = np.array([q.n for q in qs])
-        per_interest = np.array([q.mode == "per_interest" for q in qs])
-        e = encode(engine, win.window[rows])
-        # every row's exact width is n + its excluded count; a batch without quota merges
-        # searches NARROW_FACTOR x n first and widens only the rows whose answer that cannot
-        # prove exact (`redo`, see `_filter`)
-        full = int((want + n_excl).max())
-        narrow = int(NARROW_FACTOR * want.max())
-        quota = any(q.mode == "per_interest" and q.merge not in NARROWABLE for q in qs)
-        k1 = full if quota or full <= narrow else narrow
-        c = search(engine, e, per_interest, k1)
+    def _personalized(self, engine: Engine, req: Personal, win: Windows, t_win: float
+                      ) -> list[tuple[int, Answer]]:
+        """Stages 3-6 for the queries with a known history: a first search `req.first` wide,
+        then the rows it could not prove exact searched again at their exact width."""
+        e = encode(engine, win.window[req.rows])
+        c = search(engine, e, req.per_interest, req.first)
         t0 = time.perf_counter()
         rendered = [0.0]                                              # stage 6's share of the loop
-        redo: list[int] = []
-        answers = self._filter_all(engine, qs, c, exclude, n_excl, want, rows, rendered,
-                                   redo if k1 < full else None, k1)
-        searched = c.timings["search"]
+        answers, redo = self._filter_all(engine, req, c, rendered)
+        searched = c.seconds
         if redo:
-            sub = np.array(redo)
-            wide = search(engine, Encoded(e.interests[sub], e.user_vector[sub], e.weights[sub], 0.0),
-                          per_interest[sub], full)
-            searched += wide.timings["search"]
-            answers += self._filter_all(engine, [qs[j] for j in redo], wide, exclude[sub],
-                                        n_excl[sub], want[sub], rows[sub], rendered, None, full)
+            sub = req.take(np.array(redo))
+            wide = search(engine, e.take(sub.at), sub.per_interest, sub.first)
+            searched += wide.seconds
+            answers += self._filter_all(engine, sub, wide, rendered)[0]
         timings = {"window": t_win, "encode": e.seconds, "search": searched,
-                   "filter": time.perf_counter() - t0 - rendered[0] - searched + c.timings["search"],
+                   "filter": time.perf_counter() - t0 - rendered[0] - searched + c.seconds,
                    "answer": rendered[0]}
-        for i, a in answers:
+        for _, a in answers:
             a.timings = timings
-            out[i] = a
-
-    def _filter_all(self, engine: Engine, qs: list[Query], c: Computed, exclude: np.ndarray,
-                    n_excl: np.ndarray, want: np.ndarray, rows: np.ndarray,
-                    rendered: list[float], redo: list[int] | None, searched: int
-                    ) -> list[tuple[int, Answer]]:
-        """Stages 5-6 for every query of a search: the aggregate ones, then each merge's."""
-        answers: list[tuple[int, Answer]] = []
-        if len(c.aggregate):
-            answers += self._filter(engine, qs, c, 0, np.arange(len(c.aggregate)), exclude,
-                                    n_excl, want, rows, rendered=rendered, redo=redo,
-                                    searched=searched)
-        how = np.array([qs[j].merge for j in c.per_interest])
-        for name in np.unique(how):                                   # one merge at a time
-            answers += self._filter(engine, qs, c, 1, np.flatnonzero(how == name), exclude,
-                                    n_excl, want, rows, str(name), rendered, redo, searched)
         return answers
 
+    def _filter_all(self, engine: Engine, req: Personal, c: Computed, rendered: list[float]
+                    ) -> tuple[list[tuple[int, Answer]], list[int]]:
+        """Stages 5-6 for every query of a search, one mode and merge at a time: the answers,
+        and the queries a narrow search left unproven (`req` positions, to search again)."""
+        answers: list[tuple[int, Answer]] = []
+        redo: list[int] = []
+        agg = c.hits[AGGREGATE]
+        if len(agg.rows):
+            answers += self._filter(engine, req, c, agg, None, rendered, redo)
+        per = c.hits[PER_INTEREST]
+        how = req.merges[per.rows]
+        for name in np.unique(how).tolist():
+            pos = np.flatnonzero(how == name)
+            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.width)
+            answers += self._filter(engine, req, c, hits, name, rendered, redo)
+        return answers, redo
+
     @staticmethod
-    def _filter(engine: Engine, qs: list[Query], c: Computed, part: int, pos: np.ndarray,
-                exclude: np.ndarray, n_excl: np.ndarray, want: np.ndarray,
-                rows: np.ndarray, how: str = "max", rendered: list[float] | None = None,
-                redo: list[int] | None = None, searched: int = 0) -> list[tuple[int, Answer]]:
-        """Stages 5-6 for the queries of one search mode (`part` 0: aggregate, 1: per interest,
-        merged `how`) at positions `pos` of that mode's search results. With `redo`, a query
-        left short by a search `searched` wide, narrower than its exact width, is not answered
-        but put there, to be searched again at its exact width."""
-        members = (c.aggregate, c.per_interest)[part][pos]
-        n = int(want[members].max())
-        top = (top_n(c.scores[0][pos], c.ids[0][pos], exclude[members], n) if part == 0 else
-               merge(how, c.scores[1][pos], c.ids[1][pos], c.weights[members], exclude[members],
-                     want[members]))
+    def _filter(engine: Engine, req: Personal, c: Computed, hits: Hits, how: Merge | None,
+                rendered: list[float], redo: list[int]) -> list[tuple[int, Answer]]:
+        """Stages 5-6 for the queries of one search (`how`: their merge, None: aggregate). A
+        query that a search narrower than its exact width left unproven is not answered but
+        put in `redo`."""
+        members = hits.rows                                           # [m] positions in req
+        if how is None:
+            top = top_n(hits.scores, hits.ids, req.exclude[members], int(req.want[members].max()))
+        else:
+            top = merge(how, hits.scores, hits.ids, c.weights[members], req.exclude[members],
+                        req.want[members])
+        narrow = req.first < req.exact[members]                       # [m]
         # a narrow search proves a merged row exact when its n-th key is at least every
-        # interest's last searched key: whatever lies beyond keys no higher (None: not merged)
-        bound, shift = None, np.zeros((len(members), 1), np.float32)
-        if part == 1 and redo is not None:
+        # interest's last searched key: whatever lies beyond keys no higher
+        shift = np.zeros((len(members), 1), np.float32)
+        bound = None
+        if how is not None and narrow.any():
             if how == "weighted":
-                shift = log_weights(c.weights[members])[:, :, 0]       # [P, K]
-            last = np.where(c.ids[1][pos][:, :, -1] >= 0, c.scores[1][pos][:, :, -1], -np.inf)
-            bound = (last + shift).max(axis=1)                         # [P]
+                shift = log_weights(c.weights[members])[:, :, 0]       # [m, K]
+            last = np.where(hits.ids[:, :, -1] >= 0, hits.scores[:, :, -1], -np.inf)   # [m, K]
+            bound = (last + shift).max(axis=1)                         # [m]
         answers = []
-        for p, j in enumerate(members):
-            q = qs[j]
+        for p, j in enumerate(members.tolist()):
+            q = req.queries[j]
             have = min(int(top.count[p]), q.n)
             ids, scores, source = top.ids[p, :have], top.scores[p, :have], top.source[p, :have]
-            need = min(q.n, engine.n_items - int(n_excl[j])) - have
-            if redo is not None and searched < q.n + int(n_excl[j]):
+            need = min(q.n, engine.n_items - int(req.n_excl[j])) - have
+            if narrow[p]:
                 unproven = need > 0
                 if bound is not None and not unproven and have:
                     nth = float(scores[-1]) + (float(shift[p, source[-1]])
                                                if how == "weighted" else 0.0)
                     unproven = nth < bound[p]
                 if unproven:
-                    redo.append(int(j))
+                    redo.append(j)
                     continue
             if need > 0:           # an ANN index returned fewer than asked: top up exactly
-                vecs = c.interests[j] if part else c.user_vector[j: j + 1]
-                extra, s, r = top_up(engine, ids, exclude[j], need, vecs)
+                vecs = c.interests[j] if how else c.user_vector[j: j + 1]
+                extra, s, r = top_up(engine, ids, req.exclude[j], need, vecs)
                 ids, scores = np.concatenate([ids, extra]), np.concatenate([scores, s])
                 source = np.concatenate([source, r])
             t_r = time.perf_counter()
             body = render(engine, q, ids, scores, None, source,
                           c.weights[j] if q.include_interests else None, c.interests[j])
-            if rendered is not None:
-                rendered[0] += time.perf_counter() - t_r
-            answers.append((int(rows[j]), Answer(body, {}, ids)))
+            rendered[0] += time.perf_counter() - t_r
+            answers.append((int(req.rows[j]), Answer(body, {}, ids)))
         return answers

@@ -15,7 +15,8 @@ from pydantic import (
     model_validator,
 )
 
-from .merge import Merge
+from index_builder.bundle import Merge, Mode
+
 from .settings import Settings
 
 INSPECT_MAX_N = 100       # the page shows K + 4 lists of n: more is not for reading
@@ -37,7 +38,7 @@ class Recommendation(BaseModel):
     version: str = Field(description="The bundle version that answered.")
     arm: str = Field(description="The user's arm: `control` (the served bundle), or the "
                                  "candidate version it was assigned (SINE_ARMS).")
-    mode: Literal["aggregate", "per_interest"] = Field(description=(
+    mode: Mode = Field(description=(
         "The search that answered: the request's, else the service's or the bundle's default."))
     merge: Merge | None = Field(None, description="per_interest: the merge of the K lists; "
                                                   "null for aggregate.")
@@ -158,7 +159,7 @@ class RecommendBody(BaseModel):
     user_id: str | int
     n: int
     exclude_seen: bool = True
-    mode: Literal["aggregate", "per_interest"] | None = None
+    mode: Mode | None = None
     merge: Merge | None = None
     include_interests: bool = False
 
@@ -210,7 +211,7 @@ def request_models(s: Settings) -> RequestModels:
         user_id: UserId
         n: StrictInt = Field(ge=1, le=s.max_n, description=f"How many items, 1 to {s.max_n}.")
         exclude_seen: StrictBool = Field(True, description="Drop items in the user's history.")
-        mode: Literal["aggregate", "per_interest"] | None = Field(None, description=(
+        mode: Mode | None = Field(None, description=(
             "`aggregate`: search with the Eq. 8 user vector; `per_interest`: search with each "
             "interest and merge the K lists. Omitted: `per_interest` where `merge` is given, "
             f"else {_default(s.default_mode, 'mode')} (SINE_DEFAULT_MODE)."))

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from index_builder.bundle import SineError
+from index_builder.bundle import Merge, Mode, SineError
 
 from .keys import DEFAULT_GROUP, DEFAULT_STREAM
 
@@ -99,11 +99,11 @@ class Settings(BaseSettings):
         "as `history_unavailable`), then try again. Timeouts do not pause Redis."))
     on_history_unavailable: Literal["fallback", "error"] = Field("fallback", description=(
         "`fallback`: answer with popular items flagged `history_unavailable`; `error`: 503."))
-    default_mode: Literal["bundle", "aggregate", "per_interest"] = Field("bundle", description=(
+    default_mode: Literal["bundle", Mode] = Field("bundle", description=(
         "The search a request that names no `mode` gets: `bundle`, the one its manifest names "
         "(`sine export --serving`, by default the best on validation; `aggregate` for bundles "
         "without one); or `aggregate` / `per_interest` for every bundle."))
-    interest_merge: Literal["bundle", "max", "weighted", "quota"] = Field("bundle", description=(
+    interest_merge: Literal["bundle", Merge] = Field("bundle", description=(
         "How `mode=per_interest` merges the K lists when a request names no `merge`: `bundle`, "
         "the manifest's merge (`max` where it names none); `max` (best raw score), `weighted` "
         "(score + log of the interest's Eq. 7 weight) or `quota` (each interest fills its "

@@ -12,7 +12,7 @@ benchmarks call the same functions.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, repeat
 from typing import TYPE_CHECKING, Literal
 
@@ -20,27 +20,47 @@ import faiss
 import numpy as np
 import orjson
 
+from index_builder.bundle import AGGREGATE, PER_INTEREST, Merge, Mode, Search
+
 from .errors import HistoryUnavailable
 from .history import HistoryError, HistoryStore
-from .merge import Merge
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-Mode = Literal["aggregate", "per_interest"]
 STAGES = ("history", "window", "encode", "search", "filter", "answer")   # the names timed
 COLD_START, HISTORY_UNAVAILABLE = "cold_start", "history_unavailable"
+DEFAULT_MERGE: Merge = "max"           # per_interest where neither request nor bundle names one
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One user's question: who, how many, and how to search."""
+    """One user's question: who, how many, and how to search (resolved: `resolve_search`)."""
     user_id: str
     n: int
     exclude_seen: bool = True
-    mode: Mode = "aggregate"
+    mode: Mode = AGGREGATE
     include_interests: bool = False
-    merge: Merge = "max"               # per_interest: how the K lists become one
+    merge: Merge | None = None         # per_interest: how the K lists become one; else None
+
+    def __post_init__(self) -> None:
+        # resolved: per_interest always names its merge, aggregate never
+        if (self.merge is None) == (self.mode == PER_INTEREST):
+            object.__setattr__(self, "merge", DEFAULT_MERGE if self.merge is None else None)
+
+
+def resolve_search(mode: Mode | None, merge: Merge | None, served: Search,
+                   default_mode: Literal["bundle", Mode] = "bundle",
+                   default_merge: Literal["bundle", Merge] = "bundle") -> Search:
+    """The one place a query's search is decided: what it names; a merge alone means
+    per_interest; else the settings' defaults, where they say `bundle` the bundle's own
+    (`served`, manifest `serving`; `max` where it names no merge)."""
+    mode = mode or (PER_INTEREST if merge else
+                    served.mode if default_mode == "bundle" else default_mode)
+    if mode == AGGREGATE:
+        return Search(AGGREGATE)
+    return Search(PER_INTEREST, merge or ((served.merge or DEFAULT_MERGE)
+                                          if default_merge == "bundle" else default_merge))
 
 
 @dataclass(slots=True)
@@ -121,6 +141,10 @@ class Encoded:
     weights: np.ndarray                # [P, K]
     seconds: float
 
+    def take(self, rows: np.ndarray) -> Encoded:
+        """The outputs of `rows` [R] alone (no time of their own)."""
+        return Encoded(self.interests[rows], self.user_vector[rows], self.weights[rows], 0.0)
+
 
 def encode(engine: Engine, windows: np.ndarray) -> Encoded:
     """One ONNX Runtime run: [P, n] int64 -> interests, the user vector, the Eq. 7 weights."""
@@ -133,16 +157,32 @@ def encode(engine: Engine, windows: np.ndarray) -> Encoded:
 # -- stage 4: search ---------------------------------------------------------------------------
 
 @dataclass(slots=True)
+class Hits:
+    """One mode's search results: the rows of the batch searched so, each with Q lists."""
+    rows: np.ndarray                   # [m] rows of the batch
+    scores: np.ndarray                 # [m, Q, k] float32, best first (Q: 1 aggregate, K per interest)
+    ids: np.ndarray                    # [m, Q, k] internal ids, -1 where short
+    width: int                         # k, as searched
+
+
+@dataclass(slots=True)
 class Computed:
-    """Stages 3-4 for a batch: the encoder's outputs and each query vector's search results."""
-    interests: np.ndarray              # [P, K, D]
-    user_vector: np.ndarray            # [P, D]
-    weights: np.ndarray                # [P, K]
-    aggregate: np.ndarray              # [A] rows searched with their user vector
-    per_interest: np.ndarray           # [I] rows searched with each of their K interests
-    scores: tuple[np.ndarray, np.ndarray]   # [A, 1, k], [I, K, k], best first
-    ids: tuple[np.ndarray, np.ndarray]      # the same shapes: internal ids, -1 where short
-    timings: dict[str, float] = field(default_factory=dict)
+    """Stages 3-4 for a batch: the encoder's outputs and each mode's search results."""
+    encoded: Encoded                   # [P] rows
+    hits: dict[Mode, Hits]             # every mode, [0] rows where none searched so
+    seconds: float                     # the search's time
+
+    @property
+    def interests(self) -> np.ndarray:
+        return self.encoded.interests  # [P, K, D]
+
+    @property
+    def user_vector(self) -> np.ndarray:
+        return self.encoded.user_vector    # [P, D]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.encoded.weights    # [P, K]
 
 
 def knn(engine: Engine, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,10 +204,10 @@ def search(engine: Engine, e: Encoded, per_interest: np.ndarray, k: int) -> Comp
         [e.user_vector[agg], e.interests[per].reshape(-1, D)])          # [A + I K, D]
     scores, ids = knn(engine, queries, k)                               # [A + I K, k]
     A, k = len(agg), scores.shape[1]
-    return Computed(e.interests, e.user_vector, e.weights, agg, per,
-                    (scores[:A, None], scores[A:].reshape(len(per), K, k)),
-                    (ids[:A, None], ids[A:].reshape(len(per), K, k)),
-                    {"encode": e.seconds, "search": time.perf_counter() - t0})
+    hits = {AGGREGATE: Hits(agg, scores[:A, None], ids[:A, None], k),   # [A, 1, k]
+            PER_INTEREST: Hits(per, scores[A:].reshape(len(per), K, k),
+                               ids[A:].reshape(len(per), K, k), k)}     # [I, K, k]
+    return Computed(e, hits, time.perf_counter() - t0)
 
 
 def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: int) -> Computed:
@@ -199,7 +239,7 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
     if len(ids):
         score = orjson.dumps(scores.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)
         parts = [engine.item_json[ids].tolist(), score[1:-1].split(b",")]
-        if q.mode == "per_interest" and source is not None:
+        if q.mode == PER_INTEREST and source is not None:
             parts.append([b',"interest":%d' % r for r in source.tolist()])
             if q.include_interests and interests is not None:
                 per_k = engine.vectors(ids) @ interests.T             # [n, K]
@@ -217,7 +257,7 @@ def render(engine: Engine, q: Query, ids: np.ndarray, scores: np.ndarray,
             b'"score_kind":"%b","items":[') % (
         orjson.dumps(q.user_id), orjson.dumps(engine.version), orjson.dumps(engine.arm),
         q.mode.encode(),
-        b'"%b"' % q.merge.encode() if q.mode == "per_interest" else b"null",
+        b'"%b"' % q.merge.encode() if q.merge is not None else b"null",
         b'"%b"' % fallback.encode() if fallback else b"null",
         b"popularity" if fallback else b"inner_product")
     w: bytes = (orjson.dumps(weights.astype(np.float32), option=orjson.OPT_SERIALIZE_NUMPY)

@@ -29,18 +29,23 @@ from __future__ import annotations
 from .errors import BundleError, SineError
 from .files import atomic_open, git_commit, sha256_file, vocab_sha256, write_atomic
 from .loading import Bundle, check_dimensions, load, read_manifest, resolve, set_search_params
-from .manifest import MANIFEST_DOC, MANIFEST_FIELDS, check_manifest, created_unix, default_search
+from .manifest import MANIFEST_DOC, MANIFEST_FIELDS, check_manifest, created_unix, read_serving
 from .names import (
+    AGGREGATE,
     CURRENT,
     FILES,
     MANIFEST,
     MERGES,
     MODES,
     OPTIONAL_FILES,
+    PER_INTEREST,
     REFRESH_REPORT,
     SCHEMA_VERSION,
     VERSION_RE,
+    Merge,
+    Mode,
     Progress,
+    Search,
     check_version,
 )
 from .publishing import (
@@ -58,8 +63,9 @@ from .report import RefreshReport, read_refresh_report, write_refresh_report
 
 __all__ = [
     "SCHEMA_VERSION", "FILES", "OPTIONAL_FILES", "MANIFEST", "CURRENT", "REFRESH_REPORT",
-    "MODES", "MERGES", "SineError", "BundleError", "VERSION_RE", "check_version",
-    "MANIFEST_FIELDS", "MANIFEST_DOC", "check_manifest", "default_search", "Progress",
+    "MODES", "MERGES", "Mode", "Merge", "AGGREGATE", "PER_INTEREST", "Search",
+    "SineError", "BundleError", "VERSION_RE", "check_version",
+    "MANIFEST_FIELDS", "MANIFEST_DOC", "check_manifest", "read_serving", "Progress",
     "git_commit", "sha256_file", "vocab_sha256", "atomic_open", "write_atomic", "publish",
     "set_current", "current_version", "staging_dir", "discard", "versions", "prune_versions",
     "sweep_staging", "RefreshReport", "created_unix", "write_refresh_report",

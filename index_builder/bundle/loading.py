@@ -11,8 +11,8 @@ import numpy as np
 
 from .errors import BundleError
 from .files import sha256_file, vocab_sha256
-from .manifest import check_manifest, default_search
-from .names import CURRENT, FILES, MANIFEST, OPTIONAL_FILES, SCHEMA_VERSION
+from .manifest import check_manifest, read_serving
+from .names import CURRENT, FILES, MANIFEST, OPTIONAL_FILES, SCHEMA_VERSION, Search
 from .publishing import current_version
 
 
@@ -62,9 +62,9 @@ class Bundle:
         return titles
 
     @property
-    def default_search(self) -> tuple[str, str | None]:
-        """(mode, merge) a request that names neither is answered with (manifest `serving`)."""
-        return default_search(self.manifest)
+    def serving(self) -> Search:
+        """The search the manifest names for requests that name none (`serving`)."""
+        return read_serving(self.manifest)
 
     def has(self, key: str) -> bool:
         return key in OPTIONAL_FILES and OPTIONAL_FILES[key] in self.manifest["files"]

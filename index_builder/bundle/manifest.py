@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .names import MERGES, MODES, check_version
+from .names import AGGREGATE, MERGES, MODES, PER_INTEREST, Search, check_version
 
 # what the service and the tools read from a manifest, with the type each must have
 MANIFEST_FIELDS: dict[tuple[str, ...], type | tuple[type, ...]] = {
@@ -65,32 +65,32 @@ def check_manifest(m: Any, where: Path) -> None:
         if m["model"][k] < 1:
             raise BundleError(f"{where}: model.{k} = {m['model'][k]} must be positive.")
     check_version(m["version"])
-    default_search(m, where)
+    read_serving(m, where)
 
 
-def default_search(m: dict[str, Any], where: Path | str = "manifest") -> tuple[str, str | None]:
-    """The manifest's default search, (mode, merge): merge names one of MERGES for
-    `per_interest` and is None for `aggregate`. A manifest without `serving` (built before
-    it existed, or from a K = 1 model) is searched by its aggregate."""
+def read_serving(m: dict[str, Any], where: Path | str = "manifest") -> Search:
+    """The manifest's default search, checked: merge names one of MERGES for `per_interest`
+    and is None for `aggregate`. A manifest without `serving` (built before it existed, or from
+    a K = 1 model) is searched by its aggregate."""
     s = m.get("serving")
     if s is None:
-        return "aggregate", None
+        return Search(AGGREGATE)
     mode = s.get("mode") if isinstance(s, dict) else None
     merge = s.get("merge") if isinstance(s, dict) else None
     if mode not in MODES:
         raise BundleError(f"{where}: serving.mode is {mode!r}, not one of {', '.join(MODES)}.")
-    if mode == "aggregate":
+    if mode == AGGREGATE:
         if merge is not None:
             raise BundleError(f"{where}: serving.merge is {merge!r}, but an aggregate search "
                               "merges nothing (it must be null).")
-        return mode, None
+        return Search(AGGREGATE)
     if merge not in MERGES:
         raise BundleError(f"{where}: serving.merge is {merge!r}; per_interest needs one of "
                           f"{', '.join(MERGES)}.")
     if m["model"]["K"] < 2:
         raise BundleError(f"{where}: serving.mode is per_interest, but the model has K = "
                           f"{m['model']['K']} interest.")
-    return mode, merge
+    return Search(PER_INTEREST, merge)
 
 
 def created_unix(manifest: dict[str, Any]) -> float | None:

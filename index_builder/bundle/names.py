@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Literal, NamedTuple, get_args
 
 from .errors import BundleError
 
@@ -20,10 +21,20 @@ CURRENT = "current"
 REFRESH_REPORT = "refresh.json"      # the last `sine refresh` outcome, beside `current`
 
 
-# how a bundle is searched by default (manifest `serving`, chosen by `sine export` on validation):
-# the Eq. 8 user vector, or each interest with its K lists merged (`service.merge`)
-MODES = ("aggregate", "per_interest")
-MERGES = ("max", "weighted", "quota")
+# how a bundle is searched: the Eq. 8 user vector, or each interest with its K lists merged
+# (`service.merge`). The manifest's `serving` names the default (`sine export` picks it on
+# validation); settings, request schemas, the service and the evaluation import these.
+Mode = Literal["aggregate", "per_interest"]
+Merge = Literal["max", "weighted", "quota"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+MERGES: tuple[Merge, ...] = get_args(Merge)
+AGGREGATE, PER_INTEREST = MODES
+
+
+class Search(NamedTuple):
+    """How one query is searched: the mode, and for `per_interest` the merge (else None)."""
+    mode: Mode
+    merge: Merge | None = None
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from index_builder.bundle import MODES
+
 from ..data import Dataset, Split
 
 KS = (10, 50, 100)
@@ -77,7 +79,6 @@ def evaluate_scores(score_fn: Callable[[np.ndarray], torch.Tensor], inputs: np.n
     return metrics_from_ranks(every, ks)
 
 
-MODES = ("aggregate", "per_interest")
 
 
 def scorer(model, mode: str = "aggregate") -> Callable[[np.ndarray], torch.Tensor]:

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.bundle import PER_INTEREST
+
 from .. import data
 
 
@@ -44,11 +46,11 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
     and drops every item of the history. A target the bundle does not know is a miss."""
     from service.engine import load_engine
     from service.merge import merge, top_n
-    from service.stages import compute, window
+    from service.stages import DEFAULT_MERGE, compute, window
 
     eng = load_engine(path, providers="cpu", faiss_gpu="off", warm_batch=1)
-    mode, how = eng.default_search
-    per = mode == "per_interest"
+    mode, how = eng.bundle.serving
+    per = mode == PER_INTEREST
     users = [u for u in targets if histories.get(u)]
     hits, ndcg = 0, 0.0
     for s in range(0, len(users), batch):
@@ -60,8 +62,9 @@ def score_bundle(path: Path | str, histories: dict[str, list[str]], targets: dic
             continue
         c = compute(eng, win.window[rows], np.full(len(rows), per),
                     int(k + win.known[rows].max()))
-        top = (merge(how or "max", c.scores[1], c.ids[1], c.weights, win.seen[rows], k) if per
-               else top_n(c.scores[0], c.ids[0], win.seen[rows], k))
+        found = c.hits[mode]                                           # every row, [P, Q, k]
+        top = (merge(how or DEFAULT_MERGE, found.scores, found.ids, c.weights, win.seen[rows], k)
+               if per else top_n(found.scores, found.ids, win.seen[rows], k))
         for p, r in enumerate(rows):
             want = eng.item_index.get(targets[part[r]])
             got = top.ids[p, : int(top.count[p])].tolist()

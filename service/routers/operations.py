@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .. import errors, lifecycle
 from ..deps import StateDep
 from ..guard import bearer_ok
+from ..stages import resolve_search
 from . import Router
-from .retrieval import default_search
 
 
 async def livez(st: StateDep) -> dict[str, str] | JSONResponse:
@@ -57,12 +57,12 @@ async def prometheus(st: StateDep) -> Response:
 
 async def bundle_info(st: StateDep, authorization: str | None = Header(None)) -> dict[str, Any]:
     """The served bundle: its version, item count and index, and the search a request that
-    names no mode gets (`default_search`); the whole manifest (commit, libraries, data set,
+    names no mode gets (`resolve_search`); the whole manifest (commit, libraries, data set,
     offline metrics) with the admin token or SINE_BUNDLE_DETAILS_PUBLIC."""
     engine, s = st.serving(), st.settings
     m = engine.bundle.manifest
-    mode, merge = default_search(engine, s)
-    search = {"mode": mode, "merge": merge if mode == "per_interest" else None}
+    search = resolve_search(None, None, engine.bundle.serving, s.default_mode,
+                            s.interest_merge)._asdict()
     if s.bundle_details_public or bearer_ok(authorization, s.admin_token):
         return {**m, "default_search": search}
     return {"version": m["version"], "created": m.get("created"),

@@ -7,10 +7,9 @@ from fastapi.responses import Response
 from .. import errors
 from ..deps import StateDep
 from ..engine import Engine
-from ..merge import Merge
 from ..schemas import BatchBody, BatchResponse, Recommendation, RecommendBody, RequestModels
 from ..settings import Settings
-from ..stages import Mode, Query, server_timing
+from ..stages import Query, resolve_search, server_timing
 from ..tracing import CURRENT_SPAN
 from . import Router, bind
 
@@ -19,21 +18,11 @@ ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
 
-def default_search(engine: Engine, s: Settings) -> tuple[Mode, Merge]:
-    """The mode and merge of a request that names neither: the Settings', or where they say
-    `bundle` the manifest's (`max` where it names no merge)."""
-    mode, merge = engine.default_search
-    return (mode if s.default_mode == "bundle" else s.default_mode,
-            (merge or "max") if s.interest_merge == "bundle" else s.interest_merge)
-
-
 def query(r: RecommendBody, engine: Engine, s: Settings) -> Query:
-    """A request's search: what it names, else `default_search`. A merge alone means
-    per_interest."""
-    mode, merge = default_search(engine, s)
-    return Query(str(r.user_id), r.n, r.exclude_seen,
-                 r.mode or ("per_interest" if r.merge else mode), r.include_interests,
-                 r.merge or merge)
+    """A request as the request path takes it, its search resolved once."""
+    mode, merge = resolve_search(r.mode, r.merge, engine.bundle.serving, s.default_mode,
+                                 s.interest_merge)
+    return Query(str(r.user_id), r.n, r.exclude_seen, mode, r.include_interests, merge)
 
 
 async def recommend(req: RecommendBody, st: StateDep) -> Response:

@@ -178,14 +178,14 @@ def test_a_manifest_lacking_a_field_is_a_bundle_error(small_world, tmp_path, cha
 
 
 def test_the_default_search_comes_from_the_manifest(small_world, tmp_path):
-    assert small_world["bundle"].default_search == ("aggregate", None)
+    assert small_world["bundle"].serving == ("aggregate", None)
     b = copy_bundle(small_world, tmp_path)
     rewrite_manifest(b, serving={"mode": "per_interest", "merge": "quota", "chosen_on": "x"})
-    assert bundle.load(b, deep=False).default_search == ("per_interest", "quota")
+    assert bundle.load(b, deep=False).serving == ("per_interest", "quota")
     m = json.loads((b / "manifest.json").read_text())
     del m["serving"]                                   # a bundle built before `serving` existed
     (b / "manifest.json").write_text(json.dumps(m))
-    assert bundle.load(b, deep=False).default_search == ("aggregate", None)
+    assert bundle.load(b, deep=False).serving == ("aggregate", None)
 
 
 def test_build_index_carries_the_exports_serving(small_world, tmp_path):
@@ -195,7 +195,7 @@ def test_build_index_carries_the_exports_serving(small_world, tmp_path):
     info["serving"] = {"mode": "per_interest", "merge": "weighted", "chosen_on": "valid HR@50"}
     (e / "export.json").write_text(json.dumps(info))
     b = make_bundle(e, tmp_path / "root", version="v2", **QUIET)
-    assert b.manifest["serving"] == info["serving"] and b.default_search == ("per_interest",
+    assert b.manifest["serving"] == info["serving"] and b.serving == ("per_interest",
                                                                              "weighted")
     info["serving"]["merge"] = "median"                # refused before it can be published
     (e / "export.json").write_text(json.dumps(info))
@@ -207,7 +207,7 @@ def test_build_index_carries_the_exports_serving(small_world, tmp_path):
 def test_the_contract_names_the_services_modes_and_merges():
     from typing import get_args
 
-    from service.merge import MERGES
+    from index_builder.bundle import MERGES
     from service.stages import Mode
     assert bundle.MERGES == MERGES and bundle.MODES == get_args(Mode)
 

@@ -27,25 +27,51 @@ def run(coro):
 
 
 def test_what_arrives_in_one_turn_is_one_batch():
+    """The first request finds the batcher idle and runs at once; the ones that arrive while it
+    runs form the next batch."""
     async def main():
         rec = Recorder()
+        rec.gate = asyncio.Event()
         b = Batcher(rec, max_size=64)
-        out = await asyncio.gather(*(b.submit([i]) for i in range(5)))
-        return rec.batches, out
+        calls = [asyncio.ensure_future(b.submit([i])) for i in range(5)]
+        while not rec.batches:
+            await asyncio.sleep(0)
+        rec.gate.set()
+        return rec.batches, await asyncio.gather(*calls)
     batches, out = run(main())
-    assert batches == [[0, 1, 2, 3, 4]]
+    assert batches == [[0], [1, 2, 3, 4]]
     assert out == [[0], [10], [20], [30], [40]]
+
+
+def test_an_idle_batcher_runs_a_single_item_in_its_callers_task():
+    async def main():
+        seen = []
+
+        async def where(items, waited):
+            seen.append(asyncio.current_task())
+            return [x for x in items]
+        b = Batcher(where, max_size=8)
+        assert await b.submit([7]) == [7]
+        busy = Batcher(where, max_size=8, max_wait_s=0.001)    # waits for company: no straight path
+        assert await busy.submit([8]) == [8]
+        return seen, asyncio.current_task()
+    seen, me = run(main())
+    assert seen[0] is me and seen[1] is not me
 
 
 def test_batches_are_capped_and_first_come_first_served():
     async def main():
         rec = Recorder()
+        rec.gate = asyncio.Event()
         b = Batcher(rec, max_size=4)
-        out = await asyncio.gather(*(b.submit([i]) for i in range(10)))
-        return rec.batches, out
+        calls = [asyncio.ensure_future(b.submit([i])) for i in range(11)]
+        while not rec.batches:
+            await asyncio.sleep(0)
+        rec.gate.set()
+        return rec.batches, await asyncio.gather(*calls)
     batches, out = run(main())
-    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [o[0] for o in out] == [10 * i for i in range(10)]
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert [o[0] for o in out] == [10 * i for i in range(11)]
 
 
 def test_bulk_items_yield_to_single_requests():
@@ -150,14 +176,19 @@ def test_an_item_error_goes_to_that_item_and_a_run_error_to_the_batch():
 def test_a_caller_that_has_gone_is_skipped():
     async def main():
         rec = Recorder()
+        rec.gate = asyncio.Event()
         b = Batcher(rec, max_size=8)
+        busy = asyncio.ensure_future(b.submit([0]))  # runs at once, held open by the gate
+        while not rec.batches:
+            await asyncio.sleep(0)
         gone = asyncio.ensure_future(b.submit([1]))
         stays = asyncio.ensure_future(b.submit([2]))
-        await asyncio.sleep(0)                       # both queued; the drain has not run
+        await asyncio.sleep(0)                       # both queued behind the running one
         gone.cancel()
-        return await stays, rec.batches
-    stays, batches = run(main())
-    assert stays == [20] and batches == [[2]]
+        rec.gate.set()
+        return await stays, await busy, rec.batches
+    stays, busy, batches = run(main())
+    assert stays == [20] and busy == [0] and batches == [[0], [2]]
 
 
 @pytest.mark.parametrize("wait, expect", [(0.0, [[1], [2]]), (0.2, [[1, 2]])])

@@ -4,7 +4,8 @@ service answering each merge over HTTP-free micro-batches."""
 import numpy as np
 import pytest
 
-from service.merge import MERGES, merge, quota, shares, top_n
+from index_builder.bundle import MERGES
+from service.merge import merge, quota, shares, top_n
 
 
 def brute_top(scores, ids, exclude, n):

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from index_builder.bundle import MERGES, MODES, Search
 from service.engine import Engine, item_json_prefixes, load_engine
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.settings import Settings
-from service.stages import Query, compute, render, top_up, window
+from service.stages import Query, compute, render, resolve_search, top_up, window
 
 # -- stages on the small world's engine ---------------------------------------------------------
 
@@ -68,16 +69,17 @@ def test_compute_is_the_encoder_and_exact_search(engine, items):
     interests, uv, weights = engine.session.run(None, {"item_ids": win})
     c = compute(engine, win, np.array([False, True]), 12)
     np.testing.assert_allclose(c.user_vector, uv, atol=1e-6)
-    assert list(c.aggregate) == [0] and list(c.per_interest) == [1]
-    assert c.ids[0].shape == (1, 1, 12) and c.ids[1].shape == (1, interests.shape[1], 12)
+    agg, per = c.hits["aggregate"], c.hits["per_interest"]
+    assert list(agg.rows) == [0] and list(per.rows) == [1] and agg.width == per.width == 12
+    assert agg.ids.shape == (1, 1, 12) and per.ids.shape == (1, interests.shape[1], 12)
     want = np.argsort(-(uv[0] @ items.T), kind="stable")[:12] + 1
-    assert list(c.ids[0][0, 0]) == list(want)
+    assert list(agg.ids[0, 0]) == list(want)
     for k in range(interests.shape[1]):
         want = np.argsort(-(interests[1, k] @ items.T), kind="stable")[:12] + 1
-        assert list(c.ids[1][0, k]) == list(want)
-        np.testing.assert_allclose(c.scores[1][0, k], np.sort(interests[1, k] @ items.T)[::-1][:12],
+        assert list(per.ids[0, k]) == list(want)
+        np.testing.assert_allclose(per.scores[0, k], np.sort(interests[1, k] @ items.T)[::-1][:12],
                                    rtol=1e-5, atol=1e-5)
-    assert set(c.timings) == {"encode", "search"}
+    assert c.seconds > 0 and c.encoded.seconds > 0
 
 
 def test_top_up_adds_popular_items_with_exact_scores(engine, items):
@@ -294,3 +296,28 @@ def test_narrow_merged_answers_equal_the_full_width_ones(engine, small_world, me
     full = rec.answer(engine, qs, hists, None)
     for a, b in zip(narrow, full):
         assert json.loads(a.body) == json.loads(b.body)
+
+
+@pytest.mark.parametrize("served", [Search("aggregate"), Search("per_interest", "quota")])
+def test_resolve_search_is_the_request_then_the_settings_then_the_bundle(served):
+    """Every combination against the rule written out: a named mode wins, a merge alone means
+    per_interest, then the settings' defaults, where they say `bundle` the manifest's."""
+    for mode in (None, *MODES):
+        for merge_ in (None, *MERGES):
+            for dm in ("bundle", *MODES):
+                for dg in ("bundle", *MERGES):
+                    got = resolve_search(mode, merge_, served, dm, dg)
+                    want_mode = mode or ("per_interest" if merge_ else
+                                         served.mode if dm == "bundle" else dm)
+                    if want_mode == "aggregate":
+                        assert got == ("aggregate", None)
+                        continue
+                    want_merge = merge_ or (dg if dg != "bundle" else served.merge or "max")
+                    assert got == ("per_interest", want_merge), (mode, merge_, dm, dg)
+
+
+def test_a_query_is_resolved_when_made():
+    assert Query("u", 3).merge is None
+    assert Query("u", 3, mode="per_interest").merge == "max"
+    assert Query("u", 3, mode="aggregate", merge="quota").merge is None
+    assert Query("u", 3, mode="per_interest", merge="quota").merge == "quota"
