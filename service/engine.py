@@ -145,9 +145,13 @@ def item_json_prefixes(item_ids: list[str]) -> np.ndarray:
 def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: bool = False,
                 intra_op_threads: int = 1, faiss_gpu: str = "auto",
                 search_params: dict[str, int] | None = None, warm_batch: int = 64,
-                faiss_threads: int = 1, index_mmap: bool = False) -> Engine:
-    """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm up."""
+                faiss_threads: int = 1, index_mmap: bool = False,
+                blas_threshold: int | None = None) -> Engine:
+    """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm
+    up. `blas_threshold`: faiss's process-wide `distance_compute_blas_threshold`, where given."""
     t0 = time.perf_counter()
+    if blas_threshold is not None:
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
     try:
         b = bundle_mod.load(path, verify_hashes=True, deep=False)
         sess, active = _session(b.file("encoder"), providers, allow_cpu_fallback, intra_op_threads)

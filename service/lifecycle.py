@@ -34,7 +34,8 @@ def load(st: State, path: str | Path) -> Engine:
     return load_engine(path, providers=s.providers, allow_cpu_fallback=s.allow_cpu_fallback,
                        intra_op_threads=s.intra_op_threads, faiss_gpu=s.faiss_gpu,
                        search_params=s.search_params, warm_batch=s.batch_max_size,
-                       faiss_threads=s.faiss_threads, index_mmap=s.index_mmap)
+                       faiss_threads=s.faiss_threads, index_mmap=s.index_mmap,
+                       blas_threshold=s.faiss_blas_threshold)
 
 
 def reason(e: Exception) -> str:

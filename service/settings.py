@@ -216,6 +216,10 @@ class Settings(BaseSettings):
         "Search on a GPU with faiss-gpu: `auto` when one is present, `on` fails start-up without."))
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = ORT's default).")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads for faiss searches.")
+    faiss_blas_threshold: int = Field(8, ge=1, description=(
+        "Query vectors from which faiss's exact search scores a batch as one matrix product "
+        "(BLAS) instead of one scan per vector: half the time from 8 vectors on over 3.4k items "
+        "(benchmarks/results/search-paths.md). Process-wide in faiss."))
     batching: bool = Field(True, description=(
         "Micro-batch concurrent requests into one encoder run and one faiss search."))
     batch_max_size: int = Field(64, ge=1, description="Most requests in one micro-batch.")

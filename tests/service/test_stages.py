@@ -12,7 +12,7 @@ from service.engine import Engine, item_json_prefixes, load_engine
 from service.metrics import Metrics
 from service.recommender import Recommender
 from service.settings import Settings
-from service.stages import Query, compute, render, resolve_search, top_up, window
+from service.stages import Query, compute, knn, render, resolve_search, top_up, window
 
 # -- stages on the small world's engine ---------------------------------------------------------
 
@@ -321,3 +321,23 @@ def test_a_query_is_resolved_when_made():
     assert Query("u", 3, mode="per_interest").merge == "max"
     assert Query("u", 3, mode="aggregate", merge="quota").merge is None
     assert Query("u", 3, mode="per_interest", merge="quota").merge == "quota"
+
+
+@pytest.mark.parametrize("threshold", [1, 1 << 30])
+def test_either_faiss_path_is_exact_search(small_world, items, threshold):
+    """`faiss_blas_threshold`: a batch scored as one matrix product (1) or one scan per query
+    vector (never BLAS) answers as brute force does."""
+    import faiss
+    before = faiss.cvar.distance_compute_blas_threshold
+    try:
+        eng = load_engine(small_world["root"], providers="cpu", faiss_gpu="off",
+                          warm_batch=1, blas_threshold=threshold)
+        assert faiss.cvar.distance_compute_blas_threshold == threshold
+        q = np.random.default_rng(3).standard_normal((9, items.shape[1])).astype(np.float32)
+        scores, ids = knn(eng, q, 15)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
+    full = q @ items.T                                                 # [9, M]
+    want = np.argsort(-full, axis=1, kind="stable")[:, :15] + 1         # [9, 15] ids
+    np.testing.assert_allclose(scores, np.take_along_axis(full, want - 1, 1), rtol=1e-5, atol=1e-5)
+    assert (ids == want).mean() > 0.99                                 # ties aside
