@@ -130,6 +130,20 @@ def read_manifest(d: Path) -> dict[str, Any]:
     return m
 
 
+# sha256 by (device, inode, size, mtime): a bundle's files are written once and replaced only by
+# a new file (a new inode), so a process hashes each file once however often it loads the bundle
+# (`sine serve`'s check, then the app's engine, then every reload of the same version)
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+
+
+def hashed(p: Path) -> str:
+    st = p.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(p)
+    return _HASHED[key]
+
+
 def _check_file(d: Path, m: dict[str, Any], name: str, verify_hash: bool) -> None:
     """The file is there, the manifest records its sha256, and (`verify_hash`) they agree."""
     p = d / name
@@ -139,7 +153,7 @@ def _check_file(d: Path, m: dict[str, Any], name: str, verify_hash: bool) -> Non
     if want is None:
         raise BundleError(f"{d / MANIFEST}: no sha256 recorded for {name}.")
     if verify_hash:
-        got = sha256_file(p)
+        got = hashed(p)
         if got != want:
             raise BundleError(f"{p}: sha256 {got[:12]}... does not match the manifest's "
                               f"{want[:12]}...: the file is corrupt or was replaced.")

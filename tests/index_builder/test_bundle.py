@@ -69,6 +69,26 @@ def test_hash_mismatch(small_world, tmp_path):
         bundle.load(d)
 
 
+def test_a_process_hashes_a_file_once_and_again_when_it_changes(small_world, tmp_path,
+                                                                 monkeypatch):
+    from index_builder.bundle import loading
+    d = copy_bundle(small_world, tmp_path)
+    calls = []
+    real = loading.sha256_file
+    monkeypatch.setattr(loading, "sha256_file", lambda p: calls.append(p.name) or real(p))
+    bundle.load(d, deep=False)
+    first = sorted(calls)
+    assert "encoder.onnx" in first and "index.faiss" in first
+    bundle.load(d, deep=False)
+    bundle.load(d, deep=False)
+    assert sorted(calls) == first                                   # the second and third: none
+    with open(d / "encoder.onnx", "r+b") as f:                      # in place: same inode and size
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="encoder.onnx: sha256 .* does not match"):
+        bundle.load(d, deep=False)
+
+
 def test_unknown_schema_version_and_bad_manifest(small_world, tmp_path):
     d = copy_bundle(small_world, tmp_path)
     rewrite_manifest(d, schema_version=99)
