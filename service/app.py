@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from . import errors, lifecycle
 from .guard import Guard
 from .routers import admin, events, inspection, operations, retrieval
+from .routers.direct import DirectRoutes
 from .schemas import request_models
 from .server import LIMITS, ConnectionLimits
 from .settings import Settings
@@ -84,10 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Every error is an RFC 9457 `application/problem+json`.",
                   lifespan=lifespan)
     app.state.sine = st
-    app.add_middleware(Guard, settings=s, metrics=metrics, tracing=st.tracing)
-    errors.install(app, on_error=lambda reason: metrics.failures.labels(reason).inc())
-    _docs(app)
     models = request_models(s)
+    count = lambda reason: metrics.failures.labels(reason).inc()
+    if s.direct_routes:         # inside the guard: added first, so it wraps less
+        app.add_middleware(DirectRoutes, state=st, count=count,
+                           routes=retrieval.direct_routes(models, s.floor_endpoint))
+    app.add_middleware(Guard, settings=s, metrics=metrics, tracing=st.tracing)
+    errors.install(app, on_error=count)
+    _docs(app)
     # straight onto the app, not include_router: an included router is a dispatch hop per request
     retrieval.register(app, models, floor_endpoint=s.floor_endpoint)
     events.register(app, models)

@@ -140,28 +140,36 @@ def _field_errors(errs: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"field": f, "message": " or ".join(m)} for f, m in merged.items()]
 
 
+def invalid(errs: list[Any], path: str, count: Callable[[str], None]) -> JSONResponse:
+    """A body that failed validation (pydantic's errors): 400 when it is not JSON at all, else
+    422 naming each field."""
+    if any(x.get("type") == "json_invalid" for x in errs):
+        count("bad-json")
+        return problem(400, "Malformed JSON", "The request body is not valid JSON: "
+                       + "; ".join(str(x.get("ctx", {}).get("error", x.get("msg"))) for x in errs),
+                       "bad-json", path)
+    fields = _field_errors(errs)
+    detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    count("invalid-request")
+    return problem(422, "Invalid request", detail, "invalid-request", path, errors=fields)
+
+
+def service_problem(e: ServiceError, path: str, count: Callable[[str], None]) -> JSONResponse:
+    count(e.slug)
+    return problem(e.status, e.title, e.detail, e.slug, path, e.headers)
+
+
 def install(app: FastAPI, on_error: Callable[[str], None] | None = None) -> None:
     """Register the handlers. `on_error(reason)` counts each mapped failure."""
     count = on_error or (lambda reason: None)
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, e: ServiceError) -> JSONResponse:
-        count(e.slug)
-        return problem(e.status, e.title, e.detail, e.slug, request.url.path, e.headers)
+        return service_problem(e, request.url.path, count)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        if any(x.get("type") == "json_invalid" for x in errs):
-            count("bad-json")
-            return problem(400, "Malformed JSON", "The request body is not valid JSON: "
-                           + "; ".join(str(x.get("ctx", {}).get("error", x.get("msg"))) for x in errs),
-                           "bad-json", request.url.path)
-        fields = _field_errors(list(errs))
-        detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-        count("invalid-request")
-        return problem(422, "Invalid request", detail, "invalid-request", request.url.path,
-                       errors=fields)
+        return invalid(list(e.errors()), request.url.path, count)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -220,6 +220,10 @@ class Settings(BaseSettings):
         "Query vectors from which faiss's exact search scores a batch as one matrix product "
         "(BLAS) instead of one scan per vector: half the time from 8 vectors on over 3.4k items "
         "(benchmarks/results/search-paths.md). Process-wide in faiss."))
+    direct_routes: bool = Field(True, description=(
+        "Answer POST /recommend straight from ASGI behind the guard, past FastAPI's routing and "
+        "dependency resolution: the same validation, answers and errors "
+        "(benchmarks/results/service.md). Off: through FastAPI."))
     batching: bool = Field(True, description=(
         "Micro-batch concurrent requests into one encoder run and one faiss search."))
     batch_max_size: int = Field(64, ge=1, description="Most requests in one micro-batch.")

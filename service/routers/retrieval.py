@@ -12,6 +12,7 @@ from ..settings import Settings
 from ..stages import Query, resolve_search, server_timing
 from ..tracing import CURRENT_SPAN
 from . import Router, bind
+from .direct import Endpoint
 
 JSON = "application/json"
 ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
@@ -74,6 +75,16 @@ async def floor(req: RecommendBody, st: StateDep) -> Response:
     """A prebuilt answer of `/recommend`'s size: the HTTP stack's floor, for benchmarks."""
     with st.admission.admit(1):
         return Response(st.floor_body, media_type=JSON)
+
+
+def direct_routes(models: RequestModels, floor_endpoint: bool = False
+                  ) -> dict[str, tuple[type[RecommendBody], Endpoint]]:
+    """The routes `service.routers.direct` answers past FastAPI: {path: (body model, endpoint)}."""
+    routes: dict[str, tuple[type[RecommendBody], Endpoint]] = {
+        "/recommend": (models.recommend, recommend)}
+    if floor_endpoint:
+        routes["/floor"] = (models.recommend, floor)
+    return routes
 
 
 def register(app: Router, models: RequestModels, floor_endpoint: bool = False) -> None:
