@@ -38,7 +38,9 @@ SHADOW_MODE, SHADOW_RATE = "shadow-10", 0.1     # batching, with a shadow answer
 SEARCHES = {"aggregate": {"default_mode": "aggregate"},
             **{f"per-interest-{m}": {"default_mode": "per_interest", "interest_merge": m}
                for m in ("max", "weighted", "quota")},
-            "keep-20": {"history_keep": 20}}      # reads and excludes the 20 newest only
+            "keep-20": {"history_keep": 20},      # reads and excludes the 20 newest only
+            "no-direct": {"direct_routes": False},        # /recommend through FastAPI's routing
+            "no-blas": {"faiss_blas_threshold": 1 << 30}}    # a scan per query vector, always
 LUA = """
 local users = {%s}
 local n = #users
@@ -132,21 +134,27 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
                 floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
                 max_in_flight=1024, redis_timeout_ms=1000, **extra)
             wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
-        runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in ("floor", "recommend")}
+        runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in endpoints(m)}
         for _ in range(a.rounds):
             for mode, srv in servers.items():
                 for c in conns:
-                    for ep in ("floor", "recommend"):
+                    for ep in endpoints(mode):
                         r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
                         runs[(mode, c, ep)].append(r)
                         print(f"{mode} c={c} {ep}: {r['rps']:.0f} rps p50 {r['p50_ms']:.2f} "
                               f"p99 {r['p99_ms']:.2f} ms err {r['errors']}", flush=True)
         for mode, srv in servers.items():
             results[mode] = {"runs": {f"{c}/{ep}": runs[(mode, c, ep)] for c in conns
-                                      for ep in ("floor", "recommend")},
+                                      for ep in endpoints(mode)},
                              "stages_ms": server_stats(srv.url),
                              "rss_mib": srv.rss_bytes() / 2**20}
     return results
+
+
+def endpoints(mode: str) -> tuple[str, ...]:
+    """What a server is measured on: FastAPI's floor and /recommend, and for `batching` the
+    floor answered as /recommend is, past FastAPI (`direct_routes`)."""
+    return ("floor", "recommend", "floor/asgi") if mode == "batching" else ("floor", "recommend")
 
 
 def side_by_side(results: dict, conns: list[int], summary: dict) -> list[str]:
@@ -195,7 +203,9 @@ def main() -> None:
                    help="batching, no-batching, no-gc-freeze (batching, gc.freeze off), "
                         f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE * 100:.0f}%% of "
                         "/recommend), aggregate / per-interest-max / -weighted / -quota (batching, "
-                        "every request searched so), keep-20 (batching, history_keep 20) and/or baseline "
+                        "every request searched so), keep-20 (batching, history_keep 20), no-direct "
+                        "(batching, direct_routes off), no-blas (batching, faiss never BLAS) "
+                        "and/or baseline "
                         "(needs --baseline-tree)")
     p.add_argument("--shadow", help=f"for {SHADOW_MODE}: a version beside the bundle, under its "
                                     "root")
@@ -236,7 +246,7 @@ def main() -> None:
     summary = {}
     for mode, res in results.items():
         for c in conns:
-            for ep in ("floor", "recommend"):
+            for ep in endpoints(mode):
                 rows = res["runs"][f"{c}/{ep}"]
                 rps, p50, p99 = med(rows, "rps"), med(rows, "p50_ms"), med(rows, "p99_ms")
                 tail = statistics.median(r["p99_ms"] / r["p50_ms"] for r in rows)
@@ -281,6 +291,21 @@ def main() -> None:
     for mode, res in results.items():
         md.append(f"| {mode} | " + " | ".join(f"{res['stages_ms'].get(k, float('nan')):.3f}"
                                             for k in keys) + f" | {res['rss_mib']:.0f} |")
+    if "batching" in results:
+        md += ["", "`/recommend` past FastAPI against the floor past FastAPI too (`/floor/asgi`: "
+               "the same prebuilt answer through the guard and the direct route), batching, per "
+               "round, then the median [min, max]:", "",
+               "| conns | recommend / ASGI floor req/s | recommend / ASGI floor p99 |", "|---|---|---|"]
+        runs = results["batching"]["runs"]
+        for c in conns:
+            rel = [r["rps"] / f["rps"] for f, r in zip(runs[f"{c}/floor/asgi"], runs[f"{c}/recommend"])]
+            p99 = [r["p99_ms"] / f["p99_ms"] for f, r in zip(runs[f"{c}/floor/asgi"],
+                                                           runs[f"{c}/recommend"])]
+            summary[f"asgi_floor/{c}"] = {"throughput_ratio": statistics.median(rel),
+                                          "p99_ratio": statistics.median(p99),
+                                          "ratio_range": [min(rel), max(rel)]}
+            md.append(f"| {c} | {statistics.median(rel):.2f} [{min(rel):.2f}, {max(rel):.2f}] | "
+                      f"{statistics.median(p99):.2f} [{min(p99):.2f}, {max(p99):.2f}] |")
     md += side_by_side(results, conns, summary)
     write_results(a.out, a.stem, {"results": results, "summary": summary, "command": cmd,
                                   "bundle": b.version, "machine": machine(),

@@ -265,7 +265,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description=(
         "On SIGTERM, how long in-flight requests may take to finish."))
     floor_endpoint: bool = Field(False, description=(
-        "Serve `POST /floor`, a prebuilt answer of `/recommend`'s size, for benchmarks."))
+        "Serve `POST /floor`, a prebuilt answer of `/recommend`'s size, through FastAPI, for "
+        "benchmarks; with `direct_routes` also `POST /floor/asgi`, the same answered as "
+        "`/recommend` is, past FastAPI."))
 
     @field_validator("redis_key_template")
     @classmethod

@@ -15,6 +15,7 @@ from . import Router, bind
 from .direct import Endpoint
 
 JSON = "application/json"
+ASGI_FLOOR = "/floor/asgi"     # with floor_endpoint and direct_routes: the floor past FastAPI
 ERRORS = errors.responses(400, 408, 413, 415, 422, 429, 503)
 TAGS: list[str | Enum] = ["retrieval"]
 
@@ -82,8 +83,8 @@ def direct_routes(models: RequestModels, floor_endpoint: bool = False
     """The routes `service.routers.direct` answers past FastAPI: {path: (body model, endpoint)}."""
     routes: dict[str, tuple[type[RecommendBody], Endpoint]] = {
         "/recommend": (models.recommend, recommend)}
-    if floor_endpoint:
-        routes["/floor"] = (models.recommend, floor)
+    if floor_endpoint:         # /floor stays FastAPI's (the framework's floor); this is ASGI's
+        routes[ASGI_FLOOR] = (models.recommend, floor)
     return routes
 
 

@@ -28,7 +28,7 @@ BODIES = [
 @pytest.fixture(scope="module")
 def pair(small_world, redis_server, serve):
     common = dict(bundle=str(small_world["root"]), redis_url=redis_server.url, watch_interval_s=0,
-                  max_n=50, max_user_id_length=16)
+                  max_n=50, max_user_id_length=16, floor_endpoint=True)
     ds = small_world["ds"]
     r = redis_server.client()
     key = Settings(bundle="x").redis_key_template
@@ -74,3 +74,14 @@ def test_other_methods_and_paths_pass_through(pair):
                       ).status_code == 200
     assert comparable(direct.get("/recommend")) == comparable(routed.get("/recommend"))
     assert direct.get("/recommend").status_code == 405
+
+
+def test_the_floor_is_fastapis_and_past_it_the_same_answer(pair):
+    direct, routed = pair
+    body = {"user_id": "u1", "n": 5}
+    fastapi = direct.post("/floor", json=body)
+    asgi = direct.post("/floor/asgi", json=body)
+    assert fastapi.status_code == asgi.status_code == 200
+    assert fastapi.content == asgi.content and fastapi.content == routed.post("/floor", json=body).content
+    assert direct.post("/floor/asgi", json={"user_id": "u1"}).status_code == 422
+    assert routed.post("/floor/asgi", json=body).status_code == 404    # no direct routes there
