@@ -5,8 +5,9 @@
 - `idmap` (served): the bundle's `IndexIDMap2` over `IndexFlatIP`, as loaded;
 - `bare`: the inner `IndexFlatIP` and the id map applied in numpy (the id map's own cost);
 - `blas` / `scan`: the served index with faiss's BLAS threshold at 1 (every batch one sgemm
-  and a heap per query) or past any batch (one scan per query). faiss switches to BLAS when the
-  number of queries reaches `distance_compute_blas_threshold`, a process-wide knob.
+  and a heap per query) or past any batch (one scan per query). faiss (1.15) switches to BLAS
+  when the queries' floats (n x D) reach `distance_compute_blas_threshold`, a process-wide
+  knob; the service sets it from `faiss_blas_vectors` x D.
 
 Batch sizes are query vectors a search (a micro-batch of B aggregate users is B vectors; per
 interest, B K), k = 200 (n = 100, twice wide), one thread (the service's setting), interleaved
@@ -104,7 +105,8 @@ def main() -> None:
           f"Microseconds a search call, medians of {a.rounds} interleaved rounds [min, max]. "
           "`idmap`: the served IndexIDMap2 over IndexFlatIP; `bare`: IndexFlatIP and the id map "
           "in numpy; `blas` / `scan`: the served index with faiss's BLAS threshold at 1 / past "
-          f"every batch (this faiss's default threshold: {default:,} query vectors).", "",
+          f"every batch (this faiss's default threshold: {default:,} floats of queries, "
+          f"{default // D:,} vectors of {D}).", "",
           "| query vectors | " + " | ".join(variants) + " | blas / scan |",
           "|---|" + "---|" * (len(variants) + 1)]
     for B in BATCHES:

@@ -40,7 +40,7 @@ SEARCHES = {"aggregate": {"default_mode": "aggregate"},
                for m in ("max", "weighted", "quota")},
             "keep-20": {"history_keep": 20},      # reads and excludes the 20 newest only
             "no-direct": {"direct_routes": False},        # /recommend through FastAPI's routing
-            "no-blas": {"faiss_blas_threshold": 1 << 30}}    # a scan per query vector, always
+            "no-blas": {"faiss_blas_vectors": 1 << 20}}    # a scan per query vector, always
 LUA = """
 local users = {%s}
 local n = #users

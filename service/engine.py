@@ -39,6 +39,7 @@ class Engine:
     providers: list[str]
     faiss_device: str
     faiss_threads: int = 1             # idle OpenMP workers spin and starve the event loop
+    blas_vectors: int | None = None    # query vectors from which exact search is one sgemm
     arm: str = "control"               # the arm it answers as (service.arms): control, or its version
 
     @property
@@ -146,12 +147,11 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
                 intra_op_threads: int = 1, faiss_gpu: str = "auto",
                 search_params: dict[str, int] | None = None, warm_batch: int = 64,
                 faiss_threads: int = 1, index_mmap: bool = False,
-                blas_threshold: int | None = None) -> Engine:
+                blas_vectors: int | None = None) -> Engine:
     """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm
-    up. `blas_threshold`: faiss's process-wide `distance_compute_blas_threshold`, where given."""
+    up. `blas_vectors`: query vectors from which faiss's exact search scores a batch as one
+    matrix product (None: faiss's own threshold)."""
     t0 = time.perf_counter()
-    if blas_threshold is not None:
-        faiss.cvar.distance_compute_blas_threshold = blas_threshold
     try:
         b = bundle_mod.load(path, verify_hashes=True, deep=False)
         sess, active = _session(b.file("encoder"), providers, allow_cpu_fallback, intra_op_threads)
@@ -163,7 +163,8 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
                      item_index={s: i for i, s in enumerate(ids) if i > 0},
                      item_json=item_json_prefixes(ids),
                      popular=np.argsort(-pop[1:], kind="stable") + 1, popularity=pop,
-                     providers=active, faiss_device=device, faiss_threads=faiss_threads)
+                     providers=active, faiss_device=device, faiss_threads=faiss_threads,
+                     blas_vectors=blas_vectors)
         eng.warm_up(warm_batch)
     except (EngineError, bundle_mod.BundleError) as e:
         raise EngineError(str(e)) from e

@@ -216,10 +216,11 @@ class Settings(BaseSettings):
         "Search on a GPU with faiss-gpu: `auto` when one is present, `on` fails start-up without."))
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = ORT's default).")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads for faiss searches.")
-    faiss_blas_threshold: int = Field(8, ge=1, description=(
+    faiss_blas_vectors: int = Field(8, ge=1, description=(
         "Query vectors from which faiss's exact search scores a batch as one matrix product "
-        "(BLAS) instead of one scan per vector: half the time from 8 vectors on over 3.4k items "
-        "(benchmarks/results/search-paths.md). Process-wide in faiss."))
+        "(BLAS) instead of one scan per vector, faster from 8 on over 3.4k items "
+        "(benchmarks/results/search-paths.md). faiss's own threshold counts the queries' floats "
+        "(128,000: 1,000 vectors of 128)."))
     direct_routes: bool = Field(True, description=(
         "Answer POST /recommend straight from ASGI behind the guard, past FastAPI's routing and "
         "dependency resolution: the same validation, answers and errors "

@@ -187,8 +187,11 @@ class Computed:
 
 def knn(engine: Engine, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """[Q, D] float32 -> scores [Q, k], internal ids [Q, k] (-1 where fewer were found)."""
-    # omp_set_num_threads is per calling thread: set it in whichever thread searches
+    # omp_set_num_threads is per calling thread: set it in whichever thread searches; the BLAS
+    # threshold is process-wide and counts floats (n x D), so it is set for this engine's D
     faiss.omp_set_num_threads(engine.faiss_threads)
+    if engine.blas_vectors is not None:
+        faiss.cvar.distance_compute_blas_threshold = engine.blas_vectors * engine.D
     k = max(1, min(k, engine.n_items))
     scores, ids = engine.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores, ids

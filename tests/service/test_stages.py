@@ -328,18 +328,19 @@ def test_a_query_is_resolved_when_made():
     assert Query("u", 3, mode="per_interest", merge="quota").merge == "quota"
 
 
-@pytest.mark.parametrize("threshold", [1, 1 << 30])
-def test_either_faiss_path_is_exact_search(small_world, items, threshold):
-    """`faiss_blas_threshold`: a batch scored as one matrix product (1) or one scan per query
+@pytest.mark.parametrize("vectors", [1, 1 << 20])
+def test_either_faiss_path_is_exact_search(small_world, items, vectors):
+    """`faiss_blas_vectors`: a batch scored as one matrix product (1) or one scan per query
     vector (never BLAS) answers as brute force does."""
     import faiss
     before = faiss.cvar.distance_compute_blas_threshold
     try:
         eng = load_engine(small_world["root"], providers="cpu", faiss_gpu="off",
-                          warm_batch=1, blas_threshold=threshold)
-        assert faiss.cvar.distance_compute_blas_threshold == threshold
+                          warm_batch=1, blas_vectors=vectors)
         q = np.random.default_rng(3).standard_normal((9, items.shape[1])).astype(np.float32)
         scores, ids = knn(eng, q, 15)
+        # faiss compares its threshold with the queries' floats
+        assert faiss.cvar.distance_compute_blas_threshold == vectors * items.shape[1]
     finally:
         faiss.cvar.distance_compute_blas_threshold = before
     full = q @ items.T                                                 # [9, M]
