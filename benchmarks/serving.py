@@ -40,7 +40,8 @@ SEARCHES = {"aggregate": {"default_mode": "aggregate"},
                for m in ("max", "weighted", "quota")},
             "keep-20": {"history_keep": 20},      # reads and excludes the 20 newest only
             "no-direct": {"direct_routes": False},        # /recommend through FastAPI's routing
-            "no-blas": {"faiss_blas_vectors": 1 << 20}}    # a scan per query vector, always
+            "no-blas": {"faiss_blas_vectors": 1 << 20},    # a scan per query vector, always
+            "no-dense": {"dense_search_max_items": 0}}     # faiss, narrow first then wide
 LUA = """
 local users = {%s}
 local n = #users
@@ -204,7 +205,8 @@ def main() -> None:
                         f"{SHADOW_MODE} (batching, --shadow answering {SHADOW_RATE * 100:.0f}%% of "
                         "/recommend), aggregate / per-interest-max / -weighted / -quota (batching, "
                         "every request searched so), keep-20 (batching, history_keep 20), no-direct "
-                        "(batching, direct_routes off), no-blas (batching, faiss never BLAS) "
+                        "(batching, direct_routes off), no-blas (batching, faiss never BLAS), no-dense "
+                        "(batching, faiss in place of dense scores) "
                         "and/or baseline "
                         "(needs --baseline-tree)")
     p.add_argument("--shadow", help=f"for {SHADOW_MODE}: a version beside the bundle, under its "

@@ -40,6 +40,8 @@ class Engine:
     faiss_device: str
     faiss_threads: int = 1             # idle OpenMP workers spin and starve the event loop
     blas_vectors: int | None = None    # query vectors from which exact search is one sgemm
+    table: np.ndarray | None = None    # [M + 1, D] float32, row j = internal id j (row 0: 0):
+                                       # set where an exact index is searched as dense scores
     arm: str = "control"               # the arm it answers as (service.arms): control, or its version
 
     @property
@@ -70,6 +72,9 @@ class Engine:
         """Item vectors as the index stores them, [len(ids), D] float32."""
         if len(ids) == 0:
             return np.zeros((0, self.D), dtype=np.float32)
+        if self.table is not None:
+            rows: np.ndarray = self.table[ids]
+            return rows
         out: np.ndarray = self.cpu_index.reconstruct_batch(np.ascontiguousarray(ids, np.int64))
         return out
 
@@ -138,6 +143,51 @@ def _faiss_index(b: bundle_mod.Bundle, mode: str, search_params: dict[str, int],
     return cpu, cpu, "cpu"
 
 
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                 "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+
+def limit_blas_threads() -> list[str]:
+    """Every OpenBLAS this process has loaded (numpy's, faiss's) on one thread; the libraries
+    set. A pthreads OpenBLAS's workers spin between calls: one dense search a few milliseconds
+    apart kept a second core busy (1.13 CPU seconds a second, 0.19 on one thread). Linux
+    (/proc/self/maps); elsewhere nothing is set."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return []
+    done = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter(1)
+                done.append(path)
+                break
+    return done
+
+
+def dense_table(index: Any, n_items: int, max_items: int) -> np.ndarray | None:
+    """The exact index's vectors as a table [M + 1, D] by internal id (row 0 zeros), for an
+    IndexIDMap over IndexFlatIP of at most `max_items` items; None for any other index."""
+    if n_items > max_items or not isinstance(index, faiss.IndexIDMap):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if type(inner) is not faiss.IndexFlatIP:
+        return None
+    ids = faiss.vector_to_array(index.id_map)                         # [M] internal id per row
+    table = np.zeros((n_items + 1, inner.d), dtype=np.float32)
+    table[ids] = inner.reconstruct_n(0, inner.ntotal)                # [M, D]
+    return table
+
+
 def item_json_prefixes(item_ids: list[str]) -> np.ndarray:
     """[M + 1] fixed-width bytes: each item's answer up to its score, JSON-escaped once."""
     return np.array([b'{"item_id":' + orjson.dumps(x) + b',"score":' for x in item_ids])
@@ -147,11 +197,13 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
                 intra_op_threads: int = 1, faiss_gpu: str = "auto",
                 search_params: dict[str, int] | None = None, warm_batch: int = 64,
                 faiss_threads: int = 1, index_mmap: bool = False,
-                blas_vectors: int | None = None) -> Engine:
+                blas_vectors: int | None = None, dense_max_items: int = 0) -> Engine:
     """Validate a bundle (hashes, schema, dimensions), open it on the configured devices, warm
     up. `blas_vectors`: query vectors from which faiss's exact search scores a batch as one
-    matrix product (None: faiss's own threshold)."""
+    matrix product (None: faiss's own threshold). `dense_max_items`: an exact index on CPU over
+    at most this many items is searched as dense scores (`stages.dense_search`; 0: never)."""
     t0 = time.perf_counter()
+    limit_blas_threads()
     try:
         b = bundle_mod.load(path, verify_hashes=True, deep=False)
         sess, active = _session(b.file("encoder"), providers, allow_cpu_fallback, intra_op_threads)
@@ -164,7 +216,9 @@ def load_engine(path: str | Path, providers: str = "auto", allow_cpu_fallback: b
                      item_json=item_json_prefixes(ids),
                      popular=np.argsort(-pop[1:], kind="stable") + 1, popularity=pop,
                      providers=active, faiss_device=device, faiss_threads=faiss_threads,
-                     blas_vectors=blas_vectors)
+                     blas_vectors=blas_vectors,
+                     table=dense_table(cpu_index, len(ids) - 1, dense_max_items)
+                     if device == "cpu" else None)
         eng.warm_up(warm_batch)
     except (EngineError, bundle_mod.BundleError) as e:
         raise EngineError(str(e)) from e

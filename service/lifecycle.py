@@ -35,7 +35,8 @@ def load(st: State, path: str | Path) -> Engine:
                        intra_op_threads=s.intra_op_threads, faiss_gpu=s.faiss_gpu,
                        search_params=s.search_params, warm_batch=s.batch_max_size,
                        faiss_threads=s.faiss_threads, index_mmap=s.index_mmap,
-                       blas_vectors=s.faiss_blas_vectors)
+                       blas_vectors=s.faiss_blas_vectors,
+                       dense_max_items=s.dense_search_max_items)
 
 
 def reason(e: Exception) -> str:

@@ -31,6 +31,7 @@ from .stages import (
     Hits,
     Query,
     Windows,
+    dense_search,
     encode,
     history,
     render,
@@ -198,7 +199,8 @@ class Recommender:
         """Stages 3-6 for the queries with a known history: a first search `req.first` wide,
         then the rows it could not prove exact searched again at their exact width."""
         e = encode(engine, win.window[req.rows])
-        c = search(engine, e, req.per_interest, req.first)
+        c = (search(engine, e, req.per_interest, req.first) if engine.table is None else
+             dense_search(engine, e, req.per_interest, req.exclude, int(req.want.max())))
         t0 = time.perf_counter()
         rendered = [0.0]                                              # stage 6's share of the loop
         answers, redo = self._filter_all(engine, req, c, rendered)
@@ -228,7 +230,7 @@ class Recommender:
         how = req.merges[per.rows]
         for name in np.unique(how).tolist():
             pos = np.flatnonzero(how == name)
-            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.width)
+            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.width, per.filtered)
             answers += self._filter(engine, req, c, hits, name, rendered, redo)
         return answers, redo
 
@@ -239,12 +241,14 @@ class Recommender:
         query that a search narrower than its exact width left unproven is not answered but
         put in `redo`."""
         members = hits.rows                                           # [m] positions in req
+        # exclusions a dense search applied already; nothing it answers is narrow
+        exclude = req.exclude[members][:, :0] if hits.filtered else req.exclude[members]
         if how is None:
-            top = top_n(hits.scores, hits.ids, req.exclude[members], int(req.want[members].max()))
+            top = top_n(hits.scores, hits.ids, exclude, int(req.want[members].max()))
         else:
-            top = merge(how, hits.scores, hits.ids, c.weights[members], req.exclude[members],
+            top = merge(how, hits.scores, hits.ids, c.weights[members], exclude,
                         req.want[members])
-        narrow = req.first < req.exact[members]                       # [m]
+        narrow = (req.first < req.exact[members]) & (not hits.filtered)   # [m]
         # a narrow search proves a merged row exact when its n-th key is at least every
         # interest's last searched key: whatever lies beyond keys no higher
         shift = np.zeros((len(members), 1), np.float32)

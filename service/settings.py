@@ -225,6 +225,12 @@ class Settings(BaseSettings):
         "Answer POST /recommend straight from ASGI behind the guard, past FastAPI's routing and "
         "dependency resolution: the same validation, answers and errors "
         "(benchmarks/results/service.md). Off: through FastAPI."))
+    dense_search_max_items: int = Field(20_000, ge=0, description=(
+        "An exact (Flat) index over at most this many items is searched on CPU as dense "
+        "scores, one matrix product for the micro-batch with each user's seen items masked "
+        "before the top n is taken: no search wider than n, no second search "
+        "(benchmarks/results/service.md). Its temporary scores take 4 x items bytes a query "
+        "vector. 0: always faiss."))
     batching: bool = Field(True, description=(
         "Micro-batch concurrent requests into one encoder run and one faiss search."))
     batch_max_size: int = Field(64, ge=1, description="Most requests in one micro-batch.")

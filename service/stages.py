@@ -163,6 +163,7 @@ class Hits:
     scores: np.ndarray                 # [m, Q, k] float32, best first (Q: 1 aggregate, K per interest)
     ids: np.ndarray                    # [m, Q, k] internal ids, -1 where short
     width: int                         # k, as searched
+    filtered: bool = False             # the rows' exclusions already applied: exact at width n
 
 
 @dataclass(slots=True)
@@ -210,6 +211,37 @@ def search(engine: Engine, e: Encoded, per_interest: np.ndarray, k: int) -> Comp
     hits = {AGGREGATE: Hits(agg, scores[:A, None], ids[:A, None], k),   # [A, 1, k]
             PER_INTEREST: Hits(per, scores[A:].reshape(len(per), K, k),
                                ids[A:].reshape(len(per), K, k), k)}     # [I, K, k]
+    return Computed(e, hits, time.perf_counter() - t0)
+
+
+def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: np.ndarray,
+                 k: int) -> Computed:
+    """Stage 4 over an exact index's table (`Engine.table`): every query vector scored against
+    every item in one product, each row's `exclude` [P, H] ids (and id 0) masked, then the top
+    `k` of what is left. Exact with the exclusions applied (`Hits.filtered`): k = n suffices for
+    every merge, and no row is searched again."""
+    t0 = time.perf_counter()
+    table = engine.table
+    assert table is not None
+    P, K, D = e.interests.shape
+    k = max(1, min(k, engine.n_items))
+    hits = {}
+    for mode, rows, Q in ((AGGREGATE, np.flatnonzero(~per_interest), 1),
+                          (PER_INTEREST, np.flatnonzero(per_interest), K)):
+        m = len(rows)
+        q = (e.user_vector[rows] if mode == AGGREGATE else
+             e.interests[rows].reshape(m * K, D))                      # [m Q, D]
+        s = (q @ table.T).reshape(m, Q, len(table))                    # [m, Q, M + 1]
+        s[:, :, 0] = -np.inf
+        s[np.arange(m)[:, None, None], np.arange(Q)[None, :, None],
+          exclude[rows][:, None, :]] = -np.inf                         # 0-padding hits column 0
+        flat = s.reshape(m * Q, len(table))                            # [m Q, M + 1]
+        top = np.argpartition(flat, flat.shape[1] - k, axis=1)[:, -k:]     # [m Q, k], unordered
+        ts = np.take_along_axis(flat, top, 1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        ts, top = np.take_along_axis(ts, order, 1), np.take_along_axis(top, order, 1)
+        ids = np.where(np.isfinite(ts), top, -1)                       # masked: none left
+        hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), k, True)
     return Computed(e, hits, time.perf_counter() - t0)
 
 

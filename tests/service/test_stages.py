@@ -21,6 +21,15 @@ def engine(small_world) -> Engine:
     return load_engine(small_world["root"])
 
 
+@pytest.fixture(scope="module", params=["faiss", "dense"])
+def either(request, small_world) -> Engine:
+    """The engine searching with faiss, or with dense scores over the exact index's table."""
+    eng = load_engine(small_world["root"],
+                      dense_max_items=10**6 if request.param == "dense" else 0)
+    assert (eng.table is not None) == (request.param == "dense")
+    return eng
+
+
 @pytest.fixture(scope="module")
 def items(small_world) -> np.ndarray:
     return np.load(small_world["export"] / "items.npy")          # [M, D], row j = id j + 1
@@ -120,7 +129,7 @@ def test_render_builds_the_json_a_dict_would(engine):
     assert body["score_kind"] == "popularity"
 
 
-def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_world):
+def test_a_mixed_micro_batch_answers_each_query_as_alone(either, items, small_world):
     """Aggregate and per-interest, several n, exclusion on and off, cold and personalized
     users in one batch: each answer equals the same query run alone, and brute force."""
     ds = small_world["ds"]
@@ -130,9 +139,9 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
     queries = [Query("a", 7), Query("b", 20, mode="per_interest", include_interests=True),
                Query("c", 3, exclude_seen=False), Query("d", 12, mode="per_interest"),
                Query("e", 5), Query("f", 1)]
-    together = rec.answer(engine, queries, hists, None)
+    together = rec.answer(either, queries, hists, None)
     for q, h, got in zip(queries, hists, together):
-        alone = json.loads(rec.answer(engine, [q], [h], None)[0].body)
+        alone = json.loads(rec.answer(either, [q], [h], None)[0].body)
         body = json.loads(got.body)
         # the same items; scores equal up to float rounding (batched BLAS sums in another order)
         assert [it["item_id"] for it in body["items"]] == [it["item_id"] for it in alone["items"]]
@@ -144,12 +153,12 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
         if q.user_id == "e":
             assert body["fallback"] == "cold_start"
             assert [it["item_id"] for it in body["items"]] == \
-                [ds.item_ids[int(i)] for i in engine.popular[:5]]
+                [ds.item_ids[int(i)] for i in either.popular[:5]]
             continue
-        known = [engine.item_index[x] for x in h]
-        win = np.zeros((1, engine.n), np.int64)
-        win[0, : min(engine.n, len(known))] = known[: engine.n]
-        interests, uv, weights = engine.session.run(None, {"item_ids": win})
+        known = [either.item_index[x] for x in h]
+        win = np.zeros((1, either.n), np.int64)
+        win[0, : min(either.n, len(known))] = known[: either.n]
+        interests, uv, weights = either.session.run(None, {"item_ids": win})
         vecs = interests[0] if q.mode == "per_interest" else uv        # [Q, D]
         scores = (vecs @ items.T).max(0)
         order = [i + 1 for i in np.argsort(-scores, kind="stable")
@@ -161,8 +170,8 @@ def test_a_mixed_micro_batch_answers_each_query_as_alone(engine, items, small_wo
         assert set(got.timings) == {"window", "encode", "search", "filter", "answer"}
 
 
-@pytest.mark.parametrize("how", ["weighted", "quota"])
-def test_per_interest_answers_are_the_merge_of_exact_searches(engine, items, small_world, how):
+@pytest.mark.parametrize("how", ["max", "weighted", "quota"])
+def test_per_interest_answers_are_the_merge_of_exact_searches(either, items, small_world, how):
     """A batch mixing merges (and n) answers each query with `service.merge` over each
     interest's exact list, the Eq. 7 weights taken from the encoder."""
     from service.merge import merge
@@ -172,13 +181,13 @@ def test_per_interest_answers_are_the_merge_of_exact_searches(engine, items, sma
     hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] for u in range(4)]
     queries = [Query("a", 9, mode="per_interest", merge=how), Query("b", 4, mode="per_interest"),
                Query("c", 15, mode="per_interest", merge=how), Query("d", 6)]
-    for q, h, got in zip(queries, hists, rec.answer(engine, queries, hists, None)):
+    for q, h, got in zip(queries, hists, rec.answer(either, queries, hists, None)):
         if q.mode != "per_interest" or q.merge != how:
             continue
-        known = [engine.item_index[x] for x in h]
-        win = np.zeros((1, engine.n), np.int64)
-        win[0, : min(engine.n, len(known))] = known[: engine.n]
-        interests, _, weights = engine.session.run(None, {"item_ids": win})
+        known = [either.item_index[x] for x in h]
+        win = np.zeros((1, either.n), np.int64)
+        win[0, : min(either.n, len(known))] = known[: either.n]
+        interests, _, weights = either.session.run(None, {"item_ids": win})
         per = interests[0] @ items.T                                   # [K, M]
         ids = np.argsort(-per, axis=1, kind="stable")                  # [K, M] 0-based
         want = merge(how, np.take_along_axis(per, ids, 1)[None], ids[None] + 1, weights,
@@ -347,3 +356,20 @@ def test_either_faiss_path_is_exact_search(small_world, items, vectors):
     want = np.argsort(-full, axis=1, kind="stable")[:, :15] + 1         # [9, 15] ids
     np.testing.assert_allclose(scores, np.take_along_axis(full, want - 1, 1), rtol=1e-5, atol=1e-5)
     assert (ids == want).mean() > 0.99                                 # ties aside
+
+
+def test_blas_runs_on_one_thread_between_dense_searches():
+    """numpy's OpenBLAS spins its workers between calls unless held to one thread: CPU time
+    over wall time of products a few milliseconds apart stays well under one core."""
+    import time
+
+    from service.engine import limit_blas_threads
+    assert any("openblas" in p.lower() for p in limit_blas_threads())
+    rng = np.random.default_rng(0)
+    a = rng.random((16, 128), dtype=np.float32)
+    b = rng.random((3417, 128), dtype=np.float32)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(200):
+        a @ b.T
+        time.sleep(0.002)
+    assert (time.process_time() - cpu) / (time.perf_counter() - wall) < 0.8
