@@ -7,11 +7,11 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from index_builder.bundle import MERGES
+from index_builder.bundle import AGGREGATE, MERGES
 from service.keys import DEFAULT_GROUP, DEFAULT_STREAM
 
 # `sine export --serving`: pick on validation, the aggregate, or per_interest with a merge
-SERVINGS = ("auto", "aggregate", *MERGES)
+SERVINGS = ("auto", AGGREGATE, *MERGES)
 ACTIVATIONS = ("attention", "votes")   # SINEConfig.activation
 AGGREGATIONS = ("adaptive", "mean", "latest")   # SINEConfig.aggregation
 WINDOW_HOURS = 24.0 * 7               # the new clicks a refresh (or `train --clicks`) uses

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index_builder.bundle import MERGES, SineError
+from index_builder.bundle import AGGREGATE, MERGES, PER_INTEREST, SineError
 
 from .configs import SERVINGS
 from .data import Split
@@ -67,13 +67,14 @@ def choose_serving(model: Encoder, ds, sp: Split, serving: str = "auto",
     K = model.config.K if isinstance(model, SINE) else 1
     if serving in MERGES and K < 2:
         raise ValueError(f"serving {serving!r} searches per interest; this model has K = {K}")
-    valid = {"aggregate": valid_aggregate or evaluate_model(model, ds, sp, "valid")}
+    valid: dict[str, dict[str, float]] = {
+        AGGREGATE: valid_aggregate or evaluate_model(model, ds, sp, "valid")}
     for how in (MERGES if serving == "auto" and K > 1 else (serving,) if serving in MERGES else ()):
-        valid[f"per_interest/{how}"] = evaluate_merge(model, ds, sp, how, "valid")
+        valid[f"{PER_INTEREST}/{how}"] = evaluate_merge(model, ds, sp, how, "valid")
     if serving == "auto":
-        best = max(valid, key=lambda c: (valid[c][SERVING_METRIC], c == "aggregate"))
+        best = max(valid, key=lambda c: (valid[c][SERVING_METRIC], c == AGGREGATE))
     else:
-        best = "aggregate" if serving == "aggregate" else f"per_interest/{serving}"
+        best = AGGREGATE if serving == AGGREGATE else f"{PER_INTEREST}/{serving}"
     mode, _, merge = best.partition("/")
     return {"mode": mode, "merge": merge or None,
             "chosen_on": f"valid {SERVING_METRIC}" if serving == "auto" else "fixed at export",

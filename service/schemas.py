@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from index_builder.bundle import Merge, Mode
+from index_builder.bundle import AGGREGATE, Merge, Mode
 
 from .settings import Settings
 
@@ -226,7 +226,7 @@ def request_models(s: Settings) -> RequestModels:
 
         @model_validator(mode="after")
         def _merge_needs_interests(self) -> RecommendRequest:
-            if self.merge is not None and self.mode == "aggregate":
+            if self.merge is not None and self.mode == AGGREGATE:
                 raise ValueError("merge applies to mode=per_interest only")
             return self
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from index_builder.bundle import MODES
+from index_builder.bundle import AGGREGATE, MODES, Mode
 
 from ..data import Dataset, Split
 
@@ -81,7 +81,7 @@ def evaluate_scores(score_fn: Callable[[np.ndarray], torch.Tensor], inputs: np.n
 
 
 
-def scorer(model, mode: str = "aggregate") -> Callable[[np.ndarray], torch.Tensor]:
+def scorer(model, mode: Mode = AGGREGATE) -> Callable[[np.ndarray], torch.Tensor]:
     """rows [b, n] -> scores [b, M + 1] as the service ranks: `aggregate` scores v . H_j;
     `per_interest` searches with each of the K interests and merges by best score, which for an
     exact search is max_k phi_k . H_j."""
@@ -93,7 +93,7 @@ def scorer(model, mode: str = "aggregate") -> Callable[[np.ndarray], torch.Tenso
     @torch.no_grad()
     def score(rows: np.ndarray) -> torch.Tensor:
         phi, v, _ = model(torch.from_numpy(rows).long().to(dev))      # [b, K, D], [b, D]
-        if mode == "aggregate":
+        if mode == AGGREGATE:
             return (v @ table.t()).cpu()                               # [b, M + 1]
         return (phi @ table.t()).amax(1).cpu()                         # [b, K, M + 1] -> [b, M + 1]
     return score
@@ -147,12 +147,12 @@ def _split_rows(sp: Split, which: str) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def evaluate_model(model, ds: Dataset, sp: Split, which: str = "test", exclude_history: bool = True,
-                   batch_size: int = 1024, mode: str = "aggregate",
+                   batch_size: int = 1024, mode: Mode = AGGREGATE,
                    ranks_out: list[np.ndarray] | None = None) -> dict[str, float]:
     model.eval()
     inputs, targets = _split_rows(sp, which)
     ex = exclusions(ds, which) if exclude_history else None
-    bs = batch_size if mode == "aggregate" else max(1, batch_size // model.config.K)
+    bs = batch_size if mode == AGGREGATE else max(1, batch_size // model.config.K)
     return evaluate_scores(scorer(model, mode), inputs, targets, ex, bs, ranks_out=ranks_out)
 
 
@@ -211,7 +211,7 @@ def list_metrics(lists: np.ndarray, targets: np.ndarray, ds: Dataset, sp: Split)
 
 
 @torch.no_grad()
-def beyond_accuracy(model, ds: Dataset, sp: Split, N: int = 50, mode: str = "aggregate",
+def beyond_accuracy(model, ds: Dataset, sp: Split, N: int = 50, mode: Mode = AGGREGATE,
                     which: str = "test") -> dict[str, float]:
     """`list_metrics` of the model's top-N test lists (`model=None`: popularity)."""
     inputs, targets = _split_rows(sp, which)
