@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from . import errors, lifecycle
@@ -26,6 +27,7 @@ from .state import State
 from .version import __version__
 
 log = logging.getLogger("sine.service")
+OPENAPI = "/openapi.json"
 
 
 def _docs(app: FastAPI) -> None:
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("stopped")
 
     app = FastAPI(title="sine-retrieval", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None,       # served below, its bytes built once
                   description="Candidate retrieval with SINE: a user's recent clicks in, the "
                               "top-n items by inner product with their interest vectors out. "
                               "Every error is an RFC 9457 `application/problem+json`.",
@@ -100,4 +103,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     admin.register(app)
     if s.inspector != "off":
         inspection.register(app, models)
+    _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> None:
+    """`GET /openapi.json` as bytes serialized on first use: FastAPI's own route serializes the
+    21 kB document on every request, and a client pipelining requests it never reads had the
+    server do that hundreds of times a second (loadtests idle-sockets)."""
+    built: list[bytes] = []
+
+    async def openapi() -> Response:
+        if not built:
+            built.append(orjson.dumps(app.openapi()))
+        return Response(built[0], media_type="application/json")
+
+    app.openapi_url = OPENAPI
+    app.add_api_route(OPENAPI, openapi, methods=["GET"], include_in_schema=False)

@@ -33,6 +33,7 @@ build.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import resource
@@ -85,6 +86,13 @@ class ConnectionLimits:
         shortest = min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s,
                        self.write_timeout_s)
         return min(0.5, max(0.01, shortest / 8))
+
+    @functools.cached_property
+    def over_cap_answer(self) -> bytes:
+        """The 503 a connection past `max_connections` gets, built once."""
+        return _problem(503, "too-many-connections", f"The server holds {self.max_connections} "
+                        "connections (SINE_MAX_CONNECTIONS, within its file descriptor limit); "
+                        "retry on another connection later.")
 
     @classmethod
     def of(cls, s: Settings, on_refused: Callable[[str], None] | None = None) -> ConnectionLimits:
@@ -163,12 +171,16 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            self._refuse(503, "too-many-connections", f"The server holds "
-                         f"{self.limits.max_connections} connections (SINE_MAX_CONNECTIONS, "
-                         "within its file descriptor limit); retry on another connection later.")
+        if len(self.connections) >= self.limits.max_connections:
+            # past the cap: the answer is prebuilt and the connection never becomes uvicorn's
+            # (an attacker past the cap reconnects as fast as it is refused)
+            self.transport, self._refused = transport, "too-many-connections"
+            if self.limits.on_refused is not None:
+                self.limits.on_refused(self._refused)
+            transport.write(self.limits.over_cap_answer)
+            transport.close()
             return
+        super().connection_made(transport)
         self._enter("headers", self.limits.header_timeout_s)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
@@ -186,6 +198,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.pipeline.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.flow is None:                   # refused past the cap: uvicorn never had it
+            return
         self._deadline = self._write_blocked = None
         self._disconnect_cycles()
         super().connection_lost(exc)

@@ -347,3 +347,19 @@ def test_docs_work_offline(world):
 def stages_docstring() -> str:
     import service.stages
     return service.stages.__doc__ or ""
+
+
+def test_the_openapi_document_is_built_once_and_served_as_bytes(small_world):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    app = create_app(Settings(bundle=str(small_world["root"]), watch_interval_s=0))
+    calls = []
+    real = app.openapi
+    app.openapi = lambda: calls.append(1) or real()                 # type: ignore[method-assign]
+    with TestClient(app) as c:
+        first, second = c.get("/openapi.json"), c.get("/openapi.json")
+        assert first.status_code == second.status_code == 200
+        assert first.content == second.content and first.json() == real()
+        assert c.get("/docs").status_code == 200
+    assert len(calls) == 1
