@@ -71,6 +71,9 @@ def redis_client(settings: Settings, timeout_s: float) -> Any:
 # entry it removes is added to the counters' `lost`.
 # The hard cap (nothing acknowledged left to trim, or no export group at all) either refuses the
 # event before anything is written, or trims the oldest entries, counting them as `lost`.
+# Counted as lost is what was never delivered to the export group: an entry delivered and not
+# yet acknowledged is in an export's hands, and is written by it (one that crashed finds it
+# gone and counts it as vanished).
 # Returns {1, length}, {-1, length} for a repeated event_id, {-2, key} for a key of another type,
 # {-3, stream length} for an event the full click log refused.
 RECORD = """
@@ -99,6 +102,37 @@ local function acked_below(stream, group)
     end
   end
   return nil
+end
+
+-- the group's last delivered id ('0-0' without the group): entries past it were never read
+local function delivered(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == group then return f['last-delivered-id'] end
+  end
+  return '0-0'
+end
+-- how many entries lie after `last` and before `upto`, both exclusive: the never-delivered
+-- ones a trim to `upto` removes (a delivered, unacknowledged entry is in an export's hands)
+local function undelivered(stream, last, upto)
+  if not less(last, upto) then return 0 end
+  local n, from = 0, '(' .. last
+  while true do
+    local page = redis.call('XRANGE', stream, from, '(' .. upto, 'COUNT', 1000)
+    n = n + #page
+    if #page < 1000 then return n end
+    from = '(' .. page[#page][1]
+  end
+end
+-- trim `stream` to its newest `n` entries; returns how many never-delivered ones went
+local function cap_to(stream, n, last)
+  local excess = redis.call('XLEN', stream) - n
+  if excess <= 0 then return 0 end
+  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', excess + 1)
+  local lost = undelivered(stream, last, head[#head][1])
+  redis.call('XTRIM', stream, 'MAXLEN', '=', n)
+  return lost
 end
 
 local t = typeof(KEYS[1])
@@ -143,14 +177,18 @@ if log then
       redis.call('XTRIM', s, 'MINID', cap and '=' or '~', target)
     end
     if cap then
+      local last = delivered(s, ARGV[10])
       local lost = 0
-      if maxlen > 0 then lost = lost + redis.call('XTRIM', s, 'MAXLEN', '=', maxlen) end
-      if cut then lost = lost + redis.call('XTRIM', s, 'MINID', '=', cut) end
+      if maxlen > 0 then lost = lost + cap_to(s, maxlen, last) end
+      if cut then
+        lost = lost + undelivered(s, last, cut)
+        redis.call('XTRIM', s, 'MINID', '=', cut)
+      end
       if lost > 0 then redis.call('HINCRBY', KEYS[3], 'lost', lost) end
     end
   end
   if hard > 0 and not refuse and redis.call('XLEN', s) > hard then
-    local lost = redis.call('XTRIM', s, 'MAXLEN', '=', hard)
+    local lost = cap_to(s, hard, delivered(s, ARGV[10]))
     if lost > 0 then redis.call('HINCRBY', KEYS[3], 'lost', lost) end
   end
 end

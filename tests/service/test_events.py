@@ -145,6 +145,42 @@ def test_the_cap_wins_when_told_and_every_lost_entry_is_counted(small_nodes, tmp
         assert metric(c, "sine_click_log_lost_entries") == 250      # nothing more lost
 
 
+def test_the_cap_counts_no_entry_an_export_has_in_hand_as_lost(small_nodes, tmp_path,
+                                                                monkeypatch):
+    """The finding: cap mode counted the entries an export had read but not yet acknowledged as
+    lost when it trimmed them, and the next export exited 5 though every click was written."""
+    from model_export.data import read_clicks
+    from model_export.freshness import clicklog
+
+    redis, make = small_nodes
+    r = redis.client()
+    out = tmp_path / "clicks"
+    with make(click_stream_max_len=50, click_stream_trim="cap") as c:
+        post(c, 30)
+        assert clicklog.export_clicks(redis.url, out).written == 30      # the group, acked
+        post(c, 40, start=30)                  # the 30 acknowledged go: 40 unread remain
+        assert r.xlen("sine:clicks") == 40
+        handle, hooked = clicklog.Exporter.handle, []
+
+        def mid_export(self, entries, res):    # 10 read and in hand: 20 clicks arrive, and
+            if not hooked:                     # the cap trims the 10 oldest, those 10
+                hooked.append(len(entries))
+                post(c, 20, start=70)
+                assert r.xlen("sine:clicks") == 50
+            return handle(self, entries, res)
+        monkeypatch.setattr(clicklog.Exporter, "handle", mid_export)
+        res = clicklog.export_clicks(redis.url, out, batch=10)
+        monkeypatch.undo()
+        assert hooked == [10] and res.written == 60 and res.lost == 0
+        assert metric(c, "sine_click_log_lost_entries") == 0
+        assert clicklog.export_clicks(redis.url, out).lost == 0              # no exit 5 after
+        assert len(list(read_clicks(out))) == 90                             # every click
+        # an entry trimmed before any export read it is still lost, and counted
+        post(c, 60, start=90)
+        assert metric(c, "sine_click_log_lost_entries") == 10
+        assert clicklog.export_clicks(redis.url, out).lost == 10
+
+
 def test_age_limits_trim_only_acknowledged_entries(small_nodes, tmp_path):
     from model_export.freshness.clicklog import export_clicks
 
