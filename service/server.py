@@ -114,8 +114,32 @@ def _problem(status: int, slug: str, detail: str) -> bytes:
             % (status, HTTPStatus(status).phrase.encode(), len(body), body))
 
 
+class _OverCap(asyncio.Protocol):
+    """A connection past the cap: its prebuilt 503 written, then closed. Nothing of uvicorn's
+    is made for it (an attacker past the cap reconnects as fast as it is refused, and each
+    refusal runs on the event loop)."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.limits.on_refused is not None:
+            self.limits.on_refused("too-many-connections")
+        transport.write(self.limits.over_cap_answer)  # type: ignore[attr-defined]
+        transport.close()
+
+
 class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline on every state and a connection cap."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # uvicorn makes one protocol per accepted connection: past the cap, a refusal instead
+        state, app_state = kwargs.get("server_state"), kwargs.get("app_state")
+        limits = app_state.get(LIMITS) if isinstance(app_state, dict) else None
+        limits = limits or ConnectionLimits()
+        if state is not None and len(state.connections) >= limits.max_connections:
+            return _OverCap(limits)
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -171,15 +195,6 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.limits.max_connections:
-            # past the cap: the answer is prebuilt and the connection never becomes uvicorn's
-            # (an attacker past the cap reconnects as fast as it is refused)
-            self.transport, self._refused = transport, "too-many-connections"
-            if self.limits.on_refused is not None:
-                self.limits.on_refused(self._refused)
-            transport.write(self.limits.over_cap_answer)
-            transport.close()
-            return
         super().connection_made(transport)
         self._enter("headers", self.limits.header_timeout_s)
 
@@ -198,8 +213,6 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.pipeline.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.flow is None:                   # refused past the cap: uvicorn never had it
-            return
         self._deadline = self._write_blocked = None
         self._disconnect_cycles()
         super().connection_lost(exc)
