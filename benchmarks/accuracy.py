@@ -33,6 +33,10 @@ from model_export import data
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SASREC_SWEEP = {"d0": {"dropout": 0.0}, "d05": {"dropout": 0.5}, "D64": {"D": 64},
+                "D256": {"D": 256}, "b1": {"blocks": 1}, "b3": {"blocks": 3},
+                "h2": {"heads": 2}, "lr5e4": {"lr": 5e-4}, "lr2e3": {"lr": 2e-3},
+                "bs64": {"batch_size": 64}, "bs256": {"batch_size": 256}}
 VARIANTS = {
     "popularity": {},
     "sine": {},
@@ -84,6 +88,9 @@ VARIANTS = {
     "sasrec-hr50-dense": {"arch": "sasrec", "targets": "dense", "select_metric": "HR@50"},
     "sine-bb2-res-d02-dense": {"blocks": 2, "dropout": 0.2, "residual": True, "targets": "dense"},
     "sine-bb2-res-d05-dense": {"blocks": 2, "dropout": 0.5, "residual": True, "targets": "dense"},
+    # SASRec+'s tuning sweep (issue 38): one knob at a time around sasrec-dense
+    **{f"sasrec-{tag}-dense": {"arch": "sasrec", "targets": "dense", **knob}
+       for tag, knob in SASREC_SWEEP.items()},
 }
 # `--set` names that go to TrainConfig, not the model
 TRAIN_SETTINGS = ("interest_weight", "interest_loss", "interest_T", "cos_penalty", "weight_kl",
@@ -137,6 +144,8 @@ LABELS = {
     "sasrec-hr50-dense": "SASRec+, stopped on valid HR@50",
     "sine-bb2-res-d02-dense": "SINE on 2 causal blocks, interests plus the latest state, dropout 0.2, dense targets",
     "sine-bb2-res-d05-dense": "SINE on 2 causal blocks, interests plus the latest state, dropout 0.5, dense targets",
+    **{f"sasrec-{tag}-dense": "SASRec+, " + ", ".join(f"{k} {v:g}" for k, v in knob.items())
+       for tag, knob in SASREC_SWEEP.items()},
 }
 LIST_N = 50                  # the top-N of the beyond-accuracy figures
 HIT_KS = (50, 100)           # each test user's hit at these cut-offs goes to HITS_FILE
@@ -163,10 +172,11 @@ def run_variant(name: str, ds, args, command: str) -> dict:
         lam = over.pop("lam", args.lam)
         loss = over.pop("loss", args.loss)
         arch = over.pop("arch", "sine")
+        lr, batch_size = over.pop("lr", args.lr), over.pop("batch_size", args.batch_size)
         over.update(args.set or {})
         terms = {k: over.pop(k) for k in TRAIN_SETTINGS if k in over}
         mcfg = model_config(ds, arch, **over)
-        tcfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, lam=lam, loss=loss,
+        tcfg = TrainConfig(batch_size=batch_size, lr=lr, lam=lam, loss=loss,
                            max_epochs=args.epochs, patience=args.patience,
                            max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
                            device=args.device, **terms)
