@@ -87,31 +87,31 @@ local function less(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
--- the first id the group has not acknowledged: every entry below it was delivered and acked
-local function acked_below(stream, group)
+-- the export group's XINFO fields, or nil without the group
+local function group_info(stream, group)
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local f = {}
     for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == group then
-      if tonumber(f['pending']) > 0 then
-        return redis.call('XPENDING', stream, group)[2]
-      end
-      local ms, seq = parse(f['last-delivered-id'])
-      if ms == 0 and seq == 0 then return nil end
-      return string.format('%d-%d', ms, seq + 1)
-    end
+    if f['name'] == group then return f end
   end
   return nil
+end
+-- the first id the group has not acknowledged: every entry below it was delivered and acked
+local function acked_below(stream, group)
+  local f = group_info(stream, group)
+  if not f then return nil end
+  if tonumber(f['pending']) > 0 then
+    return redis.call('XPENDING', stream, group)[2]
+  end
+  local ms, seq = parse(f['last-delivered-id'])
+  if ms == 0 and seq == 0 then return nil end
+  return string.format('%d-%d', ms, seq + 1)
 end
 
 -- the group's last delivered id ('0-0' without the group): entries past it were never read
 local function delivered(stream, group)
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == group then return f['last-delivered-id'] end
-  end
-  return '0-0'
+  local f = group_info(stream, group)
+  return f and f['last-delivered-id'] or '0-0'
 end
 -- how many entries lie after `last` and before `upto`, both exclusive: the never-delivered
 -- ones a trim to `upto` removes (a delivered, unacknowledged entry is in an export's hands)
