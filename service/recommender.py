@@ -52,11 +52,9 @@ class Personal:
     exactly whatever its scores (n + the seen ids it drops)."""
     queries: list[Query]
     rows: np.ndarray                   # [P] places in the micro-batch
-    at: np.ndarray                     # [P] rows of the encoder's batch
     want: np.ndarray                   # [P] n
     n_excl: np.ndarray                 # [P] seen ids dropped (0 where exclude_seen is false)
     exclude: np.ndarray                # [P, H] internal ids to drop, 0 = none
-    per_interest: np.ndarray           # [P] bool: searched with each interest
     merges: np.ndarray                 # [P] str: the merge of per_interest rows ('' else)
     exact: np.ndarray                  # [P] n + n_excl
     first: int                         # the first search's width
@@ -74,15 +72,19 @@ class Personal:
         full = int(exact.max())
         quota = bool(np.isin(merges[per], NARROWABLE, invert=True).any())
         narrow = int(NARROW_FACTOR * want.max())
-        return cls(queries, rows, np.arange(len(queries)), want, n_excl,
-                   np.where(keep[:, None], win.seen[rows], 0), per, merges, exact,
-                   full if quota or full <= narrow else narrow)
+        return cls(queries, rows, want, n_excl, np.where(keep[:, None], win.seen[rows], 0),
+                   merges, exact, full if quota or full <= narrow else narrow)
+
+    @property
+    def per_interest(self) -> np.ndarray:
+        """[P] bool: searched with each interest."""
+        per: np.ndarray = self.merges != ""
+        return per
 
     def take(self, pos: np.ndarray) -> Personal:
         """The queries at `pos` [R], searched at their exact width."""
-        return Personal([self.queries[j] for j in pos.tolist()], self.rows[pos], self.at[pos],
-                        self.want[pos], self.n_excl[pos], self.exclude[pos],
-                        self.per_interest[pos], self.merges[pos], self.exact[pos],
+        return Personal([self.queries[j] for j in pos.tolist()], self.rows[pos], self.want[pos],
+                        self.n_excl[pos], self.exclude[pos], self.merges[pos], self.exact[pos],
                         int(self.exact[pos].max()))
 
 
@@ -206,8 +208,9 @@ class Recommender:
         answers, redo = self._filter_all(engine, req, c, rendered)
         searched = c.seconds
         if redo:
-            sub = req.take(np.array(redo))
-            wide = search(engine, e.take(sub.at), sub.per_interest, sub.first)
+            pos = np.array(redo)                                      # rows of req, and of e
+            sub = req.take(pos)
+            wide = search(engine, e.take(pos), sub.per_interest, sub.first)
             searched += wide.seconds
             answers += self._filter_all(engine, sub, wide, rendered)[0]
         timings = {"window": t_win, "encode": e.seconds, "search": searched,
@@ -230,7 +233,7 @@ class Recommender:
         how = req.merges[per.rows]
         for name in np.unique(how).tolist():
             pos = np.flatnonzero(how == name)
-            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.width, per.filtered)
+            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.filtered)
             answers += self._filter(engine, req, c, hits, name, rendered, redo)
         return answers, redo
 

@@ -114,6 +114,12 @@ def _problem(status: int, slug: str, detail: str) -> bytes:
             % (status, HTTPStatus(status).phrase.encode(), len(body), body))
 
 
+def _limits(app_state: Any) -> ConnectionLimits:
+    """The limits the app's lifespan handed to its connections (the defaults without them)."""
+    limits = app_state.get(LIMITS) if isinstance(app_state, dict) else None
+    return limits or ConnectionLimits()
+
+
 class _OverCap(asyncio.Protocol):
     """A connection past the cap: its prebuilt 503 written, then closed. Nothing of uvicorn's
     is made for it (an attacker past the cap reconnects as fast as it is refused, and each
@@ -134,17 +140,14 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # uvicorn makes one protocol per accepted connection: past the cap, a refusal instead
-        state, app_state = kwargs.get("server_state"), kwargs.get("app_state")
-        limits = app_state.get(LIMITS) if isinstance(app_state, dict) else None
-        limits = limits or ConnectionLimits()
+        state, limits = kwargs.get("server_state"), _limits(kwargs.get("app_state"))
         if state is not None and len(state.connections) >= limits.max_connections:
             return _OverCap(limits)
         return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        limits = self.app_state.get(LIMITS) if isinstance(self.app_state, dict) else None
-        self.limits: ConnectionLimits = limits or ConnectionLimits()
+        self.limits = _limits(self.app_state)
         self._header_bytes = 0
         self._deadline: float | None = None     # loop time past which `_phase` has failed
         self._phase = "headers"                 # headers, body, answer or idle

@@ -162,8 +162,12 @@ class Hits:
     rows: np.ndarray                   # [m] rows of the batch
     scores: np.ndarray                 # [m, Q, k] float32, best first (Q: 1 aggregate, K per interest)
     ids: np.ndarray                    # [m, Q, k] internal ids, -1 where short
-    width: int                         # k, as searched
     filtered: bool = False             # the rows' exclusions already applied: exact at width n
+
+    @property
+    def width(self) -> int:
+        """k, as searched."""
+        return int(self.ids.shape[-1])
 
 
 @dataclass(slots=True)
@@ -208,9 +212,9 @@ def search(engine: Engine, e: Encoded, per_interest: np.ndarray, k: int) -> Comp
         [e.user_vector[agg], e.interests[per].reshape(-1, D)])          # [A + I K, D]
     scores, ids = knn(engine, queries, k)                               # [A + I K, k]
     A, k = len(agg), scores.shape[1]
-    hits = {AGGREGATE: Hits(agg, scores[:A, None], ids[:A, None], k),   # [A, 1, k]
+    hits = {AGGREGATE: Hits(agg, scores[:A, None], ids[:A, None]),      # [A, 1, k]
             PER_INTEREST: Hits(per, scores[A:].reshape(len(per), K, k),
-                               ids[A:].reshape(len(per), K, k), k)}     # [I, K, k]
+                               ids[A:].reshape(len(per), K, k))}        # [I, K, k]
     return Computed(e, hits, time.perf_counter() - t0)
 
 
@@ -223,7 +227,7 @@ def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: 
     t0 = time.perf_counter()
     table = engine.table
     assert table is not None
-    P, K, D = e.interests.shape
+    _, K, D = e.interests.shape
     k = max(1, min(k, engine.n_items))
     hits = {}
     for mode, rows, Q in ((AGGREGATE, np.flatnonzero(~per_interest), 1),
@@ -241,7 +245,7 @@ def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: 
         order = np.argsort(-ts, axis=1, kind="stable")
         ts, top = np.take_along_axis(ts, order, 1), np.take_along_axis(top, order, 1)
         ids = np.where(np.isfinite(ts), top, -1)                       # masked: none left
-        hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), k, True)
+        hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), True)
     return Computed(e, hits, time.perf_counter() - t0)
 
 
