@@ -5,9 +5,11 @@ Inner-product metric throughout (the model scores items by v . H_j). Items keep 
 a search returns ids the bundle's id map turns into external ids.
 
 Recall@k is measured on real user vectors (the export's validation queries), against
-`IndexFlatIP` on the same items. For ANN indexes the search knob (`efSearch` for HNSW, `nprobe`
-for IVF) is raised step by step until recall reaches the floor; the smallest such value is
-recorded, and an index that cannot reach the floor is refused.
+`IndexFlatIP` on the same items. An ANN index with one search knob (`efSearch` for HNSW, `nprobe`
+for IVF) has it raised step by step until recall reaches the floor, and the smallest such value
+is recorded. One with several (a refine stage's `k_factor_rf`, an HNSW quantizer's
+`quantizer_efSearch`) is tuned by faiss's own autotuning, which keeps the fastest point at the
+floor. An index that cannot reach the floor is refused.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ AUTO_EXACT_MAX_ITEMS = DEFAULTS.auto_exact_max_items
 AUTO_MEMORY_BUDGET_MB = DEFAULTS.memory_budget_mb
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
-REFINE_LADDER = [2, 4, 8, 16, 32]              # k_factor_rf, tried with each nprobe
+AUTOTUNE_EXPERIMENTS = 64                     # points faiss's autotuning measures, at most
+TRAIN_PER_LIST = 40                           # k-means points per IVF list (faiss warns below 39)
 
 
 class IndexBuildError(SineError, RuntimeError):
@@ -53,15 +56,21 @@ class BuiltIndex:
 
 
 def resident_mb(factory: str, n_items: int, d: int) -> float:
-    """An index's codes and ids in memory, MiB (a refine stage's raw vectors not counted)."""
-    if factory == "Flat":
-        per = 4 * d + 8
-    elif factory.endswith(",SQ8"):
-        per = d + 8
+    """An index's codes, ids and graph links in memory, MiB (a refine stage not counted: its
+    rows are read a few hundred at a time, from the memory-mapped file)."""
+    base = re.sub(r",(RFlat|Refine\(.*\))$", "", factory)
+    pq = re.search(r"PQ(\d+)(?:x(\d+))?", base)
+    if pq:
+        per = int(pq.group(1)) * int(pq.group(2) or 8) / 8
+    elif base.endswith("SQ8"):
+        per = d
+    elif base.endswith("SQ4"):
+        per = d / 2
     else:
-        m = re.search(r"PQ(\d+)", factory)
-        per = (int(m.group(1)) if m else 4 * d) + 8
-    return n_items * per / 2**20
+        per = 4 * d
+    hnsw = re.match(r"HNSW(\d+)", base)
+    links = 2 * int(hnsw.group(1)) * 4 if hnsw else 0     # level 0 holds 2M int32 neighbours
+    return n_items * (per + 8 + links) / 2**20
 
 
 def resolve_factory(factory: str, n_items: int, d: int = 128) -> str:
@@ -130,7 +139,8 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str = "auto", gpu: bool = Fa
         index = faiss.index_cpu_to_gpu(res, 0, index)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = xb[rng.choice(n, size=min(train_size, n), replace=False)]
+        want = max(train_size, TRAIN_PER_LIST * ivf.nlist if ivf is not None else 0)
+        sample = xb[rng.choice(n, size=min(want, n), replace=False)]
         index.train(sample)
     if not is_ivf or is_refine(index):           # a refine stage keeps no ids of its own
         index = faiss.IndexIDMap2(index)
@@ -161,11 +171,26 @@ def recall_at_k(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int) -> f
     return float(np.mean([len(np.intersect1d(a[a >= 0], b)) / k for a, b in zip(I, gt)]))
 
 
-def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: float
+def knobs(index: faiss.Index) -> dict[str, list[float]]:
+    """Every search knob faiss's ParameterSpace finds in `index` (through an id map), with the
+    values its autotuning explores: nprobe, efSearch, k_factor_rf, quantizer_efSearch, ..."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    ps = faiss.ParameterSpace()
+    ps.initialize(inner)
+    ranges = [ps.parameter_ranges.at(i) for i in range(ps.parameter_ranges.size())]
+    return {r.name: faiss.vector_to_array(r.values).tolist() for r in ranges}
+
+
+def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: float,
+         experiments: int = AUTOTUNE_EXPERIMENTS
          ) -> tuple[dict[str, int], float, list[tuple[dict[str, int], float]]]:
-    """The cheapest search knobs that reach `floor`: raise the knob step by step; with a refine
-    stage, for each k_factor_rf from the smallest, the nprobe ladder up to the first that
-    reaches it. Returns (params, recall, every (params, recall) tried)."""
+    """The cheapest search knobs that reach `floor`. One knob: raised step by step, the smallest
+    value that reaches it. Several (a refine stage's k_factor_rf, an HNSW quantizer's
+    efSearch beside nprobe): faiss's own autotuning, the fastest point it found at or above the
+    floor. Returns (params, recall, every (params, recall) tried)."""
+    space = knobs(index)
+    if len(space) > 1:
+        return autotune(index, xq, gt, k, floor, experiments)
     knob = knob_name(index)
     curve: list[tuple[dict[str, int], float]] = []
     if knob is None:
@@ -173,22 +198,52 @@ def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: floa
         return {}, rec, [({}, rec)]
     chosen: dict[str, int] = {}
     rec = 0.0
-    for kf in (REFINE_LADDER if is_refine(index) else [None]):
-        last = 0.0
-        for v in KNOB_LADDER[knob]:
-            params = {knob: v} if kf is None else {knob: v, "k_factor_rf": kf}
-            set_search_params(index, params)
-            got = recall_at_k(index, xq, gt, k)
-            curve.append((params, got))
-            if got > rec:
-                chosen, rec = params, got
-            if got >= floor or (kf is not None and got - last < 0.002 and v >= 64):
-                break                            # reached, or this k_factor has levelled off
-            last = got
-        if rec >= floor:
+    for v in KNOB_LADDER[knob]:
+        params = {knob: v}
+        set_search_params(index, params)
+        got = recall_at_k(index, xq, gt, k)
+        curve.append((params, got))
+        if got > rec:
+            chosen, rec = params, got
+        if got >= floor:
             break
     set_search_params(index, chosen)
     return chosen, rec, curve
+
+
+def autotune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: float,
+             experiments: int = AUTOTUNE_EXPERIMENTS
+             ) -> tuple[dict[str, int], float, list[tuple[dict[str, int], float]]]:
+    """faiss's ParameterSpace.explore over every knob of `index`, recall@k as its criterion
+    (IntersectionCriterion: |ANN top-k ∩ exact top-k| / k, the gate's measure): of the
+    (recall, search time) Pareto front it returns, the fastest point at or above `floor`, else
+    the most accurate. Times are of the whole query batch, so they rank points, not promise a
+    latency (benchmarks/index.py measures that)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    ps = faiss.ParameterSpace()
+    ps.initialize(inner)
+    ps.n_experiments = experiments
+    ps.verbose = 0
+    crit = faiss.IntersectionCriterion(len(xq), k)
+    crit.set_groundtruth(None, np.ascontiguousarray(gt, dtype=np.int64))
+    front = ps.explore(index, np.ascontiguousarray(xq, dtype=np.float32), crit)
+    points = [front.optimal_pts.at(i) for i in range(front.optimal_pts.size())]
+    curve = [(_params(p.key), float(p.perf)) for p in points if p.key]
+    if not curve:
+        raise IndexBuildError("faiss's autotuning found no operating point for this index")
+    met = [c for c in curve if c[1] >= floor]               # the front is in order of time
+    chosen, rec = met[0] if met else max(curve, key=lambda c: c[1])
+    set_search_params(index, chosen)
+    return chosen, recall_at_k(index, xq, gt, k), curve
+
+
+def _params(key: str) -> dict[str, int]:
+    """faiss's operating-point key ('k_factor_rf=4,nprobe=64') as the manifest's knobs."""
+    out = {}
+    for part in key.split(","):
+        name, value = part.split("=")
+        out[name] = int(float(value))
+    return out
 
 
 def build_and_gate(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, *,

@@ -12,6 +12,9 @@ the server's connection cap a new socket is answered 503 at once. Every closed s
 answered are recorded; the JSON summary goes to `--out`.
 
     python -m loadtests.idle --port 8000 --seconds 30 --sockets 2000 --out idle.json
+
+`--burn-cpu-s X` opens no socket: it spends X seconds of CPU, spread evenly over `--seconds`,
+as the control that tells what the attacker's own CPU costs the server on a shared machine.
 """
 from __future__ import annotations
 
@@ -126,6 +129,20 @@ async def run(port: int, seconds: float, sockets: int, hold_s: float) -> dict:
     return t.summary()
 
 
+def burn(cpu_s: float, seconds: float, slice_s: float = 0.005) -> dict:
+    """`cpu_s` seconds of CPU spread over `seconds` of wall time, in busy slices of `slice_s`."""
+    duty = min(1.0, cpu_s / seconds)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        spin_until = time.monotonic() + slice_s
+        while time.monotonic() < spin_until:
+            pass
+        behind = (time.monotonic() - t0) * duty - (time.process_time() - cpu0)
+        if behind < 0:
+            time.sleep(min(-behind / duty, max(0.0, seconds - (time.monotonic() - t0))))
+    return {"cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - t0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
@@ -133,8 +150,13 @@ def main() -> None:
     p.add_argument("--sockets", type=int, default=2000, help="sockets open at once, all kinds")
     p.add_argument("--hold-s", type=float, default=13.0,
                    help="how long a no-read socket is held (past the server's write deadline)")
+    p.add_argument("--burn-cpu-s", type=float,
+                   help="open no socket: spend this much CPU over --seconds (the control)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
+    if a.burn_cpu_s is not None:
+        a.out.write_text(json.dumps({"attacker": burn(a.burn_cpu_s, a.seconds)}, indent=1))
+        return
     cpu, wall = time.process_time(), time.monotonic()
     out = asyncio.run(run(a.port, a.seconds, a.sockets, a.hold_s))
     # the attacker's own CPU: on one machine it is taken from the server's cores

@@ -30,7 +30,8 @@ _stats_history.csv, _failures.csv and .html go to <out>/raw/, which git ignores)
                 (silent, a stray body byte after the answer, answers never read; from another
                 process, `loadtests.idle`): no 5xx, ordinary /recommend p99 within 2x of the load
                 alone, the server's open descriptors under its limit, every such socket closed
-                within its deadline (408, or 503 past the connection cap)
+                within its deadline (408, or 503 past the connection cap); then the load
+                beside a process that only spends the attacker's CPU (the control, recorded)
   redis-blackhole
                 Redis silenced mid-run through a TCP proxy (connections open, nothing answers),
                 forwarding again 10 s later: no 5xx, answers flagged history_unavailable while

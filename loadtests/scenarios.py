@@ -332,8 +332,10 @@ def _fds(pid: int) -> tuple[int, int]:
 
 def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float = 30,
                           sockets: int = 2000) -> dict:
-    """The same ordinary traffic twice, alone and beside `sockets` idle and stuck sockets
-    (`loadtests.idle`) opened two seconds in, the server's descriptors sampled throughout."""
+    """The same ordinary traffic three times: alone; beside `sockets` idle and stuck sockets
+    (`loadtests.idle`) opened two seconds in, the server's descriptors sampled throughout; and
+    beside a stand-in that spends the attacker's CPU at its priority and opens no socket (the
+    control: on one machine the attacker's CPU is taken from the server's cores)."""
     import subprocess
 
     pid = sys_.server.proc.pid
@@ -379,6 +381,28 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
                 p.kill()
     idle = json.loads(summary_path.read_text())
     attacker = idle.pop("attacker", {})
+    # the control: the same traffic beside a process at the same priority that only spends the
+    # attacker's CPU, so the record tells the server's cost of the sockets from the cores' share
+    burn_path = work / "burn.json"
+
+    def burner():
+        """a CPU stand-in for the attacker starts"""
+        procs.append(subprocess.Popen(
+            ["nice", "-n", "19", sys.executable, "-m", "loadtests.idle", "--port", port,
+             "--seconds", str(seconds - 2), "--burn-cpu-s", str(attacker.get("cpu_s", 0.0)),
+             "--out", str(burn_path)], cwd=Path(__file__).resolve().parents[1]))
+
+    procs.clear()
+    try:
+        control = run_locust("idle-cpu-control", sys_.server.url, out,
+                             [(seconds, a.users, a.rate)], events_at={2: burner}, system=sys_)
+        if procs:
+            procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    stand_in = json.loads(burn_path.read_text())["attacker"] if burn_path.exists() else {}
     aborted = sys_.metric("sine_failures_total", reason="write-timeout") - aborted_before
     held = idle.pop("no-read-held", {}).get("errors", 0)
     deadlines = {"header": 5.0, "body": 10.0, "keep_alive": 5.0, "write": 10.0}
@@ -399,11 +423,17 @@ def scenario_idle_sockets(sys_: System, a, out: Path, work: Path, seconds: float
            "no_read": {"held_past_the_deadline": held, "aborted_by_the_server": aborted},
            "sockets": sockets, "fds": {"max": max(fds) if fds else None, "limit": limit,
                                        "samples": len(fds)},
-           "recommend_p99_ms": {"alone": p99(alone), "together": p99(together)},
+           "cpu_control": {k: v for k, v in control.items() if k != "series"},
+           "cpu_stand_in": stand_in,
+           "recommend_p99_ms": {"alone": p99(alone), "together": p99(together),
+                                "beside_the_cpu_stand_in": p99(control)},
            "requests": together["requests"], "failures": together["failures"],
            "rps": together["rps"], "p50_ms": together["p50_ms"], "p99_ms": together["p99_ms"]}
     rec["idle_summary"] = {
         "recommend_p99_ratio": rec["recommend_p99_ms"]["together"] / rec["recommend_p99_ms"]["alone"],
+        "recommend_p99_ratio_beside_the_cpu_stand_in":
+            rec["recommend_p99_ms"]["beside_the_cpu_stand_in"] / rec["recommend_p99_ms"]["alone"],
+        "attacker_cpu_s": attacker.get("cpu_s"), "stand_in_cpu_s": stand_in.get("cpu_s"),
         "fds_max": rec["fds"]["max"], "fds_limit": limit,
         **{f"{k}_closed": v.get("closed", 0) for k, v in idle.items()},
         **{f"{k}_lifetime_max_s": v.get("lifetime_max_s") for k, v in idle.items()}}

@@ -1,3 +1,5 @@
+from unittest.mock import ANY
+
 import numpy as np
 import pytest
 
@@ -113,9 +115,12 @@ def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
     xb, xq = clustered(6000, d=32)
     ids = np.arange(101, 6101)
     b = build_and_gate(xb, ids, xq, factory="IVF32,PQ4x8,RFlat", k=50, floor=0.95, log=lambda *a: None)
-    assert b.recall >= 0.95 and "k_factor_rf" in b.search_params
-    tried = [p for p, _ in b.recall_curve]
-    assert tried[0]["k_factor_rf"] == 2                         # the cheapest first
+    assert b.recall >= 0.95 and {"k_factor_rf", "nprobe"} <= set(b.search_params)   # and ht
+    # faiss's autotuning: the front runs from fast to accurate, and the first point at the floor
+    # is the one kept
+    first = next(p for p, r in b.recall_curve if r >= 0.95)
+    assert b.search_params == first
+    assert all(r < 0.95 for p, r in b.recall_curve[:b.recall_curve.index((first, ANY))])
     plain = build_and_gate(xb, ids, xq, factory="IVF32,PQ4x8", k=50, floor=0.0, params={"nprobe": 32},
                            log=lambda *a: None)
     assert b.recall > plain.recall + 0.2                        # the re-ranking is what pays
@@ -123,6 +128,41 @@ def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
     truth = exact_topk(xb, ids, xq[:20], 50)
     assert np.mean([len(np.intersect1d(g, t)) / 50 for g, t in zip(got, truth)]) >= 0.9
     assert got.min() >= 101 and got.max() <= 6100
+
+
+@pytest.mark.parametrize("factory, space", [
+    ("IVF32,PQ8x4fs,Refine(SQ8)", {"nprobe", "k_factor_rf"}),       # fast-scan codes, re-ranked
+    ("IVF32_HNSW16,SQ8", {"nprobe", "quantizer_efSearch"}),          # a graph over the lists
+])
+def test_an_index_with_two_knobs_is_autotuned_to_the_floor(factory, space):
+    from index_builder.build import knobs
+
+    xb, xq = clustered(6000, d=32)
+    ids = np.arange(1, 6001)
+    b = build_and_gate(xb, ids, xq, factory=factory, k=50, floor=0.9, log=lambda *a: None)
+    assert set(knobs(b.index)) == space and set(b.search_params) == space
+    assert b.recall >= 0.9
+    _, got = b.index.search(xq, 50)
+    truth, _ = brute_force(xb, ids, xq, 50)
+    assert np.mean([len(np.intersect1d(g, t)) / 50 for g, t in zip(got, truth)]) == pytest.approx(b.recall)
+
+
+def test_an_unreachable_floor_is_refused_after_autotuning():
+    xb, xq = clustered(3000, d=32)
+    with pytest.raises(IndexBuildError, match="below the floor 1.01"):
+        build_and_gate(xb, np.arange(1, 3001), xq, factory="IVF16,PQ4x4fs,Refine(SQ4)", k=20,
+                       floor=1.01, log=lambda *a: None)
+
+
+def test_resident_memory_counts_codes_ids_and_graph_links():
+    from index_builder.build import resident_mb
+
+    n, d = 2**20, 128
+    assert resident_mb("Flat", n, d) == 4 * d + 8
+    assert resident_mb("IVF16384,SQ8", n, d) == d + 8
+    assert resident_mb("IVF16384,PQ64x4fs,Refine(SQ8)", n, d) == 32 + 8     # 4-bit codes
+    assert resident_mb("IVF4096,PQ32x8,RFlat", n, d) == 32 + 8
+    assert resident_mb("HNSW32,SQ8", n, d) == d + 8 + 2 * 32 * 4            # level-0 links
 
 
 def test_the_service_maps_a_re_ranking_index_read_only(tmp_path):
