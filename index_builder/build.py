@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -26,11 +27,14 @@ from .bundle import Progress, SineError, set_search_params
 from .options import DEFAULTS
 
 # `auto`: exact search up to `auto_exact_max_items`; above, IVF with about 4 sqrt(N) lists (a
-# power of two) over 8-bit scalar-quantized vectors, the lowest p99 at recall@100 >= 0.95 of the
-# indexes measured (benchmarks/results/index.md, index-10m.md: why not HNSW, PQ or IVF-PQ with
-# re-ranking). Past `memory_budget_mb` of codes and ids it still builds and says to shard.
+# power of two), at most AUTO_MAX_LISTS, over 8-bit scalar-quantized vectors: the lowest p99 at
+# recall@100 >= 0.95 of the indexes measured (benchmarks/results/index.md, index-10m.md: why not
+# HNSW over SQ8, IVF-PQ fast-scan with re-ranking, or IVF16384 at 10M, which needs 4x the lists
+# probed for the same recall and answered slower). Past `memory_budget_mb` of codes and ids it
+# still builds and says to shard.
 AUTO_EXACT_MAX_ITEMS = DEFAULTS.auto_exact_max_items
 AUTO_MEMORY_BUDGET_MB = DEFAULTS.memory_budget_mb
+AUTO_MAX_LISTS = 4096
 KNOB_LADDER = {"efSearch": [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                "nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]}
 AUTOTUNE_EXPERIMENTS = 64                     # points faiss's autotuning measures, at most
@@ -78,7 +82,7 @@ def resolve_factory(factory: str, n_items: int, d: int = 128) -> str:
         return factory
     if n_items <= AUTO_EXACT_MAX_ITEMS:
         return "Flat"
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n_items)))
+    nlist = min(AUTO_MAX_LISTS, 2 ** round(math.log2(4 * math.sqrt(n_items))))
     return f"IVF{nlist},SQ8"
 
 
@@ -220,11 +224,12 @@ def autotune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: 
     the most accurate. Times are of the whole query batch, so they rank points, not promise a
     latency (benchmarks/index.py measures that)."""
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    ps = faiss.ParameterSpace()
+    # Any: faiss's stubs give these methods' C++ signatures, its Python wrapper replaces them
+    ps: Any = faiss.ParameterSpace()
     ps.initialize(inner)
     ps.n_experiments = experiments
     ps.verbose = 0
-    crit = faiss.IntersectionCriterion(len(xq), k)
+    crit: Any = faiss.IntersectionCriterion(len(xq), k)
     crit.set_groundtruth(None, np.ascontiguousarray(gt, dtype=np.int64))
     front = ps.explore(index, np.ascontiguousarray(xq, dtype=np.float32), crit)
     points = [front.optimal_pts.at(i) for i in range(front.optimal_pts.size())]

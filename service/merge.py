@@ -1,7 +1,9 @@
 """Stage 5, the filter: each row's candidate lists cut to its top n, the seen ids and faiss's -1
 dropped, and for `mode=per_interest` the K lists merged into one.
 
-Merges (`Merge`, chosen per request):
+Merges (`Merge`, chosen per request; `BEST_KEY` names those that rank an item by its best key
+over the interests, which a narrow search can prove exact and a dense search can take as one
+maximum over the K score rows, `key_shift`):
 - `max`: an item's best score under any interest ranks it (a raw maximum: one interest of
   large norm may fill the list);
 - `weighted`: ranked by score + log e_k, the interest's Eq. 7 weight as a prior over interests
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index_builder.bundle import MERGES
+from index_builder.bundle import MERGES, Merge
+
+BEST_KEY: tuple[Merge, ...] = ("max", "weighted")
 
 
 @dataclass(slots=True)
@@ -79,6 +83,14 @@ def log_weights(weights: np.ndarray) -> np.ndarray:
     """weights [P, K] -> log e [P, K, 1], floored so that a zero weight stays finite."""
     out: np.ndarray = np.log(np.clip(weights, 1e-12, None)).astype(np.float32)
     return out[:, :, None]
+
+
+def key_shift(how: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """What each row's merge adds to an interest's scores to rank by: how [P] (`BEST_KEY`
+    names), weights [P, K] -> [P, K, 1] (0 for max, log e_k for weighted)."""
+    out: np.ndarray = np.where((how == "weighted")[:, None, None], log_weights(weights),
+                               np.float32(0))
+    return out
 
 
 def shares(weights: np.ndarray, n: int | np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from .batcher import Batcher
 from .engine import Engine
 from .errors import HistoryUnavailable, ServiceError
 from .history import HistoryStore
-from .merge import log_weights, merge, top_n
+from .merge import BEST_KEY, Top, log_weights, merge, top_n
 from .metrics import Metrics
 from .settings import Settings
 from .stages import (
@@ -42,7 +42,6 @@ from .stages import (
 
 Job = tuple[Engine, Query]
 NARROW_FACTOR = 2      # a batch's first search: 2 n wide, whatever the histories
-NARROWABLE: tuple[Merge, ...] = ("max", "weighted")   # merges a narrow search can prove exact
 
 
 @dataclass(slots=True)
@@ -70,7 +69,7 @@ class Personal:
         per = merges != ""
         exact = want + n_excl
         full = int(exact.max())
-        quota = bool(np.isin(merges[per], NARROWABLE, invert=True).any())
+        quota = bool(np.isin(merges[per], BEST_KEY, invert=True).any())
         narrow = int(NARROW_FACTOR * want.max())
         return cls(queries, rows, want, n_excl, np.where(keep[:, None], win.seen[rows], 0),
                    merges, exact, full if quota or full <= narrow else narrow)
@@ -202,7 +201,8 @@ class Recommender:
         then the rows it could not prove exact searched again at their exact width."""
         e = encode(engine, win.window[req.rows])
         c = (search(engine, e, req.per_interest, req.first) if engine.table is None else
-             dense_search(engine, e, req.per_interest, req.exclude, int(req.want.max())))
+             dense_search(engine, e, req.per_interest, req.exclude, int(req.want.max()),
+                          req.merges))
         t0 = time.perf_counter()
         rendered = [0.0]                                              # stage 6's share of the loop
         answers, redo = self._filter_all(engine, req, c, rendered)
@@ -229,12 +229,15 @@ class Recommender:
         agg = c.hits[AGGREGATE]
         if len(agg.rows):
             answers += self._filter(engine, req, c, agg, None, rendered, redo)
-        per = c.hits[PER_INTEREST]
-        how = req.merges[per.rows]
-        for name in np.unique(how).tolist():
-            pos = np.flatnonzero(how == name)
-            hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.filtered)
-            answers += self._filter(engine, req, c, hits, name, rendered, redo)
+        for per in (c.hits[PER_INTEREST], c.merged):
+            if per is None:
+                continue
+            how = req.merges[per.rows]
+            for name in np.unique(how).tolist():
+                pos = np.flatnonzero(how == name)
+                hits = Hits(per.rows[pos], per.scores[pos], per.ids[pos], per.filtered,
+                            None if per.source is None else per.source[pos])
+                answers += self._filter(engine, req, c, hits, name, rendered, redo)
         return answers, redo
 
     @staticmethod
@@ -246,7 +249,10 @@ class Recommender:
         members = hits.rows                                           # [m] positions in req
         # exclusions a dense search applied already; nothing it answers is narrow
         exclude = req.exclude[members][:, :0] if hits.filtered else req.exclude[members]
-        if how is None:
+        if hits.source is not None:                                   # merged by the search
+            ids = hits.ids[:, 0]                                      # [m, k] best first
+            top = Top(ids, hits.scores[:, 0], hits.source[:, 0], (ids >= 0).sum(1))
+        elif how is None:
             top = top_n(hits.scores, hits.ids, exclude, int(req.want[members].max()))
         else:
             top = merge(how, hits.scores, hits.ids, c.weights[members], exclude,

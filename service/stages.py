@@ -24,6 +24,7 @@ from index_builder.bundle import AGGREGATE, PER_INTEREST, Merge, Mode, Search
 
 from .errors import HistoryUnavailable
 from .history import HistoryError, HistoryStore
+from .merge import BEST_KEY, key_shift
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -163,6 +164,8 @@ class Hits:
     scores: np.ndarray                 # [m, Q, k] float32, best first (Q: 1 aggregate, K per interest)
     ids: np.ndarray                    # [m, Q, k] internal ids, -1 where short
     filtered: bool = False             # the rows' exclusions already applied: exact at width n
+    source: np.ndarray | None = None   # [m, 1, k] the interest that found each id, where the
+    #                                    search merged the K lists itself (Q = 1)
 
     @property
     def width(self) -> int:
@@ -176,6 +179,7 @@ class Computed:
     encoded: Encoded                   # [P] rows
     hits: dict[Mode, Hits]             # every mode, [0] rows where none searched so
     seconds: float                     # the search's time
+    merged: Hits | None = None         # per_interest rows the search merged (`dense_search`)
 
     @property
     def interests(self) -> np.ndarray:
@@ -219,34 +223,66 @@ def search(engine: Engine, e: Encoded, per_interest: np.ndarray, k: int) -> Comp
 
 
 def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: np.ndarray,
-                 k: int) -> Computed:
+                 k: int, merges: np.ndarray | None = None) -> Computed:
     """Stage 4 over an exact index's table (`Engine.table`): every query vector scored against
     every item in one product, each row's `exclude` [P, H] ids (and id 0) masked, then the top
     `k` of what is left. Exact with the exclusions applied (`Hits.filtered`): k = n suffices for
-    every merge, and no row is searched again."""
+    every merge, and no row is searched again. Per-interest rows whose merge ranks by the best
+    key (`merges` [P], `merge.BEST_KEY`) are merged here: each item's best key over the K rows,
+    one top k of those (`Computed.merged`), not K top-k lists merged after."""
     t0 = time.perf_counter()
+    assert engine.table is not None
+    _, K, D = e.interests.shape
+    k = max(1, min(k, engine.n_items))
+    how = merges if merges is not None else np.full(len(per_interest), "")
+    best = per_interest & np.isin(how, BEST_KEY)                       # [P]
+    hits = {}
+    for mode, rows in ((AGGREGATE, np.flatnonzero(~per_interest)),
+                       (PER_INTEREST, np.flatnonzero(per_interest & ~best))):
+        s = _dense_scores(engine, e, mode, rows, exclude)               # [m, Q, M + 1]
+        m, Q, _ = s.shape
+        ts, ids = _dense_top(s.reshape(m * Q, s.shape[2]), k)           # [m Q, k]
+        hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), True)
+    rows = np.flatnonzero(best)
+    merged = None
+    if len(rows):
+        s = _dense_scores(engine, e, PER_INTEREST, rows, exclude)       # [m, K, M + 1]
+        key = s + key_shift(how[rows], e.weights[rows])                 # [m, K, M + 1]
+        _, ids = _dense_top(key.max(axis=1), k)                         # [m, k] by best key
+        at = np.maximum(ids, 0)[:, None, :]                             # [m, 1, k]
+        # the interest of each pick, over its K keys alone (an argmax across the K axis of
+        # the whole [m, K, M + 1] costs more than the rest of the search)
+        src = np.take_along_axis(key, np.broadcast_to(at, (len(rows), K, k)), 2).argmax(1)  # [m, k]
+        raw = s[np.arange(len(rows))[:, None], src, at[:, 0]]           # [m, k] unshifted
+        merged = Hits(rows, raw[:, None], ids[:, None], True, src[:, None])
+    return Computed(e, hits, time.perf_counter() - t0, merged)
+
+
+def _dense_scores(engine: Engine, e: Encoded, mode: Mode, rows: np.ndarray,
+                  exclude: np.ndarray) -> np.ndarray:
+    """rows [m] -> [m, Q, M + 1] scores of their query vectors (Q: 1 aggregate, K per interest),
+    id 0 and each row's `exclude` set to -inf."""
     table = engine.table
     assert table is not None
     _, K, D = e.interests.shape
-    k = max(1, min(k, engine.n_items))
-    hits = {}
-    for mode, rows, Q in ((AGGREGATE, np.flatnonzero(~per_interest), 1),
-                          (PER_INTEREST, np.flatnonzero(per_interest), K)):
-        m = len(rows)
-        q = (e.user_vector[rows] if mode == AGGREGATE else
-             e.interests[rows].reshape(m * K, D))                      # [m Q, D]
-        s = (q @ table.T).reshape(m, Q, len(table))                    # [m, Q, M + 1]
-        s[:, :, 0] = -np.inf
-        s[np.arange(m)[:, None, None], np.arange(Q)[None, :, None],
-          exclude[rows][:, None, :]] = -np.inf                         # 0-padding hits column 0
-        flat = s.reshape(m * Q, len(table))                            # [m Q, M + 1]
-        top = np.argpartition(flat, flat.shape[1] - k, axis=1)[:, -k:]     # [m Q, k], unordered
-        ts = np.take_along_axis(flat, top, 1)
-        order = np.argsort(-ts, axis=1, kind="stable")
-        ts, top = np.take_along_axis(ts, order, 1), np.take_along_axis(top, order, 1)
-        ids = np.where(np.isfinite(ts), top, -1)                       # masked: none left
-        hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), True)
-    return Computed(e, hits, time.perf_counter() - t0)
+    m, Q = len(rows), (1 if mode == AGGREGATE else K)
+    q = (e.user_vector[rows] if mode == AGGREGATE else
+         e.interests[rows].reshape(m * K, D))                          # [m Q, D]
+    s: np.ndarray = (q @ table.T).reshape(m, Q, len(table))            # [m, Q, M + 1]
+    s[:, :, 0] = -np.inf
+    s[np.arange(m)[:, None, None], np.arange(Q)[None, :, None],
+      exclude[rows][:, None, :]] = -np.inf                             # 0-padding hits column 0
+    return s
+
+
+def _dense_top(flat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[R, M + 1] scores -> the top k of each row, best first: scores [R, k], ids [R, k] (-1
+    where only masked items were left)."""
+    top = np.argpartition(flat, flat.shape[1] - k, axis=1)[:, -k:]    # [R, k], unordered
+    ts = np.take_along_axis(flat, top, 1)
+    order = np.argsort(-ts, axis=1, kind="stable")
+    ts, top = np.take_along_axis(ts, order, 1), np.take_along_axis(top, order, 1)
+    return ts, np.where(np.isfinite(ts), top, -1)
 
 
 def compute(engine: Engine, windows: np.ndarray, per_interest: np.ndarray, k: int) -> Computed:

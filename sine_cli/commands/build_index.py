@@ -21,7 +21,7 @@ def add(sub: Any) -> None:
     b.add_argument("--factory", default=D.factory,
                    help="faiss factory string (Flat, HNSW32,Flat, IVF4096,Flat, IVF4096,PQ32, ...) "
                         f"or auto: Flat up to {D.auto_exact_max_items:,} items, IVF with "
-                        f"~4 sqrt(N) lists and 8-bit codes above (default {D.factory})")
+                        f"~4 sqrt(N) lists (at most 4096) and 8-bit codes above (default {D.factory})")
     b.add_argument("--memory-budget-mb", type=float, default=None,
                    help="index codes one pod should hold; past it the build warns and says how "
                         f"many shards to split the catalog into (default {D.memory_budget_mb:g})")

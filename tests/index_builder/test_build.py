@@ -99,11 +99,11 @@ def test_gpu_build_matches_cpu():
 def test_a_catalog_past_the_memory_budget_is_told_to_shard():
     from index_builder.build import over_budget
 
-    assert resolve_factory("auto", 10_000_000, 128) == "IVF16384,SQ8"
+    assert resolve_factory("auto", 10_000_000, 128) == "IVF4096,SQ8"     # lists capped (index-10m)
     assert over_budget("IVF4096,SQ8", 1_000_000, 128) is None                  # 130 MiB
-    msg = over_budget("IVF16384,SQ8", 10_000_000, 128)                          # 1.3 GiB
+    msg = over_budget("IVF4096,SQ8", 10_000_000, 128)                           # 1.3 GiB
     assert msg and "2 or more shards" in msg
-    assert over_budget("IVF16384,SQ8", 10_000_000, 128, memory_budget_mb=2048) is None
+    assert over_budget("IVF4096,SQ8", 10_000_000, 128, memory_budget_mb=2048) is None
     xb, xq = clustered(3000)
     said = []
     build_and_gate(xb, np.arange(1, 3001), xq, factory="IVF16,SQ8", k=20, floor=0.5,

@@ -196,6 +196,10 @@ def test_per_interest_answers_are_the_merge_of_exact_searches(either, items, sma
         assert [it["item_id"] for it in body["items"]] == \
             [ds.item_ids[int(i)] for i in want.ids[0, : q.n]]
         assert [it["interest"] for it in body["items"]] == want.source[0, : q.n].tolist()
+        # each item reports its raw score under the interest that found it (weighted: no prior)
+        np.testing.assert_allclose([it["score"] for it in body["items"]],
+                                   per[want.source[0, : q.n], want.ids[0, : q.n] - 1],
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["fallback", "error"])
