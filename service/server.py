@@ -57,6 +57,7 @@ LIMITS = "sine.connection_limits"       # the lifespan state key uvicorn passes 
 FD_RESERVE = 64            # descriptors never given to clients (beside the Redis pool): the
 #                            read connection, the watcher, the metrics, the bundle's files
 BODY_GRACE_S = 1.0         # the app's own body deadline answers first
+SWEEP_CHUNK = 32           # connections a sweep closes in one turn of the event loop
 
 
 def connection_cap(wanted: int, reserve: int = FD_RESERVE) -> int:
@@ -296,10 +297,21 @@ class _Sweeper:
 
     def sweep(self) -> None:
         now = self.loop.time()
-        for conn in list(self.server_state.connections):
-            if isinstance(conn, GuardedHttpTools) and (why := conn.overdue(now)):
-                conn.expire(why)
+        self.expire([conn for conn in list(self.server_state.connections)
+                     if isinstance(conn, GuardedHttpTools) and conn.overdue(now)])
         self.loop.call_later(self.every, self.sweep)
+
+    def expire(self, due: list[Any]) -> None:
+        """Close the `due` connections SWEEP_CHUNK at a time, each chunk in its own turn of the
+        loop: sockets opened together fall due together, and closing hundreds in one callback
+        would hold every request behind them. Each is checked again when its turn comes (a
+        request may have arrived on it meanwhile)."""
+        now = self.loop.time()
+        for conn in due[:SWEEP_CHUNK]:
+            if why := conn.overdue(now):
+                conn.expire(why)
+        if len(due) > SWEEP_CHUNK:
+            self.loop.call_soon(self.expire, due[SWEEP_CHUNK:])
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

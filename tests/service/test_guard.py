@@ -265,3 +265,41 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_cap_fits_the_fd_li
         wait_until(lambda: (again.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n"),
                             status(again.recv(65536)) == 200)[1], 5, "a connection once freed")
         again.close()
+
+
+def test_a_sweep_closes_the_connections_due_a_chunk_per_loop_turn():
+    """Sockets opened together fall due together: the sweep closes SWEEP_CHUNK of them per turn
+    of the loop, so other callbacks run between chunks, and skips one no longer due."""
+    import asyncio
+
+    from service.server import SWEEP_CHUNK, _Sweeper
+
+    class Conn:
+        def __init__(self, due=True):
+            self.due, self.closed_at = due, None
+
+        def overdue(self, now):
+            return "idle" if self.due else None
+
+        def expire(self, why):
+            self.closed_at = turn[0]
+
+    turn = [0]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sweeper = _Sweeper.__new__(_Sweeper)
+        sweeper.loop = loop
+        conns = [Conn() for _ in range(2 * SWEEP_CHUNK + 5)]
+        conns[-1].due = False                      # a request arrived on it meanwhile
+        sweeper.expire(list(conns))
+        for _ in range(5):
+            turn[0] += 1
+            await asyncio.sleep(0)                 # one turn of the loop
+        return conns
+
+    conns = asyncio.run(main())
+    turns = [c.closed_at for c in conns]
+    assert turns[:SWEEP_CHUNK] == [0] * SWEEP_CHUNK
+    assert set(turns[SWEEP_CHUNK: 2 * SWEEP_CHUNK]) == {1}
+    assert set(turns[2 * SWEEP_CHUNK: -1]) == {2} and turns[-1] is None
