@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     count = lambda reason: metrics.failures.labels(reason).inc()
     if s.direct_routes:         # inside the guard: added first, so it wraps less
         app.add_middleware(DirectRoutes, state=st, count=count,
-                           routes=retrieval.direct_routes(models, s.floor_endpoint))
+                           routes=retrieval.direct_routes(models, s.floor_endpoint),
+                           probes=operations.direct_probes())
     app.add_middleware(Guard, settings=s, metrics=metrics, tracing=st.tracing)
     errors.install(app, on_error=count)
     _docs(app)

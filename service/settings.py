@@ -222,8 +222,8 @@ class Settings(BaseSettings):
         "(benchmarks/results/search-paths.md). faiss's own threshold counts the queries' floats "
         "(128,000: 1,000 vectors of 128)."))
     direct_routes: bool = Field(True, description=(
-        "Answer POST /recommend straight from ASGI behind the guard, past FastAPI's routing and "
-        "dependency resolution: the same validation, answers and errors "
+        "Answer POST /recommend and GET /livez straight from ASGI behind the guard, past "
+        "FastAPI's routing and dependency resolution: the same validation, answers and errors "
         "(benchmarks/results/service.md). Off: through FastAPI."))
     dense_search_max_items: int = Field(20_000, ge=0, description=(
         "An exact (Flat) index over at most this many items is searched on CPU as dense "

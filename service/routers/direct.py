@@ -1,5 +1,8 @@
-"""`POST /recommend` (and the benchmarks' `/floor`) straight from ASGI: behind the guard, past
-FastAPI's routing, dependency resolution and request object.
+"""`POST /recommend` (and the benchmarks' `/floor`) and `GET /livez` straight from ASGI: behind
+the guard, past FastAPI's routing, dependency resolution and request object. The liveness probe
+is here because it is the cheapest request a client can send: hundreds of sockets opening at
+once each ask it (loadtests.idle's stray-byte kind), and through FastAPI that burst holds the
+event loop several times longer.
 
 The guard (`service.guard`) has already checked the token, the size and the content type and
 read the whole body; here it is validated by the same pydantic model the FastAPI route is
@@ -14,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
@@ -46,15 +50,23 @@ def refusal(model: type[BaseModel], raw: bytes) -> list[Any] | None:
 
 
 class DirectRoutes:
-    """ASGI middleware: POST to one of `routes` ({path: (body model, endpoint)}) is answered
-    here; every other request goes on to the app."""
+    """ASGI middleware: POST to one of `routes` ({path: (body model, endpoint)}) and GET to one
+    of `probes` ({path: endpoint of the state alone}) are answered here; every other request
+    goes on to the app."""
 
     def __init__(self, app: ASGIApp, state: State,
                  routes: Mapping[str, tuple[type[BaseModel], Endpoint]],
-                 count: Callable[[str], None]):
+                 count: Callable[[str], None],
+                 probes: Mapping[str, Callable[[State], Awaitable[Any]]] | None = None):
         self.app, self.st, self.routes, self.count = app, state, routes, count
+        self.probes = dict(probes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in self.probes:
+            # a probe answers from the state alone, as FastAPI's route would: a dict as JSON
+            got = await self.probes[scope["path"]](self.st)
+            answer = got if isinstance(got, Response) else JSONResponse(got)
+            return await answer(scope, receive, send)
         route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)

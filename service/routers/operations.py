@@ -71,6 +71,11 @@ async def bundle_info(st: StateDep, authorization: str | None = Header(None)) ->
 
 
 
+def direct_probes() -> dict[str, Any]:
+    """The GETs `service.routers.direct` answers past FastAPI: {path: endpoint(state)}."""
+    return {"/livez": livez}
+
+
 def register(app: Router) -> None:
     tags: list[str | Enum] = ["operations"]
     app.add_api_route("/livez", livez, methods=["GET"], tags=tags, response_model=None,

@@ -85,3 +85,23 @@ def test_the_floor_is_fastapis_and_past_it_the_same_answer(pair):
     assert fastapi.content == asgi.content and fastapi.content == routed.post("/floor", json=body).content
     assert direct.post("/floor/asgi", json={"user_id": "u1"}).status_code == 422
     assert routed.post("/floor/asgi", json=body).status_code == 404    # no direct routes there
+
+
+@pytest.mark.parametrize("why", [None, "no bundle served for 600 s"])
+def test_the_liveness_probe_answers_as_the_fastapi_route(pair, why, monkeypatch):
+    from service import lifecycle
+
+    direct, routed = pair
+    answered = []
+    real = DirectRoutes.__call__
+
+    async def counting(self, scope, receive, send):
+        answered.append(scope["path"])
+        return await real(self, scope, receive, send)
+    monkeypatch.setattr(DirectRoutes, "__call__", counting)
+    monkeypatch.setattr(lifecycle, "alive", lambda st: why)
+    a, b = direct.get("/livez"), routed.get("/livez")
+    assert answered == ["/livez"]
+    assert comparable(a) == comparable(b)
+    assert a.status_code == (200 if why is None else 503)
+    assert a.content == b.content if why is None else why in a.json()["detail"]
