@@ -198,7 +198,8 @@ def render(out: dict) -> str:
           f"{out['written']}; commit `{out['git_commit'][:10]}`; {out['machine'].get('cpu', '?')}; "
           f"`{out['command']}`.", "",
           f"Protocol: {out['protocol']}. Each row trained to early stopping on validation "
-          "NDCG@10 (patience 3) on one thread, beside one other run; `mode` is what `sine export "
+          "NDCG@10 (patience 3) on one thread, beside one other run; `s` is wall time, pauses "
+          "included (the runs were stopped while timed benchmarks ran); `mode` is what `sine export "
           "--serving auto` picks on validation; HR@10 and NDCG@10 are the aggregate's. "
           f"The defaults of `sine train` build `{out['default_model']}`.", ""]
     for dataset in DATASETS:
