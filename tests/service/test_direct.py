@@ -40,6 +40,20 @@ def pair(small_world, redis_server, serve):
         yield direct, routed
 
 
+@pytest.fixture
+def answered(monkeypatch):
+    """The paths the direct-routes middleware is called with, in order (only the direct server
+    has it)."""
+    paths = []
+    real = DirectRoutes.__call__
+
+    async def counting(self, scope, receive, send):
+        paths.append(scope["path"])
+        return await real(self, scope, receive, send)
+    monkeypatch.setattr(DirectRoutes, "__call__", counting)
+    return paths
+
+
 def comparable(r):
     body = r.json()
     if isinstance(body, dict):
@@ -48,15 +62,8 @@ def comparable(r):
 
 
 @pytest.mark.parametrize("body", BODIES)
-def test_the_direct_route_answers_as_the_fastapi_route(pair, body, monkeypatch):
+def test_the_direct_route_answers_as_the_fastapi_route(pair, body, answered):
     direct, routed = pair
-    answered = []
-    real = DirectRoutes.__call__
-
-    async def counting(self, scope, receive, send):
-        answered.append(scope["path"])
-        return await real(self, scope, receive, send)
-    monkeypatch.setattr(DirectRoutes, "__call__", counting)
     headers = {"Content-Type": "application/json"}
     a = direct.post("/recommend", content=body, headers=headers)
     b = routed.post("/recommend", content=body, headers=headers)
@@ -88,17 +95,10 @@ def test_the_floor_is_fastapis_and_past_it_the_same_answer(pair):
 
 
 @pytest.mark.parametrize("why", [None, "no bundle served for 600 s"])
-def test_the_liveness_probe_answers_as_the_fastapi_route(pair, why, monkeypatch):
+def test_the_liveness_probe_answers_as_the_fastapi_route(pair, why, answered, monkeypatch):
     from service import lifecycle
 
     direct, routed = pair
-    answered = []
-    real = DirectRoutes.__call__
-
-    async def counting(self, scope, receive, send):
-        answered.append(scope["path"])
-        return await real(self, scope, receive, send)
-    monkeypatch.setattr(DirectRoutes, "__call__", counting)
     monkeypatch.setattr(lifecycle, "alive", lambda st: why)
     a, b = direct.get("/livez"), routed.get("/livez")
     assert answered == ["/livez"]
