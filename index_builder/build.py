@@ -98,13 +98,18 @@ def over_budget(factory: str, n_items: int, d: int,
             "one per pod (the Kubernetes guide, 'Catalogs past one pod'), or raise the budget")
 
 
+def unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index inside an id map (what holds the search knobs), or `index` itself."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
 def is_refine(index: faiss.Index) -> bool:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = unwrapped(index)
     return isinstance(faiss.downcast_index(inner), faiss.IndexRefine)
 
 
 def knob_name(index: faiss.Index) -> str | None:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = unwrapped(index)
     try:
         faiss.extract_index_ivf(inner)
         return "nprobe"
@@ -178,7 +183,7 @@ def recall_at_k(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int) -> f
 def knobs(index: faiss.Index) -> dict[str, list[float]]:
     """Every search knob faiss's ParameterSpace finds in `index` (through an id map), with the
     values its autotuning explores: nprobe, efSearch, k_factor_rf, quantizer_efSearch, ..."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = unwrapped(index)
     ps = faiss.ParameterSpace()
     ps.initialize(inner)
     ranges = [ps.parameter_ranges.at(i) for i in range(ps.parameter_ranges.size())]
@@ -223,7 +228,7 @@ def autotune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, k: int, floor: 
     (recall, search time) Pareto front it returns, the fastest point at or above `floor`, else
     the most accurate. Times are of the whole query batch, so they rank points, not promise a
     latency (benchmarks/index.py measures that)."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = unwrapped(index)
     # Any: faiss's stubs give these methods' C++ signatures, its Python wrapper replaces them
     ps: Any = faiss.ParameterSpace()
     ps.initialize(inner)
