@@ -3,7 +3,9 @@ read-only root, every capability dropped, uid 10001, a tmpfs /tmp. The service i
 bundle mounted read-only with a real redis-server; the training image trains on synthetic data.
 
 Marked `images`; skipped where podman is not installed, unless SINE_REQUIRE_IMAGES=1 (CI sets
-it, so that a missing engine fails instead of skipping)."""
+it, so that a missing engine fails instead of skipping). An image the build script skipped for
+want of disk (`--if-room`, recorded in build.json) skips its test with the script's reason; any
+other missing image fails."""
 import json
 import os
 import shutil
@@ -40,18 +42,38 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
                           check=check, timeout=timeout)
 
 
+class Built:
+    """The images' tags, and the build script's record of what it built or skipped."""
+
+    def __init__(self, build_dir: Path) -> None:
+        self.tag = f"{REPO}:{_version()}"
+        self.build_json = build_dir / "build.json"
+
+    def image(self, suffix: str = "") -> str:
+        """The image `<tag><suffix>`, once it is known to exist; a test skips on a recorded skip."""
+        image = self.tag + suffix
+        if podman("image", "exists", image, check=False).returncode == 0:
+            return image
+        records = json.loads(self.build_json.read_text()) if self.build_json.exists() else []
+        why = {r["image"]: r["skipped"] for r in records if "skipped" in r}
+        if image in why:
+            pytest.skip(f"not built: {why[image]}")
+        pytest.fail(f"{image} does not exist and {self.build_json} records no skip for it")
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory) -> Built:
     """Builds the images unless SINE_IMAGES_BUILT=1 says .ci/run already has (and timed it)."""
     if shutil.which("podman") is None:
         if os.environ.get("SINE_REQUIRE_IMAGES") == "1":
             pytest.fail("podman is not installed and SINE_REQUIRE_IMAGES=1")
         pytest.skip("podman is not installed")
-    if os.environ.get("SINE_IMAGES_BUILT") != "1":
-        out = tmp_path_factory.mktemp("images")
-        subprocess.run(["bash", str(ROOT / "deploy" / "build-images.sh"), "all"], check=True,
-                       env={**_env(), "SINE_BUILD_DIR": str(out)}, timeout=1200)
-    return f"{REPO}:{_version()}"
+    if os.environ.get("SINE_IMAGES_BUILT") == "1":
+        return Built(Path(os.environ.get("SINE_BUILD_DIR", ROOT / "build" / "images")))
+    out = tmp_path_factory.mktemp("images")
+    subprocess.run(["bash", str(ROOT / "deploy" / "build-images.sh"), "--if-room", "all"],
+                   check=True, env={**_env(), "SINE_BUILD_DIR": str(out)}, timeout=1200)
+    return Built(out)
 
 
 def readable_copy(src: Path, dst: Path) -> Path:
@@ -76,7 +98,7 @@ def test_the_service_image_serves_a_personalized_answer(built, small_world, redi
     podman("run", "-d", "--name", name, "--network", "host", *CHART_SECURITY,
            "-v", f"{bundles}:/bundles:ro", "-e", f"SINE_PORT={port}", "-e", "SINE_HOST=127.0.0.1",
            "-e", f"SINE_REDIS_URL=redis://127.0.0.1:{redis_server.port}/0",
-           built)
+           built.image())
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -114,7 +136,7 @@ def test_an_unhealthy_port_fails_the_healthcheck(built, tmp_path):
     port = free_port()
     name = f"sine-test-idle-{port}"
     podman("run", "-d", "--name", name, "--network", "host", *CHART_SECURITY,
-           "-e", f"SINE_PORT={port}", "--entrypoint", "sleep", built, "60")
+           "-e", f"SINE_PORT={port}", "--entrypoint", "sleep", built.image(), "60")
     try:
         assert podman("healthcheck", "run", name, check=False).returncode != 0
     finally:
@@ -127,10 +149,32 @@ def test_the_training_image_trains_a_few_steps(built, tmp_path):
     out.chmod(0o777)
     t0 = time.monotonic()
     run = podman("run", "--rm", *CHART_SECURITY, "-v", f"{out}:/out",
-                 f"{built}-train", "train", "--dataset", "synthetic", "--epochs", "1",
+                 built.image("-train"), "train", "--dataset", "synthetic", "--epochs", "1",
                  "--D", "16", "--K", "2", "--L", "8", "--batch-size", "256", "--no-progress",
                  "--out", "/out/run", check=False, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert metrics and time.monotonic() - t0 < 300
     assert (out / "run" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("if_room", [False, True], ids=["refused", "skipped"])
+def test_an_image_without_room_is_not_built(built, tmp_path, if_room):
+    """The disk check runs before the build: asked for more room than any disk has, the script
+    refuses (exit 4), or with --if-room records the skip and why, and the existing image stays."""
+    image = built.image("-train")
+    before = podman("image", "inspect", "--format", "{{.Id}}", image).stdout
+    args = ["--if-room", "train"] if if_room else ["train"]
+    run = subprocess.run(["bash", str(ROOT / "deploy" / "build-images.sh"), *args],
+                         env={**_env(), "SINE_BUILD_DIR": str(tmp_path),
+                              "SINE_NEED_MB_TRAIN": str(2**40)},
+                         capture_output=True, text=True, timeout=300)
+    assert "needs about" in run.stderr and "MB free in" in run.stderr, run.stderr
+    if if_room:
+        assert run.returncode == 0, run.stderr
+        [record] = json.loads((tmp_path / "build.json").read_text())
+        assert record["image"] == image and "needs about" in record["skipped"]
+    else:
+        assert run.returncode == 4, run.stderr
+        assert not (tmp_path / "build.json").exists()
+    assert podman("image", "inspect", "--format", "{{.Id}}", image).stdout == before
