@@ -23,6 +23,9 @@ import numpy as np
 from index_builder.bundle import MERGES, Merge
 
 BEST_KEY: tuple[Merge, ...] = ("max", "weighted")
+# the quota merge marks seen ids in a [P, max id + 1] table up to this many cells (4 MB of bools),
+# else compares each interest's list against the picks so far ([P, k, n] per step)
+SEEN_CELLS = 1 << 22
 
 
 @dataclass(slots=True)
@@ -116,21 +119,33 @@ def quota(scores: np.ndarray, ids: np.ndarray, weights: np.ndarray, exclude: np.
     P, K, k = ids.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (P,))
     W = int(ns.max(initial=0))
-    bad = unwanted(ids.reshape(P, K * k), exclude).reshape(P, K, k)
     room = shares(weights, ns)                                        # [P, K]
     out_ids = np.full((P, W), -1, dtype=np.int64)                     # the picks so far
     out_scores = np.full((P, W), -np.inf, dtype=np.float32)
     out_source = np.zeros((P, W), dtype=np.int64)
     count = np.zeros(P, dtype=np.int64)
     rows = np.arange(P)
+    size = int(max(ids.max(initial=0), exclude.max(initial=0))) + 1
+    # ids below `size`: a row's excluded and picked ids marked in one table, looked up per step
+    # ([P, k] gathers), where the table is small; else each step compares against the picks
+    seen = np.zeros((P, size), dtype=bool) if P * size <= SEEN_CELLS else None
+    if seen is not None:
+        seen[rows[:, None], exclude] = True                           # 0-padding marks id 0: none
+    else:
+        bad = unwanted(ids.reshape(P, K * k), exclude).reshape(P, K, k)
     for kk in np.argsort(-weights, axis=1, kind="stable").T:          # [P]: each row's next interest
         cand = ids[rows, kk]                                          # [P, k]
-        ok = ~bad[rows, kk] & ~(cand[:, :, None] == out_ids[:, None, :]).any(-1)   # [P, k]
+        if seen is not None:                                          # -1 reads the last column:
+            ok = (cand >= 0) & ~seen[rows[:, None], cand]             # [P, k], masked by cand >= 0
+        else:
+            ok = ~bad[rows, kk] & ~(cand[:, :, None] == out_ids[:, None, :]).any(-1)   # [P, k]
         rank = np.cumsum(ok, axis=1)                                  # [P, k]
         pick = ok & (rank <= room[rows, kk][:, None])
         r, c = np.nonzero(pick)
         at = count[r] + rank[r, c] - 1
         out_ids[r, at], out_scores[r, at], out_source[r, at] = cand[r, c], scores[r, kk[r], c], kk[r]
+        if seen is not None:
+            seen[r, cand[r, c]] = True
         count += pick.sum(1)
     short = np.flatnonzero(count < ns)
     if len(short):                            # places left over: the best remaining candidates

@@ -4,6 +4,7 @@ service answering each merge over HTTP-free micro-batches."""
 import numpy as np
 import pytest
 
+import service.merge
 from index_builder.bundle import MERGES
 from service.merge import merge, quota, shares, top_n
 
@@ -118,8 +119,13 @@ def brute_quota(scores, ids, weights, exclude, n):
     return out
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["seen-table", "compare"])
 @pytest.mark.parametrize("k", [40, 6])                       # 6: interests run short, others fill
-def test_quota_equals_brute_force(k):
+def test_quota_equals_brute_force(k, table, monkeypatch):
+    """Both ways of knowing what a row has seen: the id table, and (ids too many for a table)
+    each list compared against the picks so far."""
+    if not table:
+        monkeypatch.setattr(service.merge, "SEEN_CELLS", 0)
     scores, ids, weights, exclude = seeded_lists(k=k, seed=k)
     ids[:, :, -2:] = -1
     got = quota(scores, ids, weights, exclude, 20)

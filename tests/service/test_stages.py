@@ -377,3 +377,25 @@ def test_blas_runs_on_one_thread_between_dense_searches():
         a @ b.T
         time.sleep(0.002)
     assert (time.process_time() - cpu) / (time.perf_counter() - wall) < 0.8
+
+
+@pytest.mark.parametrize("C", [3417, 3416, 240])        # a partial last block; one argpartition
+@pytest.mark.parametrize("k", [1, 100])
+def test_the_dense_top_k_is_a_full_sort(C, k):
+    """The blocked selection against sorting whole rows, with masked (-inf) entries, a row with
+    fewer finite scores than k (its tail -1), and rows whose best items share one block."""
+    from service.stages import TOP_BLOCK, _dense_top
+    rng = np.random.default_rng(C + k)
+    flat = rng.standard_normal((24, C)).astype(np.float32)
+    flat[:, 0] = -np.inf
+    flat[np.arange(24)[:, None], rng.integers(1, C, (24, 30))] = -np.inf
+    flat[1, 3:] = -np.inf                                           # two finite scores
+    flat[2, 8:8 + 3 * TOP_BLOCK] += 10                              # the best items packed together
+    if C >= 3416 and k == 100:
+        assert C // TOP_BLOCK >= 2 * k                             # the blocked path runs
+    scores, ids = _dense_top(flat, k)
+    for r in range(24):
+        order = np.argsort(-flat[r], kind="stable")[:k]
+        finite = np.isfinite(flat[r, order])
+        np.testing.assert_array_equal(scores[r], flat[r, order])
+        np.testing.assert_array_equal(ids[r], np.where(finite, order, -1))
