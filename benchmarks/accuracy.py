@@ -161,6 +161,9 @@ def run_variant(name: str, ds, args, command: str) -> dict:
     from model_export.training.workflow import evaluate_checkpoint, model_config
 
     out = Path(args.runs_dir) / ds.name / (f"{name}-{args.tag}" if args.tag else name)
+    if args.resume and (out / "result.json").exists():   # finished: kept, never trained again
+        print(f"{out}: finished before, its result.json kept", flush=True)
+        return json.loads((out / "result.json").read_text())
     t0 = time.perf_counter()
     if name == "popularity":
         sp = split(ds)
@@ -181,7 +184,7 @@ def run_variant(name: str, ds, args, command: str) -> dict:
                            max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
                            device=args.device, **terms)
         last = out / "last.pt"
-        resume = last if args.resume and last.exists() and not (out / "result.json").exists() else None
+        resume = last if args.resume and last.exists() else None
         tr = train(ds, mcfg, tcfg, out, resume=resume, progress=not args.no_progress)
         ev = evaluate_checkpoint(out / "best.pt", ds, out, with_popularity=False)
         res = {"test": ev["metrics"]["test"][ev["model_name"]],
@@ -427,7 +430,8 @@ def main(argv=None) -> int:
                         f"tau_assign, dropout, ..., {', '.join(TRAIN_SETTINGS)})")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true",
-                   help="continue a variant's run from its last.pt where it has no result yet")
+                   help="continue a variant's run from its last.pt; a run with a result.json is kept "
+                        "as it is, not trained again")
     args = p.parse_args(argv)
     args.set = dict(args.set or [])
     command = "python -m benchmarks.accuracy " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))

@@ -75,3 +75,22 @@ def test_a_log_without_item_labels_reports_what_it_can(tmp_path):
     md = next(res.glob("accuracy-*.md")).read_text()
     row = [ln for ln in md.splitlines() if ln.startswith("| Popularity (training counts) | popularity |")]
     assert row and row[0].split("|")[5].strip() == "-"           # diversity: no labels
+
+
+def test_resume_keeps_a_finished_run(tmp_path, capsys):
+    """`--resume` on a run with a result.json keeps it: no training again, no file rewritten
+    (a relaunched grid must not retrain, and so overwrite, the runs it already finished)."""
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    args = ["--dataset", "synthetic", "--variants", "sine", "--epochs", "1", "--set", "D=16",
+            "--batch-size", "256", "--threads", "2", "--runs-dir", str(runs),
+            "--results-dir", str(res), "--no-progress", "--resume"]
+    assert accuracy.main(args) == 0
+    run = runs / "synthetic" / "sine"
+    stamps = {f.name: f.stat().st_mtime_ns for f in run.iterdir()}
+    first = json.loads((res / "accuracy-synthetic.json").read_text())["rows"]["sine"]
+    capsys.readouterr()
+    assert accuracy.main(args) == 0
+    assert "finished before, its result.json kept" in capsys.readouterr().out
+    assert {f.name: f.stat().st_mtime_ns for f in run.iterdir()} == stamps
+    again = json.loads((res / "accuracy-synthetic.json").read_text())["rows"]["sine"]
+    assert again["test_percent"] == first["test_percent"] and again["finished"] == first["finished"]
