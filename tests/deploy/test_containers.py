@@ -178,3 +178,17 @@ def test_an_image_without_room_is_not_built(built, tmp_path, if_room):
         assert run.returncode == 4, run.stderr
         assert not (tmp_path / "build.json").exists()
     assert podman("image", "inspect", "--format", "{{.Id}}", image).stdout == before
+
+
+def test_a_missing_image_skips_only_where_the_build_recorded_why(built, tmp_path):
+    """`Built.image`: a skip recorded in build.json skips with its reason; a missing image the
+    record does not explain fails (CI must not pass by skipping what it failed to build)."""
+    record = Built(tmp_path)
+    missing = record.tag + "-never-built"
+    (tmp_path / "build.json").write_text(json.dumps(
+        [{"image": missing, "dockerfile": "x", "skipped": "needs about 9 MB free"}]))
+    with pytest.raises(pytest.skip.Exception, match="not built: needs about 9 MB free"):
+        record.image("-never-built")
+    with pytest.raises(pytest.fail.Exception, match="records no skip"):
+        record.image("-also-never-built")
+    assert record.image() == record.tag
