@@ -8,7 +8,8 @@
 - the quota merge of K = 4 per-interest lists of k: what a row has seen kept in an id table
   (`seen-table`), against each list compared with the picks so far (`compare`).
 
-R = 32 rows (a micro-batch of 32 aggregate users) and 128 (32 users, K = 4 interests). Scores
+R = 32 rows (a micro-batch of 32 aggregate users) and 128 (32 users, K = 4 interests) by
+default (`--rows`). Scores
 are the bundle's items under queries like the encoder's (item vectors mixed), with id 0 and 20
 history items per row masked, as the service masks them. One thread; interleaved rounds;
 medians of the rounds' medians, [min, max] across rounds. Writes
@@ -26,7 +27,6 @@ from index_builder import bundle as bundle_mod
 from service import merge as merge_mod
 from service import stages
 
-ROWS = (32, 128)
 WIDTHS = (2, 4, 8, 16)
 K, H = 4, 20
 
@@ -51,14 +51,16 @@ def quota_with(cells: int):
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default="runs/demo/bundles")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget-ms", type=float, default=150.0, help="time per (variant, size, round)")
+    p.add_argument("--rows", default="32,128", help="score rows a call, comma-separated")
     p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    rows_at = tuple(int(x) for x in a.rows.split(","))
     b = bundle_mod.load(a.bundle, deep=False)
     index = b.read_index()
     import faiss
@@ -77,15 +79,15 @@ def main() -> None:
 
     tops = {"one-pass": stages._top_of, **{f"blocks-{w}": blocked(w) for w in WIDTHS}}
     merges = {"seen-table": quota_with(merge_mod.SEEN_CELLS), "compare": quota_with(0)}
-    times: dict[str, dict[int, list[float]]] = {v: {R: [] for R in ROWS} for v in [*tops, *merges]}
-    for R in ROWS:                                  # every way the same answer first
+    times: dict[str, dict[int, list[float]]] = {v: {R: [] for R in rows_at} for v in [*tops, *merges]}
+    for R in rows_at:                               # every way the same answer first
         s = scores(R)
         want = stages._top_of(s, a.n)
         for name, f in tops.items():
             got = f(s, a.n)
             np.testing.assert_array_equal(got[0], want[0], err_msg=name)
     for r in range(a.rounds):
-        for R in ROWS:
+        for R in rows_at:
             s = scores(R)
             order = list(tops) if r % 2 == 0 else list(tops)[::-1]
             reps = max(5, int(a.budget_ms * 1e3 / max(per_call_us(lambda: stages._top_of(s, a.n), 3), 1.0)))
@@ -121,12 +123,12 @@ def main() -> None:
           "Top k of R score rows of M + 1 columns:", "",
           "| rows | " + " | ".join(tops) + f" | one-pass / blocks-{stages.TOP_BLOCK} |",
           "|---|" + "---|" * (len(tops) + 1)]
-    for R in ROWS:
+    for R in rows_at:
         ratio = rows["one-pass"][R]["median_us"] / rows[f"blocks-{stages.TOP_BLOCK}"][R]["median_us"]
         md.append(f"| {R} | " + " | ".join(cell(v, R) for v in tops) + f" | {ratio:.2f}x |")
     md += ["", f"Quota merge of K = {K} lists of {a.n} (rows / K users):", "",
            "| rows | " + " | ".join(merges) + " | compare / seen-table |", "|---|---|---|---|"]
-    for R in ROWS:
+    for R in rows_at:
         ratio = rows["compare"][R]["median_us"] / rows["seen-table"][R]["median_us"]
         md.append(f"| {R} | " + " | ".join(cell(v, R) for v in merges) + f" | {ratio:.2f}x |")
     write_results(a.out, "dense-top", payload, md)
