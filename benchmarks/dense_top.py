@@ -8,8 +8,8 @@
 - the quota merge of K = 4 per-interest lists of k: what a row has seen kept in an id table
   (`seen-table`), against each list compared with the picks so far (`compare`).
 
-R = 32 rows (a micro-batch of 32 aggregate users) and 128 (32 users, K = 4 interests) by
-default (`--rows`). Scores
+R from 1 row (a lone aggregate request) to 32 (a micro-batch of 32 aggregate users) and 128
+(32 users, K = 4 interests), by default (`--rows`). Scores
 are the bundle's items under queries like the encoder's (item vectors mixed), with id 0 and 20
 history items per row masked, as the service masks them. One thread; interleaved rounds;
 medians of the rounds' medians, [min, max] across rounds. Writes
@@ -32,12 +32,14 @@ K, H = 4, 20
 
 
 def blocked(b: int):
+    """`_dense_top` with blocks of b, at every row count (the service's TOP_BLOCK_ROWS aside)."""
     def run(flat: np.ndarray, k: int):
-        saved, stages.TOP_BLOCK = stages.TOP_BLOCK, b
+        saved = stages.TOP_BLOCK, stages.TOP_BLOCK_ROWS
+        stages.TOP_BLOCK, stages.TOP_BLOCK_ROWS = b, 0
         try:
             return stages._dense_top(flat, k)
         finally:
-            stages.TOP_BLOCK = saved
+            stages.TOP_BLOCK, stages.TOP_BLOCK_ROWS = saved
     return run
 
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget-ms", type=float, default=150.0, help="time per (variant, size, round)")
-    p.add_argument("--rows", default="32,128", help="score rows a call, comma-separated")
+    p.add_argument("--rows", default="1,2,4,8,32,128", help="score rows a call, comma-separated")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     rows_at = tuple(int(x) for x in a.rows.split(","))
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                     "max_us": float(np.max(t))} for R, t in by.items()} for v, by in times.items()}
     payload = {"when": now(), "commit": git_commit(), "machine": machine(), "bundle": b.version,
                "items": int(len(xb)), "n": a.n, "K": K, "rounds": a.rounds, "times": rows,
-               "served": {"TOP_BLOCK": stages.TOP_BLOCK, "SEEN_CELLS": merge_mod.SEEN_CELLS}}
+               "served": {"TOP_BLOCK": stages.TOP_BLOCK, "TOP_BLOCK_ROWS": stages.TOP_BLOCK_ROWS,
+                          "SEEN_CELLS": merge_mod.SEEN_CELLS}}
     cmd = f"python -m benchmarks.dense_top --bundle {a.bundle}"
 
     def cell(v: str, R: int) -> str:
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{payload['when']}; commit `{payload['commit'][:10]}`; {payload['machine']['cpu']}, "
           f"one thread; bundle `{b.version}` ({len(xb):,} items), n = k = {a.n}; `{cmd}`", "",
           f"Microseconds a call, medians of {a.rounds} interleaved rounds [min, max]. The service "
-          f"runs blocks of {stages.TOP_BLOCK} and the seen table.", "",
+          f"runs blocks of {stages.TOP_BLOCK} from {stages.TOP_BLOCK_ROWS} rows on (one pass "
+          "below), and the seen table.", "",
           "Top k of R score rows of M + 1 columns:", "",
           "| rows | " + " | ".join(tops) + f" | one-pass / blocks-{stages.TOP_BLOCK} |",
           "|---|" + "---|" * (len(tops) + 1)]

@@ -36,6 +36,7 @@ DEFAULT_MERGE: Merge = "max"           # per_interest where neither request nor 
 # columns per block of the dense top k (`_dense_top`): 4 halved its time at 3,417 items, k = 100,
 # against 8 and 16 (benchmarks/results/dense-top.md)
 TOP_BLOCK = 4
+TOP_BLOCK_ROWS = 4     # fewer rows: one pass (at 1 and 2 rows it was 1.3x and 1.06x faster)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +240,18 @@ def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: 
     _, K, D = e.interests.shape
     k = max(1, min(k, engine.n_items))
     how = merges if merges is not None else np.full(len(per_interest), "")
-    best = per_interest & np.isin(how, BEST_KEY)                       # [P]
+    best = (per_interest & np.isin(how, BEST_KEY) if merges is not None and per_interest.any()
+            else np.zeros_like(per_interest))                          # [P]
     hits = {}
     for mode, rows in ((AGGREGATE, np.flatnonzero(~per_interest)),
                        (PER_INTEREST, np.flatnonzero(per_interest & ~best))):
+        Q = 1 if mode == AGGREGATE else K
+        if not len(rows):                  # nothing searched so: no product, no selection
+            hits[mode] = Hits(rows, np.empty((0, Q, k), np.float32), np.empty((0, Q, k), np.int64),
+                              True)
+            continue
         s = _dense_scores(engine, e, mode, rows, exclude)               # [m, Q, M + 1]
-        m, Q, _ = s.shape
+        m = len(rows)
         ts, ids = _dense_top(s.reshape(m * Q, s.shape[2]), k)           # [m Q, k]
         hits[mode] = Hits(rows, ts.reshape(m, Q, k), ids.reshape(m, Q, k), True)
     rows = np.flatnonzero(best)
@@ -288,7 +295,7 @@ def _dense_top(flat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     those k blocks, not the whole row (argpartition is most of the dense search's time)."""
     R, C = flat.shape
     B = C // TOP_BLOCK
-    if B < 2 * k:
+    if B < 2 * k or R < TOP_BLOCK_ROWS:
         return _top_of(flat, k)
     peaks = np.maximum.reduce([flat[:, i:B * TOP_BLOCK:TOP_BLOCK]
                                for i in range(TOP_BLOCK)])             # [R, B] block maxima

@@ -11,7 +11,8 @@ def test_dense_top_writes_its_comparison(small_world, tmp_path):
     dense_top.main(["--bundle", str(small_world["root"]), "--n", "10", "--rows", "8",
                     "--rounds", "1", "--budget-ms", "1", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "dense-top.json").read_text())
-    assert out["served"] == {"TOP_BLOCK": stages.TOP_BLOCK, "SEEN_CELLS": merge.SEEN_CELLS}
+    assert out["served"] == {"TOP_BLOCK": stages.TOP_BLOCK, "TOP_BLOCK_ROWS": stages.TOP_BLOCK_ROWS,
+                             "SEEN_CELLS": merge.SEEN_CELLS}
     assert set(out["times"]) == {"one-pass", "blocks-2", "blocks-4", "blocks-8", "blocks-16",
                                  "seen-table", "compare"}
     assert all(t["8"]["median_us"] > 0 for t in out["times"].values())
