@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .settings import Settings
 from .stages import (
     COLD_START,
+    DENSE_MIN_VECTORS,
     HISTORY_UNAVAILABLE,
     Answer,
     Computed,
@@ -200,7 +201,9 @@ class Recommender:
         """Stages 3-6 for the queries with a known history: a first search `req.first` wide,
         then the rows it could not prove exact searched again at their exact width."""
         e = encode(engine, win.window[req.rows])
-        c = (search(engine, e, req.per_interest, req.first) if engine.table is None else
+        vectors = len(req.rows) + (e.interests.shape[1] - 1) * int(req.per_interest.sum())
+        c = (search(engine, e, req.per_interest, req.first)
+             if engine.table is None or vectors < DENSE_MIN_VECTORS else
              dense_search(engine, e, req.per_interest, req.exclude, int(req.want.max()),
                           req.merges))
         t0 = time.perf_counter()

@@ -37,6 +37,10 @@ DEFAULT_MERGE: Merge = "max"           # per_interest where neither request nor 
 # against 8 and 16 (benchmarks/results/dense-top.md)
 TOP_BLOCK = 4
 TOP_BLOCK_ROWS = 4     # fewer rows: one pass (at 1 and 2 rows it was 1.3x and 1.06x faster)
+# a batch of fewer query vectors searches the exact index with faiss even where a dense table
+# exists: one vector scans in about 45 us, the dense product and selection take about 90
+# (benchmarks/results/service-dense-b1.md)
+DENSE_MIN_VECTORS = 2
 
 
 @dataclass(frozen=True, slots=True)

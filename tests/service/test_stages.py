@@ -399,3 +399,23 @@ def test_the_dense_top_k_is_a_full_sort(C, k):
         finite = np.isfinite(flat[r, order])
         np.testing.assert_array_equal(scores[r], flat[r, order])
         np.testing.assert_array_equal(ids[r], np.where(finite, order, -1))
+
+
+def test_a_lone_query_vector_is_searched_by_faiss_even_over_a_dense_table(either, small_world,
+                                                                          monkeypatch):
+    """One aggregate row (one query vector) scans with faiss, where the dense product and
+    selection cost twice as much; two rows, or one per-interest row (K vectors), go dense."""
+    import service.recommender as rec_mod
+    from service.stages import DENSE_MIN_VECTORS, dense_search
+    assert DENSE_MIN_VECTORS == 2
+    calls = []
+    monkeypatch.setattr(rec_mod, "dense_search",
+                        lambda *a, **kw: calls.append(len(a[2])) or dense_search(*a, **kw))
+    ds = small_world["ds"]
+    rec = Recommender(Settings(bundle="unused", batching=False), Metrics(), None)
+    hists = [[ds.item_ids[int(i)] for i in ds.sequences[u][::-1]] for u in range(2)]
+    for queries in ([Query("a", 5)], [Query("a", 5), Query("b", 5)],
+                    [Query("a", 5, mode="per_interest")]):
+        got = rec.answer(either, queries, hists[: len(queries)], None)
+        assert all(json.loads(a.body)["fallback"] is None for a in got)
+    assert calls == ([2, 1] if either.table is not None else [])
