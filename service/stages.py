@@ -243,8 +243,7 @@ def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: 
     assert engine.table is not None
     _, K, D = e.interests.shape
     k = max(1, min(k, engine.n_items))
-    how = merges if merges is not None else np.full(len(per_interest), "")
-    best = (per_interest & np.isin(how, BEST_KEY) if merges is not None and per_interest.any()
+    best = (per_interest & np.isin(merges, BEST_KEY) if merges is not None and per_interest.any()
             else np.zeros_like(per_interest))                          # [P]
     hits = {}
     for mode, rows in ((AGGREGATE, np.flatnonzero(~per_interest)),
@@ -261,8 +260,9 @@ def dense_search(engine: Engine, e: Encoded, per_interest: np.ndarray, exclude: 
     rows = np.flatnonzero(best)
     merged = None
     if len(rows):
+        assert merges is not None                                       # `best` rows have one
         s = _dense_scores(engine, e, PER_INTEREST, rows, exclude)       # [m, K, M + 1]
-        key = s + key_shift(how[rows], e.weights[rows])                 # [m, K, M + 1]
+        key = s + key_shift(merges[rows], e.weights[rows])              # [m, K, M + 1]
         _, ids = _dense_top(key.max(axis=1), k)                         # [m, k] by best key
         at = np.maximum(ids, 0)[:, None, :]                             # [m, 1, k]
         # the interest of each pick, over its K keys alone (an argmax across the K axis of

@@ -70,7 +70,6 @@ async def bundle_info(st: StateDep, authorization: str | None = Header(None)) ->
             "index": {"factory": m["index"]["factory"]}, "default_search": search}
 
 
-
 def direct_probes() -> dict[str, Any]:
     """The GETs `service.routers.direct` answers past FastAPI: {path: endpoint(state)}."""
     return {"/livez": livez}
