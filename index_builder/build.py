@@ -28,10 +28,11 @@ from .options import DEFAULTS
 
 # `auto`: exact search up to `auto_exact_max_items`; above, IVF with about 4 sqrt(N) lists (a
 # power of two), at most AUTO_MAX_LISTS, over 8-bit scalar-quantized vectors: the lowest p99 at
-# recall@100 >= 0.95 of the indexes measured (benchmarks/results/index.md, index-10m.md: why not
-# HNSW over SQ8, IVF-PQ fast-scan with re-ranking, or IVF16384 at 10M, which needs 4x the lists
-# probed for the same recall and answered slower). Past `memory_budget_mb` of codes and ids it
-# still builds and says to shard.
+# recall@100 >= 0.95 of the indexes that fit the default budget (benchmarks/results/index.md,
+# index-10m-lists.md: why not HNSW over SQ8, or IVF16384 at 10M, which needs 4x the lists probed
+# for the same recall and answered slower). Residual fast-scan PQ re-ranked with SQ8
+# (index-10m.md) is 2.6x faster at 10M but holds twice the memory, so it is named, not chosen.
+# Past `memory_budget_mb` of codes and ids it still builds and says to shard.
 AUTO_EXACT_MAX_ITEMS = DEFAULTS.auto_exact_max_items
 AUTO_MEMORY_BUDGET_MB = DEFAULTS.memory_budget_mb
 AUTO_MAX_LISTS = 4096

@@ -99,7 +99,7 @@ def test_gpu_build_matches_cpu():
 def test_a_catalog_past_the_memory_budget_is_told_to_shard():
     from index_builder.build import over_budget
 
-    assert resolve_factory("auto", 10_000_000, 128) == "IVF4096,SQ8"     # lists capped (index-10m)
+    assert resolve_factory("auto", 10_000_000, 128) == "IVF4096,SQ8"     # lists capped (index-10m-lists)
     assert over_budget("IVF4096,SQ8", 1_000_000, 128) is None                  # 130 MiB
     msg = over_budget("IVF4096,SQ8", 10_000_000, 128)                           # 1.3 GiB
     assert msg and "2 or more shards" in msg
@@ -132,6 +132,7 @@ def test_pq_with_re_ranking_reaches_the_floor_and_keeps_ids():
 
 @pytest.mark.parametrize("factory, space", [
     ("IVF32,PQ8x4fs,Refine(SQ8)", {"nprobe", "k_factor_rf"}),       # fast-scan codes, re-ranked
+    ("IVF32,PQ8x4fsr,Refine(SQ8)", {"nprobe", "k_factor_rf"}),      # of the residuals (index-10m)
     ("IVF32_HNSW16,SQ8", {"nprobe", "quantizer_efSearch"}),          # a graph over the lists
 ])
 def test_an_index_with_two_knobs_is_autotuned_to_the_floor(factory, space):
