@@ -82,28 +82,39 @@ def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict:
     return r
 
 
-def server_stats(url: str) -> dict[str, float]:
-    """Mean ms per request of each stage, and the mean micro-batch size, over the whole run."""
-    text = urllib.request.urlopen(url + "/metrics").read().decode()
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+def counters(url: str) -> dict[str, float]:
+    """The server's stage-time sums and counts, micro-batch sums and shadow outcomes, as they
+    stand (cumulative: subtract two readings for what happened between them)."""
+    return counters_of(urllib.request.urlopen(url + "/metrics").read().decode())
+
+
+def counters_of(text: str) -> dict[str, float]:
+    """`counters` from a Prometheus text exposition."""
     out: dict[str, float] = {}
-    shadow: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
-            if fam.name == "sine_stage_duration_seconds" and smp.name.endswith("_sum"):
-                sums[smp.labels["stage"]] = smp.value
-            elif fam.name == "sine_stage_duration_seconds" and smp.name.endswith("_count"):
-                counts[smp.labels["stage"]] = smp.value
+            if fam.name == "sine_stage_duration_seconds" and smp.name.endswith(("_sum", "_count")):
+                out[f"{smp.name.rsplit('_', 1)[1]}/{smp.labels['stage']}"] = smp.value
             elif fam.name == "sine_batch_size" and smp.name.endswith(("_sum", "_count")):
                 out["batch_" + smp.name.rsplit("_", 1)[1]] = smp.value
             elif fam.name == "sine_shadow" and smp.name == "sine_shadow_total":
-                shadow[smp.labels["outcome"]] = shadow.get(smp.labels["outcome"], 0) + smp.value
-    stats = {k: sums[k] / counts[k] * 1000 for k in sums if counts.get(k)}
-    if out.get("batch_count"):
-        stats["mean_batch"] = out["batch_sum"] / out["batch_count"]
-    stats |= {f"shadow_{k}": v for k, v in shadow.items()}
-    return stats
+                key = "shadow_" + smp.labels["outcome"]
+                out[key] = out.get(key, 0) + smp.value
+    return out
+
+
+def stage_means(c: dict[str, float]) -> dict[str, float]:
+    """Counters (or the difference of two readings) -> mean ms per request of each stage, the
+    mean micro-batch size and the shadow outcomes."""
+    stats = {k.split("/", 1)[1]: v / c[k.replace("sum/", "count/", 1)] * 1000
+             for k, v in c.items() if k.startswith("sum/") and c.get(k.replace("sum/", "count/", 1))}
+    if c.get("batch_count"):
+        stats["mean_batch"] = c["batch_sum"] / c["batch_count"]
+    return stats | {k: v for k, v in c.items() if k.startswith("shadow_")}
+
+
+def since(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
 def med(rows: list[dict], key: str) -> tuple[float, float, float]:
@@ -136,18 +147,25 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
                 max_in_flight=1024, redis_timeout_ms=1000, **extra)
             wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
         runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in endpoints(m)}
+        spent: dict = {(m, c): {} for m in modes for c in conns}   # counters of /recommend rounds
         for _ in range(a.rounds):
             for mode, srv in servers.items():
                 for c in conns:
                     for ep in endpoints(mode):
+                        before = counters(srv.url) if ep == "recommend" else None
                         r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
+                        if before is not None:
+                            for k, v in since(counters(srv.url), before).items():
+                                spent[(mode, c)][k] = spent[(mode, c)].get(k, 0.0) + v
                         runs[(mode, c, ep)].append(r)
                         print(f"{mode} c={c} {ep}: {r['rps']:.0f} rps p50 {r['p50_ms']:.2f} "
                               f"p99 {r['p99_ms']:.2f} ms err {r['errors']}", flush=True)
         for mode, srv in servers.items():
             results[mode] = {"runs": {f"{c}/{ep}": runs[(mode, c, ep)] for c in conns
                                       for ep in endpoints(mode)},
-                             "stages_ms": server_stats(srv.url),
+                             "stages_ms": stage_means(counters(srv.url)),
+                             "stages_ms_by_conns": {str(c): stage_means(spent[(mode, c)])
+                                                    for c in conns},
                              "rss_mib": srv.rss_bytes() / 2**20}
     return results
 
@@ -284,15 +302,19 @@ def main() -> None:
             md.append(f"| {mode} | {c} | " + " | ".join(
                 f"{statistics.median(r[f'p{q:g}_ms'] for r in rows):.2f}" for q in PCTS)
                 + f" | {statistics.median(r['max_ms'] for r in rows):.2f} |")
-    keys = sorted({k for res in results.values() for k in res["stages_ms"]
-                   if not k.startswith("shadow_")})
+    keys = sorted({k for res in results.values() for st in res["stages_ms_by_conns"].values()
+                   for k in st if not k.startswith("shadow_")})
     md += ["", "Mean time per request in each stage (ms), from the server's histograms over the "
-           "whole run (`queue`: the wait for a micro-batch; `mean_batch`: requests per "
-           "micro-batch), and the server's RSS at the end:", "",
-           "| server | " + " | ".join(keys) + " | RSS MiB |", "|---|" + "---|" * (len(keys) + 1)]
+           "`/recommend` rounds of each connection count alone (warm-up and floor rounds left "
+           "out; `queue`: the wait for a micro-batch; `mean_batch`: requests per micro-batch), "
+           "and the server's RSS at the end:", "",
+           "| server | conns | " + " | ".join(keys) + " | RSS MiB |",
+           "|---|---|" + "---|" * (len(keys) + 1)]
     for mode, res in results.items():
-        md.append(f"| {mode} | " + " | ".join(f"{res['stages_ms'].get(k, float('nan')):.3f}"
-                                            for k in keys) + f" | {res['rss_mib']:.0f} |")
+        for c in conns:
+            st = res["stages_ms_by_conns"][str(c)]
+            md.append(f"| {mode} | {c} | " + " | ".join(f"{st.get(k, float('nan')):.3f}"
+                                                     for k in keys) + f" | {res['rss_mib']:.0f} |")
     if "batching" in results:
         md += ["", "`/recommend` past FastAPI against the floor past FastAPI too (`/floor/asgi`: "
                "the same prebuilt answer through the guard and the direct route), batching, per "
