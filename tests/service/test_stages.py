@@ -419,3 +419,22 @@ def test_a_lone_query_vector_is_searched_by_faiss_even_over_a_dense_table(either
         got = rec.answer(either, queries, hists[: len(queries)], None)
         assert all(json.loads(a.body)["fallback"] is None for a in got)
     assert calls == ([2, 1] if either.table is not None else [])
+
+
+@pytest.mark.parametrize("merges, quota", [
+    ([None], False), ([None, "max", "weighted"], False), ([None, "quota"], True),
+    (["quota", "quota"], True)])
+def test_a_quota_merge_searches_at_full_width_from_the_first_search(merges, quota):
+    from service.recommender import NARROW_FACTOR, Personal
+    from service.stages import AGGREGATE, PER_INTEREST, Windows
+
+    P, n = len(merges), 10
+    known = np.full(P, 50)                                        # long histories: exact > narrow
+    seen = np.arange(1, P * 50 + 1).reshape(P, 50)
+    win = Windows(seen[:, :20], seen, known, 0)
+    queries = [Query(f"u{i}", n, mode=AGGREGATE if m is None else PER_INTEREST, merge=m)
+               for i, m in enumerate(merges)]
+    req = Personal.of(queries, np.arange(P), win)
+    assert req.exact.tolist() == [n + 50] * P
+    assert req.first == (n + 50 if quota else NARROW_FACTOR * n)
+    assert req.per_interest.tolist() == [m is not None for m in merges]
