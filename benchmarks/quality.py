@@ -210,7 +210,8 @@ def render(out: dict) -> str:
                "| model | seed | mode | converged, epochs (best) | HR@10 | NDCG@10 | HR@50 | HR@100 "
                "| diversity@50 | coverage@50 | s |", "|---" * 11 + "|"]
         for r in e["rows"]:
-            md.append(f"| {r['label']}{' (default)' if r['default'] else ''} | {r['seed']} | "
+            mark = " (default)" if r["default"] and "default" not in r["label"] else ""
+            md.append(f"| {r['label']}{mark} | {r['seed']} | "
                       f"{r['mode']} | {'yes' if r['converged'] else 'no'}, {r['epochs']} "
                       f"({r['best_epoch']}) | {r['HR@10']:.2f} | {r['NDCG@10']:.2f} | "
                       f"{r['HR@50']:.2f} | {r['HR@100']:.2f} | {r['diversity@50']:.2f} | "
