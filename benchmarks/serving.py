@@ -106,8 +106,8 @@ def counters_of(text: str) -> dict[str, float]:
 def stage_means(c: dict[str, float]) -> dict[str, float]:
     """Counters (or the difference of two readings) -> mean ms per request of each stage, the
     mean micro-batch size and the shadow outcomes."""
-    stats = {k.split("/", 1)[1]: v / c[k.replace("sum/", "count/", 1)] * 1000
-             for k, v in c.items() if k.startswith("sum/") and c.get(k.replace("sum/", "count/", 1))}
+    stats = {k[4:]: v / c[f"count/{k[4:]}"] * 1000
+             for k, v in c.items() if k.startswith("sum/") and c.get(f"count/{k[4:]}")}
     if c.get("batch_count"):
         stats["mean_batch"] = c["batch_sum"] / c["batch_count"]
     return stats | {k: v for k, v in c.items() if k.startswith("shadow_")}
