@@ -20,6 +20,12 @@ and writes `benchmarks/results/quality.{json,md}`:
 Only converged rows (stopped by early stopping) enter a comparison. Runs still training (a
 `history.json` and no result yet) are listed under `in_progress` with their folder, validation
 curve and the command that resumes them.
+
+Run folders do not outlive the machine they trained on, so the rows of the `quality.json` already
+in `--out` whose (model, seed) has no folder under `--runs-dir` are carried over as they were
+(`kept`), with their comparisons: a pair whose per-user hits are both here is paired afresh; a
+pair with a carried side takes the earlier file's paired figures where it compared the same two,
+else the unpaired difference (binomial standard errors, `paired: false`).
 """
 from __future__ import annotations
 
@@ -124,25 +130,59 @@ def _valid(r: dict, mode: str) -> float:
     return float(r["valid"]["HR@50"])
 
 
-def compare(rows: list[dict], model: str, sasrec: str) -> dict | None:
-    """`model` against `sasrec` on HR@50, paired by user, per seed both ran (converged)."""
+def unpaired(a: dict, b: dict, users: int) -> tuple[float, float]:
+    """HR@50 of rows a - b, in points, with the standard error of two independent binomials."""
+    p, q = a["HR@50"] / 100, b["HR@50"] / 100
+    return 100 * (p - q), 100 * math.sqrt((p * (1 - p) + q * (1 - q)) / users)
+
+
+def compare(rows: list[dict], model: str, sasrec: str, users: int,
+            before: dict | None = None) -> dict | None:
+    """`model` against `sasrec` on HR@50, paired by user, per seed both ran (converged).
+    `before`: the earlier file's comparison of `model`, whose per-seed figures stand in where a
+    side's hits are gone (its rows were carried over)."""
     per_seed, diffs = [], []
     by = {(r["model"], r["seed"]): r for r in rows if r["converged"]}
+    old = ({s["seed"]: s for s in before["per_seed"]}
+           if before and before.get("against") == sasrec else {})
     for (m, seed), r in sorted(by.items()):
         if m != model or (sasrec, seed) not in by:
             continue
-        d, se = paired(r["_hits"], by[(sasrec, seed)]["_hits"])
-        per_seed.append({"seed": seed, "diff": round(d, 2), "paired_se": round(se, 2),
-                         "z": round(d / se, 2) if se else None})
-        diffs.append(r["_hits"].astype(float) - by[(sasrec, seed)]["_hits"].astype(float))
+        s = by[(sasrec, seed)]
+        if "_hits" in r and "_hits" in s:
+            d, se = paired(r["_hits"], s["_hits"])
+            diffs.append(r["_hits"].astype(float) - s["_hits"].astype(float))
+            entry = {"seed": seed, "diff": round(d, 2), "paired_se": round(se, 2)}
+        elif seed in old:
+            entry = {**old[seed], "kept": True}
+        else:
+            d, se = unpaired(r, s, users)
+            entry = {"seed": seed, "diff": round(d, 2), "paired_se": round(se, 2),
+                     "paired": False}
+        if "kept" not in entry:                      # a carried z stays as computed then
+            entry["z"] = round(d / se, 2) if se else None
+        per_seed.append(entry)
     if not per_seed:
         return None
-    pooled = np.mean(diffs, axis=0)                 # per user, the seeds' mean difference
-    return {"metric": "HR@50", "against": sasrec,
-            "diff": round(100 * float(pooled.mean()), 2),
-            "paired_se": round(100 * float(pooled.std(ddof=1) / math.sqrt(len(pooled))), 2),
+    if len(diffs) == len(per_seed):
+        pooled = np.mean(diffs, axis=0)             # per user, the seeds' mean difference
+        diff = round(100 * float(pooled.mean()), 2)
+        se = round(100 * float(pooled.std(ddof=1) / math.sqrt(len(pooled))), 2)
+    elif all(s.get("kept") for s in per_seed) and {s["seed"] for s in per_seed} == set(old):
+        diff, se = before["diff"], before["paired_se"]   
+    else:                       # mixed: the seeds' mean, their errors as if independent
+        diff = round(float(np.mean([s["diff"] for s in per_seed])), 2)
+        se = round(math.sqrt(sum(s["paired_se"] ** 2 for s in per_seed)) / len(per_seed), 2)
+    return {"metric": "HR@50", "against": sasrec, "diff": diff, "paired_se": se,
             "per_seed": per_seed,
             "met": all(s["z"] is not None and s["z"] >= 2 for s in per_seed)}
+
+
+def carried(before: dict | None, rows: list[dict]) -> list[dict]:
+    """The earlier file's rows whose (model, seed) has no run folder now, marked `kept`."""
+    here = {(r["model"], r["seed"]) for r in rows}
+    return [{**r, "kept": True} for r in (before or {}).get("rows", [])
+            if (r["model"], r["seed"]) not in here]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,30 +198,39 @@ def main(argv: list[str] | None = None) -> int:
                  "default_model": a.default, "command": "python -m benchmarks.quality "
                  + " ".join(argv if argv is not None else sys.argv[1:]),
                  "git_commit": git_commit(), "machine": machine("cpu"), "written": now()}
+    prev_file = a.out / "quality.json"
+    prev = json.loads(prev_file.read_text()) if prev_file.exists() else {}
     for dataset in DATASETS:
-        rows = collect(a.runs_dir, dataset)
+        fresh = collect(a.runs_dir, dataset)
+        before = prev.get(dataset)
+        rows = fresh + carried(before, fresh)
         if not rows:
             continue
         going = in_progress(a.runs_dir, dataset)
-        groups = variety_groups(dataset, a.data_dir)
+        groups = variety_groups(dataset, a.data_dir) if fresh else None
         for r in rows:
             r["default"] = r["model"] == a.default
-            if groups is not None:
+            if groups is not None and "_hits" in r:
                 g, names = groups
                 r["HR@50_by_variety"] = {names[k]: round(100 * float(r["_hits"][g == k].mean()), 2)
                                          for k in range(3)}
+        users = int(len(fresh[0]["_hits"])) if fresh else int(before["users"])
         sasrecs = [r for r in rows if r["model"].startswith("sasrec") and r["converged"]]
         best = max({r["model"] for r in sasrecs},
                    key=lambda m: np.mean([r["valid_HR@50"] for r in sasrecs if r["model"] == m]),
                    default=None)
-        entry = {"users": int(len(rows[0]["_hits"])), "best_sasrec": best,
-                 "default_vs_sasrec": compare(rows, a.default, best) if best else None,
-                 "candidates_vs_sasrec": {m: compare(rows, m, best) for m in
+        old = (before or {}).get("candidates_vs_sasrec", {})
+        entry = {"users": users, "best_sasrec": best,
+                 "default_vs_sasrec": compare(rows, a.default, best, users,
+                                              (before or {}).get("default_vs_sasrec"))
+                 if best else None,
+                 "candidates_vs_sasrec": {m: compare(rows, m, best, users, old.get(m)) for m in
                                           sorted({r["model"] for r in rows})
                                           if best and m != a.default
                                           and not m.startswith("sasrec")}}
-        if groups is not None:
-            entry["variety_groups"] = groups[1]
+        names_ = groups[1] if groups is not None else (before or {}).get("variety_groups")
+        if names_ is not None:
+            entry["variety_groups"] = names_
         entry["rows"] = [{k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in r.items() if not k.startswith("_")} for r in rows]
         entry["in_progress"] = going
@@ -211,11 +260,27 @@ def render(out: dict) -> str:
                "| diversity@50 | coverage@50 | s |", "|---" * 11 + "|"]
         for r in e["rows"]:
             mark = " (default)" if r["default"] and "default" not in r["label"] else ""
+            mark += " †" if r.get("kept") else ""
             md.append(f"| {r['label']}{mark} | {r['seed']} | "
                       f"{r['mode']} | {'yes' if r['converged'] else 'no'}, {r['epochs']} "
                       f"({r['best_epoch']}) | {r['HR@10']:.2f} | {r['NDCG@10']:.2f} | "
                       f"{r['HR@50']:.2f} | {r['HR@100']:.2f} | {r['diversity@50']:.2f} | "
                       f"{r['coverage@50']:.2f} | {r['seconds']} |")
+        if any(r.get("kept") for r in e["rows"]):
+            md += ["", "† carried over from the previous file: the run folder is gone (it "
+                   "trained on another machine), the figures are as measured then."]
+        sweep = sorted((r for r in e["rows"] if r["model"].startswith("sasrec")),
+                       key=lambda r: (-r["valid_HR@50"], r["model"], r["seed"]))
+        if sweep:
+            md += ["", "SASRec+'s configurations by validation HR@50 (the best converged one is "
+                   "what every SINE row is compared with):", "",
+                   "| configuration | seed | converged, epochs (best) | valid HR@50 | test HR@50 "
+                   "| s |", "|---|---|---|---|---|---|"]
+            for r in sweep:
+                md.append(f"| `{r['model']}` | {r['seed']} | "
+                          f"{'yes' if r['converged'] else 'no'}, {r['epochs']} "
+                          f"({r['best_epoch']}) | {r['valid_HR@50']:.2f} | {r['HR@50']:.2f} | "
+                          f"{r['seconds']} |")
         md += ["", f"Against the best converged SASRec+ configuration (`{e['best_sasrec']}`), "
                "HR@50 paired by test user (points, ± its standard error; z = diff / SE):", ""]
         comps = {f"default ({out['default_model']})": e["default_vs_sasrec"],
@@ -225,7 +290,9 @@ def render(out: dict) -> str:
                 md.append(f"- {name}: no converged run beside SASRec+ yet.")
                 continue
             seeds = "; ".join(f"seed {s['seed']}: {s['diff']:+.2f} ± {s['paired_se']:.2f} "
-                              f"(z {s['z']})" for s in c["per_seed"])
+                              f"(z {s['z']}{', unpaired' if s.get('paired') is False else ''}"
+                              f"{', as measured before' if s.get('kept') else ''})"
+                              for s in c["per_seed"])
             md.append(f"- {name}: {c['diff']:+.2f} ± {c['paired_se']:.2f} over "
                       f"{len(c['per_seed'])} seed(s) ({seeds}); the goal (z >= 2 in every seed) "
                       f"is {'met' if c['met'] else '**not met**'}.")
