@@ -6,6 +6,7 @@ Under `sine serve` with several workers, prometheus_client runs in multiprocess 
 refresh) has its old children set to 0 before they are cleared, since a file keeps them."""
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,7 +14,18 @@ from prometheus_client import values as _values
 
 from index_builder.bundle import RefreshReport
 
+
 # sub-millisecond resolution where the stages live, up to a second for the tail
+def observe_n(h: Any, amount: float, n: int) -> None:
+    """What `n` calls of `h.observe(amount)` record, on a histogram child (prometheus_client's
+    own fields: its sum, and the first bucket whose upper bound is >= amount)."""
+    if n == 1:
+        h.observe(amount)
+        return
+    h._sum.inc(amount * n)
+    h._buckets[bisect_left(h._upper_bounds, amount)].inc(n)
+
+
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
                  5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -112,6 +124,16 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(label)
         return c
+
+    def observe_stages(self, timings: dict[str, float], count: int, arm: str | None) -> None:
+        """`timings` (stage -> seconds) observed `count` times each: the requests of a
+        micro-batch share their stages' times, so each histogram is touched once a batch, not
+        once a request (140 observations a batch of 20 cost about 0.3 ms). `arm`: counted by
+        arm too."""
+        for name, dt in timings.items():
+            observe_n(self.stage_child(name), dt, count)
+            if arm is not None:
+                observe_n(self.arm_stage_child(arm, name), dt, count)
 
     def stage_child(self, stage: str) -> Any:
         return self.child(self.stage, stage)

@@ -131,29 +131,36 @@ class Recommender:
         except ServiceError as e:
             return [e] * len(jobs)
         t_hist = time.perf_counter() - t0
+        out = self._answer_jobs(jobs, hists, unavailable)
+        # the answers of one search share their stage times (one dict): observed once each,
+        # `count` times; the wait for the batch is each request's own
+        shared: dict[int, tuple[dict[str, float], int, str | None]] = {}
+        for (eng, _), a, w in zip(jobs, out, waited):
+            if isinstance(a, Answer):
+                arm = eng.arm if self.per_arm else None
+                t, count, _ = shared.get(id(a.timings), (a.timings, 0, arm))
+                shared[id(t)] = (t, count + 1, arm)
+                self.m.observe_stages({"queue": w}, 1, arm)
+                a.timings = {"queue": w, "history": t_hist, **t}
+        for t, count, arm in shared.values():
+            self.m.observe_stages({"history": t_hist, **t}, count, arm)
+        return out
+
+    def _answer_jobs(self, jobs: list[Job], hists: list[list[str]],
+                     unavailable: np.ndarray | None) -> list[Answer | BaseException]:
+        """Stages 2-6 of a micro-batch, per engine (two only across a reload)."""
         groups: dict[int, list[int]] = {}
         for i, (eng, _) in enumerate(jobs):
             groups.setdefault(id(eng), []).append(i)
         if len(groups) == 1:
-            out = self.answer(jobs[0][0], [q for _, q in jobs], hists, unavailable)
-        else:
-            by_job: dict[int, Answer | BaseException] = {}
-            for idx in groups.values():
-                part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
-                                   [hists[i] for i in idx],
-                                   None if unavailable is None else unavailable[idx])
-                by_job.update(zip(idx, part))
-            out = [by_job[i] for i in range(len(jobs))]
-        stage = self.m.stage_child
-        for (eng, _), a, w in zip(jobs, out, waited):
-            if isinstance(a, Answer):
-                a.timings = {"queue": w, "history": t_hist, **a.timings}
-                for name, dt in a.timings.items():
-                    stage(name).observe(dt)
-                if self.per_arm:
-                    for name, dt in a.timings.items():
-                        self.m.arm_stage_child(eng.arm, name).observe(dt)
-        return out
+            return self.answer(jobs[0][0], [q for _, q in jobs], hists, unavailable)
+        by_job: dict[int, Answer | BaseException] = {}
+        for idx in groups.values():
+            part = self.answer(jobs[idx[0]][0], [jobs[i][1] for i in idx],
+                               [hists[i] for i in idx],
+                               None if unavailable is None else unavailable[idx])
+            by_job.update(zip(idx, part))
+        return [by_job[i] for i in range(len(jobs))]
 
     def answer(self, engine: Engine, queries: list[Query], hists: list[list[str]],
                unavailable: np.ndarray | None) -> list[Answer | BaseException]:

@@ -277,13 +277,13 @@ def _dense_scores(engine: Engine, e: Encoded, mode: Mode, rows: np.ndarray,
                   exclude: np.ndarray) -> np.ndarray:
     """rows [m] -> [m, Q, M + 1] scores of their query vectors (Q: 1 aggregate, K per interest),
     id 0 and each row's `exclude` set to -inf."""
-    table = engine.table
-    assert table is not None
+    table_t = engine.table_t
+    assert table_t is not None
     _, K, D = e.interests.shape
     m, Q = len(rows), (1 if mode == AGGREGATE else K)
     q = (e.user_vector[rows] if mode == AGGREGATE else
          e.interests[rows].reshape(m * K, D))                          # [m Q, D]
-    s: np.ndarray = (q @ table.T).reshape(m, Q, len(table))            # [m, Q, M + 1]
+    s: np.ndarray = (q @ table_t).reshape(m, Q, table_t.shape[1])      # [m, Q, M + 1]
     s[:, :, 0] = -np.inf
     s[np.arange(m)[:, None, None], np.arange(Q)[None, :, None],
       exclude[rows][:, None, :]] = -np.inf                             # 0-padding hits column 0

@@ -195,6 +195,24 @@ def test_batch_equals_single_answers(world):
     assert r.status_code == 422 and "requests" in r.json()["detail"]
 
 
+def test_a_batch_counts_each_stage_once_per_request(world):
+    """A micro-batch's requests share their stage times, observed once with a count: the
+    histograms still count one observation per request and stage."""
+    c, ds = world["c"], world["ds"]
+    reqs = []
+    for u in range(3):
+        put_history(world, f"cnt{u}", [ds.item_ids[int(i)] for i in ds.sequences[20 + u][::-1]])
+        reqs.append({"user_id": f"cnt{u}", "n": 5})
+    reqs.append({"user_id": "cnt-cold", "n": 5})
+    count = "sine_stage_duration_seconds_count"
+    stages = ("queue", "history", "window", "encode", "search", "filter", "answer", "popularity")
+    before = {s: metric(c, count, stage=s) for s in stages}
+    assert c.post("/recommend/batch", json={"requests": reqs}).status_code == 200
+    after = {s: metric(c, count, stage=s) - before[s] for s in stages}
+    assert after == {"queue": 4, "history": 4, "window": 4, "encode": 3, "search": 3,
+                     "filter": 3, "answer": 3, "popularity": 1}
+
+
 def test_events_append_cap_and_no_lost_writes(world):
     c, ds = world["c"], world["ds"]
     world["redis"].delete(world["key"].format(user_id="ev"))
