@@ -55,6 +55,8 @@ def job_command(dataset: str, config: str, seed: int, a: argparse.Namespace) -> 
            "--patience", str(a.patience), "--resume"]
     if a.data_dir:
         cmd += ["--data-dir", a.data_dir]
+    if a.device != "cpu":
+        cmd += ["--device", a.device]
     for s in a.set or []:
         cmd += ["--set", s]
     return cmd
@@ -355,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="epochs without a validation gain before a run stops")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu",
+                   help="torch device of every run (cuda: all jobs share the one GPU; the runs "
+                        "need torch and numpy, not faiss)")
     p.add_argument("--data-dir")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="passed to every run (benchmarks.accuracy --set)")

@@ -169,7 +169,7 @@ def compare(rows: list[dict], model: str, sasrec: str, users: int,
         diff = round(100 * float(pooled.mean()), 2)
         se = round(100 * float(pooled.std(ddof=1) / math.sqrt(len(pooled))), 2)
     elif all(s.get("kept") for s in per_seed) and {s["seed"] for s in per_seed} == set(old):
-        diff, se = before["diff"], before["paired_se"]   
+        diff, se = before["diff"], before["paired_se"]
     else:                       # mixed: the seeds' mean, their errors as if independent
         diff = round(float(np.mean([s["diff"] for s in per_seed])), 2)
         se = round(math.sqrt(sum(s["paired_se"] ** 2 for s in per_seed)) / len(per_seed), 2)

@@ -156,3 +156,13 @@ def test_each_row_keeps_the_launch_that_ran_it(tmp_path):
     path.write_text(json.dumps({"meta": {"command": "launch B", "earlier_commands": ["launch A"]},
                                 "datasets": {"d": [_row("sine", 3, 0.5, 0.6)]}}))
     assert interests.keep_earlier(found, path)[1] == ["launch A", "launch B"]   # an older file
+
+
+def test_the_device_reaches_every_run_and_cpu_adds_nothing(tmp_path):
+    a = interests.argparse.Namespace(max_minutes=1.0, threads=1, runs_dir=tmp_path,
+                                     tag="t", epochs=2, patience=3, data_dir=None, set=None,
+                                     device="cuda")
+    cmd = interests.job_command("ml-1m", "sasrec-dense", 7, a)
+    assert cmd[cmd.index("--device") + 1] == "cuda"
+    a.device = "cpu"
+    assert "--device" not in interests.job_command("ml-1m", "sasrec-dense", 7, a)
