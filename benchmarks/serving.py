@@ -17,6 +17,7 @@ Needs `wrk` (apt-get install wrk).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -33,6 +34,9 @@ from index_builder import bundle as bundle_mod
 from model_export import data
 
 PCTS = (50, 75, 90, 99, 99.9)
+# --pin: the servers on one core, wrk and redis-server on the other, as where the clients are
+# other machines (here they share the server's two cores and preempt it mid-stage)
+SERVER_CPUS, CLIENT_CPUS = {0}, {1}
 SHADOW_MODE, SHADOW_RATE = "shadow-10", 0.1     # batching, with a shadow answering 10 %
 # batching, with the server's default search fixed (the requests name none)
 SEARCHES = {"aggregate": {"default_mode": "aggregate"},
@@ -70,9 +74,17 @@ def write_lua(user_ids: list[str], folder: Path, seed: int = 7) -> Path:
     return lua
 
 
-def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict:
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` onto `cpus` (affinity is per thread on Linux)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def wrk(url: str, lua: Path, conns: int, seconds: int, cpus: set[int] | None = None) -> dict:
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(lua), url],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+                         ).stdout
     m = re.search(r"^RESULT (.*)$", out, re.M)
     if m is None:
         raise SystemExit(f"wrk printed no result:\n{out}")
@@ -145,7 +157,11 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
                 tree=a.baseline_tree if mode == "baseline" else None,
                 floor_endpoint=True, batching=mode != "no-batching", watch_interval_s=0,
                 max_in_flight=1024, redis_timeout_ms=1000, **extra)
+            if a.pin:
+                pin(servers[mode].proc.pid, SERVER_CPUS)             # type: ignore[union-attr]
             wrk(servers[mode].url + "/recommend", lua, 32, 3)          # warm-up
+        if a.pin and stack.redis is not None and stack.redis.proc is not None:
+            pin(stack.redis.proc.pid, CLIENT_CPUS)
         runs: dict = {(m, c, ep): [] for m in modes for c in conns for ep in endpoints(m)}
         spent: dict = {(m, c): {} for m in modes for c in conns}   # counters of /recommend rounds
         for _ in range(a.rounds):
@@ -153,7 +169,8 @@ def measure(a: argparse.Namespace, b: bundle_mod.Bundle, modes: list[str], conns
                 for c in conns:
                     for ep in endpoints(mode):
                         before = counters(srv.url) if ep == "recommend" else None
-                        r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds)
+                        r = wrk(f"{srv.url}/{ep}", lua, c, a.seconds,
+                                CLIENT_CPUS if a.pin else None)
                         if before is not None:
                             for k, v in since(counters(srv.url), before).items():
                                 spent[(mode, c)][k] = spent[(mode, c)].get(k, 0.0) + v
@@ -232,6 +249,8 @@ def main() -> None:
     p.add_argument("--baseline-tree", type=Path,
                    help="another checkout of the project whose server is measured beside this one")
     p.add_argument("--baseline-bundle", help="the bundle the baseline serves (default --bundle)")
+    p.add_argument("--pin", action="store_true",
+                   help="each server on CPU 0, wrk and redis-server on CPU 1 (needs 2 CPUs)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="service", help="result file name (default service)")
     a = p.parse_args()
@@ -253,14 +272,16 @@ def main() -> None:
                                       else "")
            + (f" --baseline-tree {a.baseline_tree}" if a.baseline_tree else "")
            + (f" --shadow {a.shadow}" if a.shadow else "")
-           + (f" --baseline-bundle {a.baseline_bundle}" if a.baseline_bundle else ""))
+           + (f" --baseline-bundle {a.baseline_bundle}" if a.baseline_bundle else "")
+           + (" --pin" if a.pin else ""))
     md = ["# Service on loopback: /recommend vs the floor endpoint (wrk, ML-1M bundle, n = 100)", "",
           f"{now()}; commit {git_commit()[:10]}; {machine()['cpu']}, {machine()['cpus']} cores; "
           f"bundle `{b.version}` ({b.manifest['onnx'].get('graph', 'plain')} encoder graph, "
           f"{b.manifest['index']['factory']}); `{cmd}`", "",
           f"Medians of {a.rounds} interleaved rounds of {a.seconds} s, [min, max] in brackets. "
           "One uvicorn worker, ORT and faiss on one thread; wrk on one thread and redis-server "
-          "on the same 2 cores.", "",
+          + ("on the other core (`--pin`: each server on CPU 0, wrk and redis-server on CPU 1)."
+             if a.pin else "on the same 2 cores."), "",
           "| server | conns | endpoint | req/s | p50 ms | p99 ms | p99 / p50 | errors |",
           "|---|---|---|---|---|---|---|---|"]
     summary = {}
