@@ -320,10 +320,12 @@ class SINE(ItemSoftmax, nn.Module):
             if c.aggregation == "latest":                              # deviation 9
                 C_apt = self.ln4(X if prefixes else X[:, :1])          # [B, Q, D]: each prefix's slot 0
             else:
-                X_hat = P_kt @ C_u                                     # [B, Q, n, D]
                 X_hat_W3 = P_kt @ (self.prototype_map(idx) * gate)     # [B, Q, n, D] = X_hat W3'
                 b = masked_softmax(matvec(torch.tanh(X_hat_W3), self.W4), M, dim=-1)   # [B, Q, n]
-                C_apt = self.ln4((b.unsqueeze(-1) * X_hat).sum(-2))    # [B, Q, D]
+                # sum_t b_t X_hat_t with X_hat = P_kt C_u, summed over t before the K-mix: X_hat
+                # itself ([B, Q, n, D]) is never built (a tenth of a dense-target step)
+                bP = b.unsqueeze(-2) @ P_kt                            # [B, Q, 1, K]
+                C_apt = self.ln4((bP @ C_u).squeeze(-2))               # [B, Q, D]
             if c.literal:
                 logits_e = (phi @ C_apt.unsqueeze(-1)).squeeze(-1) / c.tau   # [B, Q, K]
             else:
