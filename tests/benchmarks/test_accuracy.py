@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,3 +95,14 @@ def test_resume_keeps_a_finished_run(tmp_path, capsys):
     assert {f.name: f.stat().st_mtime_ns for f in run.iterdir()} == stamps
     again = json.loads((res / "accuracy-synthetic.json").read_text())["rows"]["sine"]
     assert again["test_percent"] == first["test_percent"] and again["finished"] == first["finished"]
+
+
+def test_a_sweep_knob_equal_to_the_data_sets_preset_is_named_as_a_repeat():
+    # the model's config reads the data set's name and item count alone
+    ds, beauty = (SimpleNamespace(name=n, n_items=40) for n in ("ml-1m", "amazon-beauty"))
+    assert accuracy.sweep_repeats("sasrec-d02-dense", ds) == "sasrec-dense"     # preset 0.2
+    assert accuracy.sweep_repeats("sasrec-d05-dense", ds) is None
+    assert accuracy.sweep_repeats("sasrec-d05-dense", beauty) == "sasrec-dense"  # preset 0.5
+    assert accuracy.sweep_repeats("sasrec-d02-dense", beauty) is None
+    for other in ("sasrec-dense", "sasrec-lr2e3-dense", "sasrec-D256-dense", "sine-bb2-d02-dense"):
+        assert accuracy.sweep_repeats(other, beauty) is None
