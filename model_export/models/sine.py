@@ -308,7 +308,8 @@ class SINE(ItemSoftmax, nn.Module):
 
         # §3.2.4 interest embedding generation (Eq. 5)
         w = (P_kt * P_tk).transpose(-1, -2)                            # [B, Q, K, n]
-        phi = self.ln3(w @ X.unsqueeze(1))                             # [B, Q, K, D]
+        # the Q K rows of w against the window's one X: no copy of X per prefix
+        phi = self.ln3((w.flatten(1, 2) @ X).reshape(w.shape[:-1] + X.shape[-1:]))   # [B, Q, K, D]
         if self.ln5 is not None:                                       # deviation 10
             latest = X if prefixes else X[:, :1]                       # [B, Q, D]: each prefix's slot 0
             phi = phi + self.ln5(latest).unsqueeze(-2)                 # [B, Q, K, D]
