@@ -294,7 +294,9 @@ def render(out: dict) -> str:
                           f"({r['best_epoch']}) | {r['valid_HR@50']:.2f} | {r['HR@50']:.2f} | "
                           f"{r['seconds']} |")
         md += ["", f"Against the best converged SASRec+ configuration (`{e['best_sasrec']}`), "
-               "HR@50 paired by test user (points, ± its standard error; z = diff / SE):", ""]
+               "HR@50 paired by test user where both runs' hits are at hand, else unpaired "
+               "(marked; binomial standard errors) (points, ± its standard error; z = diff / "
+               "SE):", ""]
         comps = {f"default ({out['default_model']})": e["default_vs_sasrec"],
                  **e["candidates_vs_sasrec"]}
         for name, c in comps.items():
