@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                                           sorted({r["model"] for r in rows})
                                           if best and m != a.default
                                           and not m.startswith("sasrec")}}
-        names_ = groups[1] if groups is not None else (before or {}).get("variety_groups")
-        if names_ is not None:
-            entry["variety_groups"] = names_
+        group_names = groups[1] if groups is not None else (before or {}).get("variety_groups")
+        if group_names is not None:
+            entry["variety_groups"] = group_names
         entry["rows"] = [{k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in r.items() if not k.startswith("_")} for r in rows]
         entry["in_progress"] = going

@@ -37,6 +37,7 @@ import numpy as np
 import uvloop
 
 from benchmarks.common import git_commit, machine, now, write_results
+from benchmarks.serving import med
 from devtools.local import Stack
 from model_export import data
 from service import lifecycle
@@ -54,8 +55,7 @@ def budgets(floor: dict) -> dict[int, dict[str, float]]:
     out = {}
     for conns, ratio in GOALS.items():
         runs = next(iter(floor["results"].values()))["runs"]
-        rps = statistics.median(r["rps"] for r in runs[f"{conns}/floor"])
-        direct = statistics.median(r["rps"] for r in runs[f"{conns}/floor/asgi"])
+        rps, direct = (med(runs[f"{conns}/{ep}"], "rps")[0] for ep in ("floor", "floor/asgi"))
         out[conns] = {"floor_rps": rps, "direct_floor_rps": direct,
                       "budget_ms": 1000 / (ratio * rps) - 1000 / direct}
     return out

@@ -15,7 +15,6 @@ from prometheus_client import values as _values
 from index_builder.bundle import RefreshReport
 
 
-# sub-millisecond resolution where the stages live, up to a second for the tail
 def observe_n(h: Any, amount: float, n: int) -> None:
     """What `n` calls of `h.observe(amount)` record, on a histogram child (prometheus_client's
     own fields: its sum, and the first bucket whose upper bound is >= amount)."""
@@ -26,6 +25,7 @@ def observe_n(h: Any, amount: float, n: int) -> None:
     h._buckets[bisect_left(h._upper_bounds, amount)].inc(n)
 
 
+# sub-millisecond resolution where the stages live, up to a second for the tail
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
                  5e-2, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
